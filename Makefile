@@ -1,0 +1,56 @@
+# metalake: everything installs into .venv from nothing; `make run` and `make test` are enough.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+export METALAKE_LISTEN ?= 127.0.0.1:50051
+
+.PHONY: install run test lint bench generate check-generated buf clean
+
+install: $(VENV)/.installed
+
+# Reinstall when the dependencies change. The editable install makes code edits live.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/metalake serve
+
+test: install
+	$(PY) -m pytest
+
+# Regenerate the checked-in stubs (Python, gRPC and their mypy stubs) from protos/.
+generate: install
+	$(PY) -m grpc_tools.protoc -Iprotos \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--python_out=. --grpc_python_out=. \
+		--mypy_out=. --mypy_grpc_out=. \
+		protos/metalake/v1/datalake.proto
+
+# Fails when protos/ and the checked-in stubs disagree.
+check-generated: generate
+	git diff --exit-code -- metalake/v1 || \
+		(echo "generated stubs are stale: run 'make generate' and commit" >&2; exit 1)
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+buf: $(BUF)
+
+lint: install $(BUF)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy metalake server extractors tests
+	$(BUF) lint
+	$(MAKE) check-generated
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info .mypy_cache .ruff_cache .pytest_cache

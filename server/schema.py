@@ -1,0 +1,69 @@
+"""The catalog's tables, one definition for every SQL engine the catalog runs on.
+
+Times are stored as integer microseconds since the Unix epoch (UTC): they sort, compare and index
+the same way on SQLite and PostgreSQL. acquired_at keeps the offset the device recorded beside
+the instant; a naive acquired_at (no offset known) is stored as if its wall time were UTC.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from metalake.metadata import FLOAT_FIELDS, STRING_FIELDS
+
+SCHEMA_VERSION = 1
+
+metadata_obj = MetaData()
+
+data_table = Table(
+    "data",
+    metadata_obj,
+    Column("id", String(36), primary_key=True),
+    Column("filename", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("content_type", Text, nullable=False),
+    Column("blob_key", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    # JSON object: metadata field -> "client" or extractor name.
+    Column("metadata_sources", Text, nullable=False),
+    *(Column(name, Double, nullable=True) for name in sorted(FLOAT_FIELDS)),
+    Column("acquired_at", BigInteger, nullable=True),
+    Column("acquired_at_offset", Integer, nullable=True),  # seconds east of UTC; NULL: unknown
+    *(Column(name, Text, nullable=True) for name in sorted(STRING_FIELDS)),
+    # The indexes behind the filters users run most: time ranges, bounding boxes, equality on
+    # identifiers. Every one ends with id so that keyset paging over it stays an index scan.
+    Index("ix_data_created_at", "created_at", "id"),
+    Index("ix_data_acquired_at", "acquired_at", "id"),
+    Index("ix_data_latitude_longitude", "latitude", "longitude"),
+    Index("ix_data_manufacturer", "manufacturer", "id"),
+    Index("ix_data_reference", "reference", "id"),
+    Index("ix_data_custom_id", "custom_id", "id"),
+    Index("ix_data_sha256", "sha256"),
+)
+
+data_tags_table = Table(
+    "data_tags",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag", Text, primary_key=True),
+    Index("ix_data_tags_tag", "tag", "data_id"),
+)
+
+schema_version_table = Table(
+    "metalake_schema",
+    metadata_obj,
+    Column("version", Integer, nullable=False),
+)
