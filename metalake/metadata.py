@@ -212,11 +212,12 @@ def from_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]
     """
     values: MetadataDict = {}
     violations: list[FieldViolation] = []
-    for field in FIELDS:
-        if field in TIMESTAMP_FIELDS:
-            continue
-        if message.HasField(field):
-            values[field] = getattr(message, field)
+    for descriptor, value in message.ListFields():
+        if descriptor.name in FLOAT_FIELDS:
+            # -0.0 + 0.0 is 0.0: SQL engines do not keep the sign of zero, so neither do we.
+            values[descriptor.name] = value + 0.0
+        elif descriptor.name in STRING_FIELDS:
+            values[descriptor.name] = value
     has_offset = message.HasField("acquired_at_utc_offset")
     if message.HasField("acquired_at"):
         try:
@@ -227,9 +228,7 @@ def from_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]
             violations.append(FieldViolation("metadata.acquired_at", str(error)))
     elif has_offset:
         violations.append(
-            FieldViolation(
-                "metadata.acquired_at_utc_offset", "must not be set without acquired_at"
-            )
+            FieldViolation("metadata.acquired_at_utc_offset", "must not be set without acquired_at")
         )
     violations.extend(validate(values))
     return values, violations

@@ -1,0 +1,112 @@
+"""Assembling and running a metalake server: storage, extractors, gRPC, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from metalake.v1 import datalake_pb2, datalake_pb2_grpc
+from server.blobstore import LocalBlobStore
+from server.catalog import SqlCatalog
+from server.config import Settings
+from server.datalake import Datalake
+from server.ingest import MetadataExtractor
+from server.servicer import DatalakeServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = datalake_pb2.DESCRIPTOR.services_by_name["DatalakeService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    datalake: Datalake
+    health: health_aio.HealthServicer
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop taking calls, let in-flight ones finish within `grace` seconds, release storage."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.datalake.catalog.close()
+
+
+def build_datalake(settings: Settings) -> Datalake:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = SqlCatalog.open(f"sqlite:///{settings.data_dir / 'catalog.sqlite3'}")
+    blobs = LocalBlobStore(settings.data_dir)
+    # The embedded default has one server per data directory, so whatever a previous process
+    # left half-written is garbage now.
+    discarded = blobs.discard_spooled()
+    if discarded:
+        log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+    return Datalake(
+        catalog,
+        blobs,
+        extractor=load_extractor(),
+        spool_dir=settings.data_dir / "tmp",
+        extract_timeout=settings.extract_timeout,
+        download_chunk_size=settings.download_chunk_size,
+    )
+
+
+def load_extractor() -> MetadataExtractor | None:
+    try:
+        from extractors.registry import ExtractorRegistry
+    except ImportError:
+        log.warning("no extractor registry: fill_metadata fills nothing")
+        return None
+    return ExtractorRegistry.from_environment()  # type: ignore[no-any-return]
+
+
+async def start(settings: Settings) -> RunningServer:
+    """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
+    datalake = build_datalake(settings)
+    server = grpc.aio.server()
+    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, datalake, health_servicer)
+
+
+def serve_forever(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then drain in-flight calls."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    running = await start(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    log.info(
+        "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping: draining in-flight calls for up to %.0fs", settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace)

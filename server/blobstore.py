@@ -1,0 +1,172 @@
+"""Blob stores: where the bytes of each item live, addressed by a key.
+
+Every store follows one protocol: bytes go into a `BlobWriter` as they arrive; `commit` makes them
+durable and visible under a key in one step, `abort` discards them. Until commit nothing is
+visible under any key, so a reader never sees half a blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class BlobWriter(Protocol):
+    """One blob being written. Not safe for concurrent use."""
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+
+    @property
+    def spool_path(self) -> Path | None:
+        """A local file holding the bytes written so far, when the store keeps one."""
+
+    def sha256(self) -> str:
+        """Lowercase hex SHA-256 of the bytes written so far."""
+
+    async def write(self, chunk: bytes) -> None:
+        """Append bytes."""
+
+    async def commit(self, key: str) -> None:
+        """Make the bytes durable and readable under `key`, replacing nothing else."""
+
+    async def abort(self) -> None:
+        """Discard the bytes; safe to call after a failed write or commit, and twice."""
+
+
+class BlobStore(Protocol):
+    """Keyed, immutable blobs."""
+
+    async def create_writer(self) -> BlobWriter:
+        """Start a new blob."""
+
+    def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
+        """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
+
+    async def delete(self, key: str) -> None:
+        """Remove a blob; a missing one is not an error."""
+
+    async def exists(self, key: str) -> bool:
+        """Whether a committed blob has this key."""
+
+
+class LocalBlobStore:
+    """Blobs as files under a directory: `blobs/ab/cd/<key>`, spooled under `tmp/`."""
+
+    def __init__(self, root: Path) -> None:
+        self._blobs = root / "blobs"
+        self._tmp = root / "tmp"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def discard_spooled(self) -> int:
+        """Remove leftovers of uploads a previous process did not finish; returns how many.
+
+        Only safe while no upload is running on this directory, i.e. at start-up.
+        """
+        count = 0
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def path_for(self, key: str) -> Path:
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            # Keys are content hashes chosen by the server; anything else is a bug, and must
+            # never become a path.
+            raise ValueError(f"invalid blob key {key!r}")
+        return self._blobs / key[:2] / key[2:4] / key
+
+    async def create_writer(self) -> LocalBlobWriter:
+        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        # Opened on the event loop, not in a worker thread: if the upload is cancelled while a
+        # thread creates the file, nobody would be left to remove it.
+        handle = open(path, "xb")  # noqa: ASYNC230, SIM115
+        return LocalBlobWriter(self, path, handle)
+
+    async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
+        handle = await asyncio.to_thread(open, self.path_for(key), "rb")
+        try:
+            await asyncio.to_thread(handle.seek, offset)
+            while chunk := await asyncio.to_thread(handle.read, chunk_size):
+                yield chunk
+        finally:
+            handle.close()
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path_for(key).unlink, True)
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path_for(key).is_file)
+
+
+class LocalBlobWriter:
+    """Writes to a spool file; commit is fsync, rename into place, fsync the directory."""
+
+    def __init__(self, store: LocalBlobStore, path: Path, handle: BinaryIO) -> None:
+        self._store = store
+        self._path = path
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def spool_path(self) -> Path:
+        return self._path
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    async def write(self, chunk: bytes) -> None:
+        # Hashing and writing together in one hop off the event loop: hashlib releases the GIL
+        # on large buffers, so other streams progress meanwhile.
+        await asyncio.to_thread(self._write, chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self._hash.update(chunk)
+        self._handle.write(chunk)
+        self._size += len(chunk)
+
+    async def commit(self, key: str) -> None:
+        await asyncio.to_thread(self._commit, key)
+
+    def _commit(self, key: str) -> None:
+        target = self._store.path_for(key)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Identical content has an identical key: replacing it changes no byte a reader sees.
+        os.replace(self._path, target)
+        _fsync_directory(target.parent)
+        self._done = True
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        # Synchronous on purpose: abort runs while the upload is being cancelled, and an await
+        # here could be cancelled in turn, leaving the spool file behind. Close and unlink are
+        # quick metadata operations.
+        self._handle.close()
+        self._path.unlink(missing_ok=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    # The rename is durable only once the directory entry is.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,444 @@
+"""The catalog: one row per data item, its metadata in typed, indexed columns.
+
+`SqlCatalog` runs on any engine SQLAlchemy speaks; SQLite is the embedded default. Calls are
+synchronous SQLAlchemy Core run in worker threads, so the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    create_engine,
+    delete,
+    event,
+    false,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
+from server.errors import NotFoundError, invalid_field
+from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
+from server.schema import SCHEMA_VERSION, data_table, data_tags_table, metadata_obj
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_EPOCH = datetime(1970, 1, 1)
+_ONE_MICROSECOND = timedelta(microseconds=1)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """A stored item as the catalog knows it."""
+
+    id: str
+    filename: str
+    size: int
+    sha256: str
+    content_type: str
+    blob_key: str
+    created_at: datetime
+    updated_at: datetime
+    metadata: MetadataDict = field(default_factory=dict)
+    metadata_sources: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[DataRecord]
+    next_page_token: str
+
+
+class Catalog(Protocol):
+    """What the datalake needs from a catalog, whatever engine holds it."""
+
+    async def add(self, record: DataRecord) -> None: ...
+
+    async def get(self, data_id: str) -> DataRecord: ...
+
+    async def list_page(
+        self, *, filter: str, order_by: str, page_size: int, page_token: str
+    ) -> Page: ...
+
+    async def update_metadata(
+        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+    ) -> DataRecord: ...
+
+    async def delete(self, data_id: str) -> DataRecord: ...
+
+    async def blob_in_use(self, blob_key: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class SqlCatalog:
+    """A catalog on a SQLAlchemy engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks.
+        self._write_lock: threading.Lock | None = (
+            threading.Lock() if engine.dialect.name == "sqlite" else None
+        )
+
+    @classmethod
+    def open(cls, url: str) -> SqlCatalog:
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _configure_sqlite)
+        catalog = cls(engine)
+        catalog.create_schema()
+        return catalog
+
+    def create_schema(self) -> None:
+        metadata_obj.create_all(self._engine)
+        with self._engine.begin() as connection:
+            version = connection.execute(select(metadata_obj.tables["metalake_schema"])).first()
+            if version is None:
+                connection.execute(
+                    insert(metadata_obj.tables["metalake_schema"]).values(version=SCHEMA_VERSION)
+                )
+            elif version.version != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"catalog schema version {version.version} is not the version this server "
+                    f"supports ({SCHEMA_VERSION}); upgrade the server or migrate the catalog"
+                )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.dispose)
+
+    async def add(self, record: DataRecord) -> None:
+        await self._run(lambda: self._add(record), write=True)
+
+    async def get(self, data_id: str) -> DataRecord:
+        return await self._run(lambda: self._get(data_id))
+
+    async def list_page(
+        self, *, filter: str, order_by: str, page_size: int, page_token: str
+    ) -> Page:
+        query = _ListQuery.parse(filter, order_by, page_size, page_token)
+        return await self._run(lambda: self._list(query))
+
+    async def update_metadata(
+        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+    ) -> DataRecord:
+        return await self._run(
+            lambda: self._update_metadata(data_id, values, clear, updated_at), write=True
+        )
+
+    async def delete(self, data_id: str) -> DataRecord:
+        return await self._run(lambda: self._delete(data_id), write=True)
+
+    async def blob_in_use(self, blob_key: str) -> bool:
+        statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
+        return await self._run(lambda: self._scalar(statement) is not None)
+
+    # Synchronous halves, run in worker threads.
+
+    async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
+        if write and self._write_lock is not None:
+            lock = self._write_lock
+
+            def locked() -> _T:
+                with lock:
+                    return work()
+
+            return await asyncio.to_thread(locked)
+        return await asyncio.to_thread(work)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self._engine.begin() as connection:
+            yield connection
+
+    def _scalar(self, statement: Any) -> Any:
+        with self._engine.connect() as connection:
+            return connection.execute(statement).scalar()
+
+    def _add(self, record: DataRecord) -> None:
+        with self._transaction() as connection:
+            connection.execute(insert(data_table).values(**_record_to_row(record)))
+            if record.tags:
+                connection.execute(
+                    insert(data_tags_table),
+                    [{"data_id": record.id, "tag": tag} for tag in record.tags],
+                )
+
+    def _get(self, data_id: str) -> DataRecord:
+        with self._engine.connect() as connection:
+            row = (
+                connection.execute(select(data_table).where(data_table.c.id == data_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFoundError(data_id)
+            return self._records(connection, [row])[0]
+
+    def _list(self, query: _ListQuery) -> Page:
+        statement = select(data_table)
+        conditions = [c for c in (query.where, query.after()) if c is not None]
+        if conditions:
+            statement = statement.where(and_(*conditions))
+        statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
+        with self._engine.connect() as connection:
+            rows = list(connection.execute(statement).mappings())
+            more = len(rows) > query.page_size
+            rows = rows[: query.page_size]
+            records = self._records(connection, rows)
+        token = query.token_after(rows[-1]) if more else ""
+        return Page(records, token)
+
+    def _update_metadata(
+        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+    ) -> DataRecord:
+        with self._transaction() as connection:
+            row = (
+                connection.execute(
+                    select(data_table).where(data_table.c.id == data_id).with_for_update()
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFoundError(data_id)
+            sources = json.loads(row["metadata_sources"])
+            changes: dict[str, Any] = {}
+            for name in clear:
+                changes.update(_metadata_columns(name, None))
+                sources.pop(name, None)
+            for name, value in values.items():
+                changes.update(_metadata_columns(name, value))
+                sources[name] = "client"
+            changes["metadata_sources"] = json.dumps(sources, sort_keys=True)
+            changes["updated_at"] = _to_micros(updated_at)
+            connection.execute(update(data_table).where(data_table.c.id == data_id).values(changes))
+            new_row = (
+                connection.execute(select(data_table).where(data_table.c.id == data_id))
+                .mappings()
+                .one()
+            )
+            return self._records(connection, [new_row])[0]
+
+    def _delete(self, data_id: str) -> DataRecord:
+        with self._transaction() as connection:
+            row = (
+                connection.execute(select(data_table).where(data_table.c.id == data_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFoundError(data_id)
+            record = self._records(connection, [row])[0]
+            connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
+            connection.execute(delete(data_table).where(data_table.c.id == data_id))
+            return record
+
+    def _records(self, connection: Connection, rows: Sequence[RowMapping]) -> list[DataRecord]:
+        tags: dict[str, list[str]] = {row["id"]: [] for row in rows}
+        if rows:
+            tag_rows = connection.execute(
+                select(data_tags_table.c.data_id, data_tags_table.c.tag)
+                .where(data_tags_table.c.data_id.in_(list(tags)))
+                .order_by(data_tags_table.c.data_id, data_tags_table.c.tag)
+            )
+            for data_id, tag in tag_rows:
+                tags[data_id].append(tag)
+        return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL makes each commit durable,
+    # which an acknowledged upload promises.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+# Row <-> record.
+
+
+def _to_micros(value: datetime) -> int:
+    """Microseconds since the epoch; a naive value is taken as UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return (value - _EPOCH) // _ONE_MICROSECOND
+
+
+def _from_micros(micros: int) -> datetime:
+    return (_EPOCH + timedelta(microseconds=micros)).replace(tzinfo=UTC)
+
+
+def _metadata_columns(name: str, value: object) -> dict[str, Any]:
+    if name == "acquired_at":
+        if value is None:
+            return {"acquired_at": None, "acquired_at_offset": None}
+        assert isinstance(value, datetime)
+        offset = value.utcoffset()
+        return {
+            "acquired_at": _to_micros(value),
+            "acquired_at_offset": None if offset is None else int(offset.total_seconds()),
+        }
+    return {name: value}
+
+
+def _record_to_row(record: DataRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": record.id,
+        "filename": record.filename,
+        "size": record.size,
+        "sha256": record.sha256,
+        "content_type": record.content_type,
+        "blob_key": record.blob_key,
+        "created_at": _to_micros(record.created_at),
+        "updated_at": _to_micros(record.updated_at),
+        "metadata_sources": json.dumps(record.metadata_sources, sort_keys=True),
+    }
+    for name, value in record.metadata.items():
+        row.update(_metadata_columns(name, value))
+    return row
+
+
+def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
+    metadata: MetadataDict = {}
+    for name in FIELDS:
+        if name == "acquired_at":
+            micros = row["acquired_at"]
+            if micros is None:
+                continue
+            wall = _EPOCH + timedelta(microseconds=micros)
+            offset = row["acquired_at_offset"]
+            if offset is None:
+                metadata[name] = wall
+            else:
+                zone = timezone(timedelta(seconds=offset))
+                metadata[name] = wall.replace(tzinfo=UTC).astimezone(zone)
+        elif row[name] is not None:
+            metadata[name] = float(row[name]) if name in FLOAT_FIELDS else str(row[name])
+    return DataRecord(
+        id=row["id"],
+        filename=row["filename"],
+        size=row["size"],
+        sha256=row["sha256"],
+        content_type=row["content_type"],
+        blob_key=row["blob_key"],
+        created_at=_from_micros(row["created_at"]),
+        updated_at=_from_micros(row["updated_at"]),
+        metadata=metadata,
+        metadata_sources=json.loads(row["metadata_sources"]),
+        tags=tags,
+    )
+
+
+# Listing: filter, order and keyset pages.
+
+_NOT_NULL_COLUMNS = frozenset(
+    {"id", "filename", "size", "content_type", "created_at", "updated_at"}
+)
+
+
+@dataclass(frozen=True)
+class _ListQuery:
+    filter: str
+    order: list[OrderKey]
+    page_size: int
+    where: ColumnElement[bool] | None
+    cursor: list[Any] | None
+
+    @classmethod
+    def parse(cls, filter: str, order_by: str, page_size: int, page_token: str) -> _ListQuery:
+        if page_size < 0:
+            raise invalid_field("page_size", "must not be negative")
+        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        try:
+            where = compile_filter(filter)
+        except FilterError as error:
+            raise invalid_field("filter", str(error)) from None
+        try:
+            order = parse_order_by(order_by) or [OrderKey("created_at", False)]
+        except FilterError as error:
+            raise invalid_field("order_by", str(error)) from None
+        # The id breaks ties, so every row has exactly one place in the order.
+        order = [*order, OrderKey("id", False)]
+        query = cls(filter, order, page_size, where, None)
+        if page_token:
+            return cls(filter, order, page_size, where, query._decode(page_token))
+        return query
+
+    def _fingerprint(self) -> str:
+        spec = json.dumps([self.filter, [(k.field, k.descending) for k in self.order]])
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+    def token_after(self, row: RowMapping) -> str:
+        values = [row[key.field] for key in self.order]
+        payload = json.dumps({"q": self._fingerprint(), "after": values}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+    def _decode(self, token: str) -> list[Any]:
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            values = payload["after"]
+            fingerprint = payload["q"]
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise invalid_field("page_token", "is not a token this service issued") from None
+        if fingerprint != self._fingerprint() or len(values) != len(self.order):
+            raise invalid_field(
+                "page_token", "was issued for another filter or order_by; start from page one"
+            )
+        return list(values)
+
+    def order_clauses(self) -> list[Any]:
+        clauses = []
+        for key in self.order:
+            column = data_table.c[key.field]
+            clause = column.desc() if key.descending else column.asc()
+            clauses.append(clause if key.field in _NOT_NULL_COLUMNS else clause.nulls_last())
+        return clauses
+
+    def after(self) -> ColumnElement[bool] | None:
+        """Rows strictly after the cursor in this order (absent values sort last)."""
+        if self.cursor is None:
+            return None
+        keys = list(zip(self.order, self.cursor, strict=True))
+        if all(k.field in _NOT_NULL_COLUMNS and not k.descending for k, _ in keys):
+            # One row comparison: an index range scan on (created_at, id) and the like.
+            columns = [data_table.c[k.field] for k, _ in keys]
+            return tuple_(*columns) > tuple_(*[v for _, v in keys])
+        alternatives = []
+        for i, (key, value) in enumerate(keys):
+            column = data_table.c[key.field]
+            if value is None:
+                continue  # nothing sorts after an absent value but other absent values
+            beyond = column < value if key.descending else column > value
+            if key.field not in _NOT_NULL_COLUMNS:
+                beyond = or_(beyond, column.is_(None))
+            equal_prefix = [
+                data_table.c[k.field].is_(None) if v is None else data_table.c[k.field] == v
+                for k, v in keys[:i]
+            ]
+            alternatives.append(and_(*equal_prefix, beyond))
+        return or_(*alternatives) if alternatives else false()

@@ -1,0 +1,42 @@
+"""Server settings: defaults, overridden by METALAKE_* environment variables, then by flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = Path("metalake-data")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server needs to start; servers keep no other state of their own."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: str = DEFAULT_LISTEN
+    # Bytes per DownloadData chunk: big enough to amortise per-message cost, far below the
+    # 4 MiB default message limit.
+    download_chunk_size: int = 256 * 1024
+    # Seconds a stopping server waits for in-flight calls.
+    shutdown_grace: float = 10.0
+    # Whole-file limit on fill_metadata work; the registry has its own per-extractor limit.
+    extract_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, *, data_dir: Path | str | None = None, listen: str | None = None) -> Settings:
+        """Settings from the environment, with explicit arguments (CLI flags) taking precedence."""
+        settings = cls()
+        env = os.environ
+        if "METALAKE_DATA_DIR" in env:
+            settings = replace(settings, data_dir=Path(env["METALAKE_DATA_DIR"]))
+        if "METALAKE_LISTEN" in env:
+            settings = replace(settings, listen=env["METALAKE_LISTEN"])
+        if "METALAKE_EXTRACT_TIMEOUT" in env:
+            settings = replace(settings, extract_timeout=float(env["METALAKE_EXTRACT_TIMEOUT"]))
+        if data_dir is not None:
+            settings = replace(settings, data_dir=Path(data_dir))
+        if listen is not None:
+            settings = replace(settings, listen=listen)
+        return settings

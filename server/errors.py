@@ -1,0 +1,32 @@
+"""Errors the datalake raises, independent of gRPC; the servicer maps each to a status."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from metalake.metadata import FieldViolation
+
+
+class DatalakeError(Exception):
+    """Base of every error a client can act on."""
+
+
+class InvalidArgumentError(DatalakeError):
+    """The request is at fault; `violations` name each field and what is wrong with it."""
+
+    def __init__(self, message: str, violations: Iterable[FieldViolation] = ()) -> None:
+        self.violations = list(violations)
+        super().__init__(message)
+
+
+class NotFoundError(DatalakeError):
+    """No item has this id."""
+
+    def __init__(self, data_id: str) -> None:
+        self.data_id = data_id
+        super().__init__(f"data {data_id!r} not found")
+
+
+def invalid_field(field: str, description: str) -> InvalidArgumentError:
+    """The common case: one field is at fault."""
+    return InvalidArgumentError(f"{field}: {description}", [FieldViolation(field, description)])

@@ -1,0 +1,177 @@
+"""The ingest pipeline: stream -> hash -> spool -> extract -> (the datalake commits).
+
+Bytes go to the blob store's writer as they arrive; the writer hashes them on the way. Nothing
+here holds more than one chunk (and the first few hundred bytes, for content sniffing) in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import re
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import filetype
+
+from metalake.metadata import (
+    FIELDS,
+    FieldViolation,
+    MetadataDict,
+    check_string,
+    check_value,
+)
+from server.blobstore import BlobWriter
+
+log = logging.getLogger(__name__)
+
+MAX_FILENAME_LENGTH = 1024
+MAX_TAGS = 100
+_SNIFF_BYTES = 512  # filetype needs the first 261 bytes; a little more costs nothing.
+_CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+(\s*;.*)?$")
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    """What the client says about a file before its bytes arrive."""
+
+    filename: str
+    metadata: MetadataDict = field(default_factory=dict)
+    fill_metadata: bool = False
+    tags: tuple[str, ...] = ()
+    content_type: str = ""
+
+    def violations(self) -> list[FieldViolation]:
+        """Every reason this header cannot be accepted, with the field at fault."""
+        found = check_filename(self.filename, "header.filename")
+        if len(self.tags) > MAX_TAGS:
+            found.append(
+                FieldViolation("header.tags", f"at most {MAX_TAGS} tags, got {len(self.tags)}")
+            )
+        for i, tag in enumerate(self.tags):
+            problem = "must not be empty" if not tag else check_string(tag)
+            if problem:
+                found.append(FieldViolation(f"header.tags[{i}]", problem))
+        if self.content_type and not (
+            len(self.content_type) <= 255 and _CONTENT_TYPE.match(self.content_type)
+        ):
+            found.append(
+                FieldViolation("header.content_type", "must be a MIME type like image/jpeg")
+            )
+        for name, value in self.metadata.items():
+            problem = check_value(name, value)
+            if problem:
+                found.append(FieldViolation(f"header.metadata.{name}", problem))
+        return found
+
+
+def check_filename(filename: str, field_path: str) -> list[FieldViolation]:
+    """A filename is a label: any text but empty, over-long or with control characters."""
+    if not filename.strip():
+        return [FieldViolation(field_path, "must not be empty")]
+    if len(filename) > MAX_FILENAME_LENGTH:
+        return [
+            FieldViolation(
+                field_path,
+                f"must be at most {MAX_FILENAME_LENGTH} characters, got {len(filename)}",
+            )
+        ]
+    if any(ord(c) < 32 or ord(c) == 127 for c in filename):
+        return [FieldViolation(field_path, "must not contain control characters")]
+    return []
+
+
+class Extraction(Protocol):
+    """What an extractor registry returns for one file."""
+
+    @property
+    def values(self) -> Mapping[str, object]: ...
+
+    @property
+    def sources(self) -> Mapping[str, str]: ...
+
+
+class MetadataExtractor(Protocol):
+    """The extractor registry, as the pipeline sees it (see extractors.registry)."""
+
+    def extract(self, path: Path, *, filename: str, missing: Collection[str]) -> Extraction: ...
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A file fully received by a writer, not yet committed."""
+
+    size: int
+    sha256: str
+    content_type: str
+
+
+async def receive(
+    chunks: AsyncIterator[bytes], writer: BlobWriter, *, filename: str, content_type: str = ""
+) -> Spooled:
+    """Stream every chunk into `writer`; sniff the content type from the first bytes."""
+    head = b""
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        if len(head) < _SNIFF_BYTES:
+            head += chunk[: _SNIFF_BYTES - len(head)]
+        await writer.write(chunk)
+    return Spooled(
+        writer.size, writer.sha256(), content_type or detect_content_type(head, filename)
+    )
+
+
+def detect_content_type(head: bytes, filename: str) -> str:
+    """The content's own signature first (names lie), then the extension."""
+    kind = filetype.guess(head) if head else None
+    if kind is not None:
+        return str(kind.mime)
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Filled:
+    metadata: MetadataDict
+    sources: dict[str, str]
+
+
+async def fill_metadata(
+    extractor: MetadataExtractor | None,
+    spool: Path,
+    *,
+    filename: str,
+    given: MetadataDict,
+    time_limit: float,
+) -> Filled:
+    """The client's values, completed by the extractors for the fields it did not give.
+
+    The client's values always win. Extraction runs in a worker thread on the spooled file; an
+    extractor failure or a timeout only means fewer fields are filled, never a failed upload.
+    """
+    metadata: MetadataDict = dict(given)
+    sources = dict.fromkeys(given, "client")
+    missing = [name for name in FIELDS if name not in given]
+    if extractor is None or not missing:
+        return Filled(metadata, sources)
+    try:
+        found = await asyncio.wait_for(
+            asyncio.to_thread(extractor.extract, spool, filename=filename, missing=missing),
+            time_limit,
+        )
+    except TimeoutError:
+        log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)
+        return Filled(metadata, sources)
+    except Exception:
+        log.exception("metadata extraction failed for %r", filename)
+        return Filled(metadata, sources)
+    for name, value in found.values.items():
+        # The registry validates too; this keeps the promise even for a faulty registry.
+        if name in missing and check_value(name, value) is None:
+            metadata[name] = value  # type: ignore[assignment]  # checked just above
+            sources[name] = found.sources.get(name, "unknown")
+    return Filled(metadata, sources)

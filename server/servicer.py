@@ -1,0 +1,209 @@
+"""DatalakeService: translates between protobuf and the datalake, and does nothing else."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from metalake import metadata as md
+from metalake.v1 import datalake_pb2 as pb
+from metalake.v1 import datalake_pb2_grpc as pb_grpc
+from server.catalog import DataRecord
+from server.datalake import Datalake
+from server.errors import DatalakeError, InvalidArgumentError, NotFoundError, invalid_field
+from server.ingest import UploadHeader
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Handler = Callable[[Any, _Request, Context], Awaitable[_Response]]
+
+
+def _status_of(error: DatalakeError) -> grpc.Status:
+    code = code_pb2.INTERNAL
+    if isinstance(error, InvalidArgumentError):
+        code = code_pb2.INVALID_ARGUMENT
+    elif isinstance(error, NotFoundError):
+        code = code_pb2.NOT_FOUND
+    status = status_pb2.Status(code=code, message=str(error))
+    if isinstance(error, InvalidArgumentError) and error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: Context, status: grpc.Status) -> None:
+    # grpc-stubs lags grpcio here: aio contexts have had abort_with_status since 1.33.
+    await context.abort_with_status(status)  # type: ignore[attr-defined]
+
+
+def _unexpected_status() -> grpc.Status:
+    return rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
+    )
+
+
+def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Request, _Response]:
+    """Map domain errors to gRPC statuses; log anything unexpected without leaking it."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: _Request, context: Context) -> _Response:
+        try:
+            return await handler(self, request, context)
+        except DatalakeError as error:
+            status = _status_of(error)
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            status = _unexpected_status()
+        await _abort(context, status)
+        raise AssertionError("abort_with_status returns only by raising")
+
+    return wrapper
+
+
+class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
+    def __init__(self, datalake: Datalake) -> None:
+        self._datalake = datalake
+
+    @_translating_errors
+    async def UploadData(
+        self,
+        request_iterator: AsyncIterator[pb.UploadDataRequest],
+        context: Context,
+    ) -> pb.UploadDataResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise invalid_field("header", "the first message of the stream must carry the header")
+        header = _upload_header(first.header)
+        record = await self._datalake.upload(header, _chunks(request_iterator))
+        return pb.UploadDataResponse(data=data_to_proto(record))
+
+    @_translating_errors
+    async def GetData(self, request: pb.GetDataRequest, context: Context) -> pb.GetDataResponse:
+        return pb.GetDataResponse(data=data_to_proto(await self._datalake.get(request.id)))
+
+    @_translating_errors
+    async def ListData(self, request: pb.ListDataRequest, context: Context) -> pb.ListDataResponse:
+        page = await self._datalake.list(
+            filter=request.filter,
+            order_by=request.order_by,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListDataResponse(
+            data=[data_to_proto(r) for r in page.records], next_page_token=page.next_page_token
+        )
+
+    @_translating_errors
+    async def UpdateMetadata(
+        self, request: pb.UpdateMetadataRequest, context: Context
+    ) -> pb.UpdateMetadataResponse:
+        values, violations = md.from_proto(request.metadata)
+        if violations:
+            raise InvalidArgumentError("metadata is invalid", violations)
+        record = await self._datalake.update_metadata(
+            request.id, values, list(request.update_mask.paths)
+        )
+        return pb.UpdateMetadataResponse(data=data_to_proto(record))
+
+    @_translating_errors
+    async def DeleteData(
+        self, request: pb.DeleteDataRequest, context: Context
+    ) -> pb.DeleteDataResponse:
+        await self._datalake.delete(request.id)
+        return pb.DeleteDataResponse()
+
+    async def DownloadData(
+        self, request: pb.DownloadDataRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadDataResponse]:
+        try:
+            download = await self._datalake.download(request.id, offset=request.read_offset)
+        except DatalakeError as error:
+            await _abort(context, _status_of(error))
+            return
+        yield pb.DownloadDataResponse(data=data_to_proto(download.record))
+        try:
+            async for chunk in download.chunks:
+                yield pb.DownloadDataResponse(chunk=chunk)
+        except FileNotFoundError:
+            log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
+            await _abort(context, _unexpected_status())
+
+    @_translating_errors
+    async def ExtractMetadata(
+        self,
+        request_iterator: AsyncIterator[pb.ExtractMetadataRequest],
+        context: Context,
+    ) -> pb.ExtractMetadataResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise invalid_field("header", "the first message of the stream must carry the header")
+        filled = await self._datalake.extract(first.header.filename, _chunks(request_iterator))
+        return pb.ExtractMetadataResponse(
+            metadata=md.to_proto(filled.metadata), metadata_sources=filled.sources
+        )
+
+
+async def _chunks(
+    request_iterator: AsyncIterator[pb.UploadDataRequest]
+    | AsyncIterator[pb.ExtractMetadataRequest],
+) -> AsyncIterator[bytes]:
+    async for message in request_iterator:
+        if message.HasField("header"):
+            raise invalid_field("header", "sent twice: only the first message carries it")
+        yield message.chunk
+
+
+def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
+    values, violations = md.from_proto(message.metadata)
+    header = UploadHeader(
+        filename=message.filename,
+        metadata=values,
+        fill_metadata=message.fill_metadata,
+        tags=tuple(message.tags),
+        content_type=message.content_type,
+    )
+    if violations:
+        violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
+        # Report the header's other problems in the same answer.
+        violations += [v for v in header.violations() if not v.field.startswith("header.metadata")]
+        raise InvalidArgumentError("the upload header is invalid", violations)
+    return header
+
+
+def data_to_proto(record: DataRecord) -> pb.Data:
+    created_at = Timestamp()
+    created_at.FromDatetime(record.created_at)
+    updated_at = Timestamp()
+    updated_at.FromDatetime(record.updated_at)
+    return pb.Data(
+        id=record.id,
+        filename=record.filename,
+        size=record.size,
+        sha256=record.sha256,
+        content_type=record.content_type,
+        metadata=md.to_proto(record.metadata),
+        metadata_sources=record.metadata_sources,
+        tags=record.tags,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
