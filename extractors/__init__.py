@@ -1,0 +1,10 @@
+"""metalake's metadata extractors: a pluggy registry of plugins that read metadata from files.
+
+Plugin authors need only `hookimpl` (or ``pluggy.HookimplMarker("metalake")``) and, for typing,
+`Source`. See docs/plugins.md.
+"""
+
+from extractors.hookspecs import hookimpl, hookspec
+from extractors.source import Source
+
+__all__ = ["Source", "hookimpl", "hookspec"]

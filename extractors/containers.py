@@ -1,0 +1,489 @@
+"""Find the TIFF-structured EXIF blocks inside image containers, reading headers only.
+
+Every walker seeks over image data instead of reading it, bounds its loops and its reads, and
+returns no block rather than raising on a malformed file: a 75 MB JPEG costs what a 10 KB one does.
+The blocks are then parsed by Pillow's or exifread's TIFF directory readers.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+# Loops over segments, chunks and boxes stop here: real files have a few dozen.
+MAX_ITEMS = 4096
+# EXIF carried as text (PNG "Raw profile" chunks) or split over extents is read into memory.
+MAX_INLINE_EXIF = 4 * 1024 * 1024
+
+Role = Literal["tiff", "exif", "gps"]
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Canon CR3: EXIF directories live as TIFF files in CMT boxes of this uuid box inside moov.
+CR3_UUID = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
+# JPEG 2000: EXIF in a uuid box with this id (exiftool's "JpgTiffExif->JP2").
+JP2_EXIF_UUID = b"JpgTiffExif->JP2"
+PSD_EXIF_RESOURCE = 0x0422
+
+
+@dataclass(frozen=True)
+class TiffBlock:
+    """A TIFF structure (header, then directories) holding EXIF, located in a file.
+
+    `role` names what the block's first directory is: IFD0 with its Exif and GPS pointers
+    ("tiff"), or, as in CR3, the Exif ("exif") or GPS ("gps") directory itself. Offsets inside the
+    block are relative to `offset`. `header` replaces the first four bytes when the container uses
+    its own magic (ORF "IIRO", RW2 "IIU\\0"). `data` holds the block when it is not a contiguous
+    run of the file.
+    """
+
+    container: str
+    offset: int
+    length: int
+    role: Role = "tiff"
+    header: bytes = b""
+    data: bytes | None = None
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `length` bytes of `fp` from `start`, as if they were a whole file."""
+
+    def __init__(self, fp: BinaryIO, start: int, length: int, header: bytes = b"") -> None:
+        super().__init__()
+        self._fp = fp
+        self._start = start
+        self._length = max(0, length)
+        self._header = header
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._length - self._pos)
+        if count <= 0:
+            return 0
+        self._fp.seek(self._start + self._pos)
+        data = self._fp.read(count)
+        if self._pos < len(self._header):
+            patched = bytearray(data)
+            overlap = self._header[self._pos : self._pos + len(patched)]
+            patched[: len(overlap)] = overlap
+            data = bytes(patched)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def open_block(fp: BinaryIO, block: TiffBlock) -> BinaryIO:
+    """A seekable file object holding just the block, for a TIFF directory reader."""
+    if block.data is not None:
+        return io.BytesIO(block.data)
+    window = _Window(fp, block.offset, block.length, block.header)
+    # Directory readers do many tiny reads; a buffer makes a 65,535-entry directory cheap.
+    return io.BufferedReader(window, 64 * 1024)
+
+
+def sniff(head: bytes) -> str | None:
+    """The container family of a file from its first bytes, or None when we have no walker."""
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:16] == b"FUJIFILMCCD-RAW ":
+        return "raf"
+    if head[:2] in (b"II", b"MM") and len(head) >= 8:
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[4:8] in (b"ftyp", b"jP  ", b"JXL "):
+        return "bmff"
+    if head[:4] == b"8BPS":
+        return "psd"
+    return None
+
+
+def find_exif(fp: BinaryIO, head: bytes, size: int) -> tuple[str | None, list[TiffBlock]]:
+    """The container family and the EXIF blocks found in it, in the order a reader should use."""
+    container = sniff(head)
+    walker = _WALKERS.get(container or "")
+    if walker is None:
+        return container, []
+    return container, walker(fp, head, size)
+
+
+def _read_at(fp: BinaryIO, offset: int, count: int) -> bytes:
+    if offset < 0 or count <= 0:
+        return b""
+    fp.seek(offset)
+    return fp.read(count)
+
+
+def _looks_like_tiff(data: bytes) -> bool:
+    return data[:4] in TIFF_MAGIC
+
+
+def _tiff_at(
+    fp: BinaryIO, container: str, start: int, end: int, role: Role = "tiff"
+) -> TiffBlock | None:
+    """A block at `start` if a TIFF header is there or within the next few bytes."""
+    probe = _read_at(fp, start, 32)
+    for skip in range(0, max(0, len(probe) - 3)):
+        if _looks_like_tiff(probe[skip:]):
+            return TiffBlock(container, start + skip, end - start - skip, role)
+    return None
+
+
+def _jpeg_blocks(fp: BinaryIO, start: int, end: int, container: str = "jpeg") -> list[TiffBlock]:
+    pos = start + 2
+    for _ in range(MAX_ITEMS):
+        head = _read_at(fp, pos, 4)
+        if len(head) < 2 or head[0] != 0xFF:
+            return []
+        marker = head[1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA) or len(head) < 4:  # image data begins: no metadata after it
+            return []
+        length = struct.unpack(">H", head[2:4])[0]
+        if length < 2 or pos + 2 + length > end:
+            return []
+        if marker == 0xE1 and length >= 8 and _read_at(fp, pos + 4, 6)[:5] == b"Exif\x00":
+            return [TiffBlock(container, pos + 10, length - 8)]
+        pos += 2 + length
+    return []
+
+
+def _walk_jpeg(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    return _jpeg_blocks(fp, 0, size)
+
+
+def _walk_raf(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # Fujifilm RAF: exiftool reads EXIF from the JPEG preview the header points to.
+    pointer = _read_at(fp, 84, 8)
+    if len(pointer) < 8:
+        return []
+    offset, length = struct.unpack(">II", pointer)
+    if offset + length > size or _read_at(fp, offset, 2) != b"\xff\xd8":
+        return []
+    return _jpeg_blocks(fp, offset, offset + length, "raf")
+
+
+def _walk_tiff(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # TIFF and the RAW formats built on it (DNG, CR2, NEF, ARW, PEF, ...). ORF ("IIRO", "MMOR",
+    # "IISR") and RW2 ("IIU\0") keep TIFF's layout under their own magic: read them as TIFF.
+    order = head[:2]
+    if head[:4] in TIFF_MAGIC:
+        return [TiffBlock("tiff", 0, size)]
+    standard = b"II*\x00" if order == b"II" else b"MM\x00*"
+    return [TiffBlock("tiff", 0, size, header=standard)]
+
+
+def _walk_png(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    pos = 8
+    for _ in range(MAX_ITEMS):
+        chunk = _read_at(fp, pos, 8)
+        if len(chunk) < 8:
+            return []
+        length, kind = struct.unpack(">I4s", chunk)
+        data_start = pos + 8
+        if data_start + length > size:
+            return []
+        if kind == b"eXIf":
+            block = _tiff_at(fp, "png", data_start, data_start + length)
+            return [block] if block else []
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= MAX_INLINE_EXIF:
+            data = _png_raw_profile(kind, _read_at(fp, data_start, length))
+            if data is not None:
+                return [TiffBlock("png", 0, len(data), data=data)]
+        if kind == b"IEND":
+            return []
+        pos = data_start + length + 4  # skips IDAT without reading it
+    return []
+
+
+def _png_raw_profile(kind: bytes, data: bytes) -> bytes | None:
+    """EXIF in ImageMagick's "Raw profile type exif" text chunk: a length then hex digits."""
+    keyword, _, rest = data.partition(b"\x00")
+    if keyword not in (b"Raw profile type exif", b"Raw profile type APP1"):
+        return None
+    if kind == b"zTXt":
+        text = _inflate(rest[1:])
+    elif kind == b"iTXt":
+        flag, method = rest[:1], rest[1:2]
+        # iTXt: compression flag, method, language NUL, translated keyword NUL, text.
+        parts = rest[2:].split(b"\x00", 2)
+        if len(parts) < 3:
+            return None
+        text = _inflate(parts[2]) if flag == b"\x01" and method == b"\x00" else parts[2]
+    else:
+        text = rest
+    if text is None:
+        return None
+    lines = text.split(b"\n", 3)
+    if len(lines) < 4:
+        return None
+    try:
+        raw = bytes.fromhex(lines[3].decode("ascii").replace("\n", "").replace(" ", ""))
+    except ValueError:
+        return None
+    if raw.startswith(b"Exif\x00\x00"):
+        raw = raw[6:]
+    return raw if _looks_like_tiff(raw) else None
+
+
+def _inflate(data: bytes) -> bytes | None:
+    inflater = zlib.decompressobj()
+    try:
+        # Bounded: a small compressed chunk must not expand into gigabytes.
+        out = inflater.decompress(data, MAX_INLINE_EXIF * 2)
+    except zlib.error:
+        return None
+    return out
+
+
+def _walk_webp(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    pos = 12
+    for _ in range(MAX_ITEMS):
+        chunk = _read_at(fp, pos, 8)
+        if len(chunk) < 8:
+            return []
+        kind, length = struct.unpack("<4sI", chunk)
+        data_start = pos + 8
+        if data_start + length > size:
+            return []
+        if kind == b"EXIF":
+            block = _tiff_at(fp, "webp", data_start, data_start + length)
+            return [block] if block else []
+        pos = data_start + length + (length & 1)
+    return []
+
+
+def _walk_psd(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # Header (26 bytes), colour mode data (length + data), then the image resources section.
+    color = _read_at(fp, 26, 4)
+    if len(color) < 4:
+        return []
+    pos = 30 + struct.unpack(">I", color)[0]
+    section = _read_at(fp, pos, 4)
+    if len(section) < 4:
+        return []
+    end = min(size, pos + 4 + struct.unpack(">I", section)[0])
+    pos += 4
+    for _ in range(MAX_ITEMS):
+        header = _read_at(fp, pos, 7)
+        if len(header) < 7 or header[:4] != b"8BIM":
+            return []
+        resource = struct.unpack(">H", header[4:6])[0]
+        name_length = header[6]
+        pos += 6 + ((name_length + 2) & ~1)  # Pascal name, padded to even
+        length_bytes = _read_at(fp, pos, 4)
+        if len(length_bytes) < 4:
+            return []
+        length = struct.unpack(">I", length_bytes)[0]
+        data_start = pos + 4
+        if data_start + length > end:
+            return []
+        if resource == PSD_EXIF_RESOURCE:
+            block = _tiff_at(fp, "psd", data_start, data_start + length)
+            return [block] if block else []
+        pos = data_start + length + (length & 1)
+    return []
+
+
+def _boxes(fp: BinaryIO, start: int, end: int) -> list[tuple[bytes, int, int]]:
+    """ISO-BMFF boxes between `start` and `end`: (type, payload start, payload end)."""
+    found: list[tuple[bytes, int, int]] = []
+    pos = start
+    while pos + 8 <= end and len(found) < MAX_ITEMS:
+        header = _read_at(fp, pos, 16)
+        if len(header) < 8:
+            break
+        size, kind = struct.unpack(">I4s", header[:8])
+        payload = pos + 8
+        if size == 1:
+            if len(header) < 16:
+                break
+            size = struct.unpack(">Q", header[8:16])[0]
+            payload = pos + 16
+        elif size == 0:
+            size = end - pos
+        if size < payload - pos or pos + size > end:
+            break
+        found.append((kind, payload, pos + size))
+        pos += size
+    return found
+
+
+def _walk_bmff(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # One walker for ISO-BMFF files: HEIF/HEIC/AVIF (Exif item), CR3 (CMT boxes), JPEG XL (Exif
+    # box) and JPEG 2000 (Exif uuid box).
+    blocks: list[TiffBlock] = []
+    for kind, start, end in _boxes(fp, 0, size):
+        if kind == b"meta":
+            blocks += _heif_exif(fp, start + 4, end, size)  # a full box: version, flags first
+        elif kind == b"moov":
+            blocks += _cr3_exif(fp, start, end)
+        elif kind == b"Exif":
+            block = _exif_with_offset(fp, "jxl", start, end)
+            blocks += [block] if block else []
+        elif kind == b"uuid" and _read_at(fp, start, 16) == JP2_EXIF_UUID:
+            block = _tiff_at(fp, "jp2", start + 16, end)
+            blocks += [block] if block else []
+        if blocks:
+            return blocks
+    return blocks
+
+
+def _exif_with_offset(fp: BinaryIO, container: str, start: int, end: int) -> TiffBlock | None:
+    """An Exif item or box: a 4-byte offset to the TIFF header, then the TIFF structure."""
+    prefix = _read_at(fp, start, 4)
+    if len(prefix) < 4:
+        return None
+    skip = struct.unpack(">I", prefix)[0]
+    tiff_start = start + 4 + skip
+    if skip < end - start and _looks_like_tiff(_read_at(fp, tiff_start, 4)):
+        return TiffBlock(container, tiff_start, end - tiff_start)
+    # Some writers get the offset wrong: look for the header near the start instead.
+    return _tiff_at(fp, container, start, end)
+
+
+def _cr3_exif(fp: BinaryIO, start: int, end: int) -> list[TiffBlock]:
+    roles: dict[bytes, Role] = {b"CMT1": "tiff", b"CMT2": "exif", b"CMT4": "gps"}
+    blocks: list[TiffBlock] = []
+    for kind, box_start, box_end in _boxes(fp, start, end):
+        if kind != b"uuid" or _read_at(fp, box_start, 16) != CR3_UUID:
+            continue
+        for child, child_start, child_end in _boxes(fp, box_start + 16, box_end):
+            role = roles.get(child)
+            if role is not None and _looks_like_tiff(_read_at(fp, child_start, 4)):
+                blocks.append(TiffBlock("cr3", child_start, child_end - child_start, role))
+    return blocks
+
+
+def _heif_exif(fp: BinaryIO, start: int, end: int, size: int) -> list[TiffBlock]:
+    children = {kind: (s, e) for kind, s, e in _boxes(fp, start, end)}
+    if b"iinf" not in children or b"iloc" not in children:
+        return []
+    exif_ids = _heif_exif_items(fp, *children[b"iinf"])
+    if not exif_ids:
+        return []
+    idat_start = children[b"idat"][0] if b"idat" in children else None
+    for item_id, extents in _heif_locations(fp, *children[b"iloc"], idat_start):
+        if item_id not in exif_ids or not extents:
+            continue
+        if len(extents) == 1:
+            offset, length = extents[0]
+            # A zero length means "to the end of the file".
+            stop = size if length == 0 else min(offset + length, size)
+            block = _exif_with_offset(fp, "heif", offset, stop)
+            return [block] if block else []
+        # Split over extents: join them (bounded), then read the joined bytes.
+        data = b""
+        for offset, length in extents:
+            if len(data) + length > MAX_INLINE_EXIF:
+                return []
+            data += _read_at(fp, offset, length)
+        inner = _exif_with_offset(io.BytesIO(data), "heif", 0, len(data))
+        if inner is None:
+            return []
+        return [TiffBlock("heif", 0, inner.length, data=data[inner.offset :])]
+    return []
+
+
+def _heif_exif_items(fp: BinaryIO, start: int, end: int) -> set[int]:
+    header = _read_at(fp, start, 8)
+    if len(header) < 6:
+        return set()
+    version = header[0]
+    first_child = start + (6 if version == 0 else 8)
+    ids: set[int] = set()
+    for kind, box_start, box_end in _boxes(fp, first_child, end):
+        if kind != b"infe":
+            continue
+        info = _read_at(fp, box_start, min(box_end - box_start, 16))
+        if len(info) < 12 or info[0] < 2:
+            continue
+        if info[0] == 2:
+            item_id, item_type = struct.unpack(">H", info[4:6])[0], info[8:12]
+        else:
+            if len(info) < 14:
+                continue
+            item_id, item_type = struct.unpack(">I", info[4:8])[0], info[10:14]
+        if item_type == b"Exif":
+            ids.add(item_id)
+    return ids
+
+
+def _heif_locations(
+    fp: BinaryIO, start: int, end: int, idat_start: int | None
+) -> list[tuple[int, list[tuple[int, int]]]]:
+    data = _read_at(fp, start, min(end - start, 1024 * 1024))
+    try:
+        return _parse_iloc(data, idat_start)
+    except (struct.error, IndexError):
+        return []
+
+
+def _parse_iloc(data: bytes, idat_start: int | None) -> list[tuple[int, list[tuple[int, int]]]]:
+    version = data[0]
+    offset_size, length_size = data[4] >> 4, data[4] & 0xF
+    base_size, index_size = data[5] >> 4, (data[5] & 0xF if version in (1, 2) else 0)
+    pos = 6
+
+    def number(width: int) -> int:
+        nonlocal pos
+        if width not in (0, 4, 8):
+            raise struct.error(f"bad iloc field width {width}")
+        value = int.from_bytes(data[pos : pos + width], "big") if width else 0
+        if len(data) < pos + width:
+            raise struct.error("truncated iloc")
+        pos += width
+        return value
+
+    count = number(2) if version < 2 else number(4)
+    items: list[tuple[int, list[tuple[int, int]]]] = []
+    for _ in range(min(count, MAX_ITEMS)):
+        item_id = number(2 if version < 2 else 4)
+        method = number(2) & 0xF if version in (1, 2) else 0
+        number(2)  # data reference index
+        base = number(base_size)
+        extents: list[tuple[int, int]] = []
+        for _ in range(number(2)):
+            if index_size:
+                number(index_size)
+            offset, length = number(offset_size), number(length_size)
+            extents.append((base + offset, length))
+        if method == 1 and idat_start is not None:
+            extents = [(idat_start + offset, length) for offset, length in extents]
+        elif method != 0:
+            extents = []
+        items.append((item_id, extents))
+    return items
+
+
+_WALKERS = {
+    "jpeg": _walk_jpeg,
+    "raf": _walk_raf,
+    "tiff": _walk_tiff,
+    "png": _walk_png,
+    "webp": _walk_webp,
+    "bmff": _walk_bmff,
+    "psd": _walk_psd,
+}

@@ -1,0 +1,85 @@
+"""Built-in extractor `exifread`: a second, independent TIFF directory reader, as fallback.
+
+Runs for the fields Pillow's reader left empty: on the EXIF blocks `extractors.containers` located,
+and on JPEG and HEIF files in which it located none (exifread searches them its own way).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Any, BinaryIO
+
+import exifread
+
+from extractors.containers import open_block
+from extractors.fields import EXIF_FIELDS, Rational, Raw, exif_fields
+from extractors.hookspecs import hookimpl
+from extractors.source import Source
+from extractors.tiffdirs import ExifDirectories, locate
+
+NAME = "exifread"
+log = logging.getLogger(__name__)
+
+_DIRECTORY_OF_PREFIX = {"Image": "ifd0", "EXIF": "exif", "GPS": "gps"}
+
+
+@hookimpl
+def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mapping[str, object]:
+    if not missing & EXIF_FIELDS:
+        return {}
+    directories = read_directories(source)
+    return exif_fields(directories.ifd0, directories.exif)
+
+
+def read_directories(source: Source) -> ExifDirectories:
+    """The file's EXIF directories as exifread reads them, parsed once per file."""
+    return source.memo("exifread.directories", lambda: _read(source))
+
+
+def _read(source: Source) -> ExifDirectories:
+    directories = ExifDirectories()
+    container, blocks = locate(source)
+    with source.open() as fp:
+        if blocks:
+            for block in blocks:
+                directories.merge(block.role, *_process(open_block(fp, block)))
+        elif container in ("jpeg", "bmff"):
+            directories.merge("tiff", *_process(fp))
+    return directories
+
+
+def _process(stream: BinaryIO) -> tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]:
+    found: dict[str, dict[int, Raw]] = {"ifd0": {}, "exif": {}, "gps": {}}
+    try:
+        tags: dict[str, Any] = exifread.process_file(stream, details=False, extract_thumbnail=False)
+    except Exception as error:  # a hostile file: exifread is the fallback, not the judge
+        log.debug("exifread failed: %r", error)
+        return found["ifd0"], found["exif"], found["gps"]
+    for key, tag in tags.items():
+        prefix = key.split(" ", 1)[0]
+        directory = _DIRECTORY_OF_PREFIX.get(prefix)
+        number = getattr(tag, "tag", None)
+        if directory is None or not isinstance(number, int):
+            continue
+        value = normalize(getattr(tag, "values", None))
+        if value is not None:
+            found[directory].setdefault(number, value)
+    return found["ifd0"], found["exif"], found["gps"]
+
+
+def normalize(value: object) -> Raw | None:
+    """exifread's value types in the neutral form `extractors.fields` maps."""
+    if isinstance(value, Fraction):
+        return Rational(value.numerator, value.denominator)
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float | bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, tuple | list):
+        items = [normalize(item) for item in value]
+        return tuple(item for item in items if item is not None)
+    return None
