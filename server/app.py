@@ -41,7 +41,8 @@ class RunningServer:
 
 def build_datalake(settings: Settings) -> Datalake:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = SqlCatalog.open(f"sqlite:///{settings.data_dir / 'catalog.sqlite3'}")
+    catalog_url, migrate = settings.catalog()
+    catalog = SqlCatalog.open(catalog_url, migrate=migrate)
     blobs = LocalBlobStore(settings.data_dir)
     # The embedded default has one server per data directory, so whatever a previous process
     # left half-written is garbage now.

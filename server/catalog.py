@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
 
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
@@ -38,7 +42,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from server.errors import NotFoundError, invalid_field
 from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
-from server.schema import SCHEMA_VERSION, data_table, data_tags_table, metadata_obj
+from server.schema import data_table, data_tags_table
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -103,27 +107,20 @@ class SqlCatalog:
         )
 
     @classmethod
-    def open(cls, url: str) -> SqlCatalog:
-        engine = create_engine(url)
+    def open(cls, url: str, *, migrate: bool = False) -> SqlCatalog:
+        """Connect to the catalog at `url`, refusing a schema this server does not expect.
+
+        With `migrate`, an older or empty schema is first brought up to date.
+        """
+        engine = create_engine(engine_url(url), pool_pre_ping=True)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _configure_sqlite)
-        catalog = cls(engine)
-        catalog.create_schema()
-        return catalog
-
-    def create_schema(self) -> None:
-        metadata_obj.create_all(self._engine)
-        with self._engine.begin() as connection:
-            version = connection.execute(select(metadata_obj.tables["metalake_schema"])).first()
-            if version is None:
-                connection.execute(
-                    insert(metadata_obj.tables["metalake_schema"]).values(version=SCHEMA_VERSION)
-                )
-            elif version.version != SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"catalog schema version {version.version} is not the version this server "
-                    f"supports ({SCHEMA_VERSION}); upgrade the server or migrate the catalog"
-                )
+        try:
+            check_schema(engine, migrate=migrate)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
@@ -266,6 +263,58 @@ class SqlCatalog:
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+
+
+class SchemaError(RuntimeError):
+    """The catalog's schema is not the one this server runs on."""
+
+
+def engine_url(url: str) -> str:
+    """SQLAlchemy URL for a catalog URL; plain postgresql:// URLs get the psycopg 3 driver."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+def _migrations(connection: Connection | None = None) -> tuple[AlembicConfig, ScriptDirectory]:
+    config = AlembicConfig()
+    config.set_main_option("script_location", "server:migrations")
+    config.attributes["connection"] = connection
+    return config, ScriptDirectory.from_config(config)
+
+
+def schema_revision(engine: Engine) -> tuple[str | None, str]:
+    """(the catalog's revision, or None when empty; the revision this server expects)."""
+    _, script = _migrations()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    head = script.get_current_head()
+    assert head is not None
+    return current, head
+
+
+def check_schema(engine: Engine, *, migrate: bool) -> None:
+    """Raise SchemaError unless the schema is this server's, migrating first if asked."""
+    current, head = schema_revision(engine)
+    if current == head:
+        return
+    _, script = _migrations()
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current is not None and current not in known:
+        raise SchemaError(
+            f"the catalog's schema is at revision {current!r}, which this server does not know: "
+            f"a newer metalake wrote it. Run a metalake that knows it (this one expects {head!r})."
+        )
+    if not migrate:
+        raise SchemaError(
+            f"the catalog's schema is at revision {current or 'none (empty catalog)'}; this "
+            f"server needs {head!r}. Run `metalake migrate` with the same settings, or start "
+            "the server with --migrate."
+        )
+    with engine.begin() as connection:
+        config, _ = _migrations(connection)
+        alembic_command.upgrade(config, "head")
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

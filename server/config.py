@@ -16,6 +16,10 @@ class Settings:
 
     data_dir: Path = DEFAULT_DATA_DIR
     listen: str = DEFAULT_LISTEN
+    # None: the embedded SQLite catalog in data_dir, created and migrated without asking.
+    catalog_url: str | None = None
+    # Bring an older or empty catalog schema up to date at start-up.
+    migrate: bool = False
     # Bytes per DownloadData chunk: big enough to amortise per-message cost, far below the
     # 4 MiB default message limit.
     download_chunk_size: int = 256 * 1024
@@ -33,10 +37,25 @@ class Settings:
             settings = replace(settings, data_dir=Path(env["METALAKE_DATA_DIR"]))
         if "METALAKE_LISTEN" in env:
             settings = replace(settings, listen=env["METALAKE_LISTEN"])
+        if env.get("METALAKE_CATALOG_URL"):
+            settings = replace(settings, catalog_url=env["METALAKE_CATALOG_URL"])
+        if env.get("METALAKE_MIGRATE", "").lower() in ("1", "true", "yes"):
+            settings = replace(settings, migrate=True)
         if "METALAKE_EXTRACT_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_EXTRACT_TIMEOUT"]))
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:
             settings = replace(settings, listen=listen)
+        if catalog_url is not None:
+            settings = replace(settings, catalog_url=catalog_url)
+        if migrate is not None:
+            settings = replace(settings, migrate=migrate)
         return settings
+
+    def catalog(self) -> tuple[str, bool]:
+        """The catalog URL, and whether to migrate it at start-up."""
+        if self.catalog_url is None:
+            # The embedded default needs no set-up: its schema follows the server's.
+            return f"sqlite:///{self.data_dir / 'catalog.sqlite3'}", True
+        return self.catalog_url, self.migrate

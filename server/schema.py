@@ -1,6 +1,7 @@
 """The catalog's tables, one definition for every SQL engine the catalog runs on.
 
-Times are stored as integer microseconds since the Unix epoch (UTC): they sort, compare and index
+The tables are created and changed only by the migrations in server/migrations; a test checks that
+they produce exactly these definitions. Times are stored as integer microseconds since the Unix epoch (UTC): they sort, compare and index
 the same way on SQLite and PostgreSQL. acquired_at keeps the offset the device recorded beside
 the instant; a naive acquired_at (no offset known) is stored as if its wall time were UTC.
 """
@@ -21,8 +22,6 @@ from sqlalchemy import (
 )
 
 from metalake.metadata import FLOAT_FIELDS, STRING_FIELDS
-
-SCHEMA_VERSION = 1
 
 metadata_obj = MetaData()
 
@@ -60,10 +59,4 @@ data_tags_table = Table(
     Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", Text, primary_key=True),
     Index("ix_data_tags_tag", "tag", "data_id"),
-)
-
-schema_version_table = Table(
-    "metalake_schema",
-    metadata_obj,
-    Column("version", Integer, nullable=False),
 )

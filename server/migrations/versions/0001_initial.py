@@ -1,0 +1,71 @@
+"""The first catalog schema: data items with typed metadata columns, and their tags.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-24
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+_FLOATS = ("altitude", "latitude", "longitude", "resolution_x", "resolution_y")
+_STRINGS = (
+    "acquired_by",
+    "color_space",
+    "compression",
+    "custom_id",
+    "manufacturer",
+    "reference",
+    "resolution_unit",
+    "software",
+    "weather",
+)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "data",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("filename", sa.Text, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("content_type", sa.Text, nullable=False),
+        sa.Column("blob_key", sa.Text, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("updated_at", sa.BigInteger, nullable=False),
+        sa.Column("metadata_sources", sa.Text, nullable=False),
+        *(sa.Column(name, sa.Double, nullable=True) for name in _FLOATS),
+        sa.Column("acquired_at", sa.BigInteger, nullable=True),
+        sa.Column("acquired_at_offset", sa.Integer, nullable=True),
+        *(sa.Column(name, sa.Text, nullable=True) for name in _STRINGS),
+    )
+    op.create_index("ix_data_created_at", "data", ["created_at", "id"])
+    op.create_index("ix_data_acquired_at", "data", ["acquired_at", "id"])
+    op.create_index("ix_data_latitude_longitude", "data", ["latitude", "longitude"])
+    op.create_index("ix_data_manufacturer", "data", ["manufacturer", "id"])
+    op.create_index("ix_data_reference", "data", ["reference", "id"])
+    op.create_index("ix_data_custom_id", "data", ["custom_id", "id"])
+    op.create_index("ix_data_sha256", "data", ["sha256"])
+    op.create_table(
+        "data_tags",
+        sa.Column(
+            "data_id",
+            sa.String(36),
+            sa.ForeignKey("data.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("tag", sa.Text, primary_key=True),
+    )
+    op.create_index("ix_data_tags_tag", "data_tags", ["tag", "data_id"])
+
+
+def downgrade() -> None:
+    op.drop_table("data_tags")
+    op.drop_table("data")

@@ -1,0 +1,262 @@
+"""The catalog contract, run against every implementation: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from server.catalog import DataRecord, SchemaError, SqlCatalog, engine_url
+from server.errors import InvalidArgumentError, NotFoundError
+from server.schema import metadata_obj
+
+POSTGRES_URL = os.environ.get(
+    "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def postgres_or_skip() -> None:
+    """PostgreSQL tests skip where there is none, except where it is required (CI)."""
+    try:
+        engine = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except sqlalchemy.exc.OperationalError as error:
+        if os.environ.get("METALAKE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here but unreachable at {POSTGRES_URL}: {error}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set METALAKE_TEST_POSTGRES_URL)")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL to a fresh, empty schema in the test database, dropped afterwards."""
+    postgres_or_skip()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def catalog(catalog_url: str) -> AsyncIterator[SqlCatalog]:
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    try:
+        yield catalog
+    finally:
+        await catalog.close()
+
+
+_clock = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def record(**changes: object) -> DataRecord:
+    global _clock
+    _clock += timedelta(seconds=1)
+    fields: dict[str, object] = {
+        "id": str(uuid.uuid4()),
+        "filename": "a.jpg",
+        "size": 3,
+        "sha256": "ab" * 32,
+        "content_type": "image/jpeg",
+        "blob_key": "ab" * 32,
+        "created_at": _clock,
+        "updated_at": _clock,
+    }
+    fields.update(changes)
+    return DataRecord(**fields)  # type: ignore[arg-type]
+
+
+async def test_a_record_round_trips_with_every_field(catalog: SqlCatalog) -> None:
+    stored = record(
+        metadata={
+            "latitude": -12.5,
+            "longitude": 0.0,
+            "altitude": -3.25,
+            "acquired_at": datetime(2021, 4, 11, 15, 47, 53, tzinfo=timezone(timedelta(hours=-5))),
+            "acquired_by": "USER-178",
+            "weather": "rain",
+            "resolution_x": 72.0,
+            "resolution_y": 300.5,
+            "resolution_unit": "inches",
+            "compression": "JPEG (old-style)",
+            "manufacturer": "Canon",
+            "software": "GIMP 2.4.5",
+            "color_space": "sRGB",
+            "custom_id": "c-1",
+            "reference": "7NGOMI",
+        },
+        metadata_sources={"latitude": "client", "manufacturer": "pillow"},
+        tags=("a", "b"),
+    )
+    await catalog.add(stored)
+    assert await catalog.get(stored.id) == stored
+
+
+async def test_naive_and_aware_times_stay_distinct(catalog: SqlCatalog) -> None:
+    naive = record(metadata={"acquired_at": datetime(2021, 4, 11, 15, 47, 53)})
+    utc = record(metadata={"acquired_at": datetime(2021, 4, 11, 15, 47, 53, tzinfo=UTC)})
+    for item in (naive, utc):
+        await catalog.add(item)
+        back = (await catalog.get(item.id)).metadata["acquired_at"]
+        assert isinstance(back, datetime)
+        assert back.utcoffset() == item.metadata["acquired_at"].utcoffset()  # type: ignore[union-attr]
+
+
+async def test_unknown_ids_are_not_found(catalog: SqlCatalog) -> None:
+    with pytest.raises(NotFoundError):
+        await catalog.get("missing")
+    with pytest.raises(NotFoundError):
+        await catalog.delete("missing")
+    with pytest.raises(NotFoundError):
+        await catalog.update_metadata("missing", {"weather": "x"}, [], datetime.now(UTC))
+
+
+async def test_update_sets_and_clears_and_records_the_client(catalog: SqlCatalog) -> None:
+    item = record(
+        metadata={"weather": "rain", "manufacturer": "Canon"},
+        metadata_sources={"weather": "client", "manufacturer": "pillow"},
+    )
+    await catalog.add(item)
+    later = item.updated_at + timedelta(minutes=1)
+    updated = await catalog.update_metadata(item.id, {"latitude": 1.5}, ["manufacturer"], later)
+    assert updated.metadata == {"weather": "rain", "latitude": 1.5}
+    assert updated.metadata_sources == {"weather": "client", "latitude": "client"}
+    assert updated.updated_at == later
+    assert await catalog.get(item.id) == updated
+
+
+async def test_concurrent_updates_of_different_fields_lose_nothing(catalog: SqlCatalog) -> None:
+    item = record()
+    await catalog.add(item)
+    now = datetime.now(UTC)
+    await asyncio.gather(
+        *(
+            catalog.update_metadata(item.id, {field: f"v{i}"}, [], now)
+            for i, field in enumerate(["weather", "reference", "custom_id", "software"] * 5)
+        )
+    )
+    assert set((await catalog.get(item.id)).metadata) == {
+        "weather",
+        "reference",
+        "custom_id",
+        "software",
+    }
+
+
+async def test_delete_and_blob_references(catalog: SqlCatalog) -> None:
+    first = record(blob_key="cd" * 32, tags=("x",))
+    second = record(blob_key="cd" * 32)
+    await catalog.add(first)
+    await catalog.add(second)
+    assert await catalog.delete(first.id) == first
+    assert await catalog.blob_in_use("cd" * 32)
+    await catalog.delete(second.id)
+    assert not await catalog.blob_in_use("cd" * 32)
+
+
+async def test_pages_walk_everything_once_in_order(catalog: SqlCatalog) -> None:
+    items = [
+        record(metadata={"latitude": float(i % 3)} if i % 4 else {}, filename=f"{i:02d}")
+        for i in range(11)
+    ]
+    for item in items:
+        await catalog.add(item)
+    for order_by, key in [
+        ("", lambda r: (r.created_at, r.id)),
+        ("filename desc", lambda r: r.filename),
+    ]:
+        seen: list[str] = []
+        token = ""
+        while True:
+            page = await catalog.list_page(
+                filter="", order_by=order_by, page_size=4, page_token=token
+            )
+            seen += [r.id for r in page.records]
+            token = page.next_page_token
+            if not token:
+                break
+        expected = sorted(items, key=key, reverse="desc" in order_by)  # type: ignore[arg-type, return-value]
+        assert seen == [r.id for r in expected], order_by
+
+
+async def test_paging_over_a_nullable_field_puts_absent_values_last(catalog: SqlCatalog) -> None:
+    items = [
+        record(metadata={"latitude": float(v)} if v is not None else {})
+        for v in [3, None, 1, None, 2, 1]
+    ]
+    for item in items:
+        await catalog.add(item)
+    for descending in (False, True):
+        seen: list[DataRecord] = []
+        token = ""
+        while True:
+            page = await catalog.list_page(
+                filter="",
+                order_by="latitude desc" if descending else "latitude",
+                page_size=2,
+                page_token=token,
+            )
+            seen += page.records
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(seen) == len(items)
+        assert {r.id for r in seen} == {r.id for r in items}
+        present = [r.metadata["latitude"] for r in seen if "latitude" in r.metadata]
+        assert present == sorted(present, reverse=descending)
+        assert all("latitude" not in r.metadata for r in seen[len(present) :])
+
+
+async def test_bad_page_tokens_are_invalid_arguments(catalog: SqlCatalog) -> None:
+    with pytest.raises(InvalidArgumentError):
+        await catalog.list_page(filter="", order_by="", page_size=1, page_token="%%%")
+
+
+async def test_the_migrations_build_exactly_the_declared_schema(catalog_url: str) -> None:
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    await catalog.close()
+    engine = sqlalchemy.create_engine(engine_url(catalog_url))
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), metadata_obj)
+    engine.dispose()
+    assert differences == []
+
+
+def test_an_empty_catalog_is_not_migrated_unless_asked(catalog_url: str) -> None:
+    with pytest.raises(SchemaError, match="metalake migrate"):
+        SqlCatalog.open(catalog_url)
+
+
+async def test_a_schema_from_a_newer_server_is_refused(catalog_url: str) -> None:
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    await catalog.close()
+    engine = sqlalchemy.create_engine(engine_url(catalog_url))
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    for migrate in (False, True):
+        with pytest.raises(SchemaError, match="newer metalake"):
+            SqlCatalog.open(catalog_url, migrate=migrate)
