@@ -100,11 +100,9 @@ def parse_names(value: str | None) -> frozenset[str] | None:
 
 
 def parse_timeout(value: str | None) -> float | None:
-    """Seconds from `METALAKE_EXTRACT_TIMEOUT`; 0, "none" or "off" mean no limit."""
+    """Seconds from `METALAKE_EXTRACT_TIMEOUT`; 0 means no limit (calls run inline)."""
     if value is None or not value.strip():
         return DEFAULT_TIMEOUT
-    if value.strip().lower() in ("none", "off"):
-        return None
     seconds = float(value)
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds >= 0, got {value!r}")
