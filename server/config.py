@@ -29,7 +29,14 @@ class Settings:
     extract_timeout: float = 10.0
 
     @classmethod
-    def from_env(cls, *, data_dir: Path | str | None = None, listen: str | None = None) -> Settings:
+    def from_env(
+        cls,
+        *,
+        data_dir: Path | str | None = None,
+        listen: str | None = None,
+        catalog_url: str | None = None,
+        migrate: bool | None = None,
+    ) -> Settings:
         """Settings from the environment, with explicit arguments (CLI flags) taking precedence."""
         settings = cls()
         env = os.environ

@@ -1,9 +1,10 @@
 """The catalog's tables, one definition for every SQL engine the catalog runs on.
 
 The tables are created and changed only by the migrations in server/migrations; a test checks that
-they produce exactly these definitions. Times are stored as integer microseconds since the Unix epoch (UTC): they sort, compare and index
-the same way on SQLite and PostgreSQL. acquired_at keeps the offset the device recorded beside
-the instant; a naive acquired_at (no offset known) is stored as if its wall time were UTC.
+they produce exactly these definitions. Times are stored as integer microseconds since the Unix
+epoch (UTC): they sort, compare and index the same way on SQLite and PostgreSQL. acquired_at keeps
+the offset the device recorded beside the instant; a naive acquired_at (no offset known) is stored
+as if its wall time were UTC.
 """
 
 from __future__ import annotations
