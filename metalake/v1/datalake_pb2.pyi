@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -24,6 +25,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    """Never sent."""
+    EVENT_TYPE_CREATED: _EventType.ValueType  # 1
+    """The item was stored."""
+    EVENT_TYPE_UPDATED: _EventType.ValueType  # 2
+    """The item's metadata changed."""
+    EVENT_TYPE_DELETED: _EventType.ValueType  # 3
+    """The item was deleted."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """EventType says what happened to an item."""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+"""Never sent."""
+EVENT_TYPE_CREATED: EventType.ValueType  # 1
+"""The item was stored."""
+EVENT_TYPE_UPDATED: EventType.ValueType  # 2
+"""The item's metadata changed."""
+EVENT_TYPE_DELETED: EventType.ValueType  # 3
+"""The item was deleted."""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
 class Metadata(_message.Message):
@@ -212,6 +241,7 @@ class Data(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned, opaque, unique."""
     filename: _builtins.str
@@ -222,6 +252,10 @@ class Data(_message.Message):
     """SHA-256 of the content, lowercase hex, computed by the server while the bytes arrived."""
     content_type: _builtins.str
     """MIME type: the client's, else detected from the content, else from the filename."""
+    etag: _builtins.str
+    """Changes whenever the item changes (AIP-154); send it back with UpdateMetadata or DeleteData
+    to act only if nobody changed the item meanwhile.
+    """
     @_builtins.property
     def metadata(self) -> Global___Metadata:
         """The item's metadata."""
@@ -257,10 +291,11 @@ class Data(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "created_at", b"created_at", "filename", b"filename", "id", b"id", "metadata", b"metadata", "metadata_sources", b"metadata_sources", "sha256", b"sha256", "size", b"size", "tags", b"tags", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "created_at", b"created_at", "etag", b"etag", "filename", b"filename", "id", b"id", "metadata", b"metadata", "metadata_sources", b"metadata_sources", "sha256", b"sha256", "size", b"size", "tags", b"tags", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,12 +312,23 @@ class UploadDataHeader(_message.Message):
     FILL_METADATA_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_SHA256_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Required, 1 to 1,024 characters, no NUL. Stored as given; never used as a server path."""
     fill_metadata: _builtins.bool
     """Fill the fields the client did not give from the file itself (EXIF, GPS, plugins)."""
     content_type: _builtins.str
     """MIME type of the content. Empty: the server detects it."""
+    request_id: _builtins.str
+    """Makes a retried upload idempotent (AIP-155): a UUID the client chooses once per file and
+    reuses on every retry. An upload whose request_id was already stored stores nothing new and
+    returns the first upload's Data, even while the first is still finishing.
+    """
+    expected_sha256: _builtins.str
+    """Lowercase hex SHA-256 the client expects the content to have. On a mismatch the upload is
+    rejected with DATA_LOSS and nothing is stored.
+    """
     @_builtins.property
     def metadata(self) -> Global___Metadata:
         """Metadata the client knows. These values always win over extracted ones."""
@@ -299,10 +345,12 @@ class UploadDataHeader(_message.Message):
         fill_metadata: _builtins.bool = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         content_type: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        expected_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "filename", b"filename", "fill_metadata", b"fill_metadata", "metadata", b"metadata", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expected_sha256", b"expected_sha256", "filename", b"filename", "fill_metadata", b"fill_metadata", "metadata", b"metadata", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -490,8 +538,11 @@ class UpdateMetadataRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The item's id."""
+    etag: _builtins.str
+    """If set, the update applies only if the item's etag is still this one; otherwise ABORTED."""
     @_builtins.property
     def metadata(self) -> Global___Metadata:
         """New values for the fields named in update_mask."""
@@ -509,10 +560,11 @@ class UpdateMetadataRequest(_message.Message):
         id: _builtins.str = ...,
         metadata: Global___Metadata | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -549,16 +601,20 @@ class DeleteDataRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The item's id."""
+    etag: _builtins.str
+    """If set, the item is deleted only if its etag is still this one; otherwise ABORTED."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,3 +794,390 @@ class ExtractMetadataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExtractMetadataResponse: _TypeAlias = ExtractMetadataResponse  # noqa: Y015
+
+@_typing.final
+class StartUploadRequest(_message.Message):
+    """StartUploadRequest opens a resumable upload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """An id the client chooses (1 to 128 characters of [A-Za-z0-9._-]) so that it can resume
+    even if it never saw this call's response; empty: the server chooses one. Starting an
+    upload id again returns its current state.
+    """
+    @_builtins.property
+    def header(self) -> Global___UploadDataHeader:
+        """The file's header, as for UploadData."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadDataHeader | None = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartUploadRequest: _TypeAlias = StartUploadRequest  # noqa: Y015
+
+@_typing.final
+class StartUploadResponse(_message.Message):
+    """StartUploadResponse describes a resumable upload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """Names the upload in WriteUpload and QueryUpload."""
+    committed_size: _builtins.int
+    """Bytes the server has durably received; write from here."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the unfinished upload and its bytes will be discarded."""
+
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        committed_size: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "expire_time", b"expire_time", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartUploadResponse: _TypeAlias = StartUploadResponse  # noqa: Y015
+
+@_typing.final
+class WriteUploadRequest(_message.Message):
+    """WriteUploadRequest is one message of a WriteUpload stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    WRITE_OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    FINISH_WRITE_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """The upload; required in the first message, and if repeated must not change."""
+    write_offset: _builtins.int
+    """Offset of this message's data: in the first message at most the committed size (bytes
+    already committed are skipped), then each message continues where the previous ended.
+    """
+    data: _builtins.bytes
+    """The next bytes of the file."""
+    finish_write: _builtins.bool
+    """The file is complete after this message's data."""
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+        write_offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        finish_write: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "finish_write", b"finish_write", "upload_id", b"upload_id", "write_offset", b"write_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteUploadRequest: _TypeAlias = WriteUploadRequest  # noqa: Y015
+
+@_typing.final
+class WriteUploadResponse(_message.Message):
+    """WriteUploadResponse answers WriteUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    committed_size: _builtins.int
+    """Bytes the server has durably received."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """The stored item, when the stream finished the upload."""
+
+    def __init__(
+        self,
+        *,
+        committed_size: _builtins.int = ...,
+        data: Global___Data | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteUploadResponse: _TypeAlias = WriteUploadResponse  # noqa: Y015
+
+@_typing.final
+class QueryUploadRequest(_message.Message):
+    """QueryUploadRequest asks for a resumable upload's state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    """The upload."""
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUploadRequest: _TypeAlias = QueryUploadRequest  # noqa: Y015
+
+@_typing.final
+class QueryUploadResponse(_message.Message):
+    """QueryUploadResponse describes a resumable upload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    committed_size: _builtins.int
+    """Bytes the server has durably received; resume from here."""
+    complete: _builtins.bool
+    """Whether the upload is finished; then data is set."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """The stored item, once complete."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the unfinished upload will be discarded."""
+
+    def __init__(
+        self,
+        *,
+        committed_size: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        data: Global___Data | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "complete", b"complete", "data", b"data", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUploadResponse: _TypeAlias = QueryUploadResponse  # noqa: Y015
+
+@_typing.final
+class UploadDataStreamRequest(_message.Message):
+    """UploadDataStreamRequest is one message of an UploadDataStream stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the current file."""
+    finish: _builtins.bool
+    """Ends the current file; the value is ignored."""
+    @_builtins.property
+    def header(self) -> Global___UploadDataHeader:
+        """Opens the next file."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadDataHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+        finish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "finish", b"finish", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "finish", b"finish", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["header", "chunk", "finish"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___UploadDataStreamRequest: _TypeAlias = UploadDataStreamRequest  # noqa: Y015
+
+@_typing.final
+class UploadDataStreamResponse(_message.Message):
+    """UploadDataStreamResponse answers one file of an UploadDataStream stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    file_index: _builtins.int
+    """The file's position in the stream, counting from 0."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """The stored item."""
+
+    @_builtins.property
+    def error(self) -> Global___FileError:
+        """Why the file was not stored."""
+
+    def __init__(
+        self,
+        *,
+        file_index: _builtins.int = ...,
+        data: Global___Data | None = ...,
+        error: Global___FileError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "file_index", b"file_index", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["data", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___UploadDataStreamResponse: _TypeAlias = UploadDataStreamResponse  # noqa: Y015
+
+@_typing.final
+class FileError(_message.Message):
+    """FileError is why one file of a stream was not stored; the same information as the
+    google.rpc.Status the single-file RPCs return.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code value, e.g. 3 for INVALID_ARGUMENT."""
+    message: _builtins.str
+    """What went wrong, for humans."""
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """The fields at fault, as in google.rpc.BadRequest."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileError: _TypeAlias = FileError  # noqa: Y015
+
+@_typing.final
+class FieldViolation(_message.Message):
+    """FieldViolation names one field at fault."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """Path of the field, e.g. "header.metadata.latitude"."""
+    description: _builtins.str
+    """What is wrong with it."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
+
+@_typing.final
+class WatchDataRequest(_message.Message):
+    """WatchDataRequest opens a stream of events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """A ListData filter; empty: every item. Deletions are emitted for deleted items that matched
+    the filter when deleted.
+    """
+    resume_token: _builtins.str
+    """The resume_token of the last event seen; empty: from now on."""
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDataRequest: _TypeAlias = WatchDataRequest  # noqa: Y015
+
+@_typing.final
+class WatchDataResponse(_message.Message):
+    """WatchDataResponse is one event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    type: Global___EventType.ValueType
+    """What happened."""
+    data_id: _builtins.str
+    """The item's id."""
+    resume_token: _builtins.str
+    """Pass it back to WatchData to resume after this event."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """The item after the event; for deletions, as it was when deleted."""
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the event happened."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___EventType.ValueType = ...,
+        data_id: _builtins.str = ...,
+        data: Global___Data | None = ...,
+        resume_token: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_id", b"data_id", "event_time", b"event_time", "resume_token", b"resume_token", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchDataResponse: _TypeAlias = WatchDataResponse  # noqa: Y015

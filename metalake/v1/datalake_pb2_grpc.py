@@ -74,6 +74,31 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.ExtractMetadataRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.ExtractMetadataResponse.FromString,
                 _registered_method=True)
+        self.StartUpload = channel.unary_unary(
+                '/metalake.v1.DatalakeService/StartUpload',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.StartUploadRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.StartUploadResponse.FromString,
+                _registered_method=True)
+        self.WriteUpload = channel.stream_unary(
+                '/metalake.v1.DatalakeService/WriteUpload',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.WriteUploadRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.WriteUploadResponse.FromString,
+                _registered_method=True)
+        self.QueryUpload = channel.unary_unary(
+                '/metalake.v1.DatalakeService/QueryUpload',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.QueryUploadRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.QueryUploadResponse.FromString,
+                _registered_method=True)
+        self.UploadDataStream = channel.stream_stream(
+                '/metalake.v1.DatalakeService/UploadDataStream',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.UploadDataStreamRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.UploadDataStreamResponse.FromString,
+                _registered_method=True)
+        self.WatchData = channel.unary_stream(
+                '/metalake.v1.DatalakeService/WatchData',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.FromString,
+                _registered_method=True)
 
 
 class DatalakeServiceServicer:
@@ -137,6 +162,49 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartUpload(self, request, context):
+        """Resumable uploads, after google.bytestream.ByteStream. StartUpload opens (or reopens) an
+        upload; WriteUpload streams bytes from any offset the server has committed; QueryUpload
+        tells how much is committed after a dropped connection. The upload becomes a Data item when a
+        WriteUpload message sets finish_write. Unfinished uploads expire and their bytes are
+        reclaimed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteUpload(self, request_iterator, context):
+        """Appends bytes to a resumable upload; see StartUpload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUpload(self, request, context):
+        """Reports a resumable upload's committed size, and its Data once finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDataStream(self, request_iterator, context):
+        """Many files over one long-lived stream: for each file the client sends a header, its chunks
+        and a finish message; the server answers each file, in order, with its Data or its error.
+        One failed file does not end the stream. Clients keep a window of files in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchData(self, request, context):
+        """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
+        filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
+        and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatalakeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +242,31 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.ExtractMetadata,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.ExtractMetadataRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.ExtractMetadataResponse.SerializeToString,
+            ),
+            'StartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartUpload,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.StartUploadRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.StartUploadResponse.SerializeToString,
+            ),
+            'WriteUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteUpload,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.WriteUploadRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.WriteUploadResponse.SerializeToString,
+            ),
+            'QueryUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUpload,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.QueryUploadRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.QueryUploadResponse.SerializeToString,
+            ),
+            'UploadDataStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.UploadDataStream,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.UploadDataStreamRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.UploadDataStreamResponse.SerializeToString,
+            ),
+            'WatchData': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchData,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,6 +463,141 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/ExtractMetadata',
             metalake_dot_v1_dot_datalake__pb2.ExtractMetadataRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.ExtractMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/StartUpload',
+            metalake_dot_v1_dot_datalake__pb2.StartUploadRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.StartUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/metalake.v1.DatalakeService/WriteUpload',
+            metalake_dot_v1_dot_datalake__pb2.WriteUploadRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.WriteUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/QueryUpload',
+            metalake_dot_v1_dot_datalake__pb2.QueryUploadRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.QueryUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/metalake.v1.DatalakeService/UploadDataStream',
+            metalake_dot_v1_dot_datalake__pb2.UploadDataStreamRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.UploadDataStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/WatchData',
+            metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,27 @@ class DatalakeServiceStub:
     """Streams a file like UploadData and returns the metadata fill_metadata would fill from it,
     with the extractor that found each value. Nothing is stored.
     """
+    StartUpload: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.StartUploadRequest, _datalake_pb2.StartUploadResponse]
+    """Resumable uploads, after google.bytestream.ByteStream. StartUpload opens (or reopens) an
+    upload; WriteUpload streams bytes from any offset the server has committed; QueryUpload
+    tells how much is committed after a dropped connection. The upload becomes a Data item when a
+    WriteUpload message sets finish_write. Unfinished uploads expire and their bytes are
+    reclaimed.
+    """
+    WriteUpload: _grpc.StreamUnaryMultiCallable[_datalake_pb2.WriteUploadRequest, _datalake_pb2.WriteUploadResponse]
+    """Appends bytes to a resumable upload; see StartUpload."""
+    QueryUpload: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.QueryUploadRequest, _datalake_pb2.QueryUploadResponse]
+    """Reports a resumable upload's committed size, and its Data once finished."""
+    UploadDataStream: _grpc.StreamStreamMultiCallable[_datalake_pb2.UploadDataStreamRequest, _datalake_pb2.UploadDataStreamResponse]
+    """Many files over one long-lived stream: for each file the client sends a header, its chunks
+    and a finish message; the server answers each file, in order, with its Data or its error.
+    One failed file does not end the stream. Clients keep a window of files in flight.
+    """
+    WatchData: _grpc.UnaryStreamMultiCallable[_datalake_pb2.WatchDataRequest, _datalake_pb2.WatchDataResponse]
+    """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
+    filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
+    and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -94,6 +115,27 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     ExtractMetadata: _aio.StreamUnaryMultiCallable[_datalake_pb2.ExtractMetadataRequest, _datalake_pb2.ExtractMetadataResponse]  # type: ignore[assignment]
     """Streams a file like UploadData and returns the metadata fill_metadata would fill from it,
     with the extractor that found each value. Nothing is stored.
+    """
+    StartUpload: _aio.UnaryUnaryMultiCallable[_datalake_pb2.StartUploadRequest, _datalake_pb2.StartUploadResponse]  # type: ignore[assignment]
+    """Resumable uploads, after google.bytestream.ByteStream. StartUpload opens (or reopens) an
+    upload; WriteUpload streams bytes from any offset the server has committed; QueryUpload
+    tells how much is committed after a dropped connection. The upload becomes a Data item when a
+    WriteUpload message sets finish_write. Unfinished uploads expire and their bytes are
+    reclaimed.
+    """
+    WriteUpload: _aio.StreamUnaryMultiCallable[_datalake_pb2.WriteUploadRequest, _datalake_pb2.WriteUploadResponse]  # type: ignore[assignment]
+    """Appends bytes to a resumable upload; see StartUpload."""
+    QueryUpload: _aio.UnaryUnaryMultiCallable[_datalake_pb2.QueryUploadRequest, _datalake_pb2.QueryUploadResponse]  # type: ignore[assignment]
+    """Reports a resumable upload's committed size, and its Data once finished."""
+    UploadDataStream: _aio.StreamStreamMultiCallable[_datalake_pb2.UploadDataStreamRequest, _datalake_pb2.UploadDataStreamResponse]  # type: ignore[assignment]
+    """Many files over one long-lived stream: for each file the client sends a header, its chunks
+    and a finish message; the server answers each file, in order, with its Data or its error.
+    One failed file does not end the stream. Clients keep a window of files in flight.
+    """
+    WatchData: _aio.UnaryStreamMultiCallable[_datalake_pb2.WatchDataRequest, _datalake_pb2.WatchDataResponse]  # type: ignore[assignment]
+    """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
+    filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
+    and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -165,6 +207,57 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_datalake_pb2.ExtractMetadataResponse, _abc.Awaitable[_datalake_pb2.ExtractMetadataResponse]]:
         """Streams a file like UploadData and returns the metadata fill_metadata would fill from it,
         with the extractor that found each value. Nothing is stored.
+        """
+
+    @_abc_1.abstractmethod
+    def StartUpload(
+        self,
+        request: _datalake_pb2.StartUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.StartUploadResponse, _abc.Awaitable[_datalake_pb2.StartUploadResponse]]:
+        """Resumable uploads, after google.bytestream.ByteStream. StartUpload opens (or reopens) an
+        upload; WriteUpload streams bytes from any offset the server has committed; QueryUpload
+        tells how much is committed after a dropped connection. The upload becomes a Data item when a
+        WriteUpload message sets finish_write. Unfinished uploads expire and their bytes are
+        reclaimed.
+        """
+
+    @_abc_1.abstractmethod
+    def WriteUpload(
+        self,
+        request_iterator: _MaybeAsyncIterator[_datalake_pb2.WriteUploadRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.WriteUploadResponse, _abc.Awaitable[_datalake_pb2.WriteUploadResponse]]:
+        """Appends bytes to a resumable upload; see StartUpload."""
+
+    @_abc_1.abstractmethod
+    def QueryUpload(
+        self,
+        request: _datalake_pb2.QueryUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.QueryUploadResponse, _abc.Awaitable[_datalake_pb2.QueryUploadResponse]]:
+        """Reports a resumable upload's committed size, and its Data once finished."""
+
+    @_abc_1.abstractmethod
+    def UploadDataStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_datalake_pb2.UploadDataStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datalake_pb2.UploadDataStreamResponse], _abc.AsyncIterator[_datalake_pb2.UploadDataStreamResponse]]:
+        """Many files over one long-lived stream: for each file the client sends a header, its chunks
+        and a finish message; the server answers each file, in order, with its Data or its error.
+        One failed file does not end the stream. Clients keep a window of files in flight.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchData(
+        self,
+        request: _datalake_pb2.WatchDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datalake_pb2.WatchDataResponse], _abc.AsyncIterator[_datalake_pb2.WatchDataResponse]]:
+        """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
+        filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
+        and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
