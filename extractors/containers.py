@@ -93,7 +93,7 @@ def open_block(fp: BinaryIO, block: TiffBlock) -> BinaryIO:
         return io.BytesIO(block.data)
     window = _Window(fp, block.offset, block.length, block.header)
     # Directory readers do many tiny reads; a buffer makes a 65,535-entry directory cheap.
-    return io.BufferedReader(window, 64 * 1024)
+    return io.BufferedReader(window, 8 * 1024)
 
 
 def sniff(head: bytes) -> str | None:
@@ -449,7 +449,7 @@ def _parse_iloc(data: bytes, idat_start: int | None) -> list[tuple[int, list[tup
 
     def number(width: int) -> int:
         nonlocal pos
-        if width not in (0, 4, 8):
+        if width not in (0, 2, 4, 8):
             raise struct.error(f"bad iloc field width {width}")
         value = int.from_bytes(data[pos : pos + width], "big") if width else 0
         if len(data) < pos + width:

@@ -1,0 +1,226 @@
+"""The built-in extractors on files built here, checked against exiftool (the oracle)."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from PIL import Image, ImageFile
+
+from extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
+from extractors.registry import ExtractorRegistry, builtin_plugins
+from extractors.source import Source
+from extractors.testing import (
+    SAMPLE_FIELDS,
+    WRAPPERS,
+    R,
+    as_json_fields,
+    exiftool_fields,
+    exiftool_path,
+    same_fields,
+    sample_exif,
+    save_with_pillow,
+    tiff_bytes,
+    wrap_tiff,
+)
+
+needs_exiftool = pytest.mark.skipif(
+    exiftool_path() is None,
+    reason="exiftool is not installed (apt-get install libimage-exiftool-perl); it is the oracle",
+)
+# exiftool reads RW2's IFD0 with its Panasonic table, which has no Artist, Software,
+# resolution or compression: there it sees a subset of what the TIFF structure holds.
+SUBSET_ONLY = {"rw2"}
+
+
+@pytest.fixture(scope="module")
+def registry() -> ExtractorRegistry:
+    return ExtractorRegistry(builtin_plugins())
+
+
+@pytest.fixture(scope="module")
+def built_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("built")
+    tiff = tiff_bytes(sample_exif())
+    files = {}
+    for container in WRAPPERS:
+        path = folder / f"sample.{container}"
+        path.write_bytes(wrap_tiff(container, tiff))
+        files[container] = path
+    for suffix in ("jpg", "png", "webp"):
+        files[f"pillow-{suffix}"] = save_with_pillow(folder / f"pillow.{suffix}", sample_exif())
+    return files
+
+
+def test_every_container_gives_every_field(
+    registry: ExtractorRegistry, built_files: dict[str, Path]
+) -> None:
+    for name, path in built_files.items():
+        result = registry.extract(path, filename=path.name)
+        assert same_fields(SAMPLE_FIELDS, as_json_fields(result.values)) == [], name
+        assert result.errors == [], name
+        assert result.sources["latitude"] == "gps"
+        assert result.sources["manufacturer"] == "pillow", (name, result.sources)
+
+
+@needs_exiftool
+def test_built_files_agree_with_exiftool(
+    registry: ExtractorRegistry, built_files: dict[str, Path]
+) -> None:
+    oracle = exiftool_fields(built_files.values())
+    for name, path in built_files.items():
+        ours = as_json_fields(registry.extract(path).values)
+        theirs = oracle[path]
+        if name in SUBSET_ONLY:
+            ours = {field: value for field, value in ours.items() if field in theirs}
+        assert same_fields(theirs, ours) == [], name
+
+
+@needs_exiftool
+def test_edge_values_agree_with_exiftool(registry: ExtractorRegistry, tmp_path: Path) -> None:
+    cases: list[dict[int, Any]] = [
+        {0x010F: "  Padded  ", 0x0128: 7, 0x0103: 34892},  # unknown unit, named compression
+        {0x010F: "Cut\x00after NUL", 0x0103: 60000, 0x0132: "0000:00:00 00:00:00"},
+        {0x011A: R(0, 0), 0x011B: R(72, 0), 0x0131: "", 0x0132: "2019:13:01 00:00:00"},
+        {0x0132: "2019:02:03 04:05:06", 0x013B: "Zoë Ünïcode"},
+    ]
+    paths = []
+    for index, tags in enumerate(cases):
+        exif = Image.Exif()
+        for tag, value in tags.items():
+            exif[tag] = value
+        exif.get_ifd(0x8769)[0xA001] = [5, 1, 0xFFFF, 0xFFFD][index]
+        gps = exif.get_ifd(0x8825)
+        if index == 0:
+            gps[2], gps[4], gps[6] = (
+                (R(1, 1), R(2, 1), R(3, 1)),
+                (R(4, 1), R(5, 1), R(6, 1)),
+                R(7, 1),
+            )
+        if index == 1:  # references present, a zero denominator in the latitude
+            gps[1], gps[2], gps[3], gps[4] = (
+                "N",
+                (R(1, 0), R(2, 1), R(3, 1)),
+                "W",
+                (R(4, 1), R(0, 1), R(0, 1)),
+            )
+            gps[5], gps[6] = b"\x00", R(100, 3)
+        paths.append(save_with_pillow(tmp_path / f"edge{index}.jpg", exif))
+    oracle = exiftool_fields(paths)
+    for path in paths:
+        ours = as_json_fields(registry.extract(path).values)
+        assert same_fields(oracle[path], ours) == [], path.name
+
+
+def test_png_with_exif_after_the_image_data_is_not_decoded(
+    registry: ExtractorRegistry, built_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("pixel data must not be decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(Image.Image, "load", refuse)
+    result = registry.extract(built_files["png-late"])
+    assert result.values["manufacturer"] == "Metalake Optics"
+    assert result.errors == []
+
+
+class CountingFile(io.BufferedReader):
+    read_total = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        CountingFile.read_total += len(data)
+        return data
+
+
+@pytest.fixture
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> type[CountingFile]:
+    def counting_open(self: Source) -> BinaryIO:
+        return CountingFile(io.FileIO(self.path, "rb"))
+
+    monkeypatch.setattr(Source, "open", counting_open)
+    CountingFile.read_total = 0
+    return CountingFile
+
+
+def _big_jpeg(path: Path, size: int) -> Path:
+    """A JPEG with EXIF whose scan data is padded to `size` bytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", exif=sample_exif())
+    jpeg = buffer.getvalue()
+    with path.open("wb") as out:
+        out.write(jpeg[:-2])
+        out.write(b"\x00" * (size - len(jpeg)))
+        out.write(b"\xff\xd9")
+    return path
+
+
+@pytest.mark.parametrize("container", ["jpeg", "tiff", "png-late", "heif", "cr3", "raf"])
+def test_a_huge_file_costs_what_a_small_one_does(
+    registry: ExtractorRegistry,
+    tmp_path: Path,
+    counted_reads: type[CountingFile],
+    container: str,
+) -> None:
+    if container == "jpeg":
+        small, big = (
+            _big_jpeg(tmp_path / "s.jpg", 10_000),
+            _big_jpeg(tmp_path / "b.jpg", 75_000_000),
+        )
+    else:
+        data = wrap_tiff(container, tiff_bytes(sample_exif()))
+        small, big = tmp_path / "small", tmp_path / "big"
+        small.write_bytes(data)
+        with big.open("wb") as out:  # the image data, never read, sits after the metadata
+            out.write(data)
+            out.truncate(75_000_000)
+    counted_reads.read_total = 0
+    small_values = registry.extract(small).values
+    small_read = counted_reads.read_total
+    counted_reads.read_total = 0
+    big_values = registry.extract(big).values
+    assert big_values == small_values
+    assert big_values["manufacturer"] == "Metalake Optics"
+    assert counted_reads.read_total <= small_read + 70_000  # read-ahead buffers at most
+
+
+def test_gps_needs_its_reference() -> None:
+    lat = (Rational(10, 1), Rational(30, 1), Rational(0, 1))
+    assert gps_fields({2: lat, 4: lat, 6: Rational(5, 1)}) == {}
+    assert gps_fields({1: b"S", 2: lat, 3: b"W", 4: lat, 5: 1, 6: Rational(5, 1)}) == {
+        "latitude": -10.5,
+        "longitude": -10.5,
+        "altitude": -5.0,
+    }
+    assert gps_fields({1: b"N", 2: (Rational(400, 1), Rational(0, 1), Rational(0, 1))}) == {}
+    assert dms_to_degrees((Rational(1, 0), Rational(0, 1), Rational(0, 1))) is None
+
+
+def test_text_and_dates_follow_exiftool() -> None:
+    assert to_text(b"  Canon\x00junk") == "Canon"
+    assert to_text(b"\x00") is None
+    assert to_text(b"caf\xe9") == "café"  # not UTF-8: each byte a Latin-1 character
+    assert parse_datetime(b"0000:00:00 00:00:00", None) is None
+    assert parse_datetime(b"2020:02:30 00:00:00", None) is None
+    aware = parse_datetime(b"2020:02:03 04:05:06.123", b"-05:30")
+    assert aware is not None
+    assert aware.isoformat() == "2020-02-03T04:05:06-05:30"
+
+
+def test_not_an_image_gives_nothing(registry: ExtractorRegistry, tmp_path: Path) -> None:
+    for name, data in {
+        "empty": b"",
+        "text.txt": b"hello",
+        "truncated.jpg": b"\xff\xd8\xff\xe1\x00",
+        "truncated.tif": b"II*\x00\xff\xff\xff\x7f",
+        "box.heic": struct.pack(">I4s", 0xFFFFFFF0, b"ftyp"),
+    }.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        result = registry.extract(path, filename=name)
+        assert result.values == {}, name
+        assert result.errors == [], name

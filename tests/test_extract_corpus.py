@@ -1,0 +1,59 @@
+"""Agreement with exiftool on real camera files (../shared/corpus, or $METALAKE_CORPUS)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extractors.registry import ExtractorRegistry, builtin_plugins
+from extractors.testing import as_json_fields, same_fields
+
+CORPUS = Path(
+    os.environ.get(
+        "METALAKE_CORPUS", Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+    )
+)
+REQUIRED_AGREEMENT = 0.995
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, Any]:
+    manifest = CORPUS / "expected.json"
+    if not manifest.is_file():
+        pytest.skip(f"no corpus at {CORPUS} (set METALAKE_CORPUS to a folder with expected.json)")
+    data: dict[str, Any] = json.loads(manifest.read_text())
+    return data
+
+
+def test_builtins_agree_with_exiftool_on_the_corpus(expected: dict[str, Any]) -> None:
+    registry = ExtractorRegistry(builtin_plugins())
+    fields: list[str] = expected["fields"]
+    compared = agreed = 0
+    invented: list[str] = []
+    disagreements: list[str] = []
+    for name, want in expected["files"].items():
+        got = as_json_fields(registry.extract(CORPUS / name, filename=name).values)
+        got = {field: value for field, value in got.items() if field in fields}
+        problems = same_fields(want, got)
+        invented += [f"{name}: {field}" for field in got if field not in want]
+        disagreements += [f"{name}: {problem}" for problem in problems]
+        # Every field of every file counts, absent-and-absent included.
+        compared += len(fields)
+        agreed += len(fields) - len(problems)
+    present = sum(len(want) for want in expected["files"].values())
+    wrong_present = len(disagreements) - len(invented)
+    print(
+        f"\ncorpus agreement: {agreed}/{compared} field values = {agreed / compared:.4%} "
+        f"over {len(expected['files'])} files; on the {present} values exiftool reads: "
+        f"{present - wrong_present}/{present} = {(present - wrong_present) / present:.4%}; "
+        f"invented: {len(invented)}"
+    )
+    for line in disagreements:
+        print("  ", line)
+    assert invented == [], "values exiftool does not read"
+    assert (present - wrong_present) / present >= REQUIRED_AGREEMENT
+    assert agreed / compared >= REQUIRED_AGREEMENT
