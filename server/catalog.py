@@ -12,8 +12,7 @@ import binascii
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Protocol, TypeVar
@@ -37,10 +36,11 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
-from server.errors import NotFoundError, invalid_field
+from server.errors import ConflictError, NotFoundError, invalid_field
 from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
 from server.schema import data_table, data_tags_table
 
@@ -66,6 +66,21 @@ class DataRecord:
     metadata: MetadataDict = field(default_factory=dict)
     metadata_sources: dict[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    revision: int = 1
+    request_id: str = ""
+
+    @property
+    def etag(self) -> str:
+        """Opaque to clients (AIP-154); changes with every change of the item."""
+        return f'"{self.revision}"'
+
+
+class DuplicateRequestError(Exception):
+    """An item with this request id is already stored: `existing`."""
+
+    def __init__(self, existing: DataRecord) -> None:
+        self.existing = existing
+        super().__init__(f"request id {existing.request_id!r} already stored as {existing.id}")
 
 
 @dataclass(frozen=True)
@@ -85,11 +100,19 @@ class Catalog(Protocol):
         self, *, filter: str, order_by: str, page_size: int, page_token: str
     ) -> Page: ...
 
+    async def find_request(self, request_id: str) -> DataRecord | None: ...
+
     async def update_metadata(
-        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+        self,
+        data_id: str,
+        values: MetadataDict,
+        clear: Collection[str],
+        updated_at: datetime,
+        *,
+        etag: str = "",
     ) -> DataRecord: ...
 
-    async def delete(self, data_id: str) -> DataRecord: ...
+    async def delete(self, data_id: str, *, etag: str = "") -> DataRecord: ...
 
     async def blob_in_use(self, blob_key: str) -> bool: ...
 
@@ -137,15 +160,24 @@ class SqlCatalog:
         query = _ListQuery.parse(filter, order_by, page_size, page_token)
         return await self._run(lambda: self._list(query))
 
+    async def find_request(self, request_id: str) -> DataRecord | None:
+        return await self._run(lambda: self._find_request(request_id))
+
     async def update_metadata(
-        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+        self,
+        data_id: str,
+        values: MetadataDict,
+        clear: Collection[str],
+        updated_at: datetime,
+        *,
+        etag: str = "",
     ) -> DataRecord:
         return await self._run(
-            lambda: self._update_metadata(data_id, values, clear, updated_at), write=True
+            lambda: self._update_metadata(data_id, values, clear, updated_at, etag), write=True
         )
 
-    async def delete(self, data_id: str) -> DataRecord:
-        return await self._run(lambda: self._delete(data_id), write=True)
+    async def delete(self, data_id: str, *, etag: str = "") -> DataRecord:
+        return await self._run(lambda: self._delete(data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
         statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
@@ -164,23 +196,34 @@ class SqlCatalog:
             return await asyncio.to_thread(locked)
         return await asyncio.to_thread(work)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
-        with self._engine.begin() as connection:
-            yield connection
-
     def _scalar(self, statement: Any) -> Any:
         with self._engine.connect() as connection:
             return connection.execute(statement).scalar()
 
     def _add(self, record: DataRecord) -> None:
-        with self._transaction() as connection:
-            connection.execute(insert(data_table).values(**_record_to_row(record)))
-            if record.tags:
-                connection.execute(
-                    insert(data_tags_table),
-                    [{"data_id": record.id, "tag": tag} for tag in record.tags],
-                )
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(insert(data_table).values(**_record_to_row(record)))
+                if record.tags:
+                    connection.execute(
+                        insert(data_tags_table),
+                        [{"data_id": record.id, "tag": tag} for tag in record.tags],
+                    )
+        except IntegrityError:
+            # The unique request id is the arbiter between concurrent retries of one upload.
+            existing = self._find_request(record.request_id) if record.request_id else None
+            if existing is None:
+                raise
+            raise DuplicateRequestError(existing) from None
+
+    def _find_request(self, request_id: str) -> DataRecord | None:
+        with self._engine.connect() as connection:
+            row = (
+                connection.execute(select(data_table).where(data_table.c.request_id == request_id))
+                .mappings()
+                .first()
+            )
+            return self._records(connection, [row])[0] if row is not None else None
 
     def _get(self, data_id: str) -> DataRecord:
         with self._engine.connect() as connection:
@@ -208,9 +251,14 @@ class SqlCatalog:
         return Page(records, token)
 
     def _update_metadata(
-        self, data_id: str, values: MetadataDict, clear: Collection[str], updated_at: datetime
+        self,
+        data_id: str,
+        values: MetadataDict,
+        clear: Collection[str],
+        updated_at: datetime,
+        etag: str,
     ) -> DataRecord:
-        with self._transaction() as connection:
+        with self._engine.begin() as connection:
             row = (
                 connection.execute(
                     select(data_table).where(data_table.c.id == data_id).with_for_update()
@@ -220,6 +268,7 @@ class SqlCatalog:
             )
             if row is None:
                 raise NotFoundError(data_id)
+            _check_etag(row, etag)
             sources = json.loads(row["metadata_sources"])
             changes: dict[str, Any] = {}
             for name in clear:
@@ -230,6 +279,7 @@ class SqlCatalog:
                 sources[name] = "client"
             changes["metadata_sources"] = json.dumps(sources, sort_keys=True)
             changes["updated_at"] = _to_micros(updated_at)
+            changes["revision"] = row["revision"] + 1
             connection.execute(update(data_table).where(data_table.c.id == data_id).values(changes))
             new_row = (
                 connection.execute(select(data_table).where(data_table.c.id == data_id))
@@ -238,15 +288,18 @@ class SqlCatalog:
             )
             return self._records(connection, [new_row])[0]
 
-    def _delete(self, data_id: str) -> DataRecord:
-        with self._transaction() as connection:
+    def _delete(self, data_id: str, etag: str) -> DataRecord:
+        with self._engine.begin() as connection:
             row = (
-                connection.execute(select(data_table).where(data_table.c.id == data_id))
+                connection.execute(
+                    select(data_table).where(data_table.c.id == data_id).with_for_update()
+                )
                 .mappings()
                 .first()
             )
             if row is None:
                 raise NotFoundError(data_id)
+            _check_etag(row, etag)
             record = self._records(connection, [row])[0]
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
@@ -263,6 +316,14 @@ class SqlCatalog:
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+
+
+def _check_etag(row: RowMapping, etag: str) -> None:
+    if etag and etag != f'"{row["revision"]}"':
+        raise ConflictError(
+            f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
+            " get it again and reapply the change"
+        )
 
 
 class SchemaError(RuntimeError):
@@ -366,6 +427,8 @@ def _record_to_row(record: DataRecord) -> dict[str, Any]:
         "created_at": _to_micros(record.created_at),
         "updated_at": _to_micros(record.updated_at),
         "metadata_sources": json.dumps(record.metadata_sources, sort_keys=True),
+        "revision": record.revision,
+        "request_id": record.request_id or None,
     }
     for name, value in record.metadata.items():
         row.update(_metadata_columns(name, value))
@@ -400,6 +463,8 @@ def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
         metadata=metadata,
         metadata_sources=json.loads(row["metadata_sources"]),
         tags=tags,
+        revision=row["revision"],
+        request_id=row["request_id"] or "",
     )
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from server.blobstore import BlobStore, BlobWriter
-from server.catalog import Catalog, DataRecord, Page
-from server.errors import InvalidArgumentError, invalid_field
+from server.catalog import Catalog, DataRecord, DuplicateRequestError, Page
+from server.errors import DataLossError, InvalidArgumentError, invalid_field
 from server.ingest import (
     Filled,
     MetadataExtractor,
@@ -61,11 +61,21 @@ class Datalake:
         violations = header.violations()
         if violations:
             raise InvalidArgumentError("the upload header is invalid", violations)
+        if header.request_id:
+            earlier = await self.catalog.find_request(header.request_id)
+            if earlier is not None:
+                return earlier
         writer = await self.blobs.create_writer()
         try:
             spooled = await receive(
                 chunks, writer, filename=header.filename, content_type=header.content_type
             )
+            if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
+                raise DataLossError(
+                    f"the content received hashes to {spooled.sha256}, not the expected "
+                    f"{header.expected_sha256}: it was corrupted on the way; upload it again",
+                    [FieldViolation("header.expected_sha256", "does not match the content")],
+                )
             filled = await self._fill(header, writer)
             now = datetime.now(UTC)
             record = DataRecord(
@@ -80,11 +90,16 @@ class Datalake:
                 metadata=filled.metadata,
                 metadata_sources=filled.sources,
                 tags=tuple(sorted(set(header.tags))),
+                request_id=header.request_id,
             )
             async with self._blob_locks.hold(record.blob_key):
                 await writer.commit(record.blob_key)
                 try:
                     await self.catalog.add(record)
+                except DuplicateRequestError as duplicate:
+                    # A retry of this upload finished first: its item is this upload's answer.
+                    await self._delete_blob_if_unused(record.blob_key)
+                    return duplicate.existing
                 except BaseException:
                     await self._delete_blob_if_unused(record.blob_key)
                     raise
@@ -118,7 +133,7 @@ class Datalake:
         )
 
     async def update_metadata(
-        self, data_id: str, values: MetadataDict, mask: Collection[str]
+        self, data_id: str, values: MetadataDict, mask: Collection[str], *, etag: str = ""
     ) -> DataRecord:
         """Set the fields in `mask` to their value in `values`, or clear them when absent.
 
@@ -146,12 +161,12 @@ class Datalake:
         to_set = {p: values[p] for p in paths if p in values}
         to_clear = [p for p in paths if p not in values]
         return await self.catalog.update_metadata(
-            data_id, to_set, to_clear, updated_at=datetime.now(UTC)
+            data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag
         )
 
-    async def delete(self, data_id: str) -> None:
+    async def delete(self, data_id: str, *, etag: str = "") -> None:
         _check_id(data_id)
-        record = await self.catalog.delete(data_id)
+        record = await self.catalog.delete(data_id, etag=etag)
         await self._release_blob(record.blob_key)
 
     async def _release_blob(self, blob_key: str) -> None:

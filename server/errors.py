@@ -27,6 +27,18 @@ class NotFoundError(DatalakeError):
         super().__init__(f"data {data_id!r} not found")
 
 
+class ConflictError(DatalakeError):
+    """The item changed since the client read it (its etag differs)."""
+
+
+class DataLossError(DatalakeError):
+    """The bytes received are not the bytes the client meant to send."""
+
+    def __init__(self, message: str, violations: Iterable[FieldViolation] = ()) -> None:
+        self.violations = list(violations)
+        super().__init__(message)
+
+
 def invalid_field(field: str, description: str) -> InvalidArgumentError:
     """The common case: one field is at fault."""
     return InvalidArgumentError(f"{field}: {description}", [FieldViolation(field, description)])

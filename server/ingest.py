@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 1024
 MAX_TAGS = 100
+MAX_REQUEST_ID_LENGTH = 128
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SNIFF_BYTES = 512  # filetype needs the first 261 bytes; a little more costs nothing.
 _CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+(\s*;.*)?$")
 
@@ -43,6 +45,8 @@ class UploadHeader:
     fill_metadata: bool = False
     tags: tuple[str, ...] = ()
     content_type: str = ""
+    request_id: str = ""
+    expected_sha256: str = ""
 
     def violations(self) -> list[FieldViolation]:
         """Every reason this header cannot be accepted, with the field at fault."""
@@ -60,6 +64,16 @@ class UploadHeader:
         ):
             found.append(
                 FieldViolation("header.content_type", "must be a MIME type like image/jpeg")
+            )
+        if len(self.request_id) > MAX_REQUEST_ID_LENGTH:
+            found.append(
+                FieldViolation(
+                    "header.request_id", f"must be at most {MAX_REQUEST_ID_LENGTH} characters"
+                )
+            )
+        if self.expected_sha256 and not _SHA256.match(self.expected_sha256):
+            found.append(
+                FieldViolation("header.expected_sha256", "must be 64 lowercase hex digits")
             )
         for name, value in self.metadata.items():
             problem = check_value(name, value)

@@ -39,6 +39,10 @@ data_table = Table(
     Column("updated_at", BigInteger, nullable=False),
     # JSON object: metadata field -> "client" or extractor name.
     Column("metadata_sources", Text, nullable=False),
+    # Bumped by every change; the etag (AIP-154) is derived from it.
+    Column("revision", BigInteger, nullable=False),
+    # The client's AIP-155 request id: a retried upload finds the item its first try stored.
+    Column("request_id", Text, nullable=True),
     *(Column(name, Double, nullable=True) for name in sorted(FLOAT_FIELDS)),
     Column("acquired_at", BigInteger, nullable=True),
     Column("acquired_at_offset", Integer, nullable=True),  # seconds east of UTC; NULL: unknown
@@ -52,6 +56,8 @@ data_table = Table(
     Index("ix_data_reference", "reference", "id"),
     Index("ix_data_custom_id", "custom_id", "id"),
     Index("ix_data_sha256", "sha256"),
+    Index("ix_data_blob_key", "blob_key"),
+    Index("ix_data_request_id", "request_id", unique=True),
 )
 
 data_tags_table = Table(

@@ -18,7 +18,14 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from server.catalog import DataRecord
 from server.datalake import Datalake
-from server.errors import DatalakeError, InvalidArgumentError, NotFoundError, invalid_field
+from server.errors import (
+    ConflictError,
+    DatalakeError,
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+    invalid_field,
+)
 from server.ingest import UploadHeader
 
 log = logging.getLogger(__name__)
@@ -29,14 +36,18 @@ _Response = TypeVar("_Response")
 _Handler = Callable[[Any, _Request, Context], Awaitable[_Response]]
 
 
+_CODES = {
+    InvalidArgumentError: code_pb2.INVALID_ARGUMENT,
+    NotFoundError: code_pb2.NOT_FOUND,
+    ConflictError: code_pb2.ABORTED,
+    DataLossError: code_pb2.DATA_LOSS,
+}
+
+
 def _status_of(error: DatalakeError) -> grpc.Status:
-    code = code_pb2.INTERNAL
-    if isinstance(error, InvalidArgumentError):
-        code = code_pb2.INVALID_ARGUMENT
-    elif isinstance(error, NotFoundError):
-        code = code_pb2.NOT_FOUND
+    code = _CODES.get(type(error), code_pb2.INTERNAL)
     status = status_pb2.Status(code=code, message=str(error))
-    if isinstance(error, InvalidArgumentError) and error.violations:
+    if isinstance(error, InvalidArgumentError | DataLossError) and error.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
@@ -121,7 +132,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if violations:
             raise InvalidArgumentError("metadata is invalid", violations)
         record = await self._datalake.update_metadata(
-            request.id, values, list(request.update_mask.paths)
+            request.id, values, list(request.update_mask.paths), etag=request.etag
         )
         return pb.UpdateMetadataResponse(data=data_to_proto(record))
 
@@ -129,7 +140,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def DeleteData(
         self, request: pb.DeleteDataRequest, context: Context
     ) -> pb.DeleteDataResponse:
-        await self._datalake.delete(request.id)
+        await self._datalake.delete(request.id, etag=request.etag)
         return pb.DeleteDataResponse()
 
     async def DownloadData(
@@ -181,6 +192,8 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
         fill_metadata=message.fill_metadata,
         tags=tuple(message.tags),
         content_type=message.content_type,
+        request_id=message.request_id,
+        expected_sha256=message.expected_sha256,
     )
     if violations:
         violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
@@ -206,4 +219,5 @@ def data_to_proto(record: DataRecord) -> pb.Data:
         tags=record.tags,
         created_at=created_at,
         updated_at=updated_at,
+        etag=record.etag,
     )

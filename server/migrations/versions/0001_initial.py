@@ -41,6 +41,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
         sa.Column("metadata_sources", sa.Text, nullable=False),
+        sa.Column("revision", sa.BigInteger, nullable=False),
+        sa.Column("request_id", sa.Text, nullable=True),
         *(sa.Column(name, sa.Double, nullable=True) for name in _FLOATS),
         sa.Column("acquired_at", sa.BigInteger, nullable=True),
         sa.Column("acquired_at_offset", sa.Integer, nullable=True),
@@ -53,6 +55,8 @@ def upgrade() -> None:
     op.create_index("ix_data_reference", "data", ["reference", "id"])
     op.create_index("ix_data_custom_id", "data", ["custom_id", "id"])
     op.create_index("ix_data_sha256", "data", ["sha256"])
+    op.create_index("ix_data_blob_key", "data", ["blob_key"])
+    op.create_index("ix_data_request_id", "data", ["request_id"], unique=True)
     op.create_table(
         "data_tags",
         sa.Column(
