@@ -1,4 +1,4 @@
-"""Retries, corruption and concurrent changes: nothing stored twice, nothing corrupted, nothing lost."""
+"""Retries, corruption and concurrent changes: nothing stored twice, corrupted or lost."""
 
 from __future__ import annotations
 
