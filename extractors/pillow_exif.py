@@ -71,7 +71,7 @@ def _read_block(stream: IO[bytes]) -> tuple[dict[int, Raw], dict[int, Raw], dict
     try:
         # Rejects anything but a TIFF header, so a garbage block yields nothing.
         probe = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8])
-    except (SyntaxError, ValueError, TypeError):
+    except Exception:  # SyntaxError, struct.error, ...: not a TIFF header
         return {}, {}, {}
     ifd0 = _directory(stream, head, probe.next, None)
     exif = _sub_directory(stream, head, ifd0, EXIF_IFD)
@@ -117,6 +117,10 @@ def _read_with_image_open(
 ) -> tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]:
     try:
         image = Image.open(source.path)
+    except Image.DecompressionBombError as error:
+        # Pillow's guard did its job: the file claims too many pixels to be opened safely.
+        log.warning("not opening %s: %s", source.filename or source.path, error)
+        return {}, {}, {}
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         log.debug("Pillow cannot open %s: %r", source.filename or source.path, error)
         return {}, {}, {}
