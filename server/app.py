@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from extractors.registry import ExtractorRegistry
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 from server.blobstore import LocalBlobStore
 from server.catalog import SqlCatalog
@@ -31,10 +33,13 @@ class RunningServer:
     port: int
     datalake: Datalake
     health: health_aio.HealthServicer
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
         """Stop taking calls, let in-flight ones finish within `grace` seconds, release storage."""
         await self.health.enter_graceful_shutdown()
+        for task in self.background:
+            task.cancel()
         await self.server.stop(grace)
         await self.datalake.catalog.close()
 
@@ -56,16 +61,15 @@ def build_datalake(settings: Settings) -> Datalake:
         spool_dir=settings.data_dir / "tmp",
         extract_timeout=settings.extract_timeout,
         download_chunk_size=settings.download_chunk_size,
+        upload_ttl=timedelta(seconds=settings.upload_ttl),
     )
 
 
-def load_extractor() -> MetadataExtractor | None:
-    try:
-        from extractors.registry import ExtractorRegistry
-    except ImportError:
-        log.warning("no extractor registry: fill_metadata fills nothing")
-        return None
-    return ExtractorRegistry.from_environment()  # type: ignore[no-any-return]
+def load_extractor() -> MetadataExtractor:
+    """The extractor registry: built-ins, then installed plugins, per METALAKE_*PLUGINS."""
+    registry = ExtractorRegistry.from_environment()
+    log.info("extractors: %s", ", ".join(registry.names) or "none")
+    return registry
 
 
 async def start(settings: Settings) -> RunningServer:
@@ -89,7 +93,20 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, datalake, health_servicer)
+    collector = asyncio.create_task(_collect_garbage(datalake, settings.gc_interval))
+    return RunningServer(server, port, datalake, health_servicer, [collector])
+
+
+async def _collect_garbage(datalake: Datalake, interval: float) -> None:
+    """At start-up, then every `interval` seconds: expired uploads, orphaned blobs."""
+    while True:
+        try:
+            garbage = await datalake.collect_garbage()
+            if garbage.expired_uploads or garbage.orphan_blobs or garbage.orphan_staging_files:
+                log.info("garbage collected: %s", garbage)
+        except Exception:
+            log.exception("garbage collection failed; retrying in %.0fs", interval)
+        await asyncio.sleep(interval)
 
 
 def serve_forever(settings: Settings) -> None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class BlobWriter(Protocol):
@@ -55,6 +59,26 @@ class BlobStore(Protocol):
     async def exists(self, key: str) -> bool:
         """Whether a committed blob has this key."""
 
+    def blob_keys(self) -> list[tuple[str, datetime]]:
+        """Blocking: every committed blob's key and when it was written, for garbage collection."""
+
+    # Resumable uploads keep their bytes so far in a staging file of their own until finished.
+
+    def staging_path(self, upload_id: str) -> Path:
+        """The staging file of an upload; raises ValueError for an id that is not UPLOAD_ID."""
+
+    async def adopt_staged(self, upload_id: str) -> BlobWriter:
+        """A writer over a complete staging file, already hashed; commit stores its bytes.
+
+        Aborting it keeps the staged bytes: the client may still finish the upload.
+        """
+
+    async def discard_staged(self, upload_id: str) -> None:
+        """Remove an upload's staging file, if any."""
+
+    def staged_upload_ids(self) -> list[str]:
+        """Blocking: the ids of every upload with a staging file."""
+
 
 class LocalBlobStore:
     """Blobs as files under a directory: `blobs/ab/cd/<key>`, spooled under `tmp/`."""
@@ -62,8 +86,9 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._uploads = root / "uploads"
+        for directory in (self._blobs, self._tmp, self._uploads):
+            directory.mkdir(parents=True, exist_ok=True)
 
     def discard_spooled(self) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
@@ -90,6 +115,28 @@ class LocalBlobStore:
         handle = open(path, "xb")  # noqa: ASYNC230, SIM115
         return LocalBlobWriter(self, path, handle)
 
+    def blob_keys(self) -> list[tuple[str, datetime]]:
+        return [
+            (path.name, datetime.fromtimestamp(path.stat().st_mtime, UTC))
+            for path in self._blobs.glob("*/*/*")
+            if path.is_file()
+        ]
+
+    def staging_path(self, upload_id: str) -> Path:
+        if not UPLOAD_ID.match(upload_id):
+            raise ValueError(f"invalid upload id {upload_id!r}")
+        return self._uploads / upload_id
+
+    async def adopt_staged(self, upload_id: str) -> LocalBlobWriter:
+        path = self.staging_path(upload_id)
+        return await asyncio.to_thread(LocalBlobWriter.over_existing, self, path)
+
+    async def discard_staged(self, upload_id: str) -> None:
+        await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
+
+    def staged_upload_ids(self) -> list[str]:
+        return [p.name for p in self._uploads.iterdir()]
+
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(open, self.path_for(key), "rb")
         try:
@@ -109,13 +156,26 @@ class LocalBlobStore:
 class LocalBlobWriter:
     """Writes to a spool file; commit is fsync, rename into place, fsync the directory."""
 
-    def __init__(self, store: LocalBlobStore, path: Path, handle: BinaryIO) -> None:
+    def __init__(
+        self, store: LocalBlobStore, path: Path, handle: BinaryIO, *, keep_on_abort: bool = False
+    ) -> None:
         self._store = store
         self._path = path
         self._handle = handle
         self._hash = hashlib.sha256()
         self._size = 0
         self._done = False
+        self._keep_on_abort = keep_on_abort
+
+    @classmethod
+    def over_existing(cls, store: LocalBlobStore, path: Path) -> LocalBlobWriter:
+        """Blocking: reads the file once to hash it."""
+        handle = open(path, "r+b")  # noqa: SIM115  # closed by commit or abort
+        writer = cls(store, path, handle, keep_on_abort=True)
+        while block := handle.read(1024 * 1024):
+            writer._hash.update(block)
+            writer._size += len(block)
+        return writer
 
     @property
     def size(self) -> int:
@@ -160,7 +220,8 @@ class LocalBlobWriter:
         # here could be cancelled in turn, leaving the spool file behind. Close and unlink are
         # quick metadata operations.
         self._handle.close()
-        self._path.unlink(missing_ok=True)
+        if not self._keep_on_abort:
+            self._path.unlink(missing_ok=True)
 
 
 def _fsync_directory(path: Path) -> None:

@@ -42,7 +42,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from server.errors import ConflictError, NotFoundError, invalid_field
 from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
-from server.schema import data_table, data_tags_table
+from server.schema import data_table, data_tags_table, uploads_table
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -84,6 +84,18 @@ class DuplicateRequestError(Exception):
 
 
 @dataclass(frozen=True)
+class UploadRecord:
+    """A resumable upload: its header (JSON, opaque here) and how many bytes are durable."""
+
+    id: str
+    header: str
+    committed_size: int
+    created_at: datetime
+    expires_at: datetime
+    data_id: str = ""
+
+
+@dataclass(frozen=True)
 class Page:
     records: list[DataRecord]
     next_page_token: str
@@ -92,7 +104,7 @@ class Page:
 class Catalog(Protocol):
     """What the datalake needs from a catalog, whatever engine holds it."""
 
-    async def add(self, record: DataRecord) -> None: ...
+    async def add(self, record: DataRecord, *, upload_id: str = "") -> None: ...
 
     async def get(self, data_id: str) -> DataRecord: ...
 
@@ -115,6 +127,16 @@ class Catalog(Protocol):
     async def delete(self, data_id: str, *, etag: str = "") -> DataRecord: ...
 
     async def blob_in_use(self, blob_key: str) -> bool: ...
+
+    async def start_upload(self, upload: UploadRecord) -> UploadRecord: ...
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None: ...
+
+    async def set_upload_committed(self, upload_id: str, committed_size: int) -> None: ...
+
+    async def expired_uploads(self, now: datetime) -> list[UploadRecord]: ...
+
+    async def delete_upload(self, upload_id: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -148,8 +170,9 @@ class SqlCatalog:
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 
-    async def add(self, record: DataRecord) -> None:
-        await self._run(lambda: self._add(record), write=True)
+    async def add(self, record: DataRecord, *, upload_id: str = "") -> None:
+        """Store an item; with `upload_id`, also mark that resumable upload finished by it."""
+        await self._run(lambda: self._add(record, upload_id), write=True)
 
     async def get(self, data_id: str) -> DataRecord:
         return await self._run(lambda: self._get(data_id))
@@ -183,7 +206,68 @@ class SqlCatalog:
         statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
         return await self._run(lambda: self._scalar(statement) is not None)
 
+    async def start_upload(self, upload: UploadRecord) -> UploadRecord:
+        """Record a new upload, or return the one that already has this id."""
+        return await self._run(lambda: self._start_upload(upload), write=True)
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        return await self._run(lambda: self._get_upload(upload_id))
+
+    async def set_upload_committed(self, upload_id: str, committed_size: int) -> None:
+        statement = (
+            update(uploads_table)
+            .where(uploads_table.c.id == upload_id)
+            .values(committed_size=committed_size)
+        )
+        await self._run(lambda: self._execute(statement), write=True)
+
+    async def expired_uploads(self, now: datetime) -> list[UploadRecord]:
+        statement = select(uploads_table).where(uploads_table.c.expires_at < _to_micros(now))
+
+        def work() -> list[UploadRecord]:
+            with self._engine.connect() as connection:
+                return [_upload_from_row(row) for row in connection.execute(statement).mappings()]
+
+        return await self._run(work)
+
+    async def delete_upload(self, upload_id: str) -> None:
+        statement = delete(uploads_table).where(uploads_table.c.id == upload_id)
+        await self._run(lambda: self._execute(statement), write=True)
+
     # Synchronous halves, run in worker threads.
+
+    def _execute(self, statement: Any) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(statement)
+
+    def _start_upload(self, upload: UploadRecord) -> UploadRecord:
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(
+                    insert(uploads_table).values(
+                        id=upload.id,
+                        header=upload.header,
+                        committed_size=upload.committed_size,
+                        created_at=_to_micros(upload.created_at),
+                        expires_at=_to_micros(upload.expires_at),
+                        data_id=upload.data_id or None,
+                    )
+                )
+            return upload
+        except IntegrityError:
+            existing = self._get_upload(upload.id)
+            if existing is None:
+                raise
+            return existing
+
+    def _get_upload(self, upload_id: str) -> UploadRecord | None:
+        with self._engine.connect() as connection:
+            row = (
+                connection.execute(select(uploads_table).where(uploads_table.c.id == upload_id))
+                .mappings()
+                .first()
+            )
+        return _upload_from_row(row) if row is not None else None
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
         if write and self._write_lock is not None:
@@ -200,7 +284,7 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             return connection.execute(statement).scalar()
 
-    def _add(self, record: DataRecord) -> None:
+    def _add(self, record: DataRecord, upload_id: str) -> None:
         try:
             with self._engine.begin() as connection:
                 connection.execute(insert(data_table).values(**_record_to_row(record)))
@@ -208,6 +292,12 @@ class SqlCatalog:
                     connection.execute(
                         insert(data_tags_table),
                         [{"data_id": record.id, "tag": tag} for tag in record.tags],
+                    )
+                if upload_id:
+                    connection.execute(
+                        update(uploads_table)
+                        .where(uploads_table.c.id == upload_id)
+                        .values(data_id=record.id)
                     )
         except IntegrityError:
             # The unique request id is the arbiter between concurrent retries of one upload.
@@ -433,6 +523,17 @@ def _record_to_row(record: DataRecord) -> dict[str, Any]:
     for name, value in record.metadata.items():
         row.update(_metadata_columns(name, value))
     return row
+
+
+def _upload_from_row(row: RowMapping) -> UploadRecord:
+    return UploadRecord(
+        id=row["id"],
+        header=row["header"],
+        committed_size=row["committed_size"],
+        created_at=_from_micros(row["created_at"]),
+        expires_at=_from_micros(row["expires_at"]),
+        data_id=row["data_id"] or "",
+    )
 
 
 def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:

@@ -25,6 +25,10 @@ class Settings:
     download_chunk_size: int = 256 * 1024
     # Seconds a stopping server waits for in-flight calls.
     shutdown_grace: float = 10.0
+    # An unfinished resumable upload and its bytes are discarded this long after it started.
+    upload_ttl: float = 24 * 3600.0
+    # How often a server reclaims expired uploads and orphaned blobs.
+    gc_interval: float = 600.0
     # Whole-file limit on fill_metadata work; the registry has its own per-extractor limit.
     extract_timeout: float = 10.0
 
@@ -48,6 +52,8 @@ class Settings:
             settings = replace(settings, catalog_url=env["METALAKE_CATALOG_URL"])
         if env.get("METALAKE_MIGRATE", "").lower() in ("1", "true", "yes"):
             settings = replace(settings, migrate=True)
+        if "METALAKE_UPLOAD_TTL" in env:
+            settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_EXTRACT_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_EXTRACT_TIMEOUT"]))
         if data_dir is not None:

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from server.blobstore import BlobStore, BlobWriter
-from server.catalog import Catalog, DataRecord, DuplicateRequestError, Page
-from server.errors import DataLossError, InvalidArgumentError, invalid_field
+from server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
+from server.catalog import Catalog, DataRecord, DuplicateRequestError, Page, UploadRecord
+from server.errors import (
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    invalid_field,
+)
 from server.ingest import (
     Filled,
     MetadataExtractor,
+    Spooled,
     UploadHeader,
     check_filename,
+    detect_content_type,
     fill_metadata,
     receive,
 )
@@ -47,6 +57,7 @@ class Datalake:
         spool_dir: Path,
         extract_timeout: float,
         download_chunk_size: int,
+        upload_ttl: timedelta = timedelta(hours=24),
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
@@ -55,59 +66,175 @@ class Datalake:
         self._extract_timeout = extract_timeout
         self._download_chunk_size = download_chunk_size
         self._blob_locks = _KeyedLocks()
+        self._upload_locks = _KeyedLocks()
+        self._upload_ttl = upload_ttl
 
     async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> DataRecord:
         """Store one file; nothing of it is visible unless this returns."""
-        violations = header.violations()
-        if violations:
-            raise InvalidArgumentError("the upload header is invalid", violations)
-        if header.request_id:
-            earlier = await self.catalog.find_request(header.request_id)
-            if earlier is not None:
-                return earlier
+        _check_header(header)
+        earlier = await self._earlier_try(header)
+        if earlier is not None:
+            return earlier
         writer = await self.blobs.create_writer()
         try:
             spooled = await receive(
                 chunks, writer, filename=header.filename, content_type=header.content_type
             )
-            if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
-                raise DataLossError(
-                    f"the content received hashes to {spooled.sha256}, not the expected "
-                    f"{header.expected_sha256}: it was corrupted on the way; upload it again",
-                    [FieldViolation("header.expected_sha256", "does not match the content")],
-                )
-            filled = await self._fill(header, writer)
-            now = datetime.now(UTC)
-            record = DataRecord(
-                id=str(uuid.uuid4()),
-                filename=header.filename,
-                size=spooled.size,
-                sha256=spooled.sha256,
-                content_type=spooled.content_type,
-                blob_key=spooled.sha256,
-                created_at=now,
-                updated_at=now,
-                metadata=filled.metadata,
-                metadata_sources=filled.sources,
-                tags=tuple(sorted(set(header.tags))),
-                request_id=header.request_id,
-            )
-            async with self._blob_locks.hold(record.blob_key):
-                await writer.commit(record.blob_key)
-                try:
-                    await self.catalog.add(record)
-                except DuplicateRequestError as duplicate:
-                    # A retry of this upload finished first: its item is this upload's answer.
-                    await self._delete_blob_if_unused(record.blob_key)
-                    return duplicate.existing
-                except BaseException:
-                    await self._delete_blob_if_unused(record.blob_key)
-                    raise
+            return await self._store(header, writer, spooled)
         except BaseException:
             await writer.abort()
             raise
+
+    async def _earlier_try(self, header: UploadHeader) -> DataRecord | None:
+        """The item a previous try of this upload stored (AIP-155), if any."""
+        if not header.request_id:
+            return None
+        return await self.catalog.find_request(header.request_id)
+
+    async def _store(
+        self, header: UploadHeader, writer: BlobWriter, spooled: Spooled, *, upload_id: str = ""
+    ) -> DataRecord:
+        """Check, fill and commit a fully received file: blob first, then its catalog row."""
+        if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
+            raise DataLossError(
+                f"the content received hashes to {spooled.sha256}, not the expected "
+                f"{header.expected_sha256}: it was corrupted on the way; upload it again",
+                [FieldViolation("header.expected_sha256", "does not match the content")],
+            )
+        filled = await self._fill(header, writer)
+        now = datetime.now(UTC)
+        record = DataRecord(
+            id=str(uuid.uuid4()),
+            filename=header.filename,
+            size=spooled.size,
+            sha256=spooled.sha256,
+            content_type=spooled.content_type,
+            blob_key=spooled.sha256,
+            created_at=now,
+            updated_at=now,
+            metadata=filled.metadata,
+            metadata_sources=filled.sources,
+            tags=tuple(sorted(set(header.tags))),
+            request_id=header.request_id,
+        )
+        async with self._blob_locks.hold(record.blob_key):
+            await writer.commit(record.blob_key)
+            try:
+                await self.catalog.add(record, upload_id=upload_id)
+            except DuplicateRequestError as duplicate:
+                # A retry of this upload finished first: its item is this upload's answer.
+                await self._delete_blob_if_unused(record.blob_key)
+                return duplicate.existing
+            except BaseException:
+                await self._delete_blob_if_unused(record.blob_key)
+                raise
         log.info("stored %s (%s, %d bytes)", record.id, record.content_type, record.size)
         return record
+
+    # Resumable uploads (google.bytestream style).
+
+    async def start_upload(self, header: UploadHeader, upload_id: str) -> UploadRecord:
+        """Open a resumable upload, or return the state of the one with this id."""
+        _check_header(header)
+        upload_id = upload_id or uuid.uuid4().hex
+        if not UPLOAD_ID.match(upload_id):
+            raise invalid_field(
+                "upload_id", "must be 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"
+            )
+        now = datetime.now(UTC)
+        record = UploadRecord(upload_id, header.to_json(), 0, now, now + self._upload_ttl)
+        return await self.catalog.start_upload(record)
+
+    async def query_upload(self, upload_id: str) -> tuple[UploadRecord, DataRecord | None]:
+        upload = await self._live_upload(upload_id)
+        data = await self.catalog.get(upload.data_id) if upload.data_id else None
+        return upload, data
+
+    async def _live_upload(self, upload_id: str) -> UploadRecord:
+        upload = await self.catalog.get_upload(upload_id) if upload_id else None
+        if upload is None or upload.expires_at <= datetime.now(UTC):
+            raise NotFoundError(upload_id, kind="upload")
+        return upload
+
+    async def write_upload(
+        self, upload_id: str, writes: AsyncIterator[UploadWrite]
+    ) -> tuple[int, DataRecord | None]:
+        """Append to a resumable upload; store it when a write says finish.
+
+        Returns the committed size and, once finished, the stored item. Bytes the server already
+        committed are skipped, so a client may resend from any offset up to the committed size.
+        """
+        async with self._upload_locks.hold(upload_id):
+            upload = await self._live_upload(upload_id)
+            if upload.data_id:
+                return upload.committed_size, await self.catalog.get(upload.data_id)
+            staged = StagedFile(self.blobs.staging_path(upload_id), upload.committed_size)
+            finished = False
+            try:
+                await staged.open()
+                async for write in writes:
+                    await staged.write(write.offset, write.data)
+                    if staged.unsynced >= _SYNC_EVERY:
+                        await self.catalog.set_upload_committed(upload_id, await staged.sync())
+                    if write.finish:
+                        finished = True
+                        break
+            finally:
+                # Whatever arrived before the stream ended or broke is kept, durably.
+                committed = await asyncio.shield(staged.close())
+                await asyncio.shield(self.catalog.set_upload_committed(upload_id, committed))
+            if not finished:
+                return committed, None
+            return committed, await self._finish_upload(upload_id, upload)
+
+    async def _finish_upload(self, upload_id: str, upload: UploadRecord) -> DataRecord:
+        header = UploadHeader.from_json(upload.header)
+        earlier = await self._earlier_try(header)
+        if earlier is not None:
+            await self._drop_upload(upload_id)
+            return earlier
+        writer = await self.blobs.adopt_staged(upload_id)
+        try:
+            head = await asyncio.to_thread(_read_head, writer.spool_path)
+            content_type = header.content_type or detect_content_type(head, header.filename)
+            spooled = Spooled(writer.size, writer.sha256(), content_type)
+            return await self._store(header, writer, spooled, upload_id=upload_id)
+        except DataLossError:
+            # The bytes are not what the client meant: resuming cannot fix them.
+            await writer.abort()
+            await self._drop_upload(upload_id)
+            raise
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def _drop_upload(self, upload_id: str) -> None:
+        await self.blobs.discard_staged(upload_id)
+        await self.catalog.delete_upload(upload_id)
+
+    async def collect_garbage(self, *, orphan_age: timedelta = timedelta(hours=1)) -> Garbage:
+        """Reclaim what no item needs: expired uploads, and blobs without an item.
+
+        A blob is committed a moment before its catalog row, so only blobs older than
+        `orphan_age` count as orphans.
+        """
+        now = datetime.now(UTC)
+        garbage = Garbage()
+        for upload in await self.catalog.expired_uploads(now):
+            await self._drop_upload(upload.id)
+            garbage.expired_uploads += 1
+        for upload_id in await asyncio.to_thread(self.blobs.staged_upload_ids):
+            if await self.catalog.get_upload(upload_id) is None:
+                await self.blobs.discard_staged(upload_id)
+                garbage.orphan_staging_files += 1
+        cutoff = now - orphan_age
+        for key, modified in await asyncio.to_thread(self.blobs.blob_keys):
+            if modified < cutoff:
+                async with self._blob_locks.hold(key):
+                    if not await self.catalog.blob_in_use(key):
+                        await self.blobs.delete(key)
+                        garbage.orphan_blobs += 1
+        return garbage
 
     async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
         if not header.fill_metadata:
@@ -205,6 +332,104 @@ class Datalake:
                 given={},
                 time_limit=self._extract_timeout,
             )
+
+
+@dataclass(frozen=True)
+class UploadWrite:
+    """One WriteUpload message: `data` belongs at byte `offset` of the file."""
+
+    offset: int
+    data: bytes
+    finish: bool
+
+
+@dataclass
+class Garbage:
+    """What one garbage collection reclaimed."""
+
+    expired_uploads: int = 0
+    orphan_staging_files: int = 0
+    orphan_blobs: int = 0
+
+
+# A resumable upload's committed size advances at least every this many bytes.
+_SYNC_EVERY = 8 * 1024 * 1024
+
+
+class StagedFile:
+    """A resumable upload's staging file: appends at the committed size, skips resent bytes."""
+
+    def __init__(self, path: Path, committed: int) -> None:
+        self._path = path
+        self._committed = committed
+        self._size = committed  # bytes written, durable or not
+        self._next_offset: int | None = None  # where the client's next data belongs
+        self._handle: BinaryIO | None = None
+        self.unsynced = 0
+
+    async def open(self) -> None:
+        self._handle = await asyncio.to_thread(self._open)
+
+    def _open(self) -> BinaryIO:
+        handle = open(self._path, "r+b" if self._path.exists() else "w+b")  # noqa: SIM115
+        # Bytes past the committed size were never acknowledged: a crash may have mangled them.
+        handle.truncate(self._committed)
+        handle.seek(self._committed)
+        return handle
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self._next_offset is None:
+            if offset > self._committed:
+                raise OutOfRangeError(
+                    f"write_offset {offset} is beyond the committed size {self._committed}: "
+                    "query the upload and resume from its committed size"
+                )
+            self._next_offset = offset
+        elif offset and offset != self._next_offset:
+            raise invalid_field(
+                "write_offset", f"must continue the previous message at {self._next_offset}"
+            )
+        start, self._next_offset = self._next_offset, self._next_offset + len(data)
+        if self._next_offset <= self._size:
+            return  # already have all of it
+        fresh = data[self._size - start :] if start < self._size else data
+        assert self._handle is not None
+        await asyncio.to_thread(self._handle.write, fresh)
+        self._size += len(fresh)
+        self.unsynced += len(fresh)
+
+    async def sync(self) -> int:
+        """Make everything written durable; returns the new committed size."""
+        if self._handle is not None and self.unsynced:
+            await asyncio.to_thread(_flush_and_sync, self._handle)
+        self._committed = self._size
+        self.unsynced = 0
+        return self._committed
+
+    async def close(self) -> int:
+        committed = await self.sync()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        return committed
+
+
+def _flush_and_sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _read_head(path: Path | None) -> bytes:
+    if path is None:
+        return b""
+    with path.open("rb") as handle:
+        return handle.read(512)
+
+
+def _check_header(header: UploadHeader) -> None:
+    violations = header.violations()
+    if violations:
+        raise InvalidArgumentError("the upload header is invalid", violations)
 
 
 def _check_id(data_id: str) -> None:

@@ -20,11 +20,15 @@ class InvalidArgumentError(DatalakeError):
 
 
 class NotFoundError(DatalakeError):
-    """No item has this id."""
+    """No item (or upload) has this id."""
 
-    def __init__(self, data_id: str) -> None:
+    def __init__(self, data_id: str, *, kind: str = "data") -> None:
         self.data_id = data_id
-        super().__init__(f"data {data_id!r} not found")
+        super().__init__(f"{kind} {data_id!r} not found")
+
+
+class OutOfRangeError(DatalakeError):
+    """An offset past what the server has."""
 
 
 class ConflictError(DatalakeError):

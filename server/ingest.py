@@ -7,11 +7,12 @@ here holds more than one chunk (and the first few hundred bytes, for content sni
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from metalake.metadata import (
     MetadataDict,
     check_string,
     check_value,
+    normalize,
+    to_jsonable,
 )
 from server.blobstore import BlobWriter
 
@@ -47,6 +50,18 @@ class UploadHeader:
     content_type: str = ""
     request_id: str = ""
     expected_sha256: str = ""
+
+    def to_json(self) -> str:
+        """For a resumable upload's catalog row."""
+        fields = asdict(self)
+        fields["metadata"] = to_jsonable(self.metadata)
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> UploadHeader:
+        fields = json.loads(text)
+        metadata = normalize(fields.pop("metadata"))
+        return cls(metadata=metadata, tags=tuple(fields.pop("tags")), **fields)
 
     def violations(self) -> list[FieldViolation]:
         """Every reason this header cannot be accepted, with the field at fault."""

@@ -60,6 +60,20 @@ data_table = Table(
     Index("ix_data_request_id", "request_id", unique=True),
 )
 
+# Resumable uploads in progress (and, until they expire, finished ones, so that a client that
+# lost the final answer can still learn its Data).
+uploads_table = Table(
+    "uploads",
+    metadata_obj,
+    Column("id", String(128), primary_key=True),
+    Column("header", Text, nullable=False),  # JSON of the UploadDataHeader
+    Column("committed_size", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("data_id", String(36), nullable=True),
+    Index("ix_uploads_expires_at", "expires_at"),
+)
+
 data_tags_table = Table(
     "data_tags",
     metadata_obj,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -17,16 +18,18 @@ from metalake import metadata as md
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from server.catalog import DataRecord
-from server.datalake import Datalake
+from server.datalake import Datalake, UploadWrite
 from server.errors import (
     ConflictError,
     DatalakeError,
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
     invalid_field,
 )
 from server.ingest import UploadHeader
+from server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ _CODES = {
     NotFoundError: code_pb2.NOT_FOUND,
     ConflictError: code_pb2.ABORTED,
     DataLossError: code_pb2.DATA_LOSS,
+    OutOfRangeError: code_pb2.OUT_OF_RANGE,
 }
 
 
@@ -173,6 +177,123 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             metadata=md.to_proto(filled.metadata), metadata_sources=filled.sources
         )
 
+    @_translating_errors
+    async def StartUpload(
+        self, request: pb.StartUploadRequest, context: Context
+    ) -> pb.StartUploadResponse:
+        upload = await self._datalake.start_upload(
+            _upload_header(request.header), request.upload_id
+        )
+        return pb.StartUploadResponse(
+            upload_id=upload.id,
+            committed_size=upload.committed_size,
+            expire_time=_timestamp(upload.expires_at),
+        )
+
+    @_translating_errors
+    async def WriteUpload(
+        self, request_iterator: AsyncIterator[pb.WriteUploadRequest], context: Context
+    ) -> pb.WriteUploadResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.upload_id:
+            raise invalid_field("upload_id", "the first message must name the upload")
+        committed, record = await self._datalake.write_upload(
+            first.upload_id, _writes(first, request_iterator)
+        )
+        return pb.WriteUploadResponse(
+            committed_size=committed, data=data_to_proto(record) if record else None
+        )
+
+    @_translating_errors
+    async def QueryUpload(
+        self, request: pb.QueryUploadRequest, context: Context
+    ) -> pb.QueryUploadResponse:
+        upload, record = await self._datalake.query_upload(request.upload_id)
+        return pb.QueryUploadResponse(
+            committed_size=upload.committed_size,
+            complete=record is not None,
+            data=data_to_proto(record) if record else None,
+            expire_time=_timestamp(upload.expires_at),
+        )
+
+    async def UploadDataStream(
+        self, request_iterator: AsyncIterator[pb.UploadDataStreamRequest], context: Context
+    ) -> AsyncIterator[pb.UploadDataStreamResponse]:
+        outcomes = upload_stream(
+            self._datalake.upload, _stream_events(request_iterator), window=STREAM_WINDOW
+        )
+        index = 0
+        try:
+            async for outcome in outcomes:
+                if isinstance(outcome, DatalakeError):
+                    yield pb.UploadDataStreamResponse(file_index=index, error=_file_error(outcome))
+                else:
+                    yield pb.UploadDataStreamResponse(file_index=index, data=data_to_proto(outcome))
+                index += 1
+        except DatalakeError as error:
+            await _abort(context, _status_of(error))
+
+    async def WatchData(
+        self, request: pb.WatchDataRequest, context: Context
+    ) -> AsyncIterator[pb.WatchDataResponse]:
+        await _abort(
+            context,
+            rpc_status.to_status(
+                status_pb2.Status(
+                    code=code_pb2.UNIMPLEMENTED, message="WatchData is not served yet"
+                )
+            ),
+        )
+        yield pb.WatchDataResponse()  # unreachable: abort raises; makes this a generator
+
+
+# Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.
+STREAM_WINDOW = 8
+
+
+async def _stream_events(
+    request_iterator: AsyncIterator[pb.UploadDataStreamRequest],
+) -> AsyncIterator[StreamEvent]:
+    async for message in request_iterator:
+        kind = message.WhichOneof("content")
+        if kind == "header":
+            try:
+                yield FileStart(_upload_header(message.header))
+            except DatalakeError as error:
+                yield FileStart(error)
+        elif kind == "chunk":
+            yield FileChunk(message.chunk)
+        elif kind == "finish":
+            yield FileEnd()
+
+
+def _file_error(error: DatalakeError) -> pb.FileError:
+    status = _status_of(error)
+    violations = getattr(error, "violations", [])
+    return pb.FileError(
+        code=status.code.value[0],
+        message=str(error),
+        field_violations=[
+            pb.FieldViolation(field=v.field, description=v.description) for v in violations
+        ],
+    )
+
+
+async def _writes(
+    first: pb.WriteUploadRequest, rest: AsyncIterator[pb.WriteUploadRequest]
+) -> AsyncIterator[UploadWrite]:
+    yield UploadWrite(first.write_offset, first.data, first.finish_write)
+    async for message in rest:
+        if message.upload_id and message.upload_id != first.upload_id:
+            raise invalid_field("upload_id", "must not change within a stream")
+        yield UploadWrite(message.write_offset, message.data, message.finish_write)
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.FromDatetime(value)
+    return timestamp
+
 
 async def _chunks(
     request_iterator: AsyncIterator[pb.UploadDataRequest]
@@ -204,10 +325,6 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
 
 
 def data_to_proto(record: DataRecord) -> pb.Data:
-    created_at = Timestamp()
-    created_at.FromDatetime(record.created_at)
-    updated_at = Timestamp()
-    updated_at.FromDatetime(record.updated_at)
     return pb.Data(
         id=record.id,
         filename=record.filename,
@@ -217,7 +334,7 @@ def data_to_proto(record: DataRecord) -> pb.Data:
         metadata=md.to_proto(record.metadata),
         metadata_sources=record.metadata_sources,
         tags=record.tags,
-        created_at=created_at,
-        updated_at=updated_at,
+        created_at=_timestamp(record.created_at),
+        updated_at=_timestamp(record.updated_at),
         etag=record.etag,
     )

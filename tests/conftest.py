@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,9 @@ class ServerHandle:
     loop: asyncio.AbstractEventLoop
 
 
-@pytest.fixture
-def running_server(tmp_path: Path) -> Iterator[ServerHandle]:
-    settings = Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+@contextmanager
+def serving(settings: Settings) -> Iterator[ServerHandle]:
+    """Run a real server with these settings on its own loop, in a background thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="metalake-server", daemon=True)
     thread.start()
@@ -40,6 +41,12 @@ def running_server(tmp_path: Path) -> Iterator[ServerHandle]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()
+
+
+@pytest.fixture
+def running_server(tmp_path: Path) -> Iterator[ServerHandle]:
+    with serving(Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0")) as handle:
+        yield handle
 
 
 @pytest.fixture

@@ -804,9 +804,9 @@ class StartUploadRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     upload_id: _builtins.str
-    """An id the client chooses (1 to 128 characters of [A-Za-z0-9._-]) so that it can resume
-    even if it never saw this call's response; empty: the server chooses one. Starting an
-    upload id again returns its current state.
+    """An id the client chooses (1 to 128 characters of [A-Za-z0-9._-], starting with a letter or
+    digit) so that it can resume even if it never saw this call's response; empty: the server
+    chooses one. Starting an upload id again returns its current state.
     """
     @_builtins.property
     def header(self) -> Global___UploadDataHeader:

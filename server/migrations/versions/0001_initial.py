@@ -68,8 +68,19 @@ def upgrade() -> None:
         sa.Column("tag", sa.Text, primary_key=True),
     )
     op.create_index("ix_data_tags_tag", "data_tags", ["tag", "data_id"])
+    op.create_table(
+        "uploads",
+        sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("header", sa.Text, nullable=False),
+        sa.Column("committed_size", sa.BigInteger, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("expires_at", sa.BigInteger, nullable=False),
+        sa.Column("data_id", sa.String(36), nullable=True),
+    )
+    op.create_index("ix_uploads_expires_at", "uploads", ["expires_at"])
 
 
 def downgrade() -> None:
+    op.drop_table("uploads")
     op.drop_table("data_tags")
     op.drop_table("data")
