@@ -1,7 +1,9 @@
 """Built-in extractor `exifread`: a second, independent TIFF directory reader, as fallback.
 
-Runs for the fields Pillow's reader left empty: on the EXIF blocks `extractors.containers` located,
-and on JPEG and HEIF files in which it located none (exifread searches them its own way).
+Runs for the fields Pillow's reader left empty, and only when Pillow could not read every
+directory the file has (otherwise the same tags, read again, would add nothing): on the EXIF
+blocks `extractors.containers` located, and on JPEG and HEIF files in which it located none
+(exifread searches them its own way).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, BinaryIO
 
 import exifread
 
+from extractors import pillow_exif
 from extractors.containers import open_block
 from extractors.fields import EXIF_FIELDS, Rational, Raw, exif_fields
 from extractors.hookspecs import hookimpl
@@ -28,6 +31,9 @@ _DIRECTORY_OF_PREFIX = {"Image": "ifd0", "EXIF": "exif", "GPS": "gps"}
 @hookimpl
 def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mapping[str, object]:
     if not missing & EXIF_FIELDS:
+        return {}
+    if pillow_exif.read_directories(source).complete:
+        # Pillow read every directory there is: the same tags, read again, would add nothing.
         return {}
     directories = read_directories(source)
     return exif_fields(directories.ifd0, directories.exif)

@@ -35,6 +35,33 @@ DATETIME_ORIGINAL, OFFSET_TIME, OFFSET_TIME_ORIGINAL, COLOR_SPACE = 0x9003, 0x90
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 GPS_ALTITUDE_REF, GPS_ALTITUDE = 5, 6
 
+# Every tag the mapping reads (GPS tags 1-6 do not occur in IFD0 or the Exif IFD): readers
+# decode only these, not the dozens of others a camera writes.
+MAPPED_TAGS = frozenset(
+    {
+        MAKE,
+        SOFTWARE,
+        DATETIME,
+        ARTIST,
+        XRESOLUTION,
+        YRESOLUTION,
+        RESOLUTION_UNIT,
+        COMPRESSION,
+        EXIF_IFD,
+        GPS_IFD,
+        DATETIME_ORIGINAL,
+        OFFSET_TIME,
+        OFFSET_TIME_ORIGINAL,
+        COLOR_SPACE,
+        GPS_LATITUDE_REF,
+        GPS_LATITUDE,
+        GPS_LONGITUDE_REF,
+        GPS_LONGITUDE,
+        GPS_ALTITUDE_REF,
+        GPS_ALTITUDE,
+    }
+)
+
 GPS_FIELDS = frozenset({"latitude", "longitude", "altitude"})
 EXIF_FIELDS = frozenset(
     {

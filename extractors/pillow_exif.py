@@ -20,6 +20,7 @@ from extractors.fields import (
     EXIF_FIELDS,
     EXIF_IFD,
     GPS_IFD,
+    MAPPED_TAGS,
     Rational,
     Raw,
     exif_fields,
@@ -52,10 +53,20 @@ def _read(source: Source) -> ExifDirectories:
     directories = ExifDirectories()
     container, blocks = locate(source)
     if blocks:
+        complete = True
         with source.open() as fp:
             for block in blocks:
-                stream = open_block(fp, block)
-                directories.merge(block.role, *_read_block(stream))
+                ifd0, exif, gps = _read_block(open_block(fp, block))
+                directories.merge(block.role, ifd0, exif, gps)
+                complete = (
+                    complete
+                    and bool(ifd0)
+                    and all(
+                        found or tag not in ifd0
+                        for tag, found in ((EXIF_IFD, exif), (GPS_IFD, gps))
+                    )
+                )
+        directories.complete = complete
     elif container is None or (container == "bmff" and _is_heif(source.head)):
         directories.merge("tiff", *_read_with_image_open(source))
     return directories
@@ -101,7 +112,7 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
         log.debug("unreadable TIFF directory at %s: %r", offset, error)
         return {}
     out: dict[int, Raw] = {}
-    for tag in list(info.keys()):
+    for tag in MAPPED_TAGS.intersection(info.keys()):
         try:
             value = normalize(info[tag])
         except Exception as error:

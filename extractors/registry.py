@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,28 +236,84 @@ class ExtractorRegistry:
         if not wanted:
             return result
         source = Source(path, filename)
-        shown = filename or Path(path).name
-        for name, function, argnames in self._ordered_calls():
-            remaining = wanted - result.values.keys()
-            if not remaining:
-                break
-            arguments = {"source": source, "missing": remaining}
-            call = _bind(function, [arguments[arg] for arg in argnames])
-            try:
-                produced = self._runner.call(name, call, self.timeout)
-            except ExtractorTimeoutError as error:
-                log.warning("extractor %r skipped on %s: %s", name, shown, error)
-                result.errors.append((name, str(error)))
-                continue
-            except Exception as error:
-                log.warning("extractor %r failed on %s", name, shown, exc_info=True)
-                result.errors.append((name, f"{type(error).__name__}: {error}"))
-                continue
-            problem = _merge(name, produced, remaining, result)
-            if problem is not None:
-                log.warning("extractor %r on %s: %s", name, shown, problem)
-                result.errors.append((name, problem))
+        chain = _Chain(self._ordered_calls(), source, wanted, result, filename or Path(path).name)
+        if self.timeout is None:
+            chain.run(0)
+        else:
+            self._runner.run_with_time_limit(chain, self.timeout)
         return result
+
+
+class _Chain:
+    """One file's extractors, run in order on one thread, merging as they go.
+
+    The caller watches each extractor's start time; when one overruns, the chain is abandoned
+    (the thread stops after that call returns, and its result is ignored) and the caller resumes
+    the rest on another thread. One thread hand-off per file, not one per extractor.
+    """
+
+    def __init__(
+        self,
+        calls: list[tuple[str, Callable[..., Any], list[str]]],
+        source: Source,
+        wanted: frozenset[str],
+        result: Extraction,
+        shown: str,
+    ) -> None:
+        self.calls = calls
+        self.source = source
+        self.wanted = wanted
+        self.result = result
+        self.shown = shown
+        self.condition = threading.Condition()
+        self.current: int | None = None
+        self.started_at = 0.0
+        self.done = False
+        self.abandoned = False
+        self.stuck: dict[str, int] | None = None
+
+    def resumed(self) -> _Chain:
+        """A new chain over the same file and result, for the extractors after an overrun."""
+        return _Chain(self.calls, self.source, self.wanted, self.result, self.shown)
+
+    def run(self, start: int) -> None:
+        for index in range(start, len(self.calls)):
+            name, function, argnames = self.calls[index]
+            with self.condition:
+                if self.abandoned:
+                    return
+                remaining = self.wanted - self.result.values.keys()
+                if not remaining:
+                    break
+                if self.stuck is not None and self.stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR:
+                    message = f"{self.stuck[name]} earlier calls still running past the time limit"
+                    self._record(name, message, traceback=False)
+                    continue
+                # No notify: the watcher re-reads the start time when its wait for the last
+                # deadline ends, so the common case costs one wake-up per file, not one per call.
+                self.current, self.started_at = index, time.monotonic()
+            arguments = {"source": self.source, "missing": remaining}
+            try:
+                produced = function(*[arguments[arg] for arg in argnames])
+                error: Exception | None = None
+            except Exception as caught:
+                produced, error = None, caught
+            with self.condition:
+                if self.abandoned:
+                    return
+                if error is not None:
+                    self._record(name, f"{type(error).__name__}: {error}", traceback=error)
+                else:
+                    problem = _merge(name, produced, remaining, self.result)
+                    if problem is not None:
+                        self._record(name, problem, traceback=False)
+        with self.condition:
+            self.done = True
+            self.condition.notify_all()
+
+    def _record(self, name: str, message: str, *, traceback: bool | BaseException) -> None:
+        log.warning("extractor %r skipped on %s: %s", name, self.shown, message, exc_info=traceback)
+        self.result.errors.append((name, message))
 
 
 def _bind(function: Callable[..., Any], arguments: list[object]) -> Callable[[], Any]:
@@ -303,41 +360,25 @@ def _version_of(plugin: object) -> str | None:
     return None
 
 
-class _Job:
-    __slots__ = ("done", "error", "function", "key", "result")
-
-    def __init__(self, key: str, function: Callable[[], object]) -> None:
-        self.key = key
-        self.function = function
-        self.done = threading.Event()
-        self.result: object = None
-        self.error: BaseException | None = None
-
-
 class _Worker(threading.Thread):
     def __init__(self, runner: _Runner) -> None:
         super().__init__(name="metalake-extractor", daemon=True)
         self.runner = runner
-        self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self.abandoned = False
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            try:
-                job.result = job.function()
-            except BaseException as error:
-                job.error = error
-            if not self.runner.finished(self, job):
+            self.jobs.get()()
+            if not self.runner.idle(self):
                 return
 
 
 class _Runner:
-    """Runs each extractor call on a reusable daemon thread and waits at most the time limit.
+    """Runs each file's extractor chain on a reusable daemon thread, under a time limit.
 
-    Python cannot kill a thread: a call past its limit is abandoned, its thread left to finish (or
-    not) on its own, as a daemon that never blocks interpreter exit. A process per call would be
-    killable but costs milliseconds per file; a thread hand-off costs tens of microseconds.
+    Python cannot kill a thread: an extractor past its limit is abandoned, its thread left to
+    finish (or not) on its own, as a daemon that never blocks interpreter exit. A process per file
+    would be killable but costs milliseconds; a thread hand-off costs tens of microseconds.
     """
 
     MAX_IDLE = 16
@@ -345,41 +386,59 @@ class _Runner:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
-        self._stuck: dict[str, int] = {}
+        self.stuck: dict[str, int] = {}
 
-    def call(self, key: str, function: Callable[[], object], timeout: float | None) -> object:
-        if timeout is None:
-            return function()
-        job = _Job(key, function)
+    def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
-            stuck = self._stuck.get(key, 0)
-            if stuck >= MAX_STUCK_PER_EXTRACTOR:
-                raise ExtractorTimeoutError(
-                    f"{stuck} earlier calls are still running past the time limit"
-                )
             worker = self._idle.pop() if self._idle else None
         if worker is None:
             worker = _Worker(self)
             worker.start()
         worker.jobs.put(job)
-        if not job.done.wait(timeout):
-            with self._lock:
-                if not job.done.is_set():
-                    worker.abandoned = True
-                    self._stuck[key] = self._stuck.get(key, 0) + 1
-                    raise ExtractorTimeoutError(f"timed out after {timeout:g} s")
-        if job.error is not None:
-            raise job.error
-        return job.result
 
-    def finished(self, worker: _Worker, job: _Job) -> bool:
-        """Called by a worker when its job returns; False tells the worker to exit."""
+    def idle(self, worker: _Worker) -> bool:
+        """A worker is free again; False tells it to exit."""
         with self._lock:
-            job.done.set()
-            if worker.abandoned:
-                self._stuck[job.key] -= 1
-                return False
             if len(self._idle) >= self.MAX_IDLE:
                 return False
             self._idle.append(worker)
             return True
+
+    def run_with_time_limit(self, chain: _Chain, timeout: float) -> None:
+        start = 0
+        while start < len(chain.calls):
+            overrun = self._watch(chain, start, timeout)
+            if overrun is None:
+                return
+            name = chain.calls[overrun][0]
+            chain._record(name, f"timed out after {timeout:g} s", traceback=False)
+            # A fresh chain for the rest: the abandoned one still belongs to the stuck thread.
+            chain = chain.resumed()
+            start = overrun + 1
+
+    def _watch(self, chain: _Chain, start: int, timeout: float) -> int | None:
+        """Run the chain from `start`; the index of the extractor that overran, if one did."""
+        chain.stuck = self.stuck
+        self.submit(lambda: self._run(chain, start))
+        with chain.condition:
+            while not chain.done:
+                deadline = chain.started_at if chain.current is not None else time.monotonic()
+                left = deadline + timeout - time.monotonic()
+                if left <= 0 and chain.current is not None:
+                    chain.abandoned = True
+                    name = chain.calls[chain.current][0]
+                    with self._lock:
+                        self.stuck[name] = self.stuck.get(name, 0) + 1
+                    return chain.current
+                chain.condition.wait(max(left, 0.001))
+        return None
+
+    def _run(self, chain: _Chain, start: int) -> None:
+        chain.run(start)
+        with chain.condition:
+            if not chain.abandoned or chain.current is None:
+                return
+            name = chain.calls[chain.current][0]
+        # The abandoned call has returned at last: one fewer stuck thread for its extractor.
+        with self._lock:
+            self.stuck[name] -= 1

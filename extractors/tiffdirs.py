@@ -19,6 +19,9 @@ class ExifDirectories:
     ifd0: dict[int, Raw] = field(default_factory=dict)
     exif: dict[int, Raw] = field(default_factory=dict)
     gps: dict[int, Raw] = field(default_factory=dict)
+    complete: bool = False
+    """True when every block was read and every directory IFD0 points to was found: another
+    reader of the same blocks would find the same tags."""
 
     def merge(
         self, role: str, ifd0: dict[int, Raw], exif: dict[int, Raw], gps: dict[int, Raw]
