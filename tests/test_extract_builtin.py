@@ -211,6 +211,7 @@ def test_text_and_dates_follow_exiftool() -> None:
     assert aware.isoformat() == "2020-02-03T04:05:06-05:30"
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
 def test_not_an_image_gives_nothing(registry: ExtractorRegistry, tmp_path: Path) -> None:
     for name, data in {
         "empty": b"",

@@ -131,7 +131,7 @@ def _check(path: Path) -> None:
 
 
 @settings(
-    max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 250)),
+    max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 600)),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -143,7 +143,7 @@ def test_mutated_exif_never_breaks_extraction(tmp_path: Path, container: str, ti
 
 
 @settings(
-    max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 150)),
+    max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 300)),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
