@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 from server.blobstore import LocalBlobStore
 from server.catalog import SqlCatalog
 from server.config import Settings
-from server.datalake import Datalake
+from server.datalake import Datalake, Limits
 from server.ingest import MetadataExtractor
 from server.servicer import DatalakeServicer
 
@@ -36,11 +37,16 @@ class RunningServer:
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
-        """Stop taking calls, let in-flight ones finish within `grace` seconds, release storage."""
+        """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
+        at once; uploads in flight get up to `grace` seconds to finish; then every call ends."""
         await self.health.enter_graceful_shutdown()
+        self.datalake.start_draining()
         for task in self.background:
             task.cancel()
-        await self.server.stop(grace)
+        if grace:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.datalake.idle(), grace)
+        await self.server.stop(grace=1.0)
         await self.datalake.catalog.close()
 
 
@@ -62,6 +68,7 @@ def build_datalake(settings: Settings) -> Datalake:
         extract_timeout=settings.extract_timeout,
         download_chunk_size=settings.download_chunk_size,
         upload_ttl=timedelta(seconds=settings.upload_ttl),
+        limits=Limits(settings.max_concurrent_uploads, settings.max_file_size),
     )
 
 
@@ -93,15 +100,17 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    collector = asyncio.create_task(_collect_garbage(datalake, settings.gc_interval))
+    collector = asyncio.create_task(
+        _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
+    )
     return RunningServer(server, port, datalake, health_servicer, [collector])
 
 
-async def _collect_garbage(datalake: Datalake, interval: float) -> None:
+async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
     """At start-up, then every `interval` seconds: expired uploads, orphaned blobs."""
     while True:
         try:
-            garbage = await datalake.collect_garbage()
+            garbage = await datalake.collect_garbage(orphan_age=orphan_age)
             if garbage.expired_uploads or garbage.orphan_blobs or garbage.orphan_staging_files:
                 log.info("garbage collected: %s", garbage)
         except Exception:

@@ -29,7 +29,15 @@ class Settings:
     upload_ttl: float = 24 * 3600.0
     # How often a server reclaims expired uploads and orphaned blobs.
     gc_interval: float = 600.0
-    # Whole-file limit on fill_metadata work; the registry has its own per-extractor limit.
+    # Uploads one server runs at once; beyond, RESOURCE_EXHAUSTED with a retry delay.
+    max_concurrent_uploads: int = 256
+    # Largest file accepted, in bytes; None: no limit.
+    max_file_size: int | None = None
+    # Blobs no item refers to are reclaimed once this old (seconds): younger ones may be an
+    # upload between its blob commit and its catalog commit.
+    orphan_age: float = 3600.0
+    # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
+    # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
 
     @classmethod
@@ -52,10 +60,18 @@ class Settings:
             settings = replace(settings, catalog_url=env["METALAKE_CATALOG_URL"])
         if env.get("METALAKE_MIGRATE", "").lower() in ("1", "true", "yes"):
             settings = replace(settings, migrate=True)
+        if "METALAKE_MAX_CONCURRENT_UPLOADS" in env:
+            settings = replace(
+                settings, max_concurrent_uploads=int(env["METALAKE_MAX_CONCURRENT_UPLOADS"])
+            )
+        if env.get("METALAKE_MAX_FILE_SIZE"):
+            settings = replace(settings, max_file_size=int(env["METALAKE_MAX_FILE_SIZE"]))
+        if "METALAKE_ORPHAN_AGE" in env:
+            settings = replace(settings, orphan_age=float(env["METALAKE_ORPHAN_AGE"]))
         if "METALAKE_UPLOAD_TTL" in env:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
-        if "METALAKE_EXTRACT_TIMEOUT" in env:
-            settings = replace(settings, extract_timeout=float(env["METALAKE_EXTRACT_TIMEOUT"]))
+        if "METALAKE_FILL_TIMEOUT" in env:
+            settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:

@@ -23,6 +23,8 @@ from server.errors import (
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
+    ResourceExhaustedError,
+    UnavailableError,
     invalid_field,
 )
 from server.ingest import (
@@ -31,6 +33,7 @@ from server.ingest import (
     Spooled,
     UploadHeader,
     check_filename,
+    check_size,
     detect_content_type,
     fill_metadata,
     receive,
@@ -58,6 +61,7 @@ class Datalake:
         extract_timeout: float,
         download_chunk_size: int,
         upload_ttl: timedelta = timedelta(hours=24),
+        limits: Limits | None = None,
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
@@ -68,6 +72,11 @@ class Datalake:
         self._blob_locks = _KeyedLocks()
         self._upload_locks = _KeyedLocks()
         self._upload_ttl = upload_ttl
+        self._limits = limits or Limits()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
 
     async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> DataRecord:
         """Store one file; nothing of it is visible unless this returns."""
@@ -75,15 +84,48 @@ class Datalake:
         earlier = await self._earlier_try(header)
         if earlier is not None:
             return earlier
-        writer = await self.blobs.create_writer()
-        try:
-            spooled = await receive(
-                chunks, writer, filename=header.filename, content_type=header.content_type
+        with self._admission():
+            writer = await self.blobs.create_writer()
+            try:
+                spooled = await receive(
+                    chunks,
+                    writer,
+                    filename=header.filename,
+                    content_type=header.content_type,
+                    max_size=self._limits.max_file_size,
+                )
+                return await self._store(header, writer, spooled)
+            except BaseException:
+                await writer.abort()
+                raise
+
+    def start_draining(self) -> None:
+        """Refuse new uploads from now on; those in flight go on."""
+        self._draining = True
+
+    async def idle(self) -> None:
+        """Return once no upload is in flight."""
+        await self._idle.wait()
+
+    @contextmanager
+    def _admission(self) -> Iterator[None]:
+        """Bound the uploads this server runs at once; beyond, ask the client to come back."""
+        if self._draining:
+            raise UnavailableError("this server is shutting down: retry, another one will answer")
+        if self._in_flight >= self._limits.max_concurrent_uploads:
+            raise ResourceExhaustedError(
+                f"this server is running its maximum of {self._limits.max_concurrent_uploads} "
+                "uploads: retry shortly",
+                retry_after=1.0,
             )
-            return await self._store(header, writer, spooled)
-        except BaseException:
-            await writer.abort()
-            raise
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     async def _earlier_try(self, header: UploadHeader) -> DataRecord | None:
         """The item a previous try of this upload stored (AIP-155), if any."""
@@ -165,27 +207,35 @@ class Datalake:
         committed are skipped, so a client may resend from any offset up to the committed size.
         """
         async with self._upload_locks.hold(upload_id):
-            upload = await self._live_upload(upload_id)
-            if upload.data_id:
-                return upload.committed_size, await self.catalog.get(upload.data_id)
-            staged = StagedFile(self.blobs.staging_path(upload_id), upload.committed_size)
-            finished = False
-            try:
-                await staged.open()
-                async for write in writes:
-                    await staged.write(write.offset, write.data)
-                    if staged.unsynced >= _SYNC_EVERY:
-                        await self.catalog.set_upload_committed(upload_id, await staged.sync())
-                    if write.finish:
-                        finished = True
-                        break
-            finally:
-                # Whatever arrived before the stream ended or broke is kept, durably.
-                committed = await asyncio.shield(staged.close())
-                await asyncio.shield(self.catalog.set_upload_committed(upload_id, committed))
-            if not finished:
-                return committed, None
-            return committed, await self._finish_upload(upload_id, upload)
+            with self._admission():
+                return await self._write_upload(upload_id, writes)
+
+    async def _write_upload(
+        self, upload_id: str, writes: AsyncIterator[UploadWrite]
+    ) -> tuple[int, DataRecord | None]:
+        upload = await self._live_upload(upload_id)
+        if upload.data_id:
+            return upload.committed_size, await self.catalog.get(upload.data_id)
+        staged = StagedFile(
+            self.blobs.staging_path(upload_id), upload.committed_size, self._limits.max_file_size
+        )
+        finished = False
+        try:
+            await staged.open()
+            async for write in writes:
+                await staged.write(write.offset, write.data)
+                if staged.unsynced >= _SYNC_EVERY:
+                    await self.catalog.set_upload_committed(upload_id, await staged.sync())
+                if write.finish:
+                    finished = True
+                    break
+        finally:
+            # Whatever arrived before the stream ended or broke is kept, durably.
+            committed = await asyncio.shield(staged.close())
+            await asyncio.shield(self.catalog.set_upload_committed(upload_id, committed))
+        if not finished:
+            return committed, None
+        return committed, await self._finish_upload(upload_id, upload)
 
     async def _finish_upload(self, upload_id: str, upload: UploadRecord) -> DataRecord:
         header = UploadHeader.from_json(upload.header)
@@ -321,9 +371,12 @@ class Datalake:
         violations = check_filename(filename, "header.filename")
         if violations:
             raise InvalidArgumentError("the extraction header is invalid", violations)
-        with _temporary_file(self._spool_dir) as spool:
+        with self._admission(), _temporary_file(self._spool_dir) as spool:
             with spool.open("wb") as handle:
+                size = 0
                 async for chunk in chunks:
+                    size += len(chunk)
+                    check_size(size, self._limits.max_file_size)
                     await asyncio.to_thread(handle.write, chunk)
             return await fill_metadata(
                 self.extractor,
@@ -332,6 +385,14 @@ class Datalake:
                 given={},
                 time_limit=self._extract_timeout,
             )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts; both bound its memory and disk use under any load."""
+
+    max_concurrent_uploads: int = 256
+    max_file_size: int | None = None  # bytes; None: no limit
 
 
 @dataclass(frozen=True)
@@ -359,8 +420,9 @@ _SYNC_EVERY = 8 * 1024 * 1024
 class StagedFile:
     """A resumable upload's staging file: appends at the committed size, skips resent bytes."""
 
-    def __init__(self, path: Path, committed: int) -> None:
+    def __init__(self, path: Path, committed: int, max_size: int | None) -> None:
         self._path = path
+        self._max_size = max_size
         self._committed = committed
         self._size = committed  # bytes written, durable or not
         self._next_offset: int | None = None  # where the client's next data belongs
@@ -393,6 +455,7 @@ class StagedFile:
         if self._next_offset <= self._size:
             return  # already have all of it
         fresh = data[self._size - start :] if start < self._size else data
+        check_size(self._size + len(fresh), self._max_size)
         assert self._handle is not None
         await asyncio.to_thread(self._handle.write, fresh)
         self._size += len(fresh)
@@ -405,6 +468,10 @@ class StagedFile:
         self._committed = self._size
         self.unsynced = 0
         return self._committed
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     async def close(self) -> int:
         committed = await self.sync()

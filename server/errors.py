@@ -27,6 +27,18 @@ class NotFoundError(DatalakeError):
         super().__init__(f"{kind} {data_id!r} not found")
 
 
+class ResourceExhaustedError(DatalakeError):
+    """A limit is reached; with `retry_after` a temporary one: retry after that many seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class UnavailableError(DatalakeError):
+    """This server cannot take the call now (it is shutting down); another one may."""
+
+
 class OutOfRangeError(DatalakeError):
     """An offset past what the server has."""
 

@@ -28,6 +28,7 @@ from metalake.metadata import (
     to_jsonable,
 )
 from server.blobstore import BlobWriter
+from server.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +140,32 @@ class Spooled:
 
 
 async def receive(
-    chunks: AsyncIterator[bytes], writer: BlobWriter, *, filename: str, content_type: str = ""
+    chunks: AsyncIterator[bytes],
+    writer: BlobWriter,
+    *,
+    filename: str,
+    content_type: str = "",
+    max_size: int | None = None,
 ) -> Spooled:
     """Stream every chunk into `writer`; sniff the content type from the first bytes."""
     head = b""
     async for chunk in chunks:
         if not chunk:
             continue
+        check_size(writer.size + len(chunk), max_size)
         if len(head) < _SNIFF_BYTES:
             head += chunk[: _SNIFF_BYTES - len(head)]
         await writer.write(chunk)
     return Spooled(
         writer.size, writer.sha256(), content_type or detect_content_type(head, filename)
     )
+
+
+def check_size(size: int, max_size: int | None) -> None:
+    if max_size is not None and size > max_size:
+        raise ResourceExhaustedError(
+            f"the file exceeds this server's maximum file size of {max_size} bytes"
+        )
 
 
 def detect_content_type(head: bytes, filename: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -26,6 +26,8 @@ from server.errors import (
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
+    ResourceExhaustedError,
+    UnavailableError,
     invalid_field,
 )
 from server.ingest import UploadHeader
@@ -45,6 +47,8 @@ _CODES = {
     ConflictError: code_pb2.ABORTED,
     DataLossError: code_pb2.DATA_LOSS,
     OutOfRangeError: code_pb2.OUT_OF_RANGE,
+    ResourceExhaustedError: code_pb2.RESOURCE_EXHAUSTED,
+    UnavailableError: code_pb2.UNAVAILABLE,
 }
 
 
@@ -62,6 +66,13 @@ def _status_of(error: DatalakeError) -> grpc.Status:
         )
         detail = any_pb2.Any()
         detail.Pack(bad_request)
+        status.details.append(detail)
+    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
+        # RetryInfo marks the limit as temporary: clients retry after the delay.
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=error.retry_after))
+        detail = any_pb2.Any()
+        detail.Pack(retry)
         status.details.append(detail)
     return rpc_status.to_status(status)
 

@@ -1,0 +1,79 @@
+"""A metalake server in a process of its own, for tests that signal or kill it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_SERVING = re.compile(r"metalake serving on [\d.]+:(\d+)")
+
+
+class ServerProcess:
+    """`python -m server` on a free port; `target` is its address once started."""
+
+    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.log = log
+        self.env = {
+            **os.environ,
+            "METALAKE_DATA_DIR": str(data_dir),
+            "METALAKE_LISTEN": "127.0.0.1:0",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.target = ""
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        with self.log.open("ab") as log:
+            log.write(b"--- start\n")
+            offset = log.tell()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server"], env=self.env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.log.open("rb") as log:
+                log.seek(offset)
+                found = _SERVING.search(log.read().decode(errors="replace"))
+            if found:
+                self.target = f"127.0.0.1:{found.group(1)}"
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start; its log:\n{self.log.read_text()}")
+
+    def signal(self, number: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def health(self) -> int:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
