@@ -6,9 +6,17 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 export METALAKE_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install run test lint bench generate check-generated buf clean
+.PHONY: install system-deps run test lint bench generate check-generated buf clean
 
 install: $(VENV)/.installed
+
+# exiftool is the oracle of the extraction tests (they skip, saying so, without it). Installed
+# from Debian's packages where we may; elsewhere install libimage-exiftool-perl yourself.
+system-deps:
+	@command -v exiftool >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		  apt-get install -y -qq libimage-exiftool-perl >/dev/null; } || \
+		echo "exiftool not installed: the tests that compare with it will skip" >&2
 
 # Reinstall when the dependencies change. The editable install makes code edits live.
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/metalake serve
 
-test: install
+test: install system-deps
 	$(PY) -m pytest
 
 # Regenerate the checked-in stubs (Python, gRPC and their mypy stubs) from protos/.
@@ -45,7 +53,7 @@ buf: $(BUF)
 lint: install $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy metalake server extractors tests
+	$(VENV)/bin/mypy metalake server extractors tests benchmarks examples/metalake-xmp
 	$(BUF) lint
 	$(MAKE) check-generated
 
