@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from extractors.registry import ExtractorRegistry
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
+from server.auth import AuthInterceptor, Tokens
 from server.blobstore import LocalBlobStore
 from server.catalog import SqlCatalog
 from server.config import Settings
@@ -79,10 +80,30 @@ def load_extractor() -> MetadataExtractor:
     return registry
 
 
+class StartupError(RuntimeError):
+    """The server refuses to start as configured; the message says why and what to do."""
+
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]", "::1"}
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0]
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
 async def start(settings: Settings) -> RunningServer:
     """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
     datalake = build_datalake(settings)
-    server = grpc.aio.server()
+    tokens = Tokens(datalake.catalog)
+    if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+        await datalake.catalog.close()
+        raise StartupError(
+            f"refusing to serve {settings.listen} without authentication: no API token exists. "
+            "Create one with `metalake token create --org ORG --role admin` (same catalog "
+            "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
+        )
+    server = grpc.aio.server(interceptors=[AuthInterceptor(tokens)])
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -94,7 +115,7 @@ async def start(settings: Settings) -> RunningServer:
         ),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
+    port = _add_port(server, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
@@ -116,6 +137,20 @@ async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: time
         except Exception:
             log.exception("garbage collection failed; retrying in %.0fs", interval)
         await asyncio.sleep(interval)
+
+
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    if settings.tls_cert is None and settings.tls_key is None:
+        return server.add_insecure_port(settings.listen)
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise StartupError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(settings.listen, credentials)
 
 
 def serve_forever(settings: Settings) -> None:

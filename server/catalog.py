@@ -42,7 +42,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from server.errors import ConflictError, NotFoundError, invalid_field
 from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
-from server.schema import data_table, data_tags_table, uploads_table
+from server.schema import data_table, data_tags_table, tokens_table, uploads_table
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -56,6 +56,7 @@ class DataRecord:
     """A stored item as the catalog knows it."""
 
     id: str
+    org: str
     filename: str
     size: int
     sha256: str
@@ -87,12 +88,27 @@ class DuplicateRequestError(Exception):
 class UploadRecord:
     """A resumable upload: its header (JSON, opaque here) and how many bytes are durable."""
 
+    org: str
     id: str
+    staging_key: str
     header: str
     committed_size: int
     created_at: datetime
     expires_at: datetime
     data_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: never the token itself, only its SHA-256."""
+
+    id: str
+    token_hash: str
+    org: str
+    role: str
+    description: str
+    created_at: datetime
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -104,18 +120,19 @@ class Page:
 class Catalog(Protocol):
     """What the datalake needs from a catalog, whatever engine holds it."""
 
-    async def add(self, record: DataRecord, *, upload_id: str = "") -> None: ...
+    async def add(self, record: DataRecord, *, upload: UploadRecord | None = None) -> None: ...
 
-    async def get(self, data_id: str) -> DataRecord: ...
+    async def get(self, org: str, data_id: str) -> DataRecord: ...
 
     async def list_page(
-        self, *, filter: str, order_by: str, page_size: int, page_token: str
+        self, org: str, *, filter: str, order_by: str, page_size: int, page_token: str
     ) -> Page: ...
 
-    async def find_request(self, request_id: str) -> DataRecord | None: ...
+    async def find_request(self, org: str, request_id: str) -> DataRecord | None: ...
 
     async def update_metadata(
         self,
+        org: str,
         data_id: str,
         values: MetadataDict,
         clear: Collection[str],
@@ -124,19 +141,31 @@ class Catalog(Protocol):
         etag: str = "",
     ) -> DataRecord: ...
 
-    async def delete(self, data_id: str, *, etag: str = "") -> DataRecord: ...
+    async def delete(self, org: str, data_id: str, *, etag: str = "") -> DataRecord: ...
 
     async def blob_in_use(self, blob_key: str) -> bool: ...
 
     async def start_upload(self, upload: UploadRecord) -> UploadRecord: ...
 
-    async def get_upload(self, upload_id: str) -> UploadRecord | None: ...
+    async def get_upload(self, org: str, upload_id: str) -> UploadRecord | None: ...
 
-    async def set_upload_committed(self, upload_id: str, committed_size: int) -> None: ...
+    async def set_upload_committed(self, upload: UploadRecord, committed_size: int) -> None: ...
 
     async def expired_uploads(self, now: datetime) -> list[UploadRecord]: ...
 
-    async def delete_upload(self, upload_id: str) -> None: ...
+    async def staging_keys_in_use(self, keys: Collection[str]) -> set[str]: ...
+
+    async def delete_upload(self, upload: UploadRecord) -> None: ...
+
+    async def add_token(self, token: TokenRecord) -> None: ...
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None: ...
+
+    async def list_tokens(self) -> list[TokenRecord]: ...
+
+    async def revoke_token(self, token_id: str, at: datetime) -> bool: ...
+
+    async def has_active_tokens(self) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -170,24 +199,25 @@ class SqlCatalog:
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 
-    async def add(self, record: DataRecord, *, upload_id: str = "") -> None:
-        """Store an item; with `upload_id`, also mark that resumable upload finished by it."""
-        await self._run(lambda: self._add(record, upload_id), write=True)
+    async def add(self, record: DataRecord, *, upload: UploadRecord | None = None) -> None:
+        """Store an item; with `upload`, also mark that resumable upload finished by it."""
+        await self._run(lambda: self._add(record, upload), write=True)
 
-    async def get(self, data_id: str) -> DataRecord:
-        return await self._run(lambda: self._get(data_id))
+    async def get(self, org: str, data_id: str) -> DataRecord:
+        return await self._run(lambda: self._get(org, data_id))
 
     async def list_page(
-        self, *, filter: str, order_by: str, page_size: int, page_token: str
+        self, org: str, *, filter: str, order_by: str, page_size: int, page_token: str
     ) -> Page:
         query = _ListQuery.parse(filter, order_by, page_size, page_token)
-        return await self._run(lambda: self._list(query))
+        return await self._run(lambda: self._list(org, query))
 
-    async def find_request(self, request_id: str) -> DataRecord | None:
-        return await self._run(lambda: self._find_request(request_id))
+    async def find_request(self, org: str, request_id: str) -> DataRecord | None:
+        return await self._run(lambda: self._find_request(org, request_id))
 
     async def update_metadata(
         self,
+        org: str,
         data_id: str,
         values: MetadataDict,
         clear: Collection[str],
@@ -196,11 +226,12 @@ class SqlCatalog:
         etag: str = "",
     ) -> DataRecord:
         return await self._run(
-            lambda: self._update_metadata(data_id, values, clear, updated_at, etag), write=True
+            lambda: self._update_metadata(org, data_id, values, clear, updated_at, etag),
+            write=True,
         )
 
-    async def delete(self, data_id: str, *, etag: str = "") -> DataRecord:
-        return await self._run(lambda: self._delete(data_id, etag), write=True)
+    async def delete(self, org: str, data_id: str, *, etag: str = "") -> DataRecord:
+        return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
         statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
@@ -210,13 +241,13 @@ class SqlCatalog:
         """Record a new upload, or return the one that already has this id."""
         return await self._run(lambda: self._start_upload(upload), write=True)
 
-    async def get_upload(self, upload_id: str) -> UploadRecord | None:
-        return await self._run(lambda: self._get_upload(upload_id))
+    async def get_upload(self, org: str, upload_id: str) -> UploadRecord | None:
+        return await self._run(lambda: self._get_upload(org, upload_id))
 
-    async def set_upload_committed(self, upload_id: str, committed_size: int) -> None:
+    async def set_upload_committed(self, upload: UploadRecord, committed_size: int) -> None:
         statement = (
             update(uploads_table)
-            .where(uploads_table.c.id == upload_id)
+            .where(uploads_table.c.staging_key == upload.staging_key)
             .values(committed_size=committed_size)
         )
         await self._run(lambda: self._execute(statement), write=True)
@@ -230,9 +261,82 @@ class SqlCatalog:
 
         return await self._run(work)
 
-    async def delete_upload(self, upload_id: str) -> None:
-        statement = delete(uploads_table).where(uploads_table.c.id == upload_id)
+    async def staging_keys_in_use(self, keys: Collection[str]) -> set[str]:
+        statement = select(uploads_table.c.staging_key).where(
+            uploads_table.c.staging_key.in_(list(keys))
+        )
+
+        def work() -> set[str]:
+            with self._engine.connect() as connection:
+                return set(connection.execute(statement).scalars())
+
+        return await self._run(work) if keys else set()
+
+    async def delete_upload(self, upload: UploadRecord) -> None:
+        statement = delete(uploads_table).where(uploads_table.c.staging_key == upload.staging_key)
         await self._run(lambda: self._execute(statement), write=True)
+
+    async def add_token(self, token: TokenRecord) -> None:
+        values = {
+            "id": token.id,
+            "token_hash": token.token_hash,
+            "org": token.org,
+            "role": token.role,
+            "description": token.description,
+            "created_at": _to_micros(token.created_at),
+            "revoked_at": None,
+        }
+        await self._run(lambda: self._execute(insert(tokens_table).values(values)), write=True)
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        tokens = await self._tokens(tokens_table.c.token_hash == token_hash)
+        return tokens[0] if tokens else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self._tokens(None)
+
+    async def revoke_token(self, token_id: str, at: datetime) -> bool:
+        statement = (
+            update(tokens_table)
+            .where(tokens_table.c.id == token_id, tokens_table.c.revoked_at.is_(None))
+            .values(revoked_at=_to_micros(at))
+        )
+
+        def work() -> bool:
+            with self._engine.begin() as connection:
+                return connection.execute(statement).rowcount > 0
+
+        return await self._run(work, write=True)
+
+    async def has_active_tokens(self) -> bool:
+        statement = select(tokens_table.c.id).where(tokens_table.c.revoked_at.is_(None)).limit(1)
+        return await self._run(lambda: self._scalar(statement) is not None)
+
+    async def _tokens(self, condition: ColumnElement[bool] | None) -> list[TokenRecord]:
+        statement = select(tokens_table).order_by(tokens_table.c.created_at)
+        if condition is not None:
+            statement = statement.where(condition)
+
+        def work() -> list[TokenRecord]:
+            with self._engine.connect() as connection:
+                return [
+                    TokenRecord(
+                        id=row["id"],
+                        token_hash=row["token_hash"],
+                        org=row["org"],
+                        role=row["role"],
+                        description=row["description"],
+                        created_at=_from_micros(row["created_at"]),
+                        revoked_at=(
+                            _from_micros(row["revoked_at"])
+                            if row["revoked_at"] is not None
+                            else None
+                        ),
+                    )
+                    for row in connection.execute(statement).mappings()
+                ]
+
+        return await self._run(work)
 
     # Synchronous halves, run in worker threads.
 
@@ -245,7 +349,9 @@ class SqlCatalog:
             with self._engine.begin() as connection:
                 connection.execute(
                     insert(uploads_table).values(
+                        org=upload.org,
                         id=upload.id,
+                        staging_key=upload.staging_key,
                         header=upload.header,
                         committed_size=upload.committed_size,
                         created_at=_to_micros(upload.created_at),
@@ -255,18 +361,17 @@ class SqlCatalog:
                 )
             return upload
         except IntegrityError:
-            existing = self._get_upload(upload.id)
+            existing = self._get_upload(upload.org, upload.id)
             if existing is None:
                 raise
             return existing
 
-    def _get_upload(self, upload_id: str) -> UploadRecord | None:
+    def _get_upload(self, org: str, upload_id: str) -> UploadRecord | None:
+        statement = select(uploads_table).where(
+            uploads_table.c.org == org, uploads_table.c.id == upload_id
+        )
         with self._engine.connect() as connection:
-            row = (
-                connection.execute(select(uploads_table).where(uploads_table.c.id == upload_id))
-                .mappings()
-                .first()
-            )
+            row = connection.execute(statement).mappings().first()
         return _upload_from_row(row) if row is not None else None
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
@@ -284,7 +389,7 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             return connection.execute(statement).scalar()
 
-    def _add(self, record: DataRecord, upload_id: str) -> None:
+    def _add(self, record: DataRecord, upload: UploadRecord | None) -> None:
         try:
             with self._engine.begin() as connection:
                 connection.execute(insert(data_table).values(**_record_to_row(record)))
@@ -293,44 +398,42 @@ class SqlCatalog:
                         insert(data_tags_table),
                         [{"data_id": record.id, "tag": tag} for tag in record.tags],
                     )
-                if upload_id:
+                if upload is not None:
                     connection.execute(
                         update(uploads_table)
-                        .where(uploads_table.c.id == upload_id)
+                        .where(uploads_table.c.staging_key == upload.staging_key)
                         .values(data_id=record.id)
                     )
         except IntegrityError:
             # The unique request id is the arbiter between concurrent retries of one upload.
-            existing = self._find_request(record.request_id) if record.request_id else None
+            existing = (
+                self._find_request(record.org, record.request_id) if record.request_id else None
+            )
             if existing is None:
                 raise
             raise DuplicateRequestError(existing) from None
 
-    def _find_request(self, request_id: str) -> DataRecord | None:
+    def _find_request(self, org: str, request_id: str) -> DataRecord | None:
+        statement = select(data_table).where(
+            data_table.c.org == org, data_table.c.request_id == request_id
+        )
         with self._engine.connect() as connection:
-            row = (
-                connection.execute(select(data_table).where(data_table.c.request_id == request_id))
-                .mappings()
-                .first()
-            )
+            row = connection.execute(statement).mappings().first()
             return self._records(connection, [row])[0] if row is not None else None
 
-    def _get(self, data_id: str) -> DataRecord:
+    def _get(self, org: str, data_id: str) -> DataRecord:
         with self._engine.connect() as connection:
             row = (
-                connection.execute(select(data_table).where(data_table.c.id == data_id))
-                .mappings()
-                .first()
+                connection.execute(select(data_table).where(_item(org, data_id))).mappings().first()
             )
             if row is None:
                 raise NotFoundError(data_id)
             return self._records(connection, [row])[0]
 
-    def _list(self, query: _ListQuery) -> Page:
-        statement = select(data_table)
-        conditions = [c for c in (query.where, query.after()) if c is not None]
-        if conditions:
-            statement = statement.where(and_(*conditions))
+    def _list(self, org: str, query: _ListQuery) -> Page:
+        conditions = [data_table.c.org == org]
+        conditions += [c for c in (query.where, query.after()) if c is not None]
+        statement = select(data_table).where(and_(*conditions))
         statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
         with self._engine.connect() as connection:
             rows = list(connection.execute(statement).mappings())
@@ -342,6 +445,7 @@ class SqlCatalog:
 
     def _update_metadata(
         self,
+        org: str,
         data_id: str,
         values: MetadataDict,
         clear: Collection[str],
@@ -350,9 +454,7 @@ class SqlCatalog:
     ) -> DataRecord:
         with self._engine.begin() as connection:
             row = (
-                connection.execute(
-                    select(data_table).where(data_table.c.id == data_id).with_for_update()
-                )
+                connection.execute(select(data_table).where(_item(org, data_id)).with_for_update())
                 .mappings()
                 .first()
             )
@@ -378,12 +480,10 @@ class SqlCatalog:
             )
             return self._records(connection, [new_row])[0]
 
-    def _delete(self, data_id: str, etag: str) -> DataRecord:
+    def _delete(self, org: str, data_id: str, etag: str) -> DataRecord:
         with self._engine.begin() as connection:
             row = (
-                connection.execute(
-                    select(data_table).where(data_table.c.id == data_id).with_for_update()
-                )
+                connection.execute(select(data_table).where(_item(org, data_id)).with_for_update())
                 .mappings()
                 .first()
             )
@@ -406,6 +506,11 @@ class SqlCatalog:
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+
+
+def _item(org: str, data_id: str) -> ColumnElement[bool]:
+    """One item, as seen from one organization: another's items do not exist for it."""
+    return and_(data_table.c.id == data_id, data_table.c.org == org)
 
 
 def _check_etag(row: RowMapping, etag: str) -> None:
@@ -509,6 +614,7 @@ def _metadata_columns(name: str, value: object) -> dict[str, Any]:
 def _record_to_row(record: DataRecord) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": record.id,
+        "org": record.org,
         "filename": record.filename,
         "size": record.size,
         "sha256": record.sha256,
@@ -527,7 +633,9 @@ def _record_to_row(record: DataRecord) -> dict[str, Any]:
 
 def _upload_from_row(row: RowMapping) -> UploadRecord:
     return UploadRecord(
+        org=row["org"],
         id=row["id"],
+        staging_key=row["staging_key"],
         header=row["header"],
         committed_size=row["committed_size"],
         created_at=_from_micros(row["created_at"]),
@@ -554,6 +662,7 @@ def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
             metadata[name] = float(row[name]) if name in FLOAT_FIELDS else str(row[name])
     return DataRecord(
         id=row["id"],
+        org=row["org"],
         filename=row["filename"],
         size=row["size"],
         sha256=row["sha256"],

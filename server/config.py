@@ -36,6 +36,13 @@ class Settings:
     # Blobs no item refers to are reclaimed once this old (seconds): younger ones may be an
     # upload between its blob commit and its catalog commit.
     orphan_age: float = 3600.0
+    # Serve a non-loopback address although no API token exists (anyone may call).
+    insecure_no_auth: bool = False
+    # TLS: a PEM certificate chain and key; with a client CA, clients must present a
+    # certificate it signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
     # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
@@ -48,6 +55,7 @@ class Settings:
         listen: str | None = None,
         catalog_url: str | None = None,
         migrate: bool | None = None,
+        insecure_no_auth: bool | None = None,
     ) -> Settings:
         """Settings from the environment, with explicit arguments (CLI flags) taking precedence."""
         settings = cls()
@@ -68,6 +76,14 @@ class Settings:
             settings = replace(settings, max_file_size=int(env["METALAKE_MAX_FILE_SIZE"]))
         if "METALAKE_ORPHAN_AGE" in env:
             settings = replace(settings, orphan_age=float(env["METALAKE_ORPHAN_AGE"]))
+        if env.get("METALAKE_INSECURE_NO_AUTH", "").lower() in ("1", "true", "yes"):
+            settings = replace(settings, insecure_no_auth=True)
+        if env.get("METALAKE_TLS_CERT"):
+            settings = replace(settings, tls_cert=Path(env["METALAKE_TLS_CERT"]))
+        if env.get("METALAKE_TLS_KEY"):
+            settings = replace(settings, tls_key=Path(env["METALAKE_TLS_KEY"]))
+        if env.get("METALAKE_TLS_CLIENT_CA"):
+            settings = replace(settings, tls_client_ca=Path(env["METALAKE_TLS_CLIENT_CA"]))
         if "METALAKE_UPLOAD_TTL" in env:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_FILL_TIMEOUT" in env:
@@ -80,6 +96,8 @@ class Settings:
             settings = replace(settings, catalog_url=catalog_url)
         if migrate is not None:
             settings = replace(settings, migrate=migrate)
+        if insecure_no_auth:
+            settings = replace(settings, insecure_no_auth=True)
         return settings
 
     def catalog(self) -> tuple[str, bool]:

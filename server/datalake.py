@@ -78,10 +78,12 @@ class Datalake:
         self._idle.set()
         self._draining = False
 
-    async def upload(self, header: UploadHeader, chunks: AsyncIterator[bytes]) -> DataRecord:
-        """Store one file; nothing of it is visible unless this returns."""
+    async def upload(
+        self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> DataRecord:
+        """Store one file for `org`; nothing of it is visible unless this returns."""
         _check_header(header)
-        earlier = await self._earlier_try(header)
+        earlier = await self._earlier_try(org, header)
         if earlier is not None:
             return earlier
         with self._admission():
@@ -94,7 +96,7 @@ class Datalake:
                     content_type=header.content_type,
                     max_size=self._limits.max_file_size,
                 )
-                return await self._store(header, writer, spooled)
+                return await self._store(org, header, writer, spooled)
             except BaseException:
                 await writer.abort()
                 raise
@@ -127,14 +129,20 @@ class Datalake:
             if not self._in_flight:
                 self._idle.set()
 
-    async def _earlier_try(self, header: UploadHeader) -> DataRecord | None:
+    async def _earlier_try(self, org: str, header: UploadHeader) -> DataRecord | None:
         """The item a previous try of this upload stored (AIP-155), if any."""
         if not header.request_id:
             return None
-        return await self.catalog.find_request(header.request_id)
+        return await self.catalog.find_request(org, header.request_id)
 
     async def _store(
-        self, header: UploadHeader, writer: BlobWriter, spooled: Spooled, *, upload_id: str = ""
+        self,
+        org: str,
+        header: UploadHeader,
+        writer: BlobWriter,
+        spooled: Spooled,
+        *,
+        upload: UploadRecord | None = None,
     ) -> DataRecord:
         """Check, fill and commit a fully received file: blob first, then its catalog row."""
         if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
@@ -147,6 +155,7 @@ class Datalake:
         now = datetime.now(UTC)
         record = DataRecord(
             id=str(uuid.uuid4()),
+            org=org,
             filename=header.filename,
             size=spooled.size,
             sha256=spooled.sha256,
@@ -162,7 +171,7 @@ class Datalake:
         async with self._blob_locks.hold(record.blob_key):
             await writer.commit(record.blob_key)
             try:
-                await self.catalog.add(record, upload_id=upload_id)
+                await self.catalog.add(record, upload=upload)
             except DuplicateRequestError as duplicate:
                 # A retry of this upload finished first: its item is this upload's answer.
                 await self._delete_blob_if_unused(record.blob_key)
@@ -175,7 +184,7 @@ class Datalake:
 
     # Resumable uploads (google.bytestream style).
 
-    async def start_upload(self, header: UploadHeader, upload_id: str) -> UploadRecord:
+    async def start_upload(self, org: str, header: UploadHeader, upload_id: str) -> UploadRecord:
         """Open a resumable upload, or return the state of the one with this id."""
         _check_header(header)
         upload_id = upload_id or uuid.uuid4().hex
@@ -184,40 +193,52 @@ class Datalake:
                 "upload_id", "must be 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"
             )
         now = datetime.now(UTC)
-        record = UploadRecord(upload_id, header.to_json(), 0, now, now + self._upload_ttl)
+        record = UploadRecord(
+            org=org,
+            id=upload_id,
+            staging_key=uuid.uuid4().hex,
+            header=header.to_json(),
+            committed_size=0,
+            created_at=now,
+            expires_at=now + self._upload_ttl,
+        )
         return await self.catalog.start_upload(record)
 
-    async def query_upload(self, upload_id: str) -> tuple[UploadRecord, DataRecord | None]:
-        upload = await self._live_upload(upload_id)
-        data = await self.catalog.get(upload.data_id) if upload.data_id else None
+    async def query_upload(
+        self, org: str, upload_id: str
+    ) -> tuple[UploadRecord, DataRecord | None]:
+        upload = await self._live_upload(org, upload_id)
+        data = await self.catalog.get(org, upload.data_id) if upload.data_id else None
         return upload, data
 
-    async def _live_upload(self, upload_id: str) -> UploadRecord:
-        upload = await self.catalog.get_upload(upload_id) if upload_id else None
+    async def _live_upload(self, org: str, upload_id: str) -> UploadRecord:
+        upload = await self.catalog.get_upload(org, upload_id) if upload_id else None
         if upload is None or upload.expires_at <= datetime.now(UTC):
             raise NotFoundError(upload_id, kind="upload")
         return upload
 
     async def write_upload(
-        self, upload_id: str, writes: AsyncIterator[UploadWrite]
+        self, org: str, upload_id: str, writes: AsyncIterator[UploadWrite]
     ) -> tuple[int, DataRecord | None]:
         """Append to a resumable upload; store it when a write says finish.
 
         Returns the committed size and, once finished, the stored item. Bytes the server already
         committed are skipped, so a client may resend from any offset up to the committed size.
         """
-        async with self._upload_locks.hold(upload_id):
+        async with self._upload_locks.hold(f"{org}/{upload_id}"):
             with self._admission():
-                return await self._write_upload(upload_id, writes)
+                return await self._write_upload(org, upload_id, writes)
 
     async def _write_upload(
-        self, upload_id: str, writes: AsyncIterator[UploadWrite]
+        self, org: str, upload_id: str, writes: AsyncIterator[UploadWrite]
     ) -> tuple[int, DataRecord | None]:
-        upload = await self._live_upload(upload_id)
+        upload = await self._live_upload(org, upload_id)
         if upload.data_id:
-            return upload.committed_size, await self.catalog.get(upload.data_id)
+            return upload.committed_size, await self.catalog.get(org, upload.data_id)
         staged = StagedFile(
-            self.blobs.staging_path(upload_id), upload.committed_size, self._limits.max_file_size
+            self.blobs.staging_path(upload.staging_key),
+            upload.committed_size,
+            self._limits.max_file_size,
         )
         finished = False
         try:
@@ -225,42 +246,42 @@ class Datalake:
             async for write in writes:
                 await staged.write(write.offset, write.data)
                 if staged.unsynced >= _SYNC_EVERY:
-                    await self.catalog.set_upload_committed(upload_id, await staged.sync())
+                    await self.catalog.set_upload_committed(upload, await staged.sync())
                 if write.finish:
                     finished = True
                     break
         finally:
             # Whatever arrived before the stream ended or broke is kept, durably.
             committed = await asyncio.shield(staged.close())
-            await asyncio.shield(self.catalog.set_upload_committed(upload_id, committed))
+            await asyncio.shield(self.catalog.set_upload_committed(upload, committed))
         if not finished:
             return committed, None
-        return committed, await self._finish_upload(upload_id, upload)
+        return committed, await self._finish_upload(upload)
 
-    async def _finish_upload(self, upload_id: str, upload: UploadRecord) -> DataRecord:
+    async def _finish_upload(self, upload: UploadRecord) -> DataRecord:
         header = UploadHeader.from_json(upload.header)
-        earlier = await self._earlier_try(header)
+        earlier = await self._earlier_try(upload.org, header)
         if earlier is not None:
-            await self._drop_upload(upload_id)
+            await self._drop_upload(upload)
             return earlier
-        writer = await self.blobs.adopt_staged(upload_id)
+        writer = await self.blobs.adopt_staged(upload.staging_key)
         try:
             head = await asyncio.to_thread(_read_head, writer.spool_path)
             content_type = header.content_type or detect_content_type(head, header.filename)
             spooled = Spooled(writer.size, writer.sha256(), content_type)
-            return await self._store(header, writer, spooled, upload_id=upload_id)
+            return await self._store(upload.org, header, writer, spooled, upload=upload)
         except DataLossError:
             # The bytes are not what the client meant: resuming cannot fix them.
             await writer.abort()
-            await self._drop_upload(upload_id)
+            await self._drop_upload(upload)
             raise
         except BaseException:
             await writer.abort()
             raise
 
-    async def _drop_upload(self, upload_id: str) -> None:
-        await self.blobs.discard_staged(upload_id)
-        await self.catalog.delete_upload(upload_id)
+    async def _drop_upload(self, upload: UploadRecord) -> None:
+        await self.blobs.discard_staged(upload.staging_key)
+        await self.catalog.delete_upload(upload)
 
     async def collect_garbage(self, *, orphan_age: timedelta = timedelta(hours=1)) -> Garbage:
         """Reclaim what no item needs: expired uploads, and blobs without an item.
@@ -271,11 +292,13 @@ class Datalake:
         now = datetime.now(UTC)
         garbage = Garbage()
         for upload in await self.catalog.expired_uploads(now):
-            await self._drop_upload(upload.id)
+            await self._drop_upload(upload)
             garbage.expired_uploads += 1
-        for upload_id in await asyncio.to_thread(self.blobs.staged_upload_ids):
-            if await self.catalog.get_upload(upload_id) is None:
-                await self.blobs.discard_staged(upload_id)
+        staged = await asyncio.to_thread(self.blobs.staged_upload_ids)
+        in_use = await self.catalog.staging_keys_in_use(staged)
+        for key in staged:
+            if key not in in_use:
+                await self.blobs.discard_staged(key)
                 garbage.orphan_staging_files += 1
         cutoff = now - orphan_age
         for key, modified in await asyncio.to_thread(self.blobs.blob_keys):
@@ -300,17 +323,25 @@ class Datalake:
             time_limit=self._extract_timeout,
         )
 
-    async def get(self, data_id: str) -> DataRecord:
+    async def get(self, org: str, data_id: str) -> DataRecord:
         _check_id(data_id)
-        return await self.catalog.get(data_id)
+        return await self.catalog.get(org, data_id)
 
-    async def list(self, *, filter: str, order_by: str, page_size: int, page_token: str) -> Page:
+    async def list(
+        self, org: str, *, filter: str, order_by: str, page_size: int, page_token: str
+    ) -> Page:
         return await self.catalog.list_page(
-            filter=filter, order_by=order_by, page_size=page_size, page_token=page_token
+            org, filter=filter, order_by=order_by, page_size=page_size, page_token=page_token
         )
 
     async def update_metadata(
-        self, data_id: str, values: MetadataDict, mask: Collection[str], *, etag: str = ""
+        self,
+        org: str,
+        data_id: str,
+        values: MetadataDict,
+        mask: Collection[str],
+        *,
+        etag: str = "",
     ) -> DataRecord:
         """Set the fields in `mask` to their value in `values`, or clear them when absent.
 
@@ -338,12 +369,12 @@ class Datalake:
         to_set = {p: values[p] for p in paths if p in values}
         to_clear = [p for p in paths if p not in values]
         return await self.catalog.update_metadata(
-            data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag
+            org, data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag
         )
 
-    async def delete(self, data_id: str, *, etag: str = "") -> None:
+    async def delete(self, org: str, data_id: str, *, etag: str = "") -> None:
         _check_id(data_id)
-        record = await self.catalog.delete(data_id, etag=etag)
+        record = await self.catalog.delete(org, data_id, etag=etag)
         await self._release_blob(record.blob_key)
 
     async def _release_blob(self, blob_key: str) -> None:
@@ -356,9 +387,9 @@ class Datalake:
         if not await self.catalog.blob_in_use(blob_key):
             await self.blobs.delete(blob_key)
 
-    async def download(self, data_id: str, *, offset: int = 0) -> Download:
+    async def download(self, org: str, data_id: str, *, offset: int = 0) -> Download:
         _check_id(data_id)
-        record = await self.catalog.get(data_id)
+        record = await self.catalog.get(org, data_id)
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")
         chunks = self.blobs.read(

@@ -30,6 +30,8 @@ data_table = Table(
     "data",
     metadata_obj,
     Column("id", String(36), primary_key=True),
+    # The organization the item belongs to; every query is scoped to one.
+    Column("org", String(64), nullable=False),
     Column("filename", Text, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
@@ -48,16 +50,17 @@ data_table = Table(
     Column("acquired_at_offset", Integer, nullable=True),  # seconds east of UTC; NULL: unknown
     *(Column(name, Text, nullable=True) for name in sorted(STRING_FIELDS)),
     # The indexes behind the filters users run most: time ranges, bounding boxes, equality on
-    # identifiers. Every one ends with id so that keyset paging over it stays an index scan.
-    Index("ix_data_created_at", "created_at", "id"),
-    Index("ix_data_acquired_at", "acquired_at", "id"),
-    Index("ix_data_latitude_longitude", "latitude", "longitude"),
-    Index("ix_data_manufacturer", "manufacturer", "id"),
-    Index("ix_data_reference", "reference", "id"),
-    Index("ix_data_custom_id", "custom_id", "id"),
+    # identifiers. Every one starts with org, as every query does, and ends with id so that
+    # keyset paging over it stays an index scan.
+    Index("ix_data_created_at", "org", "created_at", "id"),
+    Index("ix_data_acquired_at", "org", "acquired_at", "id"),
+    Index("ix_data_latitude_longitude", "org", "latitude", "longitude"),
+    Index("ix_data_manufacturer", "org", "manufacturer", "id"),
+    Index("ix_data_reference", "org", "reference", "id"),
+    Index("ix_data_custom_id", "org", "custom_id", "id"),
     Index("ix_data_sha256", "sha256"),
     Index("ix_data_blob_key", "blob_key"),
-    Index("ix_data_request_id", "request_id", unique=True),
+    Index("ix_data_request_id", "org", "request_id", unique=True),
 )
 
 # Resumable uploads in progress (and, until they expire, finished ones, so that a client that
@@ -65,7 +68,10 @@ data_table = Table(
 uploads_table = Table(
     "uploads",
     metadata_obj,
+    Column("org", String(64), primary_key=True),
     Column("id", String(128), primary_key=True),
+    # Names the upload's staging file: ids are the client's and unique only within an org.
+    Column("staging_key", String(32), nullable=False, unique=True),
     Column("header", Text, nullable=False),  # JSON of the UploadDataHeader
     Column("committed_size", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
@@ -80,4 +86,17 @@ data_tags_table = Table(
     Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", Text, primary_key=True),
     Index("ix_data_tags_tag", "tag", "data_id"),
+)
+
+# API tokens: only a hash of each is kept. The token's id is public (listing, revoking).
+tokens_table = Table(
+    "tokens",
+    metadata_obj,
+    Column("id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("org", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
 )

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from metalake import metadata as md
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
+from server.auth import current_caller
 from server.catalog import DataRecord
 from server.datalake import Datalake, UploadWrite
 from server.errors import (
@@ -120,16 +121,17 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if first is None or not first.HasField("header"):
             raise invalid_field("header", "the first message of the stream must carry the header")
         header = _upload_header(first.header)
-        record = await self._datalake.upload(header, _chunks(request_iterator))
+        record = await self._datalake.upload(_org(), header, _chunks(request_iterator))
         return pb.UploadDataResponse(data=data_to_proto(record))
 
     @_translating_errors
     async def GetData(self, request: pb.GetDataRequest, context: Context) -> pb.GetDataResponse:
-        return pb.GetDataResponse(data=data_to_proto(await self._datalake.get(request.id)))
+        return pb.GetDataResponse(data=data_to_proto(await self._datalake.get(_org(), request.id)))
 
     @_translating_errors
     async def ListData(self, request: pb.ListDataRequest, context: Context) -> pb.ListDataResponse:
         page = await self._datalake.list(
+            _org(),
             filter=request.filter,
             order_by=request.order_by,
             page_size=request.page_size,
@@ -147,7 +149,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if violations:
             raise InvalidArgumentError("metadata is invalid", violations)
         record = await self._datalake.update_metadata(
-            request.id, values, list(request.update_mask.paths), etag=request.etag
+            _org(), request.id, values, list(request.update_mask.paths), etag=request.etag
         )
         return pb.UpdateMetadataResponse(data=data_to_proto(record))
 
@@ -155,14 +157,14 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def DeleteData(
         self, request: pb.DeleteDataRequest, context: Context
     ) -> pb.DeleteDataResponse:
-        await self._datalake.delete(request.id, etag=request.etag)
+        await self._datalake.delete(_org(), request.id, etag=request.etag)
         return pb.DeleteDataResponse()
 
     async def DownloadData(
         self, request: pb.DownloadDataRequest, context: Context
     ) -> AsyncIterator[pb.DownloadDataResponse]:
         try:
-            download = await self._datalake.download(request.id, offset=request.read_offset)
+            download = await self._datalake.download(_org(), request.id, offset=request.read_offset)
         except DatalakeError as error:
             await _abort(context, _status_of(error))
             return
@@ -192,9 +194,8 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def StartUpload(
         self, request: pb.StartUploadRequest, context: Context
     ) -> pb.StartUploadResponse:
-        upload = await self._datalake.start_upload(
-            _upload_header(request.header), request.upload_id
-        )
+        header = _upload_header(request.header)
+        upload = await self._datalake.start_upload(_org(), header, request.upload_id)
         return pb.StartUploadResponse(
             upload_id=upload.id,
             committed_size=upload.committed_size,
@@ -209,7 +210,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if first is None or not first.upload_id:
             raise invalid_field("upload_id", "the first message must name the upload")
         committed, record = await self._datalake.write_upload(
-            first.upload_id, _writes(first, request_iterator)
+            _org(), first.upload_id, _writes(first, request_iterator)
         )
         return pb.WriteUploadResponse(
             committed_size=committed, data=data_to_proto(record) if record else None
@@ -219,7 +220,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def QueryUpload(
         self, request: pb.QueryUploadRequest, context: Context
     ) -> pb.QueryUploadResponse:
-        upload, record = await self._datalake.query_upload(request.upload_id)
+        upload, record = await self._datalake.query_upload(_org(), request.upload_id)
         return pb.QueryUploadResponse(
             committed_size=upload.committed_size,
             complete=record is not None,
@@ -230,8 +231,11 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def UploadDataStream(
         self, request_iterator: AsyncIterator[pb.UploadDataStreamRequest], context: Context
     ) -> AsyncIterator[pb.UploadDataStreamResponse]:
+        org = _org()
         outcomes = upload_stream(
-            self._datalake.upload, _stream_events(request_iterator), window=STREAM_WINDOW
+            functools.partial(self._datalake.upload, org),
+            _stream_events(request_iterator),
+            window=STREAM_WINDOW,
         )
         index = 0
         try:
@@ -288,6 +292,11 @@ def _file_error(error: DatalakeError) -> pb.FileError:
             pb.FieldViolation(field=v.field, description=v.description) for v in violations
         ],
     )
+
+
+def _org() -> str:
+    """The calling organization, as the auth interceptor established it."""
+    return current_caller().org
 
 
 async def _writes(

@@ -70,6 +70,7 @@ async def catalog(catalog_url: str) -> AsyncIterator[SqlCatalog]:
 
 
 _clock = datetime(2024, 1, 1, tzinfo=UTC)
+ORG = "acme"
 
 
 def record(**changes: object) -> DataRecord:
@@ -77,6 +78,7 @@ def record(**changes: object) -> DataRecord:
     _clock += timedelta(seconds=1)
     fields: dict[str, object] = {
         "id": str(uuid.uuid4()),
+        "org": ORG,
         "filename": "a.jpg",
         "size": 3,
         "sha256": "ab" * 32,
@@ -112,7 +114,7 @@ async def test_a_record_round_trips_with_every_field(catalog: SqlCatalog) -> Non
         tags=("a", "b"),
     )
     await catalog.add(stored)
-    assert await catalog.get(stored.id) == stored
+    assert await catalog.get(ORG, stored.id) == stored
 
 
 async def test_naive_and_aware_times_stay_distinct(catalog: SqlCatalog) -> None:
@@ -120,18 +122,18 @@ async def test_naive_and_aware_times_stay_distinct(catalog: SqlCatalog) -> None:
     utc = record(metadata={"acquired_at": datetime(2021, 4, 11, 15, 47, 53, tzinfo=UTC)})
     for item in (naive, utc):
         await catalog.add(item)
-        back = (await catalog.get(item.id)).metadata["acquired_at"]
+        back = (await catalog.get(ORG, item.id)).metadata["acquired_at"]
         assert isinstance(back, datetime)
         assert back.utcoffset() == item.metadata["acquired_at"].utcoffset()  # type: ignore[union-attr]
 
 
 async def test_unknown_ids_are_not_found(catalog: SqlCatalog) -> None:
     with pytest.raises(NotFoundError):
-        await catalog.get("missing")
+        await catalog.get(ORG, "missing")
     with pytest.raises(NotFoundError):
-        await catalog.delete("missing")
+        await catalog.delete(ORG, "missing")
     with pytest.raises(NotFoundError):
-        await catalog.update_metadata("missing", {"weather": "x"}, [], datetime.now(UTC))
+        await catalog.update_metadata(ORG, "missing", {"weather": "x"}, [], datetime.now(UTC))
 
 
 async def test_update_sets_and_clears_and_records_the_client(catalog: SqlCatalog) -> None:
@@ -141,11 +143,13 @@ async def test_update_sets_and_clears_and_records_the_client(catalog: SqlCatalog
     )
     await catalog.add(item)
     later = item.updated_at + timedelta(minutes=1)
-    updated = await catalog.update_metadata(item.id, {"latitude": 1.5}, ["manufacturer"], later)
+    updated = await catalog.update_metadata(
+        ORG, item.id, {"latitude": 1.5}, ["manufacturer"], later
+    )
     assert updated.metadata == {"weather": "rain", "latitude": 1.5}
     assert updated.metadata_sources == {"weather": "client", "latitude": "client"}
     assert updated.updated_at == later
-    assert await catalog.get(item.id) == updated
+    assert await catalog.get(ORG, item.id) == updated
 
 
 async def test_concurrent_updates_of_different_fields_lose_nothing(catalog: SqlCatalog) -> None:
@@ -154,11 +158,11 @@ async def test_concurrent_updates_of_different_fields_lose_nothing(catalog: SqlC
     now = datetime.now(UTC)
     await asyncio.gather(
         *(
-            catalog.update_metadata(item.id, {field: f"v{i}"}, [], now)
+            catalog.update_metadata(ORG, item.id, {field: f"v{i}"}, [], now)
             for i, field in enumerate(["weather", "reference", "custom_id", "software"] * 5)
         )
     )
-    assert set((await catalog.get(item.id)).metadata) == {
+    assert set((await catalog.get(ORG, item.id)).metadata) == {
         "weather",
         "reference",
         "custom_id",
@@ -166,14 +170,32 @@ async def test_concurrent_updates_of_different_fields_lose_nothing(catalog: SqlC
     }
 
 
+async def test_another_organization_sees_nothing(catalog: SqlCatalog) -> None:
+    item = record(request_id="r-1")
+    await catalog.add(item)
+    for call in (
+        lambda: catalog.get("other", item.id),
+        lambda: catalog.delete("other", item.id),
+        lambda: catalog.update_metadata("other", item.id, {"weather": "x"}, [], _clock),
+    ):
+        with pytest.raises(NotFoundError):
+            await call()
+    page = await catalog.list_page("other", filter="", order_by="", page_size=10, page_token="")
+    assert page.records == []
+    assert await catalog.find_request("other", "r-1") is None
+    assert await catalog.find_request(ORG, "r-1") == item
+    # The same request id in another organization is another request.
+    await catalog.add(record(org="other", request_id="r-1"))
+
+
 async def test_delete_and_blob_references(catalog: SqlCatalog) -> None:
     first = record(blob_key="cd" * 32, tags=("x",))
     second = record(blob_key="cd" * 32)
     await catalog.add(first)
     await catalog.add(second)
-    assert await catalog.delete(first.id) == first
+    assert await catalog.delete(ORG, first.id) == first
     assert await catalog.blob_in_use("cd" * 32)
-    await catalog.delete(second.id)
+    await catalog.delete(ORG, second.id)
     assert not await catalog.blob_in_use("cd" * 32)
 
 
@@ -192,7 +214,7 @@ async def test_pages_walk_everything_once_in_order(catalog: SqlCatalog) -> None:
         token = ""
         while True:
             page = await catalog.list_page(
-                filter="", order_by=order_by, page_size=4, page_token=token
+                ORG, filter="", order_by=order_by, page_size=4, page_token=token
             )
             seen += [r.id for r in page.records]
             token = page.next_page_token
@@ -214,6 +236,7 @@ async def test_paging_over_a_nullable_field_puts_absent_values_last(catalog: Sql
         token = ""
         while True:
             page = await catalog.list_page(
+                ORG,
                 filter="",
                 order_by="latitude desc" if descending else "latitude",
                 page_size=2,
@@ -232,7 +255,7 @@ async def test_paging_over_a_nullable_field_puts_absent_values_last(catalog: Sql
 
 async def test_bad_page_tokens_are_invalid_arguments(catalog: SqlCatalog) -> None:
     with pytest.raises(InvalidArgumentError):
-        await catalog.list_page(filter="", order_by="", page_size=1, page_token="%%%")
+        await catalog.list_page(ORG, filter="", order_by="", page_size=1, page_token="%%%")
 
 
 async def test_the_migrations_build_exactly_the_declared_schema(catalog_url: str) -> None:

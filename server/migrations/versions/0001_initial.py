@@ -33,6 +33,7 @@ def upgrade() -> None:
     op.create_table(
         "data",
         sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("org", sa.String(64), nullable=False),
         sa.Column("filename", sa.Text, nullable=False),
         sa.Column("size", sa.BigInteger, nullable=False),
         sa.Column("sha256", sa.String(64), nullable=False),
@@ -48,15 +49,15 @@ def upgrade() -> None:
         sa.Column("acquired_at_offset", sa.Integer, nullable=True),
         *(sa.Column(name, sa.Text, nullable=True) for name in _STRINGS),
     )
-    op.create_index("ix_data_created_at", "data", ["created_at", "id"])
-    op.create_index("ix_data_acquired_at", "data", ["acquired_at", "id"])
-    op.create_index("ix_data_latitude_longitude", "data", ["latitude", "longitude"])
-    op.create_index("ix_data_manufacturer", "data", ["manufacturer", "id"])
-    op.create_index("ix_data_reference", "data", ["reference", "id"])
-    op.create_index("ix_data_custom_id", "data", ["custom_id", "id"])
+    op.create_index("ix_data_created_at", "data", ["org", "created_at", "id"])
+    op.create_index("ix_data_acquired_at", "data", ["org", "acquired_at", "id"])
+    op.create_index("ix_data_latitude_longitude", "data", ["org", "latitude", "longitude"])
+    op.create_index("ix_data_manufacturer", "data", ["org", "manufacturer", "id"])
+    op.create_index("ix_data_reference", "data", ["org", "reference", "id"])
+    op.create_index("ix_data_custom_id", "data", ["org", "custom_id", "id"])
     op.create_index("ix_data_sha256", "data", ["sha256"])
     op.create_index("ix_data_blob_key", "data", ["blob_key"])
-    op.create_index("ix_data_request_id", "data", ["request_id"], unique=True)
+    op.create_index("ix_data_request_id", "data", ["org", "request_id"], unique=True)
     op.create_table(
         "data_tags",
         sa.Column(
@@ -70,7 +71,9 @@ def upgrade() -> None:
     op.create_index("ix_data_tags_tag", "data_tags", ["tag", "data_id"])
     op.create_table(
         "uploads",
+        sa.Column("org", sa.String(64), primary_key=True),
         sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("staging_key", sa.String(32), nullable=False, unique=True),
         sa.Column("header", sa.Text, nullable=False),
         sa.Column("committed_size", sa.BigInteger, nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
@@ -78,9 +81,20 @@ def upgrade() -> None:
         sa.Column("data_id", sa.String(36), nullable=True),
     )
     op.create_index("ix_uploads_expires_at", "uploads", ["expires_at"])
+    op.create_table(
+        "tokens",
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("org", sa.String(64), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("description", sa.Text, nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("tokens")
     op.drop_table("uploads")
     op.drop_table("data_tags")
     op.drop_table("data")
