@@ -35,6 +35,7 @@ class RunningServer:
     port: int
     datalake: Datalake
     health: health_aio.HealthServicer
+    tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None) -> None:
@@ -95,7 +96,7 @@ def is_loopback(listen: str) -> bool:
 async def start(settings: Settings) -> RunningServer:
     """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
     datalake = build_datalake(settings)
-    tokens = Tokens(datalake.catalog)
+    tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
         await datalake.catalog.close()
         raise StartupError(
@@ -124,7 +125,7 @@ async def start(settings: Settings) -> RunningServer:
     collector = asyncio.create_task(
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
-    return RunningServer(server, port, datalake, health_servicer, [collector])
+    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:

@@ -104,8 +104,9 @@ class NewToken:
 class Tokens:
     """Creating, listing, revoking and checking tokens, stored in the catalog."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, *, cache_seconds: float = CACHE_SECONDS) -> None:
         self._catalog = catalog
+        self._cache_seconds = cache_seconds
         self._checked: dict[str, tuple[float, Caller | None]] = {}
         self._required: tuple[float, bool] = (0.0, False)
 
@@ -137,7 +138,7 @@ class Tokens:
         expires, required = self._required
         if time.monotonic() >= expires:
             required = await self._catalog.has_active_tokens()
-            self._required = (time.monotonic() + CACHE_SECONDS, required)
+            self._required = (time.monotonic() + self._cache_seconds, required)
         return required
 
     async def check(self, presented: str) -> Caller | None:
@@ -158,7 +159,7 @@ class Tokens:
             caller = Caller(record.org, Role.parse(record.role), record.id)
         if len(self._checked) > 10_000:  # bounded, whatever tokens clients throw at us
             self._checked.clear()
-        self._checked[presented_hash] = (time.monotonic() + CACHE_SECONDS, caller)
+        self._checked[presented_hash] = (time.monotonic() + self._cache_seconds, caller)
         return caller
 
 

@@ -196,6 +196,10 @@ class SqlCatalog:
             raise
         return cls(engine)
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 

@@ -38,6 +38,8 @@ class Settings:
     orphan_age: float = 3600.0
     # Serve a non-loopback address although no API token exists (anyone may call).
     insecure_no_auth: bool = False
+    # Seconds a token check (and "do tokens exist at all") is reused before asking the catalog.
+    auth_cache_seconds: float = 5.0
     # TLS: a PEM certificate chain and key; with a client CA, clients must present a
     # certificate it signed (mutual TLS).
     tls_cert: Path | None = None
