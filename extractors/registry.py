@@ -55,6 +55,8 @@ class Extraction:
     """Field -> name of the extractor that filled it."""
     errors: list[tuple[str, str]] = field(default_factory=list)
     """(extractor name, message) for each extractor that raised, timed out or returned garbage."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Extractor name -> seconds it ran on this file (those that returned)."""
 
 
 class PluginInfo(NamedTuple):
@@ -301,6 +303,7 @@ class _Chain:
             with self.condition:
                 if self.abandoned:
                     return
+                self.result.timings[name] = time.monotonic() - self.started_at
                 if error is not None:
                     self._record(name, f"{type(error).__name__}: {error}", traceback=error)
                 else:

@@ -22,6 +22,11 @@ from server.catalog import SqlCatalog
 from server.config import Settings
 from server.datalake import Datalake, Limits
 from server.ingest import MetadataExtractor
+from server.observability import (
+    ObservabilityInterceptor,
+    configure_logging,
+    start_metrics_server,
+)
 from server.servicer import DatalakeServicer
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,8 @@ async def start(settings: Settings) -> RunningServer:
             "Create one with `metalake token create --org ORG --role admin` (same catalog "
             "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
         )
-    server = grpc.aio.server(interceptors=[AuthInterceptor(tokens)])
+    # Outermost first: every call, refused ones included, gets a request id and is counted.
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)])
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -156,7 +162,10 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
 
 def serve_forever(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then drain in-flight calls."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
+    if settings.metrics_listen:
+        start_metrics_server(settings.metrics_listen)
+        log.info("metrics on http://%s/metrics", settings.metrics_listen)
     asyncio.run(_serve(settings))
 
 

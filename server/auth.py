@@ -224,27 +224,35 @@ def _as_caller(handler: Handler, caller: Caller) -> Handler:
 
         return run
 
-    return _rebuild(handler, unary, streaming)
+    return rebuild_handler(handler, unary, streaming)
 
 
 def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     def refuse(_: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: Any) -> Any:
-            await context.abort(code, message)
+            await context.abort(code, message, _trailing())
 
         return run
 
     def refuse_streaming(_: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: Any) -> Any:
-            await context.abort(code, message)
+            await context.abort(code, message, _trailing())
             yield  # pragma: no cover - abort raises; this makes a generator
 
         return run
 
-    return _rebuild(handler, refuse, refuse_streaming)
+    return rebuild_handler(handler, refuse, refuse_streaming)
 
 
-def _rebuild(
+def _trailing() -> tuple[tuple[str, str], ...]:
+    # Aborting replaces the trailing metadata: keep the request id the observability
+    # interceptor put there. Imported here because observability builds on this module.
+    from server.observability import REQUEST_ID_KEY, current_request_id
+
+    return ((REQUEST_ID_KEY, current_request_id()),)
+
+
+def rebuild_handler(
     handler: Handler,
     unary_response: Callable[[Behaviour], Behaviour],
     stream_response: Callable[[Behaviour], Behaviour],

@@ -38,6 +38,8 @@ class Settings:
     orphan_age: float = 3600.0
     # Serve a non-loopback address although no API token exists (anyone may call).
     insecure_no_auth: bool = False
+    # host:port for Prometheus metrics (/metrics); None: no metrics endpoint.
+    metrics_listen: str | None = None
     # Seconds a token check (and "do tokens exist at all") is reused before asking the catalog.
     auth_cache_seconds: float = 5.0
     # TLS: a PEM certificate chain and key; with a client CA, clients must present a
@@ -78,6 +80,8 @@ class Settings:
             settings = replace(settings, max_file_size=int(env["METALAKE_MAX_FILE_SIZE"]))
         if "METALAKE_ORPHAN_AGE" in env:
             settings = replace(settings, orphan_age=float(env["METALAKE_ORPHAN_AGE"]))
+        if env.get("METALAKE_METRICS_LISTEN"):
+            settings = replace(settings, metrics_listen=env["METALAKE_METRICS_LISTEN"])
         if env.get("METALAKE_INSECURE_NO_AUTH", "").lower() in ("1", "true", "yes"):
             settings = replace(settings, insecure_no_auth=True)
         if env.get("METALAKE_TLS_CERT"):

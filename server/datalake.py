@@ -38,6 +38,7 @@ from server.ingest import (
     fill_metadata,
     receive,
 )
+from server.observability import UPLOADS_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,13 @@ class Datalake:
                 retry_after=1.0,
             )
         self._in_flight += 1
+        UPLOADS_IN_FLIGHT.inc()
         self._idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
+            UPLOADS_IN_FLIGHT.dec()
             if not self._in_flight:
                 self._idle.set()
 

@@ -29,6 +29,7 @@ from metalake.metadata import (
 )
 from server.blobstore import BlobWriter
 from server.errors import ResourceExhaustedError
+from server.observability import record_extraction
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class Extraction(Protocol):
     @property
     def sources(self) -> Mapping[str, str]: ...
 
+    @property
+    def errors(self) -> list[tuple[str, str]]: ...
+
+    @property
+    def timings(self) -> Mapping[str, float]: ...
+
 
 class MetadataExtractor(Protocol):
     """The extractor registry, as the pipeline sees it (see extractors.registry)."""
@@ -212,6 +219,7 @@ async def fill_metadata(
     except Exception:
         log.exception("metadata extraction failed for %r", filename)
         return Filled(metadata, sources)
+    record_extraction(found.sources, found.errors, found.timings)
     for name, value in found.values.items():
         # The registry validates too; this keeps the promise even for a faulty registry.
         if name in missing and check_value(name, value) is None:

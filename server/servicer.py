@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +34,12 @@ from server.errors import (
 )
 from server.ingest import UploadHeader
 from server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
+from server.observability import (
+    BYTES_RECEIVED,
+    BYTES_SENT,
+    REQUEST_ID_KEY,
+    current_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,21 @@ def _status_of(error: DatalakeError) -> grpc.Status:
 
 
 async def _abort(context: Context, status: grpc.Status) -> None:
+    # Aborting replaces the trailing metadata: keep the request id in it.
+    status = _Status(
+        status.code,
+        status.details,
+        (*status.trailing_metadata, (REQUEST_ID_KEY, current_request_id())),
+    )
     # grpc-stubs lags grpcio here: aio contexts have had abort_with_status since 1.33.
     await context.abort_with_status(status)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def _unexpected_status() -> grpc.Status:
@@ -171,6 +191,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         yield pb.DownloadDataResponse(data=data_to_proto(download.record))
         try:
             async for chunk in download.chunks:
+                BYTES_SENT.inc(len(chunk))
                 yield pb.DownloadDataResponse(chunk=chunk)
         except FileNotFoundError:
             log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
@@ -277,6 +298,7 @@ async def _stream_events(
             except DatalakeError as error:
                 yield FileStart(error)
         elif kind == "chunk":
+            BYTES_RECEIVED.inc(len(message.chunk))
             yield FileChunk(message.chunk)
         elif kind == "finish":
             yield FileEnd()
@@ -302,8 +324,10 @@ def _org() -> str:
 async def _writes(
     first: pb.WriteUploadRequest, rest: AsyncIterator[pb.WriteUploadRequest]
 ) -> AsyncIterator[UploadWrite]:
+    BYTES_RECEIVED.inc(len(first.data))
     yield UploadWrite(first.write_offset, first.data, first.finish_write)
     async for message in rest:
+        BYTES_RECEIVED.inc(len(message.data))
         if message.upload_id and message.upload_id != first.upload_id:
             raise invalid_field("upload_id", "must not change within a stream")
         yield UploadWrite(message.write_offset, message.data, message.finish_write)
@@ -322,6 +346,7 @@ async def _chunks(
     async for message in request_iterator:
         if message.HasField("header"):
             raise invalid_field("header", "sent twice: only the first message carries it")
+        BYTES_RECEIVED.inc(len(message.chunk))
         yield message.chunk
 
 
