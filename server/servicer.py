@@ -97,7 +97,7 @@ async def _abort(context: Context, status: grpc.Status) -> None:
 
 
 @dataclass(frozen=True)
-class _Status(grpc.Status):  # type: ignore[misc]
+class _Status(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple[tuple[str, str | bytes], ...]

@@ -63,7 +63,8 @@ class ServerProcess:
     def health(self) -> int:
         with grpc.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            status: int = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            return status
 
     def __enter__(self) -> ServerProcess:
         return self.start()

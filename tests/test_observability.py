@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -69,7 +70,8 @@ def test_every_call_gets_a_request_id_in_trailing_metadata(
     assert ("x-request-id", "device-7:frame-42") in call.trailing_metadata()
     with pytest.raises(grpc.RpcError) as caught:
         stub.GetData(pb.GetDataRequest(id="missing"))
-    assert any(k == "x-request-id" for k, _ in caught.value.trailing_metadata())
+    trailing: Any = caught.value.trailing_metadata()
+    assert any(key == "x-request-id" for key, _ in trailing)
 
 
 @pytest.fixture
