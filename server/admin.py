@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from metalake.metadata import format_datetime
 from server.auth import Role, Tokens
-from server.catalog import SqlCatalog, schema_revision
+from server.catalog import Organization, SqlCatalog, schema_revision
 from server.config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -70,6 +71,66 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     revoke.set_defaults(func=_token_revoke)
     for parser in (create, listing, revoke):
         _storage_options(parser)
+    add_org_commands(subparsers)
+
+
+def add_org_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    org = subparsers.add_parser(
+        "org",
+        help="an organization's usage and limits",
+        description="Show or set an organization's storage quota and maximum file size.",
+    )
+    actions = org.add_subparsers(dest="org_action", required=True)
+    show = actions.add_parser("show", help="usage and limits of an organization")
+    show.add_argument("org")
+    show.set_defaults(func=_org_show)
+    limits = actions.add_parser(
+        "limits",
+        help="set an organization's limits (omitted: the server's defaults)",
+        epilog="example: metalake org limits acme --storage-quota 500000000000 "
+        "--max-file-size 2000000000",
+    )
+    limits.add_argument("org")
+    limits.add_argument("--max-file-size", type=int, help="bytes")
+    limits.add_argument("--storage-quota", type=int, help="bytes")
+    limits.set_defaults(func=_org_limits)
+    for parser in (show, limits):
+        _storage_options(parser)
+
+
+def _org_show(args: argparse.Namespace) -> int:
+    async def action(catalog: SqlCatalog) -> Organization:
+        return await catalog.organization(args.org)
+
+    found = _with_catalog(args, action)
+    _print(
+        args,
+        asdict(found),
+        f"{found.org}: {found.used_bytes} bytes used, quota {found.storage_quota}, "
+        f"max file size {found.max_file_size}",
+    )
+    return EXIT_OK
+
+
+def _org_limits(args: argparse.Namespace) -> int:
+    async def action(catalog: SqlCatalog) -> None:
+        await catalog.set_organization_limits(
+            args.org, max_file_size=args.max_file_size, storage_quota=args.storage_quota
+        )
+
+    _with_catalog(args, action)
+    return _org_show(args)
+
+
+def _with_catalog(args: argparse.Namespace, action: Any) -> Any:
+    async def run() -> Any:
+        catalog = _open_catalog(_settings(args))
+        try:
+            return await action(catalog)
+        finally:
+            await catalog.close()
+
+    return asyncio.run(run())
 
 
 def _storage_options(parser: argparse.ArgumentParser) -> None:
@@ -121,14 +182,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _with_tokens(args: argparse.Namespace, action: Any) -> Any:
-    async def run() -> Any:
-        catalog = _open_catalog(_settings(args))
-        try:
-            return await action(Tokens(catalog))
-        finally:
-            await catalog.close()
-
-    return asyncio.run(run())
+    return _with_catalog(args, lambda catalog: action(Tokens(catalog)))
 
 
 def _token_create(args: argparse.Namespace) -> int:

@@ -75,7 +75,12 @@ def build_datalake(settings: Settings) -> Datalake:
         extract_timeout=settings.extract_timeout,
         download_chunk_size=settings.download_chunk_size,
         upload_ttl=timedelta(seconds=settings.upload_ttl),
-        limits=Limits(settings.max_concurrent_uploads, settings.max_file_size),
+        limits=Limits(
+            max_concurrent_uploads=settings.max_concurrent_uploads,
+            max_file_size=settings.max_file_size,
+            org_max_file_size=settings.org_max_file_size,
+            org_storage_quota=settings.org_storage_quota,
+        ),
     )
 
 

@@ -30,19 +30,28 @@ from sqlalchemy import (
     delete,
     event,
     false,
+    func,
     insert,
     or_,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
-from server.errors import ConflictError, NotFoundError, invalid_field
+from server.errors import ConflictError, NotFoundError, ResourceExhaustedError, invalid_field
 from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
-from server.schema import data_table, data_tags_table, tokens_table, uploads_table
+from server.schema import (
+    data_table,
+    data_tags_table,
+    organizations_table,
+    tokens_table,
+    uploads_table,
+)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -112,6 +121,16 @@ class TokenRecord:
 
 
 @dataclass(frozen=True)
+class Organization:
+    """An organization's usage and its own limits (None: the server's defaults apply)."""
+
+    org: str
+    used_bytes: int = 0
+    max_file_size: int | None = None
+    storage_quota: int | None = None
+
+
+@dataclass(frozen=True)
 class Page:
     records: list[DataRecord]
     next_page_token: str
@@ -120,7 +139,19 @@ class Page:
 class Catalog(Protocol):
     """What the datalake needs from a catalog, whatever engine holds it."""
 
-    async def add(self, record: DataRecord, *, upload: UploadRecord | None = None) -> None: ...
+    async def add(
+        self,
+        record: DataRecord,
+        *,
+        upload: UploadRecord | None = None,
+        default_quota: int | None = None,
+    ) -> None: ...
+
+    async def organization(self, org: str) -> Organization: ...
+
+    async def set_organization_limits(
+        self, org: str, *, max_file_size: int | None, storage_quota: int | None
+    ) -> None: ...
 
     async def get(self, org: str, data_id: str) -> DataRecord: ...
 
@@ -203,9 +234,50 @@ class SqlCatalog:
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
 
-    async def add(self, record: DataRecord, *, upload: UploadRecord | None = None) -> None:
-        """Store an item; with `upload`, also mark that resumable upload finished by it."""
-        await self._run(lambda: self._add(record, upload), write=True)
+    async def add(
+        self,
+        record: DataRecord,
+        *,
+        upload: UploadRecord | None = None,
+        default_quota: int | None = None,
+    ) -> None:
+        """Store an item, counting its bytes against its organization's storage quota (its own,
+        else `default_quota`); with `upload`, also mark that resumable upload finished by it."""
+        await self._run(lambda: self._add(record, upload, default_quota), write=True)
+
+    async def organization(self, org: str) -> Organization:
+        statement = select(organizations_table).where(organizations_table.c.org == org)
+
+        def work() -> Organization:
+            with self._engine.connect() as connection:
+                row = connection.execute(statement).mappings().first()
+            return Organization(**row) if row is not None else Organization(org)
+
+        return await self._run(work)
+
+    async def set_organization_limits(
+        self, org: str, *, max_file_size: int | None, storage_quota: int | None
+    ) -> None:
+        def work() -> None:
+            with self._engine.begin() as connection:
+                self._ensure_organization(connection, org)
+                connection.execute(
+                    update(organizations_table)
+                    .where(organizations_table.c.org == org)
+                    .values(max_file_size=max_file_size, storage_quota=storage_quota)
+                )
+
+        await self._run(work, write=True)
+
+    def _ensure_organization(self, connection: Connection, org: str) -> None:
+        dialect_insert = (
+            postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        )
+        connection.execute(
+            dialect_insert(organizations_table)
+            .values(org=org, used_bytes=0)
+            .on_conflict_do_nothing(index_elements=["org"])
+        )
 
     async def get(self, org: str, data_id: str) -> DataRecord:
         return await self._run(lambda: self._get(org, data_id))
@@ -393,9 +465,29 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             return connection.execute(statement).scalar()
 
-    def _add(self, record: DataRecord, upload: UploadRecord | None) -> None:
+    def _add(
+        self, record: DataRecord, upload: UploadRecord | None, default_quota: int | None
+    ) -> None:
         try:
             with self._engine.begin() as connection:
+                self._ensure_organization(connection, record.org)
+                organizations = organizations_table.c
+                quota = func.coalesce(organizations.storage_quota, default_quota)
+                # One conditional UPDATE: concurrent uploads of one organization (even through
+                # other servers) cannot overshoot its quota together.
+                counted = connection.execute(
+                    update(organizations_table)
+                    .where(
+                        organizations.org == record.org,
+                        or_(quota.is_(None), organizations.used_bytes + record.size <= quota),
+                    )
+                    .values(used_bytes=organizations.used_bytes + record.size)
+                )
+                if counted.rowcount == 0:
+                    raise ResourceExhaustedError(
+                        f"storing {record.size} bytes would exceed the storage quota of "
+                        f"organization {record.org!r}"
+                    )
                 connection.execute(insert(data_table).values(**_record_to_row(record)))
                 if record.tags:
                     connection.execute(
@@ -495,6 +587,11 @@ class SqlCatalog:
                 raise NotFoundError(data_id)
             _check_etag(row, etag)
             record = self._records(connection, [row])[0]
+            connection.execute(
+                update(organizations_table)
+                .where(organizations_table.c.org == org)
+                .values(used_bytes=organizations_table.c.used_bytes - record.size)
+            )
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
             return record

@@ -33,6 +33,9 @@ class Settings:
     max_concurrent_uploads: int = 256
     # Largest file accepted, in bytes; None: no limit.
     max_file_size: int | None = None
+    # Defaults for every organization without limits of its own (`metalake org limits`).
+    org_max_file_size: int | None = None
+    org_storage_quota: int | None = None
     # Blobs no item refers to are reclaimed once this old (seconds): younger ones may be an
     # upload between its blob commit and its catalog commit.
     orphan_age: float = 3600.0
@@ -78,6 +81,10 @@ class Settings:
             )
         if env.get("METALAKE_MAX_FILE_SIZE"):
             settings = replace(settings, max_file_size=int(env["METALAKE_MAX_FILE_SIZE"]))
+        if env.get("METALAKE_ORG_MAX_FILE_SIZE"):
+            settings = replace(settings, org_max_file_size=int(env["METALAKE_ORG_MAX_FILE_SIZE"]))
+        if env.get("METALAKE_ORG_STORAGE_QUOTA"):
+            settings = replace(settings, org_storage_quota=int(env["METALAKE_ORG_STORAGE_QUOTA"]))
         if "METALAKE_ORPHAN_AGE" in env:
             settings = replace(settings, orphan_age=float(env["METALAKE_ORPHAN_AGE"]))
         if env.get("METALAKE_METRICS_LISTEN"):

@@ -87,6 +87,7 @@ class Datalake:
         earlier = await self._earlier_try(org, header)
         if earlier is not None:
             return earlier
+        max_size = await self._admit_organization(org)
         with self._admission():
             writer = await self.blobs.create_writer()
             try:
@@ -95,12 +96,26 @@ class Datalake:
                     writer,
                     filename=header.filename,
                     content_type=header.content_type,
-                    max_size=self._limits.max_file_size,
+                    max_size=max_size,
                 )
                 return await self._store(org, header, writer, spooled)
             except BaseException:
                 await writer.abort()
                 raise
+
+    async def _admit_organization(self, org: str) -> int | None:
+        """Refuse an upload of an organization already at its quota; its largest file size."""
+        organization = await self.catalog.organization(org)
+        quota = _first_set(organization.storage_quota, self._limits.org_storage_quota)
+        if quota is not None and organization.used_bytes >= quota:
+            raise ResourceExhaustedError(
+                f"organization {org!r} has used its storage quota of {quota} bytes"
+            )
+        sizes = [
+            self._limits.max_file_size,
+            _first_set(organization.max_file_size, self._limits.org_max_file_size),
+        ]
+        return min((s for s in sizes if s is not None), default=None)
 
     def start_draining(self) -> None:
         """Refuse new uploads from now on; those in flight go on."""
@@ -174,7 +189,9 @@ class Datalake:
         async with self._blob_locks.hold(record.blob_key):
             await writer.commit(record.blob_key)
             try:
-                await self.catalog.add(record, upload=upload)
+                await self.catalog.add(
+                    record, upload=upload, default_quota=self._limits.org_storage_quota
+                )
             except DuplicateRequestError as duplicate:
                 # A retry of this upload finished first: its item is this upload's answer.
                 await self._delete_blob_if_unused(record.blob_key)
@@ -241,7 +258,7 @@ class Datalake:
         staged = StagedFile(
             self.blobs.staging_path(upload.staging_key),
             upload.committed_size,
-            self._limits.max_file_size,
+            await self._admit_organization(org),
         )
         finished = False
         try:
@@ -427,6 +444,9 @@ class Limits:
 
     max_concurrent_uploads: int = 256
     max_file_size: int | None = None  # bytes; None: no limit
+    # Defaults for organizations without limits of their own (metalake org limits).
+    org_max_file_size: int | None = None
+    org_storage_quota: int | None = None
 
 
 @dataclass(frozen=True)
@@ -518,6 +538,10 @@ class StagedFile:
 def _flush_and_sync(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def _first_set(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
 
 
 def _read_head(path: Path | None) -> bytes:

@@ -100,3 +100,14 @@ tokens_table = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("revoked_at", BigInteger, nullable=True),
 )
+
+# Per organization: bytes its items use (kept in step with data, in the same transactions) and
+# its own limits; NULL limits fall back to the server's settings.
+organizations_table = Table(
+    "organizations",
+    metadata_obj,
+    Column("org", String(64), primary_key=True),
+    Column("used_bytes", BigInteger, nullable=False),
+    Column("max_file_size", BigInteger, nullable=True),
+    Column("storage_quota", BigInteger, nullable=True),
+)

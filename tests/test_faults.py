@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -164,3 +165,34 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
         blobs = {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
         assert blobs == set(listed.values())
         assert list((data_dir / "tmp").iterdir()) == []
+
+
+def test_storage_quotas_hold_per_organization(tmp_path: Path) -> None:
+    settings = replace(
+        Settings(data_dir=tmp_path, listen="127.0.0.1:0"),
+        org_storage_quota=1_000,
+        org_max_file_size=800,
+    )
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        first = upload(stub, os.urandom(600), "a")
+        with pytest.raises(grpc.RpcError) as caught:
+            upload(stub, os.urandom(801), "too-big")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as caught:
+            upload(stub, os.urandom(600), "over-quota")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "quota" in (caught.value.details() or "")
+        assert [d.id for d in stub.ListData(pb.ListDataRequest()).data] == [first.id]
+        assert len([p for p in (handle.data_dir / "blobs").rglob("*") if p.is_file()]) == 1
+
+        # Deleting frees the space; an organization's own limits override the defaults.
+        stub.DeleteData(pb.DeleteDataRequest(id=first.id))
+        assert upload(stub, os.urandom(600), "b").size == 600
+        asyncio.run_coroutine_threadsafe(
+            handle.running.datalake.catalog.set_organization_limits(
+                "default", max_file_size=None, storage_quota=10_000
+            ),
+            handle.loop,
+        ).result(30)
+        assert upload(stub, os.urandom(800), "c").size == 800

@@ -82,6 +82,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_uploads_expires_at", "uploads", ["expires_at"])
     op.create_table(
+        "organizations",
+        sa.Column("org", sa.String(64), primary_key=True),
+        sa.Column("used_bytes", sa.BigInteger, nullable=False),
+        sa.Column("max_file_size", sa.BigInteger, nullable=True),
+        sa.Column("storage_quota", sa.BigInteger, nullable=True),
+    )
+    op.create_table(
         "tokens",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
@@ -95,6 +102,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("tokens")
+    op.drop_table("organizations")
     op.drop_table("uploads")
     op.drop_table("data_tags")
     op.drop_table("data")
