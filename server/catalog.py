@@ -682,6 +682,8 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # Filters' wildcards match case-sensitively, as PostgreSQL's LIKE does.
+    cursor.execute("PRAGMA case_sensitive_like=ON")
     cursor.close()
 
 

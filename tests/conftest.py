@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy
 
 from metalake.v1 import datalake_pb2_grpc
 from server.app import RunningServer, start
+from server.catalog import SqlCatalog, engine_url
 from server.config import Settings
 
 
@@ -64,3 +68,56 @@ def channel(server_target: str) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel: grpc.Channel) -> datalake_pb2_grpc.DatalakeServiceStub:
     return datalake_pb2_grpc.DatalakeServiceStub(channel)
+
+
+# The catalog contract suite's engines: SQLite, and a real PostgreSQL.
+
+POSTGRES_URL = os.environ.get(
+    "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def postgres_or_skip() -> None:
+    """PostgreSQL tests skip where there is none, except where it is required (CI)."""
+    try:
+        engine = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except sqlalchemy.exc.OperationalError as error:
+        if os.environ.get("METALAKE_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here but unreachable at {POSTGRES_URL}: {error}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set METALAKE_TEST_POSTGRES_URL)")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL to a fresh, empty schema in the test database, dropped afterwards."""
+    postgres_or_skip()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.sqlite3'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def catalog(catalog_url: str) -> AsyncIterator[SqlCatalog]:
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    try:
+        yield catalog
+    finally:
+        await catalog.close()

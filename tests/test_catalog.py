@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -17,57 +15,6 @@ from alembic.runtime.migration import MigrationContext
 from server.catalog import DataRecord, SchemaError, SqlCatalog, engine_url
 from server.errors import InvalidArgumentError, NotFoundError
 from server.schema import metadata_obj
-
-POSTGRES_URL = os.environ.get(
-    "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-
-
-def postgres_or_skip() -> None:
-    """PostgreSQL tests skip where there is none, except where it is required (CI)."""
-    try:
-        engine = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
-        with engine.connect():
-            pass
-        engine.dispose()
-    except sqlalchemy.exc.OperationalError as error:
-        if os.environ.get("METALAKE_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL is required here but unreachable at {POSTGRES_URL}: {error}")
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} (set METALAKE_TEST_POSTGRES_URL)")
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL to a fresh, empty schema in the test database, dropped afterwards."""
-    postgres_or_skip()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'catalog.sqlite3'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def catalog(catalog_url: str) -> AsyncIterator[SqlCatalog]:
-    catalog = SqlCatalog.open(catalog_url, migrate=True)
-    try:
-        yield catalog
-    finally:
-        await catalog.close()
-
 
 _clock = datetime(2024, 1, 1, tzinfo=UTC)
 ORG = "acme"
