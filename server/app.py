@@ -81,6 +81,7 @@ def build_datalake(settings: Settings) -> Datalake:
             org_max_file_size=settings.org_max_file_size,
             org_storage_quota=settings.org_storage_quota,
         ),
+        event_retention=timedelta(seconds=settings.event_retention),
     )
 
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from enum import IntEnum
 from typing import Any, Protocol, TypeVar
 
 from alembic import command as alembic_command
@@ -34,6 +35,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     tuple_,
     update,
 )
@@ -44,10 +46,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from server.errors import ConflictError, NotFoundError, ResourceExhaustedError, invalid_field
-from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
+from server.filtering import EVENTS, FilterError, OrderKey, compile_filter, parse_order_by
 from server.schema import (
     data_table,
     data_tags_table,
+    event_log_table,
+    event_tags_table,
+    events_table,
     organizations_table,
     tokens_table,
     uploads_table,
@@ -130,6 +135,24 @@ class Organization:
     storage_quota: int | None = None
 
 
+class EventType(IntEnum):
+    """As in the contract's EventType."""
+
+    CREATED = 1
+    UPDATED = 2
+    DELETED = 3
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change of one item: the item after it (before it, for a deletion)."""
+
+    seq: int
+    type: EventType
+    time: datetime
+    record: DataRecord
+
+
 @dataclass(frozen=True)
 class Page:
     records: list[DataRecord]
@@ -197,6 +220,14 @@ class Catalog(Protocol):
     async def revoke_token(self, token_id: str, at: datetime) -> bool: ...
 
     async def has_active_tokens(self) -> bool: ...
+
+    async def events_after(self, org: str, seq: int, *, filter: str, limit: int) -> list[Event]: ...
+
+    async def last_event_seq(self) -> int: ...
+
+    async def pruned_through(self) -> int: ...
+
+    async def prune_events(self, before: datetime) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -500,6 +531,7 @@ class SqlCatalog:
                         .where(uploads_table.c.staging_key == upload.staging_key)
                         .values(data_id=record.id)
                     )
+                self._record_event(connection, EventType.CREATED, record, record.created_at)
         except IntegrityError:
             # The unique request id is the arbiter between concurrent retries of one upload.
             existing = (
@@ -574,7 +606,9 @@ class SqlCatalog:
                 .mappings()
                 .one()
             )
-            return self._records(connection, [new_row])[0]
+            updated = self._records(connection, [new_row])[0]
+            self._record_event(connection, EventType.UPDATED, updated, updated_at)
+            return updated
 
     def _delete(self, org: str, data_id: str, etag: str) -> DataRecord:
         with self._engine.begin() as connection:
@@ -594,7 +628,100 @@ class SqlCatalog:
             )
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
+            self._record_event(connection, EventType.DELETED, record, datetime.now(UTC))
             return record
+
+    def _record_event(
+        self, connection: Connection, event_type: EventType, record: DataRecord, at: datetime
+    ) -> None:
+        if self._engine.dialect.name == "postgresql":
+            # Sequence numbers are handed out at insert but become visible at commit; holding
+            # this lock to the commit makes them visible in order, so a watcher that read up
+            # to seq N never later finds a smaller one. SQLite serialises writes anyway.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENTS_LOCK})
+        row = _record_to_row(record) | {
+            "event_type": int(event_type),
+            "event_time": _to_micros(at),
+        }
+        seq = connection.execute(
+            insert(events_table).values(row).returning(events_table.c.seq)
+        ).scalar_one()
+        if record.tags:
+            connection.execute(
+                insert(event_tags_table), [{"seq": seq, "tag": tag} for tag in record.tags]
+            )
+
+    async def events_after(self, org: str, seq: int, *, filter: str, limit: int) -> list[Event]:
+        """The organization's events after `seq` that match `filter`, oldest first."""
+        try:
+            condition = compile_filter(filter, EVENTS)
+        except FilterError as error:
+            raise invalid_field("filter", str(error)) from None
+        conditions = [events_table.c.org == org, events_table.c.seq > seq]
+        if condition is not None:
+            conditions.append(condition)
+        statement = (
+            select(events_table).where(*conditions).order_by(events_table.c.seq).limit(limit)
+        )
+
+        def work() -> list[Event]:
+            with self._engine.connect() as connection:
+                rows = list(connection.execute(statement).mappings())
+                tags: dict[int, list[str]] = {row["seq"]: [] for row in rows}
+                if rows:
+                    for event_seq, tag in connection.execute(
+                        select(event_tags_table.c.seq, event_tags_table.c.tag)
+                        .where(event_tags_table.c.seq.in_(list(tags)))
+                        .order_by(event_tags_table.c.seq, event_tags_table.c.tag)
+                    ):
+                        tags[event_seq].append(tag)
+            return [
+                Event(
+                    seq=row["seq"],
+                    type=EventType(row["event_type"]),
+                    time=_from_micros(row["event_time"]),
+                    record=_row_to_record(row, tuple(tags[row["seq"]])),
+                )
+                for row in rows
+            ]
+
+        return await self._run(work)
+
+    async def last_event_seq(self) -> int:
+        statement = select(func.max(events_table.c.seq))
+        return int(await self._run(lambda: self._scalar(statement)) or 0)
+
+    async def pruned_through(self) -> int:
+        statement = select(event_log_table.c.pruned_through).where(event_log_table.c.id == 1)
+        return int(await self._run(lambda: self._scalar(statement)) or 0)
+
+    async def prune_events(self, before: datetime) -> int:
+        """Forget events older than `before`; watchers resuming from them will be told."""
+
+        def work() -> int:
+            with self._engine.begin() as connection:
+                last = connection.execute(
+                    select(func.max(events_table.c.seq)).where(
+                        events_table.c.event_time < _to_micros(before)
+                    )
+                ).scalar()
+                if last is None:
+                    return 0
+                connection.execute(delete(event_tags_table).where(event_tags_table.c.seq <= last))
+                pruned = connection.execute(
+                    delete(events_table).where(events_table.c.seq <= last)
+                ).rowcount
+                # Pruning goes oldest first, so `last` only ever grows.
+                updated = connection.execute(
+                    update(event_log_table)
+                    .where(event_log_table.c.id == 1)
+                    .values(pruned_through=last)
+                ).rowcount
+                if not updated:
+                    connection.execute(insert(event_log_table).values(id=1, pruned_through=last))
+                return int(pruned)
+
+        return await self._run(work, write=True)
 
     def _records(self, connection: Connection, rows: Sequence[RowMapping]) -> list[DataRecord]:
         tags: dict[str, list[str]] = {row["id"]: [] for row in rows}
@@ -607,6 +734,9 @@ class SqlCatalog:
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+
+
+_EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 
 
 def _item(org: str, data_id: str) -> ColumnElement[bool]:

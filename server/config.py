@@ -36,6 +36,8 @@ class Settings:
     # Defaults for every organization without limits of its own (`metalake org limits`).
     org_max_file_size: int | None = None
     org_storage_quota: int | None = None
+    # WatchData can resume from events this recent (seconds); older ones are discarded.
+    event_retention: float = 7 * 24 * 3600.0
     # Blobs no item refers to are reclaimed once this old (seconds): younger ones may be an
     # upload between its blob commit and its catalog commit.
     orphan_age: float = 3600.0
@@ -85,6 +87,8 @@ class Settings:
             settings = replace(settings, org_max_file_size=int(env["METALAKE_ORG_MAX_FILE_SIZE"]))
         if env.get("METALAKE_ORG_STORAGE_QUOTA"):
             settings = replace(settings, org_storage_quota=int(env["METALAKE_ORG_STORAGE_QUOTA"]))
+        if "METALAKE_EVENT_RETENTION" in env:
+            settings = replace(settings, event_retention=float(env["METALAKE_EVENT_RETENTION"]))
         if "METALAKE_ORPHAN_AGE" in env:
             settings = replace(settings, orphan_age=float(env["METALAKE_ORPHAN_AGE"]))
         if env.get("METALAKE_METRICS_LISTEN"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import tempfile
@@ -17,7 +18,14 @@ from typing import BinaryIO
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
-from server.catalog import Catalog, DataRecord, DuplicateRequestError, Page, UploadRecord
+from server.catalog import (
+    Catalog,
+    DataRecord,
+    DuplicateRequestError,
+    Event,
+    Page,
+    UploadRecord,
+)
 from server.errors import (
     DataLossError,
     InvalidArgumentError,
@@ -63,6 +71,8 @@ class Datalake:
         download_chunk_size: int,
         upload_ttl: timedelta = timedelta(hours=24),
         limits: Limits | None = None,
+        event_retention: timedelta = timedelta(days=7),
+        watch_interval: float = 0.25,
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
@@ -73,6 +83,8 @@ class Datalake:
         self._blob_locks = _KeyedLocks()
         self._upload_locks = _KeyedLocks()
         self._upload_ttl = upload_ttl
+        self._event_retention = event_retention
+        self._watch_interval = watch_interval
         self._limits = limits or Limits()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -321,6 +333,7 @@ class Datalake:
                 await self.blobs.discard_staged(key)
                 garbage.orphan_staging_files += 1
         cutoff = now - orphan_age
+        await self.catalog.prune_events(now - self._event_retention)
         for key, modified in await asyncio.to_thread(self.blobs.blob_keys):
             if modified < cutoff:
                 async with self._blob_locks.hold(key):
@@ -416,6 +429,33 @@ class Datalake:
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
         return Download(record, chunks)
+
+    async def watch(
+        self, org: str, *, filter: str, resume_token: str
+    ) -> AsyncIterator[tuple[Event, str]]:
+        """The organization's events after the token (or from now), each with its own token.
+
+        Polls the catalog, so every server sees every server's changes. Raises OutOfRangeError
+        when events the watcher has not seen were already discarded.
+        """
+        after = (
+            _decode_resume_token(resume_token)
+            if resume_token
+            else await self.catalog.last_event_seq()
+        )
+        while True:
+            pruned = await self.catalog.pruned_through()
+            if after < pruned:
+                raise OutOfRangeError(
+                    f"this watcher fell too far behind: events up to {pruned} were discarded "
+                    f"(kept {self._event_retention}). List the data again, then watch from now."
+                )
+            events = await self.catalog.events_after(org, after, filter=filter, limit=500)
+            for event in events:
+                after = event.seq
+                yield event, _encode_resume_token(event.seq)
+            if not events:
+                await asyncio.sleep(self._watch_interval)
 
     async def extract(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
         """What fill_metadata would fill for this file; nothing is stored."""
@@ -538,6 +578,21 @@ class StagedFile:
 def _flush_and_sync(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def _encode_resume_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"ev1:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_resume_token(token: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, seq = text.split(":")
+        if version != "ev1":
+            raise ValueError(version)
+        return int(seq)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_field("resume_token", "is not a token this service issued") from None
 
 
 def _first_set(*values: int | None) -> int | None:

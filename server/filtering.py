@@ -24,11 +24,11 @@ from lark.exceptions import (
     UnexpectedInput,
     VisitError,
 )
-from sqlalchemy import and_, exists, not_, or_, select, true
+from sqlalchemy import Column, Table, and_, exists, not_, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, STRING_FIELDS, parse_datetime
-from server.schema import data_table, data_tags_table
+from server.schema import data_table, data_tags_table, event_tags_table, events_table
 
 MAX_FILTER_LENGTH = 4096
 MAX_DEPTH = 32
@@ -85,13 +85,27 @@ class FilterError(ValueError):
 
 
 @dataclass(frozen=True)
+class FilterTarget:
+    """The tables a filter runs over: rows shaped like `data`, and their tags."""
+
+    table: Table
+    tags: Table
+    tags_key: Column[Any]  # the tags' reference to a row
+    key: Column[Any]  # a row's own key
+
+
+ITEMS = FilterTarget(data_table, data_tags_table, data_tags_table.c.data_id, data_table.c.id)
+EVENTS = FilterTarget(events_table, event_tags_table, event_tags_table.c.seq, events_table.c.seq)
+
+
+@dataclass(frozen=True)
 class OrderKey:
     field: str
     descending: bool
 
 
-def compile_filter(text: str) -> ColumnElement[bool] | None:
-    """The SQL condition for an AIP-160 filter; None for a blank one."""
+def compile_filter(text: str, target: FilterTarget = ITEMS) -> ColumnElement[bool] | None:
+    """The SQL condition for an AIP-160 filter over `target`; None for a blank one."""
     if not text.strip():
         return None
     if len(text) > MAX_FILTER_LENGTH:
@@ -104,7 +118,7 @@ def compile_filter(text: str) -> ColumnElement[bool] | None:
         raise FilterError(f"cannot be parsed: {error}") from None
     _check_depth(tree)
     try:
-        condition: ColumnElement[bool] | None = _ToSql().transform(tree)
+        condition: ColumnElement[bool] | None = _ToSql(target).transform(tree)
     except VisitError as error:
         if isinstance(error.orig_exc, FilterError):
             raise error.orig_exc from None
@@ -182,6 +196,10 @@ def _unquote(token: str) -> str:
 
 @v_args(inline=True)
 class _ToSql(Transformer[Token, Any]):
+    def __init__(self, target: FilterTarget) -> None:
+        super().__init__()
+        self._target = target
+
     def empty(self) -> None:
         return None
 
@@ -211,10 +229,11 @@ class _ToSql(Transformer[Token, Any]):
     def has(self, field: Token, value: _Value) -> ColumnElement[bool]:
         name = str(field)
         if name == "tags":
-            conditions = [data_tags_table.c.data_id == data_table.c.id]
+            target = self._target
+            conditions = [target.tags_key == target.key]
             if value.kind != "star":
-                conditions.append(data_tags_table.c.tag == value.text)
-            tagged = select(data_tags_table.c.data_id).where(*conditions).correlate(data_table)
+                conditions.append(target.tags.c.tag == value.text)
+            tagged = select(target.tags_key).where(*conditions).correlate(target.table)
             return exists(tagged)
         _check_field(name, field)
         if value.kind != "star":
@@ -223,7 +242,7 @@ class _ToSql(Transformer[Token, Any]):
                 f"presence ({name}:*)",
                 field.start_pos,
             )
-        column = data_table.c[name]
+        column = self._target.table.c[name]
         return column.is_not(None) if name in _OPTIONAL_FIELDS else true()
 
     def compare(self, field: Token, operator: Token, value: _Value) -> ColumnElement[bool]:
@@ -231,7 +250,7 @@ class _ToSql(Transformer[Token, Any]):
         if name == "tags":
             raise FilterError('tags are tested with ":", as in tags:"x"', field.start_pos)
         _check_field(name, field)
-        column = data_table.c[name]
+        column = self._target.table.c[name]
         if name in _NUMBER_FIELDS:
             if value.kind != "number":
                 raise FilterError(f"{name} is a number; {value.text!r} is not", field.start_pos)

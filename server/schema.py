@@ -111,3 +111,33 @@ organizations_table = Table(
     Column("max_file_size", BigInteger, nullable=True),
     Column("storage_quota", BigInteger, nullable=True),
 )
+
+# The change log behind WatchData: one row per item created, updated or deleted, with a full
+# snapshot of the item after the change (before it, for deletions), so that a watcher's filter
+# applies to what the item was then. seq orders events; it never goes backwards or repeats.
+events_table = Table(
+    "events",
+    metadata_obj,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("event_type", Integer, nullable=False),
+    Column("event_time", BigInteger, nullable=False),
+    *(Column(c.name, c.type, nullable=c.nullable) for c in data_table.columns),
+    Index("ix_events_org_seq", "org", "seq"),
+    Index("ix_events_event_time", "event_time"),
+    sqlite_autoincrement=True,
+)
+
+event_tags_table = Table(
+    "event_tags",
+    metadata_obj,
+    Column("seq", BigInteger, ForeignKey("events.seq", ondelete="CASCADE"), primary_key=True),
+    Column("tag", Text, primary_key=True),
+)
+
+# Events up to `pruned_through` were deleted: a watcher resuming from before it missed some.
+event_log_table = Table(
+    "event_log",
+    metadata_obj,
+    Column("id", Integer, primary_key=True),
+    Column("pruned_through", BigInteger, nullable=False),
+)

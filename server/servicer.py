@@ -272,15 +272,20 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def WatchData(
         self, request: pb.WatchDataRequest, context: Context
     ) -> AsyncIterator[pb.WatchDataResponse]:
-        await _abort(
-            context,
-            rpc_status.to_status(
-                status_pb2.Status(
-                    code=code_pb2.UNIMPLEMENTED, message="WatchData is not served yet"
-                )
-            ),
+        events = self._datalake.watch(
+            _org(), filter=request.filter, resume_token=request.resume_token
         )
-        yield pb.WatchDataResponse()  # unreachable: abort raises; makes this a generator
+        try:
+            async for event, token in events:
+                yield pb.WatchDataResponse(
+                    type=int(event.type),  # type: ignore[arg-type]
+                    data_id=event.record.id,
+                    data=data_to_proto(event.record),
+                    resume_token=token,
+                    event_time=_timestamp(event.time),
+                )
+        except DatalakeError as error:
+            await _abort(context, _status_of(error))
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.

@@ -7,6 +7,8 @@ Create Date: 2026-11-24
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -29,10 +31,10 @@ _STRINGS = (
 )
 
 
-def upgrade() -> None:
-    op.create_table(
-        "data",
-        sa.Column("id", sa.String(36), primary_key=True),
+def _data_columns(*, primary: bool = False) -> list[sa.Column[Any]]:
+    """The columns of an item; events keep snapshots with the same ones."""
+    return [
+        sa.Column("id", sa.String(36), primary_key=primary, nullable=False),
         sa.Column("org", sa.String(64), nullable=False),
         sa.Column("filename", sa.Text, nullable=False),
         sa.Column("size", sa.BigInteger, nullable=False),
@@ -48,7 +50,11 @@ def upgrade() -> None:
         sa.Column("acquired_at", sa.BigInteger, nullable=True),
         sa.Column("acquired_at_offset", sa.Integer, nullable=True),
         *(sa.Column(name, sa.Text, nullable=True) for name in _STRINGS),
-    )
+    ]
+
+
+def upgrade() -> None:
+    op.create_table("data", *_data_columns(primary=True))
     op.create_index("ix_data_created_at", "data", ["org", "created_at", "id"])
     op.create_index("ix_data_acquired_at", "data", ["org", "acquired_at", "id"])
     op.create_index("ix_data_latitude_longitude", "data", ["org", "latitude", "longitude"])
@@ -99,8 +105,37 @@ def upgrade() -> None:
         sa.Column("revoked_at", sa.BigInteger, nullable=True),
     )
 
+    op.create_table(
+        "events",
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+        sa.Column("event_type", sa.Integer, nullable=False),
+        sa.Column("event_time", sa.BigInteger, nullable=False),
+        *_data_columns(),
+        sqlite_autoincrement=True,
+    )
+    op.create_index("ix_events_org_seq", "events", ["org", "seq"])
+    op.create_index("ix_events_event_time", "events", ["event_time"])
+    op.create_table(
+        "event_tags",
+        sa.Column(
+            "seq",
+            sa.BigInteger,
+            sa.ForeignKey("events.seq", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("tag", sa.Text, primary_key=True),
+    )
+    op.create_table(
+        "event_log",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("pruned_through", sa.BigInteger, nullable=False),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("event_log")
+    op.drop_table("event_tags")
+    op.drop_table("events")
     op.drop_table("tokens")
     op.drop_table("organizations")
     op.drop_table("uploads")
