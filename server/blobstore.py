@@ -37,6 +37,9 @@ class BlobWriter(Protocol):
     async def write(self, chunk: bytes) -> None:
         """Append bytes."""
 
+    async def flush(self) -> None:
+        """Make every byte written so far readable through `spool_path`."""
+
     async def commit(self, key: str) -> None:
         """Make the bytes durable and readable under `key`, replacing nothing else."""
 
@@ -197,6 +200,9 @@ class LocalBlobWriter:
         self._hash.update(chunk)
         self._handle.write(chunk)
         self._size += len(chunk)
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self._handle.flush)
 
     async def commit(self, key: str) -> None:
         await asyncio.to_thread(self._commit, key)

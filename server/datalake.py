@@ -345,6 +345,7 @@ class Datalake:
     async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
         if not header.fill_metadata:
             return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
+        await writer.flush()
         spool = writer.spool_path
         if spool is None:
             raise NotImplementedError("metadata extraction needs a store that spools locally")

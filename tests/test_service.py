@@ -385,3 +385,42 @@ def test_health_and_reflection_are_on(channel: grpc.Channel) -> None:
     )
     names = {s.name for a in answers for s in a.list_services_response.service}
     assert "metalake.v1.DatalakeService" in names
+
+
+def exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"  # Make
+    exif[0x0131] = "GIMP 2.4.5"  # Software
+    exif[0x0132] = "2008:05:30 15:56:01"  # DateTime
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: "N", 2: (43.0, 36.0, 0.0), 3: "E", 4: (1.0, 26.0, 24.0)})
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_fill_metadata_fills_what_the_client_did_not_give(stub: Stub) -> None:
+    data = upload(
+        stub, exif_jpeg(), "canon.jpg", metadata={"manufacturer": "Mine"}, fill_metadata=True
+    )
+    values, _ = md.from_proto(data.metadata)
+    assert values["manufacturer"] == "Mine"  # the client's value wins
+    assert values["software"] == "GIMP 2.4.5"
+    assert values["acquired_at"] == datetime(2008, 5, 30, 15, 56, 1)
+    assert values["latitude"] == pytest.approx(43.6)
+    assert values["longitude"] == pytest.approx(1.44)
+    assert data.metadata_sources["manufacturer"] == "client"
+    assert data.metadata_sources["software"] == "pillow"
+    assert data.metadata_sources["latitude"] == "gps"
+    without = upload(stub, exif_jpeg(), "canon.jpg")
+    assert not without.metadata.HasField("software")  # nothing filled unless asked
+
+
+def test_a_file_the_extractors_choke_on_still_uploads(stub: Stub) -> None:
+    broken = exif_jpeg()[:200] + b"\xff" * 64 + os.urandom(500)
+    data = upload(stub, broken, "broken.jpg", fill_metadata=True, metadata={"weather": "rain"})
+    assert data.size == len(broken)
+    values, problems = md.from_proto(data.metadata)
+    assert problems == []  # whatever was salvaged is valid
+    assert values["weather"] == "rain"
+    assert data.metadata_sources["weather"] == "client"
