@@ -1,1 +1,1 @@
-"""Benchmarks run by `make bench`: each reports ratios against a baseline measured in the same run."""
+"""Benchmarks for `make bench`: ratios against baselines measured in the same run."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from extractors.registry import ExtractorRegistry
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 from server.auth import AuthInterceptor, Tokens
-from server.blobstore import LocalBlobStore
+from server.blobstore import BlobStore, LocalBlobStore
 from server.catalog import SqlCatalog
 from server.config import Settings
 from server.datalake import Datalake, Limits
@@ -27,6 +28,7 @@ from server.observability import (
     configure_logging,
     start_metrics_server,
 )
+from server.s3blobstore import S3BlobStore
 from server.servicer import DatalakeServicer
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,14 @@ def build_datalake(settings: Settings) -> Datalake:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog_url, migrate = settings.catalog()
     catalog = SqlCatalog.open(catalog_url, migrate=migrate)
-    blobs = LocalBlobStore(settings.data_dir)
-    # The embedded default has one server per data directory, so whatever a previous process
-    # left half-written is garbage now.
+    blobs: BlobStore
+    if settings.blob_url:
+        # data_dir still holds this server's spool and resumable staging.
+        blobs = S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
+    else:
+        blobs = LocalBlobStore(settings.data_dir)
+    # Each server has its own data directory (spool, staging), so whatever a previous process
+    # of this server left half-written there is garbage now.
     discarded = blobs.discard_spooled()
     if discarded:
         log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
@@ -106,6 +113,11 @@ def is_loopback(listen: str) -> bool:
 
 async def start(settings: Settings) -> RunningServer:
     """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
+    # Catalog and blob calls run in worker threads; asyncio's default pool (a handful of
+    # threads on a small machine) would make concurrent uploads queue behind each other.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
+    )
     datalake = build_datalake(settings)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):

@@ -50,8 +50,9 @@ class BlobWriter(Protocol):
 class BlobStore(Protocol):
     """Keyed, immutable blobs."""
 
-    async def create_writer(self) -> BlobWriter:
-        """Start a new blob."""
+    async def create_writer(self, *, spool: bool = True) -> BlobWriter:
+        """Start a new blob; with `spool`, its bytes are also readable at `spool_path` (for the
+        extractors) until commit or abort."""
 
     def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
@@ -82,6 +83,14 @@ class BlobStore(Protocol):
     def staged_upload_ids(self) -> list[str]:
         """Blocking: the ids of every upload with a staging file."""
 
+    def discard_spooled(self) -> int:
+        """Blocking: remove what uploads of a previous process left half-written; only safe
+        while this server runs no upload, i.e. at start-up."""
+
+    def discard_abandoned(self, older_than: datetime) -> int:
+        """Blocking: remove bytes of uploads begun before `older_than` and never finished (by
+        any server sharing the store)."""
+
 
 class LocalBlobStore:
     """Blobs as files under a directory: `blobs/ab/cd/<key>`, spooled under `tmp/`."""
@@ -104,6 +113,14 @@ class LocalBlobStore:
             count += 1
         return count
 
+    def discard_abandoned(self, older_than: datetime) -> int:
+        count = 0
+        for leftover in self._tmp.iterdir():
+            if datetime.fromtimestamp(leftover.stat().st_mtime, UTC) < older_than:
+                leftover.unlink(missing_ok=True)
+                count += 1
+        return count
+
     def path_for(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef" for c in key):
             # Keys are content hashes chosen by the server; anything else is a bug, and must
@@ -111,7 +128,8 @@ class LocalBlobStore:
             raise ValueError(f"invalid blob key {key!r}")
         return self._blobs / key[:2] / key[2:4] / key
 
-    async def create_writer(self) -> LocalBlobWriter:
+    async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
+        # The spool is where the bytes are written anyway: `spool` changes nothing here.
         path = self._tmp / f"{uuid.uuid4().hex}.part"
         # Opened on the event loop, not in a worker thread: if the upload is cancelled while a
         # thread creates the file, nobody would be left to remove it.

@@ -12,7 +12,8 @@ import binascii
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
@@ -229,6 +230,8 @@ class Catalog(Protocol):
 
     async def prune_events(self, before: datetime) -> int: ...
 
+    def hold_blob(self, blob_key: str) -> AbstractAsyncContextManager[None]: ...
+
     async def close(self) -> None: ...
 
 
@@ -261,6 +264,36 @@ class SqlCatalog:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    @asynccontextmanager
+    async def hold_blob(self, blob_key: str) -> AsyncIterator[None]:
+        """Exclusive use of a blob key across every server sharing this catalog: between
+        deciding a blob is unused and deleting it, nobody may commit the same content.
+
+        On PostgreSQL, a session advisory lock, taken with polling rather than a blocking call
+        so that waiters do not pin worker threads. SQLite serves one server: nothing to do.
+        """
+        if self._engine.dialect.name != "postgresql":
+            yield
+            return
+        lock_id = int(blob_key[:15], 16)
+        connection = await asyncio.to_thread(self._engine.connect)
+        try:
+            # The lock lives in PostgreSQL, so there is no local event to wait on: poll it.
+            while not await asyncio.to_thread(  # noqa: ASYNC110
+                lambda: connection.execute(select(func.pg_try_advisory_lock(lock_id))).scalar()
+            ):
+                await asyncio.sleep(0.01)
+            try:
+                yield
+            finally:
+                await asyncio.shield(
+                    asyncio.to_thread(
+                        lambda: connection.execute(select(func.pg_advisory_unlock(lock_id)))
+                    )
+                )
+        finally:
+            await asyncio.shield(asyncio.to_thread(connection.close))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)

@@ -18,6 +18,8 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     # None: the embedded SQLite catalog in data_dir, created and migrated without asking.
     catalog_url: str | None = None
+    # None: blobs as files under data_dir. s3://bucket/prefix: S3-compatible object storage.
+    blob_url: str | None = None
     # Bring an older or empty catalog schema up to date at start-up.
     migrate: bool = False
     # Bytes per DownloadData chunk: big enough to amortise per-message cost, far below the
@@ -75,6 +77,8 @@ class Settings:
             settings = replace(settings, listen=env["METALAKE_LISTEN"])
         if env.get("METALAKE_CATALOG_URL"):
             settings = replace(settings, catalog_url=env["METALAKE_CATALOG_URL"])
+        if env.get("METALAKE_BLOB_URL"):
+            settings = replace(settings, blob_url=env["METALAKE_BLOB_URL"])
         if env.get("METALAKE_MIGRATE", "").lower() in ("1", "true", "yes"):
             settings = replace(settings, migrate=True)
         if "METALAKE_MAX_CONCURRENT_UPLOADS" in env:

@@ -101,7 +101,7 @@ class Datalake:
             return earlier
         max_size = await self._admit_organization(org)
         with self._admission():
-            writer = await self.blobs.create_writer()
+            writer = await self.blobs.create_writer(spool=header.fill_metadata)
             try:
                 spooled = await receive(
                     chunks,
@@ -198,7 +198,7 @@ class Datalake:
             tags=tuple(sorted(set(header.tags))),
             request_id=header.request_id,
         )
-        async with self._blob_locks.hold(record.blob_key):
+        async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
             await writer.commit(record.blob_key)
             try:
                 await self.catalog.add(
@@ -275,6 +275,8 @@ class Datalake:
         finished = False
         try:
             await staged.open()
+            if staged.committed < upload.committed_size:
+                await self.catalog.set_upload_committed(upload, staged.committed)
             async for write in writes:
                 await staged.write(write.offset, write.data)
                 if staged.unsynced >= _SYNC_EVERY:
@@ -334,9 +336,13 @@ class Datalake:
                 garbage.orphan_staging_files += 1
         cutoff = now - orphan_age
         await self.catalog.prune_events(now - self._event_retention)
+        # An upload still running after its TTL is abandoned, whichever server began it.
+        garbage.abandoned_uploads = await asyncio.to_thread(
+            self.blobs.discard_abandoned, now - self._upload_ttl
+        )
         for key, modified in await asyncio.to_thread(self.blobs.blob_keys):
             if modified < cutoff:
-                async with self._blob_locks.hold(key):
+                async with self._blob_locks.hold(key), self.catalog.hold_blob(key):
                     if not await self.catalog.blob_in_use(key):
                         await self.blobs.delete(key)
                         garbage.orphan_blobs += 1
@@ -413,7 +419,7 @@ class Datalake:
 
     async def _release_blob(self, blob_key: str) -> None:
         """Delete a blob no item refers to any more; identical content shares one blob."""
-        async with self._blob_locks.hold(blob_key):
+        async with self._blob_locks.hold(blob_key), self.catalog.hold_blob(blob_key):
             await self._delete_blob_if_unused(blob_key)
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
@@ -506,6 +512,7 @@ class Garbage:
     expired_uploads: int = 0
     orphan_staging_files: int = 0
     orphan_blobs: int = 0
+    abandoned_uploads: int = 0
 
 
 # A resumable upload's committed size advances at least every this many bytes.
@@ -529,10 +536,17 @@ class StagedFile:
 
     def _open(self) -> BinaryIO:
         handle = open(self._path, "r+b" if self._path.exists() else "w+b")  # noqa: SIM115
+        # Fewer bytes than the catalog says were committed: the staging file is not this
+        # server's (another one received them) or was lost. Start over from what is here.
+        self._committed = self._size = min(self._committed, handle.seek(0, os.SEEK_END))
         # Bytes past the committed size were never acknowledged: a crash may have mangled them.
         handle.truncate(self._committed)
         handle.seek(self._committed)
         return handle
+
+    @property
+    def committed(self) -> int:
+        return self._committed
 
     async def write(self, offset: int, data: bytes) -> None:
         if self._next_offset is None:

@@ -216,3 +216,21 @@ def test_a_broken_stream_stores_nothing_of_the_unfinished_file(
     names = [d.filename for d in stub.ListData(pb.ListDataRequest()).data]
     assert names == ["a"]
     assert list((running_server.data_dir / "tmp").iterdir()) == []
+
+
+def test_lost_staged_bytes_are_resent_not_invented(
+    stub: Stub, running_server: ServerHandle
+) -> None:
+    content = os.urandom(200_000)
+    upload_id = start(stub).upload_id
+    stub.WriteUpload(writes(upload_id, content[:150_000], 0, finish=False))
+    # The staged bytes vanish (another server's disk, a lost volume): the committed size the
+    # catalog remembers must not be trusted.
+    for staged in (running_server.data_dir / "uploads").iterdir():
+        staged.unlink()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.WriteUpload(writes(upload_id, content, 150_000, finish=True))
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert committed(stub, upload_id) == 0
+    done = stub.WriteUpload(writes(upload_id, content, 0, finish=True))
+    assert done.data.sha256 == hashlib.sha256(content).hexdigest()
