@@ -1,0 +1,239 @@
+"""ListData at scale: p50/p95 of common filters on 1,000,000 items, SQLite and PostgreSQL.
+
+Each query asks the catalog for one page of 100, as ListData does. The baseline is a full scan
+of the same table (a filter on `weather`, which no index covers), measured in the same run.
+Deep paging follows next_page_token 50 pages in, to show keyset pages stay as fast as the first.
+
+    METALAKE_BENCH_SCALE=0.1 python -m benchmarks search     # 100,000 items, for a quick look
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy
+
+from server.catalog import SqlCatalog, engine_url
+from server.schema import data_table
+
+ORG = "bench"
+POSTGRES_URL = os.environ.get(
+    "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+MAKERS = ["Canon", "NIKON", "SONY", "FUJIFILM", "Apple", "DJI", "Parrot", "Olympus"] + [
+    f"Maker{i}" for i in range(12)
+]
+TAGS = [f"tag{i}" for i in range(50)]
+SCALE_COUNT = int(1_000_000 * float(os.environ.get("METALAKE_BENCH_SCALE", "1")))
+EPOCH_2023 = int(datetime(2023, 1, 1, tzinfo=UTC).timestamp() * 1e6)
+TWO_YEARS = int(2 * 365 * 24 * 3600 * 1e6)
+
+
+def rows(count: int, seed: int = 7) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    rng = random.Random(seed)
+    items: list[dict[str, object]] = []
+    tags: list[dict[str, object]] = []
+    start = int(time.time() * 1e6) - count * 1000
+    for i in range(count):
+        item_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        items.append(
+            {
+                "id": item_id,
+                "org": ORG,
+                "filename": f"IMG_{i:07d}.jpg",
+                "size": rng.randint(50_000, 5_000_000),
+                "sha256": f"{i:064x}",
+                "content_type": "image/jpeg",
+                "blob_key": f"{i:064x}",
+                "created_at": start + i * 1000,
+                "updated_at": start + i * 1000,
+                "metadata_sources": "{}",
+                "revision": 1,
+                "request_id": None,
+                "latitude": rng.uniform(36.0, 60.0),
+                "longitude": rng.uniform(-10.0, 30.0),
+                "altitude": rng.uniform(0, 3000),
+                "acquired_at": EPOCH_2023 + rng.randrange(TWO_YEARS),
+                "acquired_at_offset": None,
+                "manufacturer": rng.choice(MAKERS),
+                "reference": f"REF-{rng.randrange(1000):04d}",
+                "custom_id": f"C{i:08d}",
+                "weather": rng.choice(["sun", "rain", "fog", "snow"]),
+            }
+        )
+        for tag in rng.sample(TAGS, rng.choice([1, 2])):
+            tags.append({"data_id": item_id, "tag": tag})
+    return items, tags
+
+
+def load(url: str, items: list[dict[str, object]], tags: list[dict[str, object]]) -> None:
+    engine = sqlalchemy.create_engine(engine_url(url))
+    columns = [c.name for c in data_table.columns]
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor:  # COPY: the bulk path PostgreSQL is built for
+                with cursor.copy(f"COPY data ({', '.join(columns)}) FROM STDIN") as copy:
+                    for item in items:
+                        copy.write_row([item.get(c) for c in columns])
+                with cursor.copy("COPY data_tags (data_id, tag) FROM STDIN") as copy:
+                    for tag in tags:
+                        copy.write_row([tag["data_id"], tag["tag"]])
+            connection.execute(sqlalchemy.text("ANALYZE data; ANALYZE data_tags"))
+        else:
+            full = [{c: item.get(c) for c in columns} for item in items]
+            for start in range(0, len(full), 50_000):
+                connection.execute(data_table.insert(), full[start : start + 50_000])
+            connection.execute(
+                sqlalchemy.text("INSERT INTO data_tags VALUES (:data_id, :tag)"), tags
+            )
+            connection.execute(sqlalchemy.text("ANALYZE"))
+    engine.dispose()
+
+
+QUERIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "time range (acquired_at, 1 week)": lambda r: (
+        f'acquired_at >= "{_day(r)}T00:00:00Z" AND acquired_at < "{_day(r, 7)}T00:00:00Z"',
+        "acquired_at",
+    ),
+    "bounding box (lat/lon)": lambda r: (
+        _box(r),
+        "",
+    ),
+    "manufacturer =": lambda r: (f'manufacturer = "{r.choice(MAKERS)}"', ""),
+    "reference =": lambda r: (f'reference = "REF-{r.randrange(1000):04d}"', ""),
+    "custom_id =": lambda r: (f'custom_id = "C{r.randrange(SCALE_COUNT):08d}"', ""),
+    'tags:"x"': lambda r: (f'tags:"{r.choice(TAGS)}"', ""),
+    "manufacturer AND time range": lambda r: (
+        f'manufacturer = "{r.choice(MAKERS)}" AND acquired_at >= "{_day(r)}T00:00:00Z" '
+        f'AND acquired_at < "{_day(r, 30)}T00:00:00Z"',
+        "acquired_at",
+    ),
+    "bounding box AND tag": lambda r: (f'{_box(r)} AND tags:"{r.choice(TAGS)}"', ""),
+}
+
+
+def _day(rng: random.Random, plus: int = 0) -> str:
+    base = datetime.fromtimestamp(EPOCH_2023 / 1e6 + rng.randrange(700) * 86400, UTC)
+    moment = datetime.fromtimestamp(base.timestamp() + plus * 86400, UTC)
+    return moment.strftime("%Y-%m-%d")
+
+
+def _box(rng: random.Random) -> str:
+    lat, lon = rng.uniform(37, 58), rng.uniform(-8, 28)
+    return (
+        f"latitude >= {lat:.3f} AND latitude <= {lat + 0.5:.3f} AND "
+        f"longitude >= {lon:.3f} AND longitude <= {lon + 0.5:.3f}"
+    )
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[int(len(ordered) * 0.95) - 1]
+
+
+async def measure(catalog: SqlCatalog, runs: int = 30) -> dict[str, tuple[float, float]]:
+    rng = random.Random(11)
+    results = {}
+    for name, make in QUERIES.items():
+        samples = []
+        for _ in range(runs):
+            text, order_by = make(rng)
+            started = time.perf_counter()
+            await catalog.list_page(
+                ORG, filter=text, order_by=order_by, page_size=100, page_token=""
+            )
+            samples.append((time.perf_counter() - started) * 1000)
+        results[name] = _percentiles(samples)
+    # Deep into a result: page 50 of a broad query, reached through tokens.
+    token, deep = "", []
+    for page_number in range(50):
+        started = time.perf_counter()
+        page = await catalog.list_page(
+            ORG, filter='manufacturer = "Canon"', order_by="", page_size=100, page_token=token
+        )
+        if page_number >= 45:
+            deep.append((time.perf_counter() - started) * 1000)
+        token = page.next_page_token
+    results["page 46-50 via page_token"] = _percentiles(deep)
+    # Baseline: a full scan of the same table (weather has no index).
+    scans = []
+    for _ in range(5):
+        started = time.perf_counter()
+        await catalog.list_page(
+            ORG, filter='weather = "hail"', order_by="", page_size=100, page_token=""
+        )
+        scans.append((time.perf_counter() - started) * 1000)
+    results["baseline: full scan"] = _percentiles(scans)
+    return results
+
+
+def _postgres_url() -> tuple[str, Callable[[], None]] | None:
+    try:
+        admin = sqlalchemy.create_engine(engine_url(POSTGRES_URL))
+        schema = f"bench_{uuid.uuid4().hex[:8]}"
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    except sqlalchemy.exc.OperationalError:
+        return None
+
+    def drop() -> None:
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", drop
+
+
+def main() -> None:
+    count = SCALE_COUNT
+    started = time.perf_counter()
+    items, tags = rows(count)
+    print(f"{count:,} items, {len(tags):,} tags generated in {time.perf_counter() - started:.0f}s")
+    engines: list[tuple[str, str, Callable[[], None]]] = []
+    scratch = tempfile.TemporaryDirectory()
+    engines.append(("SQLite", f"sqlite:///{Path(scratch.name) / 'bench.sqlite3'}", lambda: None))
+    postgres = _postgres_url()
+    if postgres is not None:
+        engines.append(("PostgreSQL", *postgres))
+    else:
+        print("(no PostgreSQL reachable: its column is missing)")
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    try:
+        for name, url, _ in engines:
+            catalog = SqlCatalog.open(url, migrate=True)
+            started = time.perf_counter()
+            load(url, items, tags)
+            print(f"{name}: loaded in {time.perf_counter() - started:.0f}s", flush=True)
+            table[name] = asyncio.run(measure(catalog))
+            asyncio.run(catalog.close())
+    finally:
+        for _, _, drop in engines:
+            drop()
+        scratch.cleanup()
+    names = [n for n, _, _ in engines]
+    print()
+    header = " | ".join(f"{n} p50 ms | {n} p95 ms | {n} scan/p50" for n in names)
+    print(f"| query (page of 100, {count:,} items) | {header} |")
+    print("|---|" + "---|" * (3 * len(names)))
+    for query in table[names[0]]:
+        cells = []
+        for n in names:
+            p50, p95 = table[n][query]
+            scan = table[n]["baseline: full scan"][0]
+            cells += [f"{p50:.1f}", f"{p95:.1f}", f"{scan / p50:.0f}x"]
+        print(f"| {query} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
