@@ -14,14 +14,15 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-_SERVING = re.compile(r"metalake serving on [\d.]+:(\d+)")
+_SERVING = re.compile(r"serving on [\d.]+:(\d+)")
 
 
 class ServerProcess:
     """`python -m server` on a free port; `target` is its address once started."""
 
-    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, log: Path, *, module: str = "server", **env: str) -> None:
         self.data_dir = data_dir
+        self.module = module
         self.log = log
         self.env = {
             **os.environ,
@@ -37,7 +38,7 @@ class ServerProcess:
             log.write(b"--- start\n")
             offset = log.tell()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "server"], env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -55,6 +56,15 @@ class ServerProcess:
     def signal(self, number: signal.Signals) -> None:
         assert self.process is not None
         self.process.send_signal(number)
+
+    def peak_memory(self) -> int:
+        """The process's peak resident memory so far, in bytes (VmHWM)."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kilobytes = next(
+            line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")
+        )
+        return int(kilobytes) * 1024
 
     def wait(self, timeout: float = 60) -> int:
         assert self.process is not None
