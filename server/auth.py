@@ -256,10 +256,13 @@ def rebuild_handler(
     handler: Handler,
     unary_response: Callable[[Behaviour], Behaviour],
     stream_response: Callable[[Behaviour], Behaviour],
+    wrap_deserializer: Callable[[Any], Any] | None = None,
 ) -> Handler:
     # grpc-stubs types the behaviours as synchronous; on an aio server they are coroutines.
     h: Any = handler
     deserialize, serialize = h.request_deserializer, h.response_serializer
+    if wrap_deserializer is not None:
+        deserialize = wrap_deserializer(deserialize)
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             unary_response(h.unary_unary), deserialize, serialize

@@ -11,11 +11,13 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
@@ -109,7 +111,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             async def run(request: Any, context: Any) -> Any:
                 started, error = begin(context), None
                 try:
-                    return await behaviour(request, context)
+                    return await behaviour(await _decoded(request, context), context)
                 except BaseException as caught:
                     error = caught
                     raise
@@ -122,7 +124,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             async def run(request: Any, context: Any) -> Any:
                 started, error = begin(context), None
                 try:
-                    async for response in behaviour(request, context):
+                    async for response in behaviour(await _decoded(request, context), context):
                         yield response
                 except BaseException as caught:
                     error = caught
@@ -132,7 +134,52 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
             return run
 
-        return rebuild_handler(handler, unary, streaming)
+        return rebuild_handler(handler, unary, streaming, _tolerant)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message protobuf could not parse (broken UTF-8, garbage bytes)."""
+
+    reason: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns _Undecodable instead of raising, so that the call can be
+    answered INVALID_ARGUMENT rather than gRPC's generic UNKNOWN."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return parse
+
+
+async def _decoded(request: Any, context: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        await _refuse_undecodable(context, request)
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request, context)
+    return request
+
+
+async def _decoded_stream(messages: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async for message in messages:
+        if isinstance(message, _Undecodable):
+            await _refuse_undecodable(context, message)
+        yield message
+
+
+async def _refuse_undecodable(context: Any, request: _Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request is not a valid protobuf message of this method: {request.reason}",
+        ((REQUEST_ID_KEY, current_request_id()),),
+    )
 
 
 class _RequestIdFilter(logging.Filter):
