@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/metalake serve
 
-test: install system-deps
+test: install system-deps $(BUF)
 	$(PY) -m pytest
 
 # Regenerate the checked-in stubs (Python, gRPC and their mypy stubs) from protos/.
@@ -55,6 +55,7 @@ lint: install $(BUF)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy metalake server extractors tests benchmarks examples/metalake-xmp
 	$(BUF) lint
+	BUF=$(BUF) scripts/buf-breaking.sh
 	$(MAKE) check-generated
 
 bench: install
