@@ -6,7 +6,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 export METALAKE_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install system-deps run test lint bench generate check-generated buf clean
+.PHONY: install system-deps run test lint bench generate check-generated buf node-test clean
 
 install: $(VENV)/.installed
 
@@ -58,8 +58,13 @@ lint: install $(BUF)
 	BUF=$(BUF) scripts/buf-breaking.sh
 	$(MAKE) check-generated
 
+# The TypeScript client's end-to-end tests against a real server (needs Node.js and npm).
+node-test: install
+	clients/node/run-ci.sh
+
 bench: install
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .tools build *.egg-info .mypy_cache .ruff_cache .pytest_cache \
+		clients/node/node_modules clients/node/dist
