@@ -235,6 +235,7 @@ def _upload(args: argparse.Namespace) -> int:
             tags=args.tag,
             progress=bar.update if bar is not None else None,
             raise_on_error=False,
+            rerun_safe=True,  # rerunning after an interruption finishes the job, no duplicates
         )
     if bar is not None:
         bar.close()

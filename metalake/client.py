@@ -127,6 +127,7 @@ class Datalake:
         tags: Iterable[str] = (),
         progress: Progress | None = None,
         raise_on_error: bool = True,
+        rerun_safe: bool = False,
     ) -> Data: ...
 
     @overload
@@ -139,6 +140,7 @@ class Datalake:
         tags: Iterable[str] = (),
         progress: Progress | None = None,
         raise_on_error: bool = True,
+        rerun_safe: bool = False,
     ) -> list[Data]: ...
 
     def upload_data(
@@ -150,6 +152,7 @@ class Datalake:
         tags: Iterable[str] = (),
         progress: Progress | None = None,
         raise_on_error: bool = True,
+        rerun_safe: bool = False,
     ) -> Data | list[Data] | list[Data | Exception]:
         """Upload one file (returns its Data) or several (returns a list in the same order).
 
@@ -157,12 +160,21 @@ class Datalake:
         parallel; a failed file does not stop the others. If any failed, UploadError is raised
         once all are done, with every file's result; with raise_on_error=False the list holds
         the exception in the failed file's place instead.
+
+        With rerun_safe=True, running the same upload again (same files, unchanged on disk, same
+        metadata) after an interruption finishes it instead of storing anything twice: files
+        already stored return their item, a big file resumes where it stopped.
         """
         if isinstance(filepaths, str | os.PathLike):
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise ValueError("one file takes one metadata mapping, not a list")
             return self._upload_one(
-                Path(filepaths), md.normalize(metadata or {}), fill_metadata, tuple(tags), progress
+                Path(filepaths),
+                md.normalize(metadata or {}),
+                fill_metadata,
+                tuple(tags),
+                progress,
+                rerun_safe,
             )
         paths = [Path(p) for p in filepaths]
         if metadata is None or isinstance(metadata, Mapping):
@@ -178,7 +190,9 @@ class Datalake:
         workers = max(1, min(self._client._max_workers, len(paths)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [
-                pool.submit(self._upload_one, path, values, fill_metadata, tags, progress)
+                pool.submit(
+                    self._upload_one, path, values, fill_metadata, tags, progress, rerun_safe
+                )
                 for path, values in zip(paths, per_file, strict=True)
             ]
             results: list[Data | Exception] = []
@@ -198,17 +212,27 @@ class Datalake:
         fill_metadata: bool,
         tags: tuple[str, ...],
         progress: Progress | None,
+        rerun_safe: bool = False,
     ) -> Data:
-        size = path.stat().st_size  # a missing file fails here, before anything is sent
+        stat = path.stat()  # a missing file fails here, before anything is sent
         header = pb.UploadDataHeader(
             filename=path.name,
             metadata=md.to_proto(metadata),
             fill_metadata=fill_metadata,
             tags=tags,
-            request_id=str(uuid.uuid4()),  # the same for every retry of this file
         )
-        if size > RESUMABLE_THRESHOLD:
-            return self._upload_resumable(path, header, progress)
+        if rerun_safe:
+            # Derived from the file and the request, so that a rerun names the same upload.
+            identity = hashlib.sha256(
+                f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+                + header.SerializeToString(deterministic=True)
+            ).hexdigest()[:32]
+            header.request_id = f"rerun-{identity}"
+        else:
+            header.request_id = str(uuid.uuid4())  # the same for every retry of this file
+        if stat.st_size > RESUMABLE_THRESHOLD:
+            upload_id = header.request_id if rerun_safe else uuid.uuid4().hex
+            return self._upload_resumable(path, header, upload_id, progress)
 
         def attempt() -> Data:
             response = self._client.call(
@@ -219,9 +243,8 @@ class Datalake:
         return self._client.with_retries(attempt)
 
     def _upload_resumable(
-        self, path: Path, header: pb.UploadDataHeader, progress: Progress | None
+        self, path: Path, header: pb.UploadDataHeader, upload_id: str, progress: Progress | None
     ) -> Data:
-        upload_id = uuid.uuid4().hex
         stub = self._client._stub
 
         def start() -> int:

@@ -167,3 +167,28 @@ def test_tokens_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == EXIT_OK
     code, _, _ = run(capsys, "token", "revoke", created["id"], "--data-dir", data_dir)
     assert code == EXIT_FAILED
+
+
+def test_rerunning_an_interrupted_upload_stores_nothing_twice(
+    server_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = [write_jpeg(tmp_path / f"{i}.jpg", color=i) for i in range(3)]
+    argv = [
+        "upload",
+        *map(str, photos),
+        "--meta",
+        "reference=R",
+        "--json",
+        "--target",
+        server_target,
+    ]
+    # The first run stored two of the three files before it was interrupted.
+    code, first, _ = run(capsys, *argv[:1], *map(str, photos[:2]), *argv[4:])
+    assert code == EXIT_OK
+    code, rerun, _ = run(capsys, *argv)
+    assert code == EXIT_OK
+    before = [json.loads(line)["id"] for line in first.splitlines()]
+    after = [json.loads(line)["id"] for line in rerun.splitlines()]
+    assert after[:2] == before  # the same items, not copies
+    code, listed, _ = run(capsys, "ls", "--json", "--target", server_target)
+    assert len(listed.splitlines()) == 3

@@ -5,13 +5,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from metalake import Client, ConflictError, InvalidArgumentError, NotFoundError, UploadError
+from metalake import (
+    Client,
+    ConflictError,
+    InvalidArgumentError,
+    MetalakeError,
+    NotFoundError,
+    UploadError,
+)
 from metalake import client as client_module
 from metalake.metadata import InvalidMetadataError
 
@@ -166,3 +174,25 @@ def test_created_at_is_aware_utc(client: Client, tmp_path: Path) -> None:
     data = client.get_datalake().upload_data(write_jpeg(tmp_path / "a.jpg"))
     assert data.created_at.tzinfo == UTC
     assert abs(datetime.now(UTC) - data.created_at) < timedelta(minutes=1)
+
+
+def test_a_rerun_resumes_an_interrupted_big_upload(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_module, "RESUMABLE_THRESHOLD", 100_000)
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(3_000_000))
+
+    def drop_link(sent: int, seen: list[int] = []) -> None:  # noqa: B006
+        seen.append(sent)
+        if sum(seen) > 1_500_000:
+            raise ConnectionError("the link dropped")
+
+    with pytest.raises(MetalakeError):  # gRPC reports the broken request stream
+        client.get_datalake().upload_data(path, progress=drop_link, rerun_safe=True)
+    time.sleep(0.5)  # a rerun comes after the server has noticed the broken stream
+    resent: list[int] = []
+    data = client.get_datalake().upload_data(path, progress=resent.append, rerun_safe=True)
+    assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sum(resent) < 3_000_000  # only what the server had not kept
+    assert len(list(client.get_datalake().list_data())) == 1
