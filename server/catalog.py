@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import threading
@@ -155,6 +156,14 @@ class Event:
 
 
 @dataclass(frozen=True)
+class _PendingAdd:
+    record: DataRecord
+    upload: UploadRecord | None
+    default_quota: int | None
+    done: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
 class Page:
     records: list[DataRecord]
     next_page_token: str
@@ -240,10 +249,15 @@ class SqlCatalog:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks.
+        # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks,
+        # and lets concurrent adds share one commit (see _flush_adds).
         self._write_lock: threading.Lock | None = (
             threading.Lock() if engine.dialect.name == "sqlite" else None
         )
+        self._pending_adds: list[_PendingAdd] = []
+        self._known_organizations: set[str] = set()
+        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = False) -> SqlCatalog:
@@ -251,7 +265,10 @@ class SqlCatalog:
 
         With `migrate`, an older or empty schema is first brought up to date.
         """
-        engine = create_engine(engine_url(url), pool_pre_ping=True)
+        url = engine_url(url)
+        # A pre-ping per checkout guards against dropped server connections; a SQLite file has
+        # none to drop, and the ping would cost a round trip per query.
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _configure_sqlite)
         try:
@@ -307,7 +324,38 @@ class SqlCatalog:
     ) -> None:
         """Store an item, counting its bytes against its organization's storage quota (its own,
         else `default_quota`); with `upload`, also mark that resumable upload finished by it."""
-        await self._run(lambda: self._add(record, upload, default_quota), write=True)
+        if self._write_lock is None:
+            await self._run(lambda: self._add(record, upload, default_quota), write=True)
+            return
+        pending = _PendingAdd(
+            record, upload, default_quota, asyncio.get_running_loop().create_future()
+        )
+        self._pending_adds.append(pending)
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = asyncio.create_task(self._flush_adds())
+        await pending.done
+
+    async def _flush_adds(self) -> None:
+        """Commit queued adds in batches: while one batch commits, the next one gathers."""
+        try:
+            while self._pending_adds:
+                batch, self._pending_adds = self._pending_adds[:256], self._pending_adds[256:]
+                try:
+                    outcomes = await self._run(
+                        functools.partial(self._add_batch, batch), write=True
+                    )
+                except Exception as error:
+                    outcomes = [error] * len(batch)
+                for item, outcome in zip(batch, outcomes, strict=True):
+                    if item.done.done():
+                        continue  # its upload was cancelled meanwhile
+                    if outcome is None:
+                        item.done.set_result(None)
+                    else:
+                        item.done.set_exception(outcome)
+        finally:
+            self._flushing = False
 
     async def organization(self, org: str) -> Organization:
         statement = select(organizations_table).where(organizations_table.c.org == org)
@@ -334,6 +382,10 @@ class SqlCatalog:
         await self._run(work, write=True)
 
     def _ensure_organization(self, connection: Connection, org: str) -> None:
+        # Organizations are never deleted: once a committed transaction created the row, it
+        # exists for good (callers record that after commit), and this insert can be skipped.
+        if org in self._known_organizations:
+            return
         dialect_insert = (
             postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         )
@@ -534,37 +586,10 @@ class SqlCatalog:
     ) -> None:
         try:
             with self._engine.begin() as connection:
-                self._ensure_organization(connection, record.org)
-                organizations = organizations_table.c
-                quota = func.coalesce(organizations.storage_quota, default_quota)
-                # One conditional UPDATE: concurrent uploads of one organization (even through
-                # other servers) cannot overshoot its quota together.
-                counted = connection.execute(
-                    update(organizations_table)
-                    .where(
-                        organizations.org == record.org,
-                        or_(quota.is_(None), organizations.used_bytes + record.size <= quota),
-                    )
-                    .values(used_bytes=organizations.used_bytes + record.size)
-                )
-                if counted.rowcount == 0:
-                    raise ResourceExhaustedError(
-                        f"storing {record.size} bytes would exceed the storage quota of "
-                        f"organization {record.org!r}"
-                    )
-                connection.execute(insert(data_table).values(**_record_to_row(record)))
-                if record.tags:
-                    connection.execute(
-                        insert(data_tags_table),
-                        [{"data_id": record.id, "tag": tag} for tag in record.tags],
-                    )
-                if upload is not None:
-                    connection.execute(
-                        update(uploads_table)
-                        .where(uploads_table.c.staging_key == upload.staging_key)
-                        .values(data_id=record.id)
-                    )
-                self._record_event(connection, EventType.CREATED, record, record.created_at)
+                refused = self._insert_item(connection, record, upload, default_quota)
+                if refused is not None:
+                    raise refused
+            self._known_organizations.add(record.org)
         except IntegrityError:
             # The unique request id is the arbiter between concurrent retries of one upload.
             existing = (
@@ -573,6 +598,75 @@ class SqlCatalog:
             if existing is None:
                 raise
             raise DuplicateRequestError(existing) from None
+
+    def _add_batch(self, items: list[_PendingAdd]) -> list[Exception | None]:
+        """SQLite: many items in one transaction, so one fsync covers them all (group commit).
+
+        Only one writer runs at a time here, so checking a request id before inserting is
+        race-free, and a refused item changes nothing: the batch needs no savepoints.
+        """
+        with self._engine.begin() as connection:
+            outcomes = [
+                self._insert_item(connection, item.record, item.upload, item.default_quota)
+                for item in items
+            ]
+        self._known_organizations.update(item.record.org for item in items)
+        return outcomes
+
+    def _insert_item(
+        self,
+        connection: Connection,
+        record: DataRecord,
+        upload: UploadRecord | None,
+        default_quota: int | None,
+    ) -> Exception | None:
+        """Insert one item in the caller's transaction; an Exception (changing nothing) when
+        it must be refused."""
+        if record.request_id:
+            row = (
+                connection.execute(
+                    select(data_table).where(
+                        data_table.c.org == record.org,
+                        data_table.c.request_id == record.request_id,
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                return DuplicateRequestError(self._records(connection, [row])[0])
+        self._ensure_organization(connection, record.org)
+        organizations = organizations_table.c
+        quota = func.coalesce(organizations.storage_quota, default_quota)
+        # One conditional UPDATE: concurrent uploads of one organization (even through other
+        # servers) cannot overshoot its quota together.
+        counted = connection.execute(
+            update(organizations_table)
+            .where(
+                organizations.org == record.org,
+                or_(quota.is_(None), organizations.used_bytes + record.size <= quota),
+            )
+            .values(used_bytes=organizations.used_bytes + record.size)
+        )
+        if counted.rowcount == 0:
+            return ResourceExhaustedError(
+                f"storing {record.size} bytes would exceed the storage quota of "
+                f"organization {record.org!r}"
+            )
+        connection.execute(insert(data_table).values(**_record_to_row(record)))
+        if record.tags:
+            connection.execute(
+                insert(data_tags_table),
+                [{"data_id": record.id, "tag": tag} for tag in record.tags],
+            )
+        if upload is not None:
+            connection.execute(
+                update(uploads_table)
+                .where(uploads_table.c.staging_key == upload.staging_key)
+                .values(data_id=record.id)
+            )
+        self._record_event(connection, EventType.CREATED, record, record.created_at)
+        return None
 
     def _find_request(self, org: str, request_id: str) -> DataRecord | None:
         statement = select(data_table).where(

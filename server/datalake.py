@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Iterator
@@ -23,6 +24,7 @@ from server.catalog import (
     DataRecord,
     DuplicateRequestError,
     Event,
+    Organization,
     Page,
     UploadRecord,
 )
@@ -86,6 +88,7 @@ class Datalake:
         self._event_retention = event_retention
         self._watch_interval = watch_interval
         self._limits = limits or Limits()
+        self._organizations: dict[str, tuple[float, Organization]] = {}
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -116,8 +119,20 @@ class Datalake:
                 raise
 
     async def _admit_organization(self, org: str) -> int | None:
-        """Refuse an upload of an organization already at its quota; its largest file size."""
-        organization = await self.catalog.organization(org)
+        """Refuse an upload of an organization already at its quota; its largest file size.
+
+        Reads the organization at most every few seconds: this early refusal may be a little
+        late, but the catalog enforces the quota exactly when the item is committed.
+        """
+        cached = self._organizations.get(org)
+        if cached is not None and cached[0] > time.monotonic():
+            organization = cached[1]
+        else:
+            organization = await self.catalog.organization(org)
+            self._organizations[org] = (
+                time.monotonic() + _ORGANIZATION_CACHE_SECONDS,
+                organization,
+            )
         quota = _first_set(organization.storage_quota, self._limits.org_storage_quota)
         if quota is not None and organization.used_bytes >= quota:
             raise ResourceExhaustedError(
@@ -515,6 +530,7 @@ class Garbage:
     abandoned_uploads: int = 0
 
 
+_ORGANIZATION_CACHE_SECONDS = 5.0
 # A resumable upload's committed size advances at least every this many bytes.
 _SYNC_EVERY = 8 * 1024 * 1024
 
