@@ -227,3 +227,45 @@ def test_tls_and_mutual_tls(tmp_path: Path) -> None:
             stub = pb_grpc.DatalakeServiceStub(channel)
             with pytest.raises(grpc.RpcError):
                 stub.ListData(pb.ListDataRequest(), timeout=5)
+
+
+def test_uploads_streams_and_watches_stay_within_the_organization(secured: ServerHandle) -> None:
+    acme, globex = (
+        create_token(secured, "acme", Role.WRITE),
+        create_token(secured, "globex", Role.WRITE),
+    )
+    with grpc.insecure_channel(secured.target) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        watch = stub.WatchData(pb.WatchDataRequest(), metadata=auth(globex), timeout=3)
+        started = stub.StartUpload(
+            pb.StartUploadRequest(header=pb.UploadDataHeader(filename="a"), upload_id="shared-id"),
+            metadata=auth(acme),
+        )
+        # The same upload id in another organization is another upload, not acme's.
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.QueryUpload(
+                pb.QueryUploadRequest(upload_id=started.upload_id), metadata=auth(globex)
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        answers = list(
+            stub.UploadDataStream(
+                iter(
+                    [
+                        pb.UploadDataStreamRequest(header=pb.UploadDataHeader(filename="s")),
+                        pb.UploadDataStreamRequest(chunk=b"x"),
+                        pb.UploadDataStreamRequest(finish=True),
+                    ]
+                ),
+                metadata=auth(acme),
+            )
+        )
+        [streamed] = [a.data for a in answers]
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetData(pb.GetDataRequest(id=streamed.id), metadata=auth(globex))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        # globex's watcher saw none of acme's changes before its deadline.
+        seen = []
+        with pytest.raises(grpc.RpcError) as caught:
+            seen.extend(watch)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert seen == []
