@@ -264,7 +264,7 @@ def test_uploads_streams_and_watches_stay_within_the_organization(secured: Serve
             stub.GetData(pb.GetDataRequest(id=streamed.id), metadata=auth(globex))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         # globex's watcher saw none of acme's changes before its deadline.
-        seen = []
+        seen: list[pb.WatchDataResponse] = []
         with pytest.raises(grpc.RpcError) as caught:
             seen.extend(watch)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
