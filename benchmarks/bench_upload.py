@@ -58,7 +58,7 @@ def upload_big(target: str, size: int, chunk: int) -> float:
 def small_jpegs(count: int) -> list[bytes]:
     """Real ~100 KiB JPEGs with EXIF, each distinct (a different trailer after EOI)."""
     rng = random.Random(3)
-    image = Image.frombytes("RGB", (200, 200), rng.randbytes(200 * 200 * 3))
+    image = Image.frombytes("RGB", (290, 290), rng.randbytes(290 * 290 * 3))
     exif = Image.Exif()
     exif[0x010F] = "Canon"
     exif[0x0132] = "2024:05:01 12:00:00"

@@ -289,7 +289,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.
-STREAM_WINDOW = 8
+STREAM_WINDOW = 32
 
 
 async def _stream_events(
