@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -193,9 +193,8 @@ class LocalBlobWriter:
         """Blocking: reads the file once to hash it."""
         handle = open(path, "r+b")  # noqa: SIM115  # closed by commit or abort
         writer = cls(store, path, handle, keep_on_abort=True)
-        while block := handle.read(1024 * 1024):
-            writer._hash.update(block)
-            writer._size += len(block)
+        writer._hash, writer._size = hash_file(path)
+        handle.seek(0, os.SEEK_END)
         return writer
 
     @property
@@ -246,6 +245,16 @@ class LocalBlobWriter:
         self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
+
+
+def hash_file(path: Path) -> tuple[Any, int]:
+    """Blocking: the SHA-256 (a hashlib object, still open to updates) and size of a file."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            digest.update(block)
+            size += len(block)
+    return digest, size
 
 
 def _fsync_directory(path: Path) -> None:

@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from server.blobstore import UPLOAD_ID
+from server.blobstore import UPLOAD_ID, hash_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -183,8 +183,9 @@ class S3BlobStore:
         return self._uploads / upload_id
 
     async def adopt_staged(self, upload_id: str) -> S3StagedWriter:
-        writer = S3StagedWriter(self, self.staging_path(upload_id))
-        return await asyncio.to_thread(writer.hash_file)
+        path = self.staging_path(upload_id)
+        digest, size = await asyncio.to_thread(hash_file, path)
+        return S3StagedWriter(self, path, digest.hexdigest(), size)
 
     async def discard_staged(self, upload_id: str) -> None:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
@@ -329,19 +330,11 @@ class S3BlobWriter:
 class S3StagedWriter:
     """A finished resumable upload, staged on local disk, on its way to S3 at commit."""
 
-    def __init__(self, store: S3BlobStore, path: Path) -> None:
+    def __init__(self, store: S3BlobStore, path: Path, sha256: str, size: int) -> None:
         self._store = store
         self._path = path
-        self._hash = hashlib.sha256()
-        self._size = 0
-
-    def hash_file(self) -> S3StagedWriter:
-        """Blocking: read the staged file once to hash it."""
-        with self._path.open("rb") as handle:
-            while block := handle.read(1024 * 1024):
-                self._hash.update(block)
-                self._size += len(block)
-        return self
+        self._sha256 = sha256
+        self._size = size
 
     @property
     def size(self) -> int:
@@ -352,7 +345,7 @@ class S3StagedWriter:
         return self._path
 
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._sha256
 
     async def write(self, chunk: bytes) -> None:
         raise RuntimeError("a staged upload is already complete")

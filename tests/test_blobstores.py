@@ -121,3 +121,21 @@ def test_plain_http_endpoints_need_consent(tmp_path: Path) -> None:
         S3BlobStore.from_url("s3://bucket/p", staging_dir=tmp_path, environ=env)
     with pytest.raises(S3ConfigurationError, match="s3://"):
         S3BlobStore.from_url("https://bucket/p", staging_dir=tmp_path, environ=S3_ENV)
+
+
+async def test_a_staged_resumable_upload_commits_into_the_store(store: BlobStore) -> None:
+    data = os.urandom(200_000)
+    staged = store.staging_path("0123456789abcdef0123456789abcdef")
+    staged.write_bytes(data)
+    writer = await store.adopt_staged("0123456789abcdef0123456789abcdef")
+    assert writer.sha256() == sha(data)
+    assert writer.size == len(data)
+    await writer.abort()
+    assert staged.read_bytes() == data  # aborting keeps what the client may still finish
+
+    writer = await store.adopt_staged("0123456789abcdef0123456789abcdef")
+    await writer.commit(sha(data))
+    assert await get(store, sha(data)) == data
+    assert not staged.exists()
+    with pytest.raises(ValueError, match="invalid upload id"):
+        store.staging_path("../escape")
