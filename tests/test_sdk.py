@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -196,3 +197,27 @@ def test_a_rerun_resumes_an_interrupted_big_upload(
     assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sum(resent) < 3_000_000  # only what the server had not kept
     assert len(list(client.get_datalake().list_data())) == 1
+
+
+def test_watch_yields_changes_as_they_happen(client: Client, tmp_path: Path) -> None:
+    events = client.get_datalake().watch('reference = "W"')
+    received: list[dict[str, object]] = []
+
+    def read_two() -> None:
+        for event in events:
+            received.append(event)
+            if len(received) == 2:
+                return
+
+    reader = threading.Thread(target=read_two)
+    reader.start()
+    time.sleep(0.5)  # the watch starts "from now"
+    data = client.get_datalake().upload_data(write_jpeg(tmp_path / "w.jpg"), {"reference": "W"})
+    client.get_datalake().upload_data(write_jpeg(tmp_path / "x.jpg", color=9))  # filtered out
+    data.delete()
+    reader.join(15)
+    assert [(e["type"], e["data_id"]) for e in received] == [
+        ("created", data.id),
+        ("deleted", data.id),
+    ]
+    assert received[0]["resume_token"]
