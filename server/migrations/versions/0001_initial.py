@@ -1,4 +1,5 @@
-"""The first catalog schema: data items with typed metadata columns, and their tags.
+"""The first catalog schema: items with typed metadata and tags, resumable uploads, API tokens,
+organizations and the change log behind WatchData.
 
 Revision ID: 0001
 Revises:
