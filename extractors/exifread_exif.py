@@ -24,6 +24,9 @@ from extractors.tiffdirs import ExifDirectories, locate
 
 NAME = "exifread"
 log = logging.getLogger(__name__)
+# exifread warns ("Possibly corrupted IFD") about every quirky file it reads; what matters, a
+# failure, the registry logs itself, with the file's name.
+logging.getLogger("exifread").setLevel(logging.ERROR)
 
 _DIRECTORY_OF_PREFIX = {"Image": "ifd0", "EXIF": "exif", "GPS": "gps"}
 
