@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -15,7 +14,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
@@ -49,6 +47,7 @@ from server.ingest import (
     receive,
 )
 from server.observability import UPLOADS_IN_FLIGHT
+from server.resumable import SYNC_EVERY, StagedFile, UploadWrite
 
 log = logging.getLogger(__name__)
 
@@ -294,18 +293,25 @@ class Datalake:
                 await self.catalog.set_upload_committed(upload, staged.committed)
             async for write in writes:
                 await staged.write(write.offset, write.data)
-                if staged.unsynced >= _SYNC_EVERY:
+                if staged.unsynced >= SYNC_EVERY:
                     await self.catalog.set_upload_committed(upload, await staged.sync())
                 if write.finish:
                     finished = True
                     break
         finally:
-            # Whatever arrived before the stream ended or broke is kept, durably.
-            committed = await asyncio.shield(staged.close())
-            await asyncio.shield(self.catalog.set_upload_committed(upload, committed))
+            # Whatever arrived before the stream ended or broke is kept, durably. One task does
+            # it all, shielded: a broken stream cancels this call (possibly more than once), and
+            # the bytes must still be recorded as committed for the client's resumption.
+            persisting = asyncio.ensure_future(self._persist_committed(upload, staged))
+            committed = await asyncio.shield(persisting)
         if not finished:
             return committed, None
         return committed, await self._finish_upload(upload)
+
+    async def _persist_committed(self, upload: UploadRecord, staged: StagedFile) -> int:
+        committed = await staged.close()
+        await self.catalog.set_upload_committed(upload, committed)
+        return committed
 
     async def _finish_upload(self, upload: UploadRecord) -> DataRecord:
         header = UploadHeader.from_json(upload.header)
@@ -511,15 +517,6 @@ class Limits:
     org_storage_quota: int | None = None
 
 
-@dataclass(frozen=True)
-class UploadWrite:
-    """One WriteUpload message: `data` belongs at byte `offset` of the file."""
-
-    offset: int
-    data: bytes
-    finish: bool
-
-
 @dataclass
 class Garbage:
     """What one garbage collection reclaimed."""
@@ -531,84 +528,6 @@ class Garbage:
 
 
 _ORGANIZATION_CACHE_SECONDS = 5.0
-# A resumable upload's committed size advances at least every this many bytes.
-_SYNC_EVERY = 8 * 1024 * 1024
-
-
-class StagedFile:
-    """A resumable upload's staging file: appends at the committed size, skips resent bytes."""
-
-    def __init__(self, path: Path, committed: int, max_size: int | None) -> None:
-        self._path = path
-        self._max_size = max_size
-        self._committed = committed
-        self._size = committed  # bytes written, durable or not
-        self._next_offset: int | None = None  # where the client's next data belongs
-        self._handle: BinaryIO | None = None
-        self.unsynced = 0
-
-    async def open(self) -> None:
-        self._handle = await asyncio.to_thread(self._open)
-
-    def _open(self) -> BinaryIO:
-        handle = open(self._path, "r+b" if self._path.exists() else "w+b")  # noqa: SIM115
-        # Fewer bytes than the catalog says were committed: the staging file is not this
-        # server's (another one received them) or was lost. Start over from what is here.
-        self._committed = self._size = min(self._committed, handle.seek(0, os.SEEK_END))
-        # Bytes past the committed size were never acknowledged: a crash may have mangled them.
-        handle.truncate(self._committed)
-        handle.seek(self._committed)
-        return handle
-
-    @property
-    def committed(self) -> int:
-        return self._committed
-
-    async def write(self, offset: int, data: bytes) -> None:
-        if self._next_offset is None:
-            if offset > self._committed:
-                raise OutOfRangeError(
-                    f"write_offset {offset} is beyond the committed size {self._committed}: "
-                    "query the upload and resume from its committed size"
-                )
-            self._next_offset = offset
-        elif offset and offset != self._next_offset:
-            raise invalid_field(
-                "write_offset", f"must continue the previous message at {self._next_offset}"
-            )
-        start, self._next_offset = self._next_offset, self._next_offset + len(data)
-        if self._next_offset <= self._size:
-            return  # already have all of it
-        fresh = data[self._size - start :] if start < self._size else data
-        check_size(self._size + len(fresh), self._max_size)
-        assert self._handle is not None
-        await asyncio.to_thread(self._handle.write, fresh)
-        self._size += len(fresh)
-        self.unsynced += len(fresh)
-
-    async def sync(self) -> int:
-        """Make everything written durable; returns the new committed size."""
-        if self._handle is not None and self.unsynced:
-            await asyncio.to_thread(_flush_and_sync, self._handle)
-        self._committed = self._size
-        self.unsynced = 0
-        return self._committed
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def close(self) -> int:
-        committed = await self.sync()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        return committed
-
-
-def _flush_and_sync(handle: BinaryIO) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def _encode_resume_token(seq: int) -> str:

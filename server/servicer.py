@@ -20,7 +20,7 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from server.auth import current_caller
 from server.catalog import DataRecord
-from server.datalake import Datalake, UploadWrite
+from server.datalake import Datalake
 from server.errors import (
     ConflictError,
     DatalakeError,
@@ -40,6 +40,7 @@ from server.observability import (
     REQUEST_ID_KEY,
     current_request_id,
 )
+from server.resumable import UploadWrite
 
 log = logging.getLogger(__name__)
 

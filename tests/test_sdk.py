@@ -187,6 +187,7 @@ def test_a_rerun_resumes_an_interrupted_big_upload(
     def drop_link(sent: int, seen: list[int] = []) -> None:  # noqa: B006
         seen.append(sent)
         if sum(seen) > 1_500_000:
+            time.sleep(0.5)  # the server takes in what is on the wire, then the link drops
             raise ConnectionError("the link dropped")
 
     with pytest.raises(MetalakeError):  # gRPC reports the broken request stream

@@ -1,0 +1,106 @@
+"""Resumable uploads' bytes on disk: a staging file that only ever grows from what is durable.
+
+A client may resend from any offset up to the committed size (resent bytes are skipped) and a
+server that crashed mid-stream truncates back to it, so the staged file is always a prefix of
+the upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from server.errors import OutOfRangeError, invalid_field
+from server.ingest import check_size
+
+
+@dataclass(frozen=True)
+class UploadWrite:
+    """One WriteUpload message: `data` belongs at byte `offset` of the file."""
+
+    offset: int
+    data: bytes
+    finish: bool
+
+
+# A resumable upload's committed size advances at least every this many bytes.
+SYNC_EVERY = 8 * 1024 * 1024
+
+
+class StagedFile:
+    """A resumable upload's staging file: appends at the committed size, skips resent bytes."""
+
+    def __init__(self, path: Path, committed: int, max_size: int | None) -> None:
+        self._path = path
+        self._max_size = max_size
+        self._committed = committed
+        self._size = committed  # bytes written, durable or not
+        self._next_offset: int | None = None  # where the client's next data belongs
+        self._handle: BinaryIO | None = None
+        self.unsynced = 0
+
+    async def open(self) -> None:
+        self._handle = await asyncio.to_thread(self._open)
+
+    def _open(self) -> BinaryIO:
+        handle = open(self._path, "r+b" if self._path.exists() else "w+b")  # noqa: SIM115
+        # Fewer bytes than the catalog says were committed: the staging file is not this
+        # server's (another one received them) or was lost. Start over from what is here.
+        self._committed = self._size = min(self._committed, handle.seek(0, os.SEEK_END))
+        # Bytes past the committed size were never acknowledged: a crash may have mangled them.
+        handle.truncate(self._committed)
+        handle.seek(self._committed)
+        return handle
+
+    @property
+    def committed(self) -> int:
+        return self._committed
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self._next_offset is None:
+            if offset > self._committed:
+                raise OutOfRangeError(
+                    f"write_offset {offset} is beyond the committed size {self._committed}: "
+                    "query the upload and resume from its committed size"
+                )
+            self._next_offset = offset
+        elif offset and offset != self._next_offset:
+            raise invalid_field(
+                "write_offset", f"must continue the previous message at {self._next_offset}"
+            )
+        start, self._next_offset = self._next_offset, self._next_offset + len(data)
+        if self._next_offset <= self._size:
+            return  # already have all of it
+        fresh = data[self._size - start :] if start < self._size else data
+        check_size(self._size + len(fresh), self._max_size)
+        assert self._handle is not None
+        await asyncio.to_thread(self._handle.write, fresh)
+        self._size += len(fresh)
+        self.unsynced += len(fresh)
+
+    async def sync(self) -> int:
+        """Make everything written durable; returns the new committed size."""
+        if self._handle is not None and self.unsynced:
+            await asyncio.to_thread(_flush_and_sync, self._handle)
+        self._committed = self._size
+        self.unsynced = 0
+        return self._committed
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def close(self) -> int:
+        committed = await self.sync()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        return committed
+
+
+def _flush_and_sync(handle: BinaryIO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
