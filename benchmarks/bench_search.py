@@ -22,8 +22,9 @@ from pathlib import Path
 
 import sqlalchemy
 
-from server.catalog import SqlCatalog, engine_url
+from server.catalog import SqlCatalog
 from server.schema import data_table
+from server.schema_versions import engine_url
 
 ORG = "bench"
 POSTGRES_URL = os.environ.get(

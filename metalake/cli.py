@@ -201,8 +201,8 @@ def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import StartupError, serve_forever
-    from server.catalog import SchemaError
     from server.config import Settings
+    from server.schema_versions import SchemaError
 
     settings = Settings.from_env(
         data_dir=args.data_dir,

@@ -16,8 +16,9 @@ from typing import Any
 
 from metalake.metadata import format_datetime
 from server.auth import Role, Tokens
-from server.catalog import Organization, SqlCatalog, schema_revision
+from server.catalog import Organization, SqlCatalog
 from server.config import Settings
+from server.schema_versions import schema_revision
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

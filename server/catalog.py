@@ -7,10 +7,7 @@ synchronous SQLAlchemy Core run in worker threads, so the event loop never waits
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
-import hashlib
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -20,10 +17,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
 from typing import Any, Protocol, TypeVar
 
-from alembic import command as alembic_command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
@@ -32,13 +25,11 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    false,
     func,
     insert,
     or_,
     select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -48,7 +39,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from server.errors import ConflictError, NotFoundError, ResourceExhaustedError, invalid_field
-from server.filtering import EVENTS, FilterError, OrderKey, compile_filter, parse_order_by
+from server.filtering import EVENTS, FilterError, compile_filter
+from server.paging import ListQuery
 from server.schema import (
     data_table,
     data_tags_table,
@@ -59,9 +51,8 @@ from server.schema import (
     tokens_table,
     uploads_table,
 )
+from server.schema_versions import check_schema, engine_url
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _T = TypeVar("_T")
@@ -401,7 +392,7 @@ class SqlCatalog:
     async def list_page(
         self, org: str, *, filter: str, order_by: str, page_size: int, page_token: str
     ) -> Page:
-        query = _ListQuery.parse(filter, order_by, page_size, page_token)
+        query = ListQuery.parse(filter, order_by, page_size, page_token)
         return await self._run(lambda: self._list(org, query))
 
     async def find_request(self, org: str, request_id: str) -> DataRecord | None:
@@ -685,7 +676,7 @@ class SqlCatalog:
                 raise NotFoundError(data_id)
             return self._records(connection, [row])[0]
 
-    def _list(self, org: str, query: _ListQuery) -> Page:
+    def _list(self, org: str, query: ListQuery) -> Page:
         conditions = [data_table.c.org == org]
         conditions += [c for c in (query.where, query.after()) if c is not None]
         statement = select(data_table).where(and_(*conditions))
@@ -879,58 +870,6 @@ def _check_etag(row: RowMapping, etag: str) -> None:
         )
 
 
-class SchemaError(RuntimeError):
-    """The catalog's schema is not the one this server runs on."""
-
-
-def engine_url(url: str) -> str:
-    """SQLAlchemy URL for a catalog URL; plain postgresql:// URLs get the psycopg 3 driver."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            return "postgresql+psycopg://" + url.removeprefix(scheme)
-    return url
-
-
-def _migrations(connection: Connection | None = None) -> tuple[AlembicConfig, ScriptDirectory]:
-    config = AlembicConfig()
-    config.set_main_option("script_location", "server:migrations")
-    config.attributes["connection"] = connection
-    return config, ScriptDirectory.from_config(config)
-
-
-def schema_revision(engine: Engine) -> tuple[str | None, str]:
-    """(the catalog's revision, or None when empty; the revision this server expects)."""
-    _, script = _migrations()
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
-    head = script.get_current_head()
-    assert head is not None
-    return current, head
-
-
-def check_schema(engine: Engine, *, migrate: bool) -> None:
-    """Raise SchemaError unless the schema is this server's, migrating first if asked."""
-    current, head = schema_revision(engine)
-    if current == head:
-        return
-    _, script = _migrations()
-    known = {revision.revision for revision in script.walk_revisions()}
-    if current is not None and current not in known:
-        raise SchemaError(
-            f"the catalog's schema is at revision {current!r}, which this server does not know: "
-            f"a newer metalake wrote it. Run a metalake that knows it (this one expects {head!r})."
-        )
-    if not migrate:
-        raise SchemaError(
-            f"the catalog's schema is at revision {current or 'none (empty catalog)'}; this "
-            f"server needs {head!r}. Run `metalake migrate` with the same settings, or start "
-            "the server with --migrate."
-        )
-    with engine.begin() as connection:
-        config, _ = _migrations(connection)
-        alembic_command.upgrade(config, "head")
-
-
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the writer; synchronous=FULL makes each commit durable,
@@ -1036,93 +975,3 @@ def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
         revision=row["revision"],
         request_id=row["request_id"] or "",
     )
-
-
-# Listing: filter, order and keyset pages.
-
-_NOT_NULL_COLUMNS = frozenset(
-    {"id", "filename", "size", "content_type", "created_at", "updated_at"}
-)
-
-
-@dataclass(frozen=True)
-class _ListQuery:
-    filter: str
-    order: list[OrderKey]
-    page_size: int
-    where: ColumnElement[bool] | None
-    cursor: list[Any] | None
-
-    @classmethod
-    def parse(cls, filter: str, order_by: str, page_size: int, page_token: str) -> _ListQuery:
-        if page_size < 0:
-            raise invalid_field("page_size", "must not be negative")
-        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        try:
-            where = compile_filter(filter)
-        except FilterError as error:
-            raise invalid_field("filter", str(error)) from None
-        try:
-            order = parse_order_by(order_by) or [OrderKey("created_at", False)]
-        except FilterError as error:
-            raise invalid_field("order_by", str(error)) from None
-        # The id breaks ties, so every row has exactly one place in the order.
-        order = [*order, OrderKey("id", False)]
-        query = cls(filter, order, page_size, where, None)
-        if page_token:
-            return cls(filter, order, page_size, where, query._decode(page_token))
-        return query
-
-    def _fingerprint(self) -> str:
-        spec = json.dumps([self.filter, [(k.field, k.descending) for k in self.order]])
-        return hashlib.sha256(spec.encode()).hexdigest()[:16]
-
-    def token_after(self, row: RowMapping) -> str:
-        values = [row[key.field] for key in self.order]
-        payload = json.dumps({"q": self._fingerprint(), "after": values}, separators=(",", ":"))
-        return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-
-    def _decode(self, token: str) -> list[Any]:
-        try:
-            payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-            values = payload["after"]
-            fingerprint = payload["q"]
-        except (ValueError, KeyError, TypeError, binascii.Error):
-            raise invalid_field("page_token", "is not a token this service issued") from None
-        if fingerprint != self._fingerprint() or len(values) != len(self.order):
-            raise invalid_field(
-                "page_token", "was issued for another filter or order_by; start from page one"
-            )
-        return list(values)
-
-    def order_clauses(self) -> list[Any]:
-        clauses = []
-        for key in self.order:
-            column = data_table.c[key.field]
-            clause = column.desc() if key.descending else column.asc()
-            clauses.append(clause if key.field in _NOT_NULL_COLUMNS else clause.nulls_last())
-        return clauses
-
-    def after(self) -> ColumnElement[bool] | None:
-        """Rows strictly after the cursor in this order (absent values sort last)."""
-        if self.cursor is None:
-            return None
-        keys = list(zip(self.order, self.cursor, strict=True))
-        if all(k.field in _NOT_NULL_COLUMNS and not k.descending for k, _ in keys):
-            # One row comparison: an index range scan on (created_at, id) and the like.
-            columns = [data_table.c[k.field] for k, _ in keys]
-            return tuple_(*columns) > tuple_(*[v for _, v in keys])
-        alternatives = []
-        for i, (key, value) in enumerate(keys):
-            column = data_table.c[key.field]
-            if value is None:
-                continue  # nothing sorts after an absent value but other absent values
-            beyond = column < value if key.descending else column > value
-            if key.field not in _NOT_NULL_COLUMNS:
-                beyond = or_(beyond, column.is_(None))
-            equal_prefix = [
-                data_table.c[k.field].is_(None) if v is None else data_table.c[k.field] == v
-                for k, v in keys[:i]
-            ]
-            alternatives.append(and_(*equal_prefix, beyond))
-        return or_(*alternatives) if alternatives else false()

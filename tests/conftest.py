@@ -20,8 +20,9 @@ from moto.server import ThreadedMotoServer
 
 from metalake.v1 import datalake_pb2_grpc
 from server.app import RunningServer, start
-from server.catalog import SqlCatalog, engine_url
+from server.catalog import SqlCatalog
 from server.config import Settings
+from server.schema_versions import engine_url
 
 
 @dataclass
