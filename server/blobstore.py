@@ -131,10 +131,7 @@ class LocalBlobStore:
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
         path = self._tmp / f"{uuid.uuid4().hex}.part"
-        # Opened on the event loop, not in a worker thread: if the upload is cancelled while a
-        # thread creates the file, nobody would be left to remove it.
-        handle = open(path, "xb")  # noqa: ASYNC230, SIM115
-        return LocalBlobWriter(self, path, handle)
+        return LocalBlobWriter(self, path, await create_spool_file(path))
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         return [
@@ -245,6 +242,26 @@ class LocalBlobWriter:
         self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
+
+
+async def create_spool_file(path: Path) -> BinaryIO:
+    """Create a file off the event loop (creating one can take a while on a busy disk).
+
+    If the upload is cancelled meanwhile, the file is removed once created: no caller is left to
+    remove it.
+    """
+    creating = asyncio.ensure_future(asyncio.to_thread(open, path, "xb"))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        creating.add_done_callback(lambda _: _discard(path, creating))
+        raise
+
+
+def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
+    if not creating.cancelled() and creating.exception() is None:
+        creating.result().close()
+    path.unlink(missing_ok=True)
 
 
 def hash_file(path: Path) -> tuple[Any, int]:

@@ -27,7 +27,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from server.blobstore import UPLOAD_ID, hash_file
+from server.blobstore import UPLOAD_ID, create_spool_file, hash_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -105,8 +105,7 @@ class S3BlobStore:
     async def create_writer(self, *, spool: bool = True) -> S3BlobWriter:
         spool_file = None
         if spool:
-            # Opened on the event loop: a cancelled thread could leave it behind.
-            spool_file = open(self._spool / f"{uuid.uuid4().hex}.part", "xb")  # noqa: ASYNC230, SIM115
+            spool_file = await create_spool_file(self._spool / f"{uuid.uuid4().hex}.part")
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
