@@ -29,13 +29,22 @@ CLEAN = {
 FUZZ = settings(
     max_examples=40,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,  # large inputs are the point of these tests
+    ],
 )
 
 texts = st.one_of(
     st.text(max_size=50),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=1000, max_size=3000),
     st.sampled_from(["", " ", "../../etc/passwd", "/dev/zero", "$(reboot)", "a\x00b", "\u202e"]),
+)
+# Tags come in lists: mostly short, some far too long, without making every example huge.
+tag_texts = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["", "x" * 1025, "y" * 5000, "../tags", "a\x00b", "\ud7ff" * 300]),
 )
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -60,7 +69,7 @@ def answered(call: object, allowed: frozenset[grpc.StatusCode] = frozenset()) ->
 @FUZZ
 @given(
     filename=texts,
-    tags=st.lists(texts, max_size=150),
+    tags=st.lists(tag_texts, max_size=150),
     latitude=numbers,
     resolution=numbers,
     reference=texts,
