@@ -133,7 +133,11 @@ def _check(path: Path) -> None:
 @settings(
     max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 600)),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(container=st.sampled_from(CONTAINERS), tiff=mutated_tiff())
 def test_mutated_exif_never_breaks_extraction(tmp_path: Path, container: str, tiff: bytes) -> None:
@@ -145,7 +149,11 @@ def test_mutated_exif_never_breaks_extraction(tmp_path: Path, container: str, ti
 @settings(
     max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 300)),
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(
     container=st.sampled_from(CONTAINERS),

@@ -154,7 +154,11 @@ def test_order_by_follows_aip_132() -> None:
             parse_order_by(bad)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     st.text(
         alphabet=st.sampled_from(list("latitude<=>!:*()\"' ANDORNOT-tags0123456789.\\_x")),
