@@ -14,6 +14,7 @@ import grpc
 
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
+from server.app import tune_malloc
 
 
 class DiscardingServicer(pb_grpc.DatalakeServiceServicer):
@@ -49,4 +50,5 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
+    tune_malloc()  # the same process settings as metalake's server: a like-for-like ceiling
     asyncio.run(serve())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -178,8 +180,27 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(settings.listen, credentials)
 
 
+def tune_malloc() -> None:
+    """Keep gRPC's message buffers in the heap instead of fresh mappings.
+
+    With glibc's defaults every buffer of 128 KiB or more is mmapped, faulted in and unmapped
+    again; raising both the mmap and the trim thresholds (either alone made things worse) lets
+    them be reused, which doubled a bare grpc.aio server's upload throughput here. A no-op on
+    other C libraries.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 64 * 1024 * 1024)
+    mallopt(m_trim_threshold, 256 * 1024 * 1024)
+
+
 def serve_forever(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then drain in-flight calls."""
+    tune_malloc()
     configure_logging()
     if settings.metrics_listen:
         start_metrics_server(settings.metrics_listen)
