@@ -27,6 +27,7 @@ import grpc
 from PIL import Image
 
 from extractors.testing import sample_exif
+from metalake.client import CHUNK_SIZE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.serverprocess import ServerProcess
@@ -35,8 +36,8 @@ SCALE = float(os.environ.get("METALAKE_BENCH_SCALE", "1"))
 MIB = 1024**2
 BIG = max(16 * MIB, int(1024 * MIB * SCALE))
 SMALL = 10 * MIB  # the small upload of the memory comparison
-CHUNK = 256 * 1024  # the SDK's chunk size (metalake.client.CHUNK_SIZE)
-CHUNK_SIZES = (64 * 1024, CHUNK, 1024 * 1024)  # the neighbours show why 256 KiB
+CHUNK = CHUNK_SIZE  # the SDK's chunk size
+CHUNK_SIZES = (64 * 1024, 256 * 1024, 1024 * 1024)  # the SDK's and smaller ones, for why
 ROUNDS = 3  # big-file runs per chunk size and server, alternating; the best one counts
 SMALL_FILES = max(50, round(2000 * SCALE))
 CLIENTS = 16  # concurrent clients of the one-call-per-file runs, a channel each
