@@ -15,28 +15,46 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
+import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from server.blobstore import UPLOAD_ID, create_spool_file, hash_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, GetObjectOutputTypeDef
 
 # S3 parts are at least 5 MiB (but the last); 8 MiB keeps a part's upload well above per-request
 # overheads while bounding what one upload buffers.
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024
+# Commit copies each blob inside S3 to its final key. One CopyObject request is fine up to a
+# few hundred MiB; above that boto3's managed copy splits it into parallel UploadPartCopy
+# requests (mandatory above 5 GiB, the CopyObject limit).
+DEFAULT_COPY_PART_SIZE = 256 * 1024 * 1024
+# Each upload holds a connection while a part travels; botocore's default pool (10) would make
+# concurrent uploads open and discard connections.
+MAX_POOL_CONNECTIONS = 64
+# How many times one download asks again for the rest after its connection to S3 broke.
+_READ_RESUMPTIONS = 3
+_BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
 
 
 class S3ConfigurationError(ValueError):
@@ -52,15 +70,20 @@ class S3BlobStore:
         bucket: str,
         prefix: str,
         *,
-        staging_dir: Path,
+        staging_dir: Path | None = None,
         part_size: int = DEFAULT_PART_SIZE,
+        copy_part_size: int = DEFAULT_COPY_PART_SIZE,
     ) -> None:
-        if part_size < MIN_PART_SIZE:
-            raise S3ConfigurationError(f"part size must be at least {MIN_PART_SIZE} bytes")
+        if part_size < MIN_PART_SIZE or copy_part_size < MIN_PART_SIZE:
+            raise S3ConfigurationError(f"part sizes must be at least {MIN_PART_SIZE} bytes")
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_size = part_size
+        self.copy_part_size = copy_part_size
+        # Local disk still holds the spool (for the extractors) and resumable uploads' staging.
+        if staging_dir is None:
+            staging_dir = Path(tempfile.gettempdir()) / "metalake-s3"
         self._spool = staging_dir / "tmp"
         self._uploads = staging_dir / "uploads"
         for directory in (self._spool, self._uploads):
@@ -68,31 +91,44 @@ class S3BlobStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, staging_dir: Path, environ: Mapping[str, str] | None = None
+        cls,
+        url: str,
+        *,
+        staging_dir: Path | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        environ: Mapping[str, str] | None = None,
     ) -> S3BlobStore:
+        """A store on `s3://bucket/prefix`, configured from the AWS_* environment.
+
+        Credentials not in the environment come from boto3's usual chain (profile, instance
+        role, ...). Raises S3ConfigurationError for a URL or endpoint it will not use.
+        """
         env = os.environ if environ is None else environ
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise S3ConfigurationError(f"{url!r} is not an s3://bucket/prefix URL")
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        if endpoint and endpoint.startswith("http://") and env.get("AWS_ALLOW_HTTP") != "true":
-            raise S3ConfigurationError(
-                f"the S3 endpoint {endpoint} is plain HTTP: credentials and data would travel "
-                "unencrypted. Use https, or set AWS_ALLOW_HTTP=true if you mean it."
-            )
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        if endpoint is not None:
+            scheme = urlparse(endpoint).scheme
+            if scheme not in ("http", "https"):
+                raise S3ConfigurationError(
+                    f"the S3 endpoint {endpoint!r} must start with https:// (or http://)"
+                )
+            if scheme == "http" and env.get("AWS_ALLOW_HTTP", "").lower() != "true":
+                raise S3ConfigurationError(
+                    f"the S3 endpoint {endpoint} is plain HTTP: credentials and data would "
+                    "travel unencrypted. Use https, or set AWS_ALLOW_HTTP=true if you mean it."
+                )
         client = boto3.client(
             "s3",
-            endpoint_url=endpoint or None,
+            endpoint_url=endpoint,
             region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
-            config=Config(
-                retries={"max_attempts": 5, "mode": "standard"},
-                # Path-style addressing works on every S3-compatible server, not only AWS.
-                s3={"addressing_style": "path" if endpoint else "auto"},
-            ),
+            aws_session_token=env.get("AWS_SESSION_TOKEN"),
+            config=_client_config(endpoint, env),
         )
-        return cls(client, parsed.netloc, parsed.path, staging_dir=staging_dir)
+        return cls(client, parsed.netloc, parsed.path, staging_dir=staging_dir, part_size=part_size)
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -109,25 +145,45 @@ class S3BlobStore:
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
-        try:
-            response = await asyncio.to_thread(
-                self.client.get_object,
-                Bucket=self.bucket,
-                Key=self.blob_key(key),
-                Range=f"bytes={offset}-",
-            )
-        except ClientError as error:
-            if _missing(error) or _status(error) == 416:
-                if _status(error) == 416:  # offset == size: nothing left to send
+        """Stream with a ranged GetObject, `chunk_size` bytes in memory at a time.
+
+        A download can last as long as its client is slow; if the connection to S3 breaks
+        meanwhile, the rest is asked for again from where it broke (blobs are immutable, and
+        IfMatch makes sure of it).
+        """
+        object_key = self.blob_key(key)
+        position, etag, resumed = offset, "", 0
+        while True:
+            try:
+                response = await asyncio.to_thread(self._get, object_key, position, etag)
+            except ClientError as error:
+                if _status(error) == 416:  # at (or past) the end: nothing left to send
                     return
-                raise FileNotFoundError(key) from error
-            raise
-        body = response["Body"]
-        try:
-            while chunk := await asyncio.to_thread(body.read, chunk_size):
-                yield chunk
-        finally:
-            body.close()
+                if _missing(error):
+                    raise FileNotFoundError(key) from error
+                raise
+            etag = response["ETag"]
+            body = response["Body"]
+            try:
+                while chunk := await asyncio.to_thread(body.read, chunk_size):
+                    position += len(chunk)
+                    yield chunk
+                return
+            except _BROKEN_STREAM:
+                resumed += 1
+                if resumed > _READ_RESUMPTIONS:
+                    raise
+            finally:
+                body.close()
+
+    def _get(self, object_key: str, position: int, etag: str) -> GetObjectOutputTypeDef:
+        if etag:
+            return self.client.get_object(
+                Bucket=self.bucket, Key=object_key, Range=f"bytes={position}-", IfMatch=etag
+            )
+        return self.client.get_object(
+            Bucket=self.bucket, Key=object_key, Range=f"bytes={position}-"
+        )
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(
@@ -155,17 +211,32 @@ class S3BlobStore:
         return keys
 
     def discard_abandoned(self, older_than: datetime) -> int:
-        """Abort multipart uploads under tmp/ begun before `older_than` (a crashed server's)."""
-        aborted = 0
-        paginator = self.client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
-            for upload in page.get("Uploads", []):
-                if upload["Initiated"] < older_than:
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted += 1
-        return aborted
+        """Blocking: remove what uploads begun before `older_than` left in the bucket (a crashed
+        or killed server's); returns how many multipart uploads and objects it removed.
+
+        For `metalake gc`: aborts multipart uploads under `tmp/` (streamed uploads) and
+        `blobs/` (resumable uploads sent at commit), and deletes `tmp/` objects (a commit
+        interrupted between completing its upload and deleting it). `older_than` must be
+        timezone-aware; pass well over the longest upload, e.g. now minus the upload TTL.
+        """
+        discarded = 0
+        uploads = self.client.get_paginator("list_multipart_uploads")
+        for area in ("tmp", "blobs"):
+            for page in uploads.paginate(Bucket=self.bucket, Prefix=self._key(area) + "/"):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < older_than:
+                        with _suppress_missing():
+                            self.client.abort_multipart_upload(
+                                Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                            )
+                        discarded += 1
+        objects = self.client.get_paginator("list_objects_v2")
+        for listing in objects.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
+            for item in listing.get("Contents", []):
+                if item["LastModified"] < older_than:
+                    self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
+                    discarded += 1
+        return discarded
 
     def discard_spooled(self) -> int:
         count = 0
@@ -197,27 +268,50 @@ class S3BlobStore:
         object_key = self.blob_key(key)
         if self._exists(object_key):
             return
+        # Managed upload: multipart above one part, parts in parallel, and it aborts its own
+        # multipart upload if it fails (a crash is left to discard_abandoned).
         self.client.upload_file(
             str(path),
             self.bucket,
             object_key,
-            Config=TransferConfig(multipart_chunksize=self.part_size),
+            Config=TransferConfig(
+                multipart_threshold=self.part_size, multipart_chunksize=self.part_size
+            ),
+        )
+
+    def copy_object(self, source_key: str, target_key: str) -> None:
+        """Blocking: copy inside S3; one CopyObject up to a copy part, parallel parts above."""
+        size = self.copy_part_size
+        self.client.copy(
+            {"Bucket": self.bucket, "Key": source_key},
+            self.bucket,
+            target_key,
+            Config=TransferConfig(multipart_threshold=size, multipart_chunksize=size),
         )
 
 
 class S3BlobWriter:
-    """Streams one blob to S3 as a multipart upload, hashing it; spools locally if asked."""
+    """Streams one blob to S3 as a multipart upload, hashing it; spools locally if asked.
+
+    Holds at most one part in memory (plus, while a full part is sent, the copy handed to
+    boto3). Every S3 call runs in a worker thread under `_lock`, so an abort that arrives while
+    a write is still in its thread (the upload being cancelled) waits for it, then cleans up
+    what it started: no multipart upload can be created behind the abort's back.
+    """
 
     def __init__(self, store: S3BlobStore, temporary_key: str, spool: IO[bytes] | None) -> None:
         self._store = store
         self._temporary_key = temporary_key
         self._spool = spool
+        self._spool_path = Path(spool.name) if spool is not None else None
         self._hash = hashlib.sha256()
         self._size = 0
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
-        self._done = False
+        self._temporary_object = False  # a completed upload not yet deleted
+        self._lock = threading.Lock()
+        self._done = False  # committed or aborted: nothing more may reach S3
 
     @property
     def size(self) -> int:
@@ -225,12 +319,12 @@ class S3BlobWriter:
 
     @property
     def buffered(self) -> int:
-        """Bytes held in memory: never more than one part plus one chunk."""
+        """Bytes held in memory for the next part: always less than a part between writes."""
         return len(self._buffer)
 
     @property
     def spool_path(self) -> Path | None:
-        return Path(self._spool.name) if self._spool is not None else None
+        return self._spool_path
 
     def sha256(self) -> str:
         return self._hash.hexdigest()
@@ -239,15 +333,27 @@ class S3BlobWriter:
         await asyncio.to_thread(self._write, chunk)
 
     def _write(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        if self._spool is not None:
-            self._spool.write(chunk)
-        self._size += len(chunk)
-        self._buffer += chunk
-        while len(self._buffer) >= self._store.part_size:
-            part = bytes(self._buffer[: self._store.part_size])
-            del self._buffer[: self._store.part_size]
-            self._upload_part(part)
+        with self._lock:
+            self._check_open()
+            self._hash.update(chunk)
+            if self._spool is not None:
+                self._spool.write(chunk)
+            self._size += len(chunk)
+            # Fill the buffer only up to a part, so a chunk larger than a part never sits
+            # whole in it; memoryview slices copy nothing.
+            view = memoryview(chunk)
+            part_size = self._store.part_size
+            while view:
+                room = part_size - len(self._buffer)
+                self._buffer += view[:room]
+                view = view[room:]
+                if len(self._buffer) == part_size:
+                    self._upload_part(bytes(self._buffer))
+                    self._buffer = bytearray()
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError("this blob writer was already committed or aborted")
 
     def _upload_part(self, data: bytes) -> None:
         client, bucket = self._store.client, self._store.bucket
@@ -266,64 +372,83 @@ class S3BlobWriter:
 
     async def flush(self) -> None:
         if self._spool is not None:
-            await asyncio.to_thread(self._spool.flush)
+            await asyncio.to_thread(self._flush_spool)
+
+    def _flush_spool(self) -> None:
+        with self._lock:
+            if self._spool is not None:
+                self._spool.flush()
 
     async def commit(self, key: str) -> None:
         await asyncio.to_thread(self._commit, key)
 
     def _commit(self, key: str) -> None:
-        store, client, bucket = self._store, self._store.client, self._store.bucket
-        final = store.blob_key(key)
-        if self._upload_id is None:
-            # Smaller than a part: one PUT, straight to its final key.
-            if not store._exists(final):
-                client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer))
-        else:
-            if self._buffer:
-                self._upload_part(bytes(self._buffer))
-                self._buffer.clear()
-            client.complete_multipart_upload(
-                Bucket=bucket,
-                Key=self._temporary_key,
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
-            )
-            self._upload_id = None  # completed: nothing to abort any more
-            try:
-                if not store._exists(final):
-                    # Server-side copy; multipart above 5 GiB, managed by boto3.
-                    client.copy(
-                        {"Bucket": bucket, "Key": self._temporary_key},
-                        bucket,
-                        final,
-                        Config=TransferConfig(multipart_chunksize=store.part_size),
-                    )
-            finally:
-                client.delete_object(Bucket=bucket, Key=self._temporary_key)
-        self._done = True
-        self._close_spool()
+        with self._lock:
+            self._check_open()
+            store, client, bucket = self._store, self._store.client, self._store.bucket
+            final = store.blob_key(key)
+            exists = store._exists(final)
+            if self._upload_id is None:
+                # Smaller than a part: one PUT, straight to its final key (atomic in S3).
+                if not exists:
+                    client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer))
+            elif exists:
+                # Identical content is stored already: drop this copy without completing it.
+                self._abort_upload()
+            else:
+                if self._buffer:
+                    self._upload_part(bytes(self._buffer))
+                client.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=self._temporary_key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+                self._upload_id = None  # completed: an object to delete, no upload to abort
+                self._temporary_object = True
+                store.copy_object(self._temporary_key, final)
+                self._delete_temporary_object()
+            self._buffer = bytearray()
+            self._done = True
+            self._close_spool()
 
     async def abort(self) -> None:
         if self._done:
             return
-        self._done = True
-        self._close_spool()
-        # Shielded: abort runs while the upload is being cancelled, and must still reach S3.
+        # Shielded: abort runs while the upload is being cancelled, and must still reach S3
+        # (the thread runs to the end even if this await is cancelled again).
         await asyncio.shield(asyncio.to_thread(self._abort))
 
     def _abort(self) -> None:
-        client, bucket = self._store.client, self._store.bucket
+        # The lock waits for a write or commit still running in its thread.
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            self._buffer = bytearray()
+            self._close_spool()
+            self._abort_upload()
+            self._delete_temporary_object()
+
+    def _abort_upload(self) -> None:
         if self._upload_id is not None:
-            client.abort_multipart_upload(
-                Bucket=bucket, Key=self._temporary_key, UploadId=self._upload_id
-            )
-        client.delete_object(Bucket=bucket, Key=self._temporary_key)
+            with _suppress_missing():
+                self._store.client.abort_multipart_upload(
+                    Bucket=self._store.bucket, Key=self._temporary_key, UploadId=self._upload_id
+                )
+            self._upload_id = None
+
+    def _delete_temporary_object(self) -> None:
+        if self._temporary_object:
+            self._store.client.delete_object(Bucket=self._store.bucket, Key=self._temporary_key)
+            self._temporary_object = False
 
     def _close_spool(self) -> None:
         if self._spool is not None:
             self._spool.close()
-            Path(self._spool.name).unlink(missing_ok=True)
             self._spool = None
+        if self._spool_path is not None:
+            self._spool_path.unlink(missing_ok=True)
 
 
 class S3StagedWriter:
@@ -360,10 +485,51 @@ class S3StagedWriter:
         """Keep the staged bytes: the client may still finish the upload."""
 
 
+def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
+    """botocore settings for AWS itself, or for another S3-compatible server at `endpoint`."""
+    if endpoint is None:
+        return Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            max_pool_connections=MAX_POOL_CONNECTIONS,
+        )
+    return Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        max_pool_connections=MAX_POOL_CONNECTIONS,
+        # Path-style addressing works on every S3-compatible server, not only AWS.
+        s3={"addressing_style": "path"},
+        # botocore >= 1.36 sends CRC checksums (and trailers) by default, which MinIO, Ceph, GCS
+        # and others reject or mis-sign; send them only when an operation requires them, unless
+        # the operator chose otherwise with AWS tools' own variables.
+        request_checksum_calculation=_checksum_setting(env, "AWS_REQUEST_CHECKSUM_CALCULATION"),
+        response_checksum_validation=_checksum_setting(env, "AWS_RESPONSE_CHECKSUM_VALIDATION"),
+    )
+
+
+def _checksum_setting(
+    env: Mapping[str, str], name: str
+) -> Literal["when_supported", "when_required"]:
+    value = env.get(name, "when_required").lower()
+    if value == "when_supported":
+        return "when_supported"
+    if value == "when_required":
+        return "when_required"
+    raise S3ConfigurationError(f"{name} must be when_supported or when_required, not {value!r}")
+
+
+@contextmanager
+def _suppress_missing() -> Iterator[None]:
+    """Ignore S3's not-found errors: what is gone needs no cleaning up."""
+    try:
+        yield
+    except ClientError as error:
+        if not _missing(error):
+            raise
+
+
 def _status(error: ClientError) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
 def _missing(error: ClientError) -> bool:
     code = error.response.get("Error", {}).get("Code", "")
-    return code in ("404", "NoSuchKey", "NotFound") or _status(error) == 404
+    return code in ("404", "NoSuchKey", "NotFound", "NoSuchUpload") or _status(error) == 404
