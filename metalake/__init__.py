@@ -7,23 +7,35 @@ data = datalake.upload_data("photo.jpg", metadata={"reference": "7NGOMI"}, fill_
 
 from metalake.client import Client, Data, Datalake
 from metalake.errors import (
+    AuthenticationError,
     ConflictError,
+    DataLossError,
+    IntegrityError,
     InvalidArgumentError,
     MetalakeError,
     NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
     UploadError,
 )
 from metalake.metadata import FIELDS, InvalidMetadataError
 
 __all__ = [
     "FIELDS",
+    "AuthenticationError",
     "Client",
     "ConflictError",
     "Data",
+    "DataLossError",
     "Datalake",
+    "IntegrityError",
     "InvalidArgumentError",
     "InvalidMetadataError",
     "MetalakeError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "UnavailableError",
     "UploadError",
 ]

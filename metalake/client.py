@@ -16,12 +16,12 @@ import concurrent.futures
 import hashlib
 import os
 import random
-import time
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, Generic, NoReturn, TypeVar, cast, overload
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -47,15 +47,18 @@ MAX_ATTEMPTS = 6
 
 PathLike = str | os.PathLike[str]
 MetadataInput = Mapping[str, Any]
-Progress = Callable[[int], None]  # called with the number of bytes just sent
+# Called with the number of bytes just sent, from the upload threads: it must be thread-safe.
+Progress = Callable[[int], None]
 _T = TypeVar("_T")
+_V = TypeVar("_V", float, str, datetime)
 
 
 class Client:
     """A connection to a metalake server.
 
     `target` defaults to METALAKE_TARGET, then 127.0.0.1:50051; `token` to METALAKE_TOKEN.
-    Pass `credentials` (grpc.ssl_channel_credentials(...)) for TLS.
+    Pass `credentials` (grpc.ssl_channel_credentials(...)) for TLS. `max_workers` bounds how
+    many files upload at once. Use it as a context manager, or call close(), to close the channel.
     """
 
     def __init__(
@@ -98,8 +101,17 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def with_retries(self, attempt: Callable[[], _T]) -> _T:
-        """Retry what is safe to retry, with exponential backoff and jitter."""
+    def start(
+        self, method: grpc.StreamUnaryMultiCallable[Any, _T], requests: Iterator[Any]
+    ) -> grpc.CallFuture[_T]:
+        """Start a client-streaming RPC without waiting, so that it can be cancelled."""
+        return method.future(requests, metadata=self._metadata)
+
+    def with_retries(
+        self, attempt: Callable[[], _T], *, stopped: threading.Event | None = None
+    ) -> _T:
+        """Retry what is safe to retry, with exponential backoff and jitter; give up at once
+        when `stopped` is set (the batch was interrupted)."""
         for number in range(1, MAX_ATTEMPTS + 1):
             try:
                 return attempt()
@@ -109,8 +121,68 @@ class Client:
                 delay = min(30.0, 0.25 * 2**number) * random.uniform(0.5, 1.0)
                 if error.retry_after is not None:
                     delay = max(delay, error.retry_after.total_seconds())
-                time.sleep(delay)
+                if (stopped or threading.Event()).wait(delay):
+                    raise
         raise AssertionError("unreachable")
+
+
+class _Batch:
+    """The streams in flight for one upload call, so that an interruption (Ctrl-C, or a caller
+    that stops iterating) ends them at once: a file is not sent to its end, and a file not yet
+    started is not started."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._calls: set[grpc.CallFuture[Any]] = set()
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped.set()
+            calls = list(self._calls)
+        for call in calls:
+            _cancel(call)
+
+    def result(self, call: grpc.CallFuture[_T]) -> _T:
+        with self._lock:
+            if self.stopped.is_set():
+                _cancel(call)
+            self._calls.add(call)
+        try:
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise MetalakeError(
+                "the upload was cancelled", code=grpc.StatusCode.CANCELLED
+            ) from None
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        except BaseException:
+            # Interrupted while waiting in this thread: without this the stream would go on in
+            # gRPC's own thread and the file would be stored after all.
+            _cancel(call)
+            raise
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+
+class _FileProgress:
+    """Reports each byte of one file to the caller's Progress once, even when a retry or a
+    resumed upload sends some of them again."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._reported: int | None = None
+
+    def __call__(self, start: int, end: int) -> None:
+        if self._progress is None:
+            return
+        if self._reported is None:
+            # Bytes before the first offset were sent by an earlier run, not by this one.
+            self._reported = start
+        if end > self._reported:
+            self._progress(end - self._reported)
+            self._reported = end
 
 
 class Datalake:
@@ -158,10 +230,12 @@ class Datalake:
     ) -> Data | list[Data] | list[Data | Exception]:
         """Upload one file (returns its Data) or several (returns a list in the same order).
 
-        `metadata` is one mapping for every file or a list with one per file. Files upload in
-        parallel; a failed file does not stop the others. If any failed, UploadError is raised
-        once all are done, with every file's result; with raise_on_error=False the list holds
-        the exception in the failed file's place instead.
+        `metadata` is one mapping for every file or a list with one per file; both are checked
+        before anything is sent. Files upload in parallel; a failed file does not stop the
+        others. If any failed, UploadError is raised once all are done, with every file's
+        result; with raise_on_error=False the list holds the exception in the failed file's
+        place instead. `progress` is called with each number of bytes sent, from the upload
+        threads.
 
         With rerun_safe=True, running the same upload again (same files, unchanged on disk, same
         metadata) after an interruption finishes it instead of storing anything twice: files
@@ -170,45 +244,93 @@ class Datalake:
         if isinstance(filepaths, str | os.PathLike):
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise ValueError("one file takes one metadata mapping, not a list")
-            return self._upload_one(
-                Path(filepaths),
-                md.normalize(metadata or {}),
-                fill_metadata,
-                tuple(tags),
-                progress,
-                rerun_safe,
-            )
-        paths = [Path(p) for p in filepaths]
-        if metadata is None or isinstance(metadata, Mapping):
-            per_file = [md.normalize(metadata or {})] * len(paths)
-        else:
-            if len(metadata) != len(paths):
-                raise ValueError(
-                    f"{len(paths)} files but {len(metadata)} metadata mappings: give one mapping "
-                    "for all files or exactly one per file"
+            values = md.normalize(metadata or {})
+            batch = _Batch()
+            try:
+                return self._upload_one(
+                    batch, Path(filepaths), values, fill_metadata, tuple(tags), progress, rerun_safe
                 )
-            per_file = [md.normalize(m) for m in metadata]
-        tags = tuple(tags)
+            except BaseException:
+                batch.stop()
+                raise
+        paths = [Path(p) for p in filepaths]
+        results = [
+            result
+            for _, result in self.iter_upload(
+                paths,
+                metadata,
+                fill_metadata=fill_metadata,
+                tags=tags,
+                progress=progress,
+                rerun_safe=rerun_safe,
+            )
+        ]
+        if raise_on_error and any(isinstance(r, Exception) for r in results):
+            raise UploadError(results, paths)
+        return results
+
+    def iter_upload(
+        self,
+        filepaths: Sequence[PathLike],
+        metadata: MetadataInput | Sequence[MetadataInput] | None = None,
+        *,
+        fill_metadata: bool = False,
+        tags: Iterable[str] = (),
+        progress: Progress | None = None,
+        rerun_safe: bool = False,
+    ) -> Iterator[tuple[Path, Data | Exception]]:
+        """Upload files in parallel like upload_data, yielding `(path, Data or exception)` in
+        input order as soon as each file and those before it are done.
+
+        The arguments are checked now, before anything is sent. Stopping the iteration early
+        (or Ctrl-C) cancels the files still in flight and skips those not started.
+        """
+        paths = [Path(p) for p in filepaths]
+        per_file = _per_file_metadata(paths, metadata)
+        return self._upload_many(paths, per_file, fill_metadata, tuple(tags), progress, rerun_safe)
+
+    def _upload_many(
+        self,
+        paths: list[Path],
+        per_file: list[md.MetadataDict],
+        fill_metadata: bool,
+        tags: tuple[str, ...],
+        progress: Progress | None,
+        rerun_safe: bool,
+    ) -> Iterator[tuple[Path, Data | Exception]]:
+        batch = _Batch()
         workers = max(1, min(self._client._max_workers, len(paths)))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-upload")
+        try:
             futures = [
                 pool.submit(
-                    self._upload_one, path, values, fill_metadata, tags, progress, rerun_safe
+                    self._upload_one,
+                    batch,
+                    path,
+                    values,
+                    fill_metadata,
+                    tags,
+                    progress,
+                    rerun_safe,
                 )
                 for path, values in zip(paths, per_file, strict=True)
             ]
-            results: list[Data | Exception] = []
-            for future in futures:
+            for path, future in zip(paths, futures, strict=True):
                 try:
-                    results.append(future.result())
-                except Exception as error:  # reported per file, below
-                    results.append(error)
-        if raise_on_error and any(isinstance(r, Exception) for r in results):
-            raise UploadError(list(results), paths)
-        return results
+                    result: Data | Exception = future.result()
+                except Exception as error:  # reported per file, in its place
+                    result = error
+                yield path, result
+        except BaseException:  # Ctrl-C, or the caller stopped iterating (GeneratorExit)
+            batch.stop()
+            raise
+        finally:
+            # Not `with pool`: its exit would wait for every queued file, even after Ctrl-C.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _upload_one(
         self,
+        batch: _Batch,
         path: Path,
         metadata: md.MetadataDict,
         fill_metadata: bool,
@@ -232,20 +354,26 @@ class Datalake:
             header.request_id = f"rerun-{identity}"
         else:
             header.request_id = str(uuid.uuid4())  # the same for every retry of this file
+        report = _FileProgress(progress)
         if stat.st_size > RESUMABLE_THRESHOLD:
             upload_id = header.request_id if rerun_safe else uuid.uuid4().hex
-            return self._upload_resumable(path, header, upload_id, progress)
+            return self._upload_resumable(batch, path, header, upload_id, report)
 
         def attempt() -> Data:
-            response = self._client.call(
-                self._client._stub.UploadData, _upload_requests(path, header, progress)
+            call = self._client.start(
+                self._client._stub.UploadData, _upload_requests(path, header, report)
             )
-            return Data(self._client, response.data)
+            return Data(self._client, batch.result(call).data)
 
-        return self._client.with_retries(attempt)
+        return self._client.with_retries(attempt, stopped=batch.stopped)
 
     def _upload_resumable(
-        self, path: Path, header: pb.UploadDataHeader, upload_id: str, progress: Progress | None
+        self,
+        batch: _Batch,
+        path: Path,
+        header: pb.UploadDataHeader,
+        upload_id: str,
+        report: _FileProgress,
     ) -> Data:
         stub = self._client._stub
 
@@ -258,17 +386,25 @@ class Datalake:
             committed = self._client.call(
                 stub.QueryUpload, pb.QueryUploadRequest(upload_id=upload_id)
             ).committed_size
-            response = self._client.call(
-                stub.WriteUpload, _write_requests(path, upload_id, committed, progress)
+            call = self._client.start(
+                stub.WriteUpload, _write_requests(path, upload_id, committed, report)
             )
-            return Data(self._client, response.data)
+            return Data(self._client, batch.result(call).data)
 
-        self._client.with_retries(start)
-        return self._client.with_retries(attempt)
+        self._client.with_retries(start, stopped=batch.stopped)
+        return self._client.with_retries(attempt, stopped=batch.stopped)
 
     def get_data(self, data_id: str) -> Data:
         response = self._client.call(self._client._stub.GetData, pb.GetDataRequest(id=data_id))
         return Data(self._client, response.data)
+
+    def delete_data(self, data_id: str) -> None:
+        """Delete one item by id (NotFoundError if there is none)."""
+        self._client.call(self._client._stub.DeleteData, pb.DeleteDataRequest(id=data_id))
+
+    def download_data(self, data_id: str, path: PathLike) -> Path:
+        """Like Data.download, by id, in one call; returns the path written."""
+        return _download(self._client, data_id, Path(path))
 
     def list_data(
         self, filter: str | None = None, *, order_by: str | None = None, page_size: int = 100
@@ -321,9 +457,71 @@ class Datalake:
         return values, dict(response.metadata_sources)
 
 
+def _per_file_metadata(
+    paths: list[Path], metadata: MetadataInput | Sequence[MetadataInput] | None
+) -> list[md.MetadataDict]:
+    """One checked metadata dict per path, or a ValueError naming the mapping at fault."""
+    if metadata is None or isinstance(metadata, Mapping):
+        return [md.normalize(metadata or {})] * len(paths)
+    if len(metadata) != len(paths):
+        raise ValueError(
+            f"{len(paths)} files but {len(metadata)} metadata mappings: give one mapping "
+            "for all files or exactly one per file"
+        )
+    checked = []
+    for index, values in enumerate(metadata):
+        try:
+            checked.append(md.normalize(values))
+        except md.InvalidMetadataError as error:
+            # Say which mapping of the list is wrong: its index and its file.
+            where = f"metadata[{index}] ({paths[index].name})."
+            raise md.InvalidMetadataError(
+                [md.FieldViolation(where + v.field, v.description) for v in error.violations]
+            ) from None
+    return checked
+
+
+class _Field(Generic[_V]):
+    """A metadata field read as an attribute of Data: its value, or None when absent."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _Field[_V]: ...
+
+    @overload
+    def __get__(self, instance: Data, owner: type) -> _V | None: ...
+
+    def __get__(self, instance: Data | None, owner: type) -> _Field[_V] | _V | None:
+        if instance is None:
+            return self
+        return cast("_V | None", instance.metadata.get(self.name))
+
+    def __set__(self, instance: Data, value: object) -> NoReturn:
+        # Assigning would change only this object, not the datalake: say what does.
+        raise AttributeError(f"{self.name} is read-only; use data.update_metadata({self.name}=...)")
+
+
 class Data:
     """One stored item. Metadata fields are attributes too: `data.latitude`, `data.acquired_at`
     (None when absent)."""
+
+    latitude = _Field[float]()
+    longitude = _Field[float]()
+    altitude = _Field[float]()
+    acquired_at = _Field[datetime]()  # aware when the offset is known, naive when it is not
+    acquired_by = _Field[str]()
+    weather = _Field[str]()
+    resolution_x = _Field[float]()
+    resolution_y = _Field[float]()
+    resolution_unit = _Field[str]()
+    compression = _Field[str]()
+    manufacturer = _Field[str]()
+    software = _Field[str]()
+    color_space = _Field[str]()
+    custom_id = _Field[str]()
+    reference = _Field[str]()
 
     def __init__(self, client: Client, message: pb.Data) -> None:
         self._client = client
@@ -331,23 +529,17 @@ class Data:
 
     def _load(self, message: pb.Data) -> None:
         self._message = message
-        self.id = message.id
-        self.filename = message.filename
-        self.size = message.size
-        self.sha256 = message.sha256
-        self.content_type = message.content_type
-        self.tags = list(message.tags)
-        self.etag = message.etag
-        self.created_at = message.created_at.ToDatetime().replace(tzinfo=UTC)
-        self.updated_at = message.updated_at.ToDatetime().replace(tzinfo=UTC)
-        self.metadata, _ = md.from_proto(message.metadata)
-        self.metadata_sources = dict(message.metadata_sources)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not ordinary attributes: the metadata fields.
-        if name in md.FIELDS:
-            return self.__dict__.get("metadata", {}).get(name)
-        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+        self.id: str = message.id
+        self.filename: str = message.filename
+        self.size: int = message.size
+        self.sha256: str = message.sha256
+        self.content_type: str = message.content_type
+        self.tags: list[str] = list(message.tags)
+        self.etag: str = message.etag
+        self.created_at: datetime = message.created_at.ToDatetime().replace(tzinfo=UTC)
+        self.updated_at: datetime = message.updated_at.ToDatetime().replace(tzinfo=UTC)
+        self.metadata: md.MetadataDict = md.from_proto(message.metadata)[0]
+        self.metadata_sources: dict[str, str] = dict(message.metadata_sources)
 
     def __repr__(self) -> str:
         return f"<Data {self.id} {self.filename!r} {self.size} bytes>"
@@ -372,16 +564,23 @@ class Data:
         if_unchanged: bool = False,
         **fields: Any,
     ) -> Data:
-        """Set the given fields and clear those in `clear`; others stay as they are.
+        """Set the given fields and clear those in `clear` (or given as None); others stay as
+        they are. Only the fields named travel, in the request's field mask.
 
         With if_unchanged=True the update applies only if nobody changed the item since this
         object was read (ConflictError otherwise).
         """
-        to_set = md.normalize({**(values or {}), **fields})
-        to_clear = list(clear)
+        given = {**(values or {}), **fields}
+        to_set = md.normalize(given)  # drops the None values, rejects unknown names
+        to_clear = list(dict.fromkeys([*clear, *(k for k, v in given.items() if v is None)]))
         unknown = [name for name in to_clear if name not in md.FIELDS]
         if unknown:
-            raise ValueError(f"unknown fields {unknown}; valid fields: {', '.join(md.FIELDS)}")
+            raise md.InvalidMetadataError(
+                [md.FieldViolation(name, md.check_value(name, None) or "") for name in unknown]
+            )
+        both = sorted(set(to_set) & set(to_clear))
+        if both:
+            raise ValueError(f"{', '.join(both)}: both set and cleared")
         request = pb.UpdateMetadataRequest(
             id=self.id,
             metadata=md.to_proto(to_set),
@@ -397,37 +596,9 @@ class Data:
 
     def download(self, path: PathLike) -> Path:
         """Write the content to `path` (a directory: under the filename), verified against the
-        size and SHA-256 the server announced, via a temporary file renamed into place."""
-        target = Path(path)
-        if target.is_dir():
-            target = target / Path(self.filename).name
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-        digest, size = hashlib.sha256(), 0
-        expected: pb.Data | None = None
-        try:
-            with partial.open("wb") as handle:
-                messages = self._client.call(
-                    self._client._stub.DownloadData, pb.DownloadDataRequest(id=self.id)
-                )
-                try:
-                    for message in messages:
-                        if message.HasField("data"):
-                            expected = message.data
-                            continue
-                        digest.update(message.chunk)
-                        size += len(message.chunk)
-                        handle.write(message.chunk)
-                except grpc.RpcError as error:
-                    raise from_rpc_error(error) from None
-            if expected is None or size != expected.size or digest.hexdigest() != expected.sha256:
-                raise IntegrityError(
-                    f"download of {self.id} does not match what the server announced "
-                    f"({size} bytes, sha256 {digest.hexdigest()})"
-                )
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-        return target
+        size and SHA-256 the server announced, via a temporary file renamed into place.
+        Returns the path written; IntegrityError (and nothing written) on a mismatch."""
+        return _download(self._client, self.id, Path(path))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -452,29 +623,80 @@ _EVENT_TYPES = {
 }
 
 
-def _chunks(path: Path, offset: int, progress: Progress | None) -> Iterator[bytes]:
+def _download(client: Client, data_id: str, target: Path) -> Path:
+    """DownloadData into `target` through a temporary file beside it, checked against the Data
+    of the stream's first message before it is renamed into place."""
+    stream = client.call(client._stub.DownloadData, pb.DownloadDataRequest(id=data_id))
+    try:
+        messages = iter(stream)
+        first = next(messages, None)
+        if first is None or not first.HasField("data"):
+            raise IntegrityError(f"the download of {data_id} did not start with the item")
+        expected = first.data
+        if target.is_dir():
+            target = target / _local_name(expected)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with partial.open("wb") as handle:
+                for message in messages:
+                    digest.update(message.chunk)
+                    size += len(message.chunk)
+                    handle.write(message.chunk)
+            if size != expected.size or digest.hexdigest() != expected.sha256:
+                raise IntegrityError(
+                    f"the download of {data_id} does not match what the server announced: "
+                    f"got {size} bytes with sha256 {digest.hexdigest()}, expected "
+                    f"{expected.size} bytes with sha256 {expected.sha256}"
+                )
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+    finally:
+        _cancel(stream)  # a no-op when complete; frees the stream when we stopped early
+    return target
+
+
+def _cancel(call: grpc.RpcContext) -> None:
+    # grpc-stubs leaves RpcContext.cancel untyped; CallFuture and stream iterators inherit it.
+    call.cancel()  # type: ignore[no-untyped-call]
+
+
+def _local_name(data: pb.Data) -> str:
+    # The filename is a label from whoever uploaded it: keep only its last part, and never
+    # let it name the directory itself or its parent.
+    name = Path(data.filename.replace("\\", "/")).name
+    return name if name not in ("", ".", "..") else data.id
+
+
+def _chunks(path: Path, offset: int, report: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    """The file from `offset`, read as it is sent; `report(start, end)` after each chunk."""
     with path.open("rb") as handle:
         handle.seek(offset)
+        position = offset
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
-            if progress is not None:
-                progress(len(chunk))
+            if report is not None:
+                report(position, position + len(chunk))
+            position += len(chunk)
 
 
 def _upload_requests(
-    path: Path, header: pb.UploadDataHeader, progress: Progress | None
+    path: Path, header: pb.UploadDataHeader, report: Callable[[int, int], None] | None
 ) -> Iterator[pb.UploadDataRequest]:
     yield pb.UploadDataRequest(header=header)
-    for chunk in _chunks(path, 0, progress):
+    for chunk in _chunks(path, 0, report):
         yield pb.UploadDataRequest(chunk=chunk)
 
 
 def _write_requests(
-    path: Path, upload_id: str, offset: int, progress: Progress | None
+    path: Path, upload_id: str, offset: int, report: Callable[[int, int], None] | None
 ) -> Iterator[pb.WriteUploadRequest]:
     first = True
     position = offset
-    for chunk in _chunks(path, offset, progress):
+    for chunk in _chunks(path, offset, report):
         yield pb.WriteUploadRequest(
             upload_id=upload_id if first else "", write_offset=position, data=chunk
         )

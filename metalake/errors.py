@@ -3,12 +3,17 @@ invalid arguments, the fields at fault."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+if TYPE_CHECKING:
+    from metalake.client import Data
 
 
 class MetalakeError(Exception):
@@ -69,11 +74,12 @@ class UploadError(MetalakeError):
     """Some files of a batch failed; the others were stored.
 
     `results` is in input order: a Data for each stored file, the exception for each failed one.
+    `failed` lists (path, exception) for the failed files, in input order.
     """
 
-    def __init__(self, results: list[object], paths: list[Path]) -> None:
-        self.results = results
-        self.failed = [
+    def __init__(self, results: Sequence[Data | Exception], paths: Sequence[Path]) -> None:
+        self.results: list[Data | Exception] = list(results)
+        self.failed: list[tuple[Path, Exception]] = [
             (p, r) for p, r in zip(paths, results, strict=True) if isinstance(r, Exception)
         ]
         lines = "\n".join(f"  {path}: {error}" for path, error in self.failed)
