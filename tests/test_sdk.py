@@ -7,22 +7,33 @@ import io
 import os
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from PIL import Image
 
 from metalake import (
+    FIELDS,
     Client,
     ConflictError,
+    Data,
+    IntegrityError,
     InvalidArgumentError,
     MetalakeError,
     NotFoundError,
+    ResourceExhaustedError,
     UploadError,
 )
 from metalake import client as client_module
 from metalake.metadata import InvalidMetadataError
+from metalake.v1 import datalake_pb2 as pb
+from server.config import Settings
+from tests.conftest import serving
 
 
 def write_jpeg(path: Path, *, make: str | None = None, color: int = 0) -> Path:
@@ -37,8 +48,43 @@ def write_jpeg(path: Path, *, make: str | None = None, color: int = 0) -> Path:
 
 
 @pytest.fixture
-def client(server_target: str) -> Client:
-    return Client(server_target)
+def client(server_target: str) -> Iterator[Client]:
+    with Client(server_target) as client:
+        yield client
+
+
+@pytest.fixture
+def small_limit_target(tmp_path: Path) -> Iterator[str]:
+    """A server that refuses files over 50,000 bytes: a real per-file failure."""
+    settings = Settings(data_dir=tmp_path / "limited", listen="127.0.0.1:0")
+    with serving(replace(settings, max_file_size=50_000)) as handle:
+        yield handle.target
+
+
+class NoCalls:
+    """Stands in for the stub where no RPC may be made."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"{name} was called")
+
+
+ALL_FIELDS: dict[str, Any] = {
+    "latitude": -12.5,
+    "longitude": 130.25,
+    "altitude": -3.0,
+    "acquired_at": datetime(2021, 4, 11, 15, 47, 53, 250000, tzinfo=timezone(timedelta(hours=9))),
+    "acquired_by": "USER-178",
+    "weather": "rain",
+    "resolution_x": 72.0,
+    "resolution_y": 300.0,
+    "resolution_unit": "inches",
+    "compression": "JPEG (old-style)",
+    "manufacturer": "Canon",
+    "software": "GIMP 2.10",
+    "color_space": "sRGB",
+    "custom_id": "cid-1",
+    "reference": "7NGOMI",
+}
 
 
 def test_one_path_gives_one_data_with_metadata_attributes(client: Client, tmp_path: Path) -> None:
@@ -98,6 +144,61 @@ def test_mismatched_lists_and_unknown_keys_fail_before_sending(
     assert list(datalake.list_data()) == []
 
 
+def test_bad_arguments_are_refused_before_any_rpc(tmp_path: Path) -> None:
+    paths = [write_jpeg(tmp_path / "a.jpg"), write_jpeg(tmp_path / "b.jpg")]
+    with Client("127.0.0.1:1") as client:
+        client._stub = NoCalls()  # type: ignore[assignment]
+        datalake = client.get_datalake()
+        with pytest.raises(ValueError, match="2 files but 3 metadata mappings"):
+            datalake.upload_data(paths, metadata=[{}, {}, {}])
+        with pytest.raises(ValueError, match="one metadata mapping, not a list"):
+            datalake.upload_data(paths[0], metadata=[{}])  # type: ignore[call-overload]
+        with pytest.raises(InvalidMetadataError) as caught:
+            datalake.upload_data(paths, metadata=[{"latitude": 43.6}, {"latitude": 95}])
+        assert [v.field for v in caught.value.violations] == ["metadata[1] (b.jpg).latitude"]
+        assert "must be within [-90, 90], got 95.0" in str(caught.value)
+        with pytest.raises(InvalidMetadataError, match="valid fields are: latitude, longitude"):
+            datalake.iter_upload(paths, metadata={"lat": 1.0})  # checked before iterating
+
+
+def test_every_field_round_trips_as_attributes_and_json(client: Client, tmp_path: Path) -> None:
+    data = client.get_datalake().upload_data(write_jpeg(tmp_path / "a.jpg"), ALL_FIELDS)
+    again = client.get_datalake().get_data(data.id)
+    for field, value in ALL_FIELDS.items():
+        assert getattr(again, field) == value, field
+    assert again.metadata == ALL_FIELDS
+    assert again.acquired_at is not None
+    assert again.acquired_at.utcoffset() == timedelta(hours=9)
+    assert set(again.metadata_sources.values()) == {"client"}
+    as_json = again.to_json()
+    assert list(as_json)[:7] == [
+        "id",
+        "filename",
+        "size",
+        "sha256",
+        "content_type",
+        "tags",
+        "created_at",
+    ]
+    assert as_json["content_type"] == "image/jpeg"
+    assert as_json["metadata"]["acquired_at"] == "2021-04-11T15:47:53.250000+09:00"
+    assert list(as_json["metadata"]) == list(FIELDS)  # in the contract's field order
+    assert as_json["created_at"].endswith("Z")
+
+
+def test_data_has_one_typed_attribute_per_field_and_they_are_read_only(
+    client: Client, tmp_path: Path
+) -> None:
+    declared = {n for n, v in vars(Data).items() if isinstance(v, client_module._Field)}
+    assert declared == set(FIELDS)
+    data = client.get_datalake().upload_data(write_jpeg(tmp_path / "a.jpg"), {"weather": "fog"})
+    with pytest.raises(AttributeError, match=r"use data.update_metadata\(weather=...\)"):
+        data.weather = "sun"
+    assert data.weather == "fog"
+    with pytest.raises(AttributeError):
+        data.colour  # type: ignore[attr-defined]  # noqa: B018
+
+
 def test_failed_files_do_not_stop_the_others_and_are_reported(
     client: Client, tmp_path: Path
 ) -> None:
@@ -113,6 +214,41 @@ def test_failed_files_do_not_stop_the_others_and_are_reported(
     mixed = client.get_datalake().upload_data(paths, raise_on_error=False)
     assert isinstance(mixed[1], FileNotFoundError)
     assert len(list(client.get_datalake().list_data())) == 6
+
+
+def test_a_file_the_server_refuses_fails_alone(small_limit_target: str, tmp_path: Path) -> None:
+    small = [write_jpeg(tmp_path / f"{i}.jpg", color=i) for i in range(4)]
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(60_000))
+    paths = [small[0], small[1], big, small[2], small[3]]
+    metadata = [{"custom_id": f"c{i}"} for i in range(5)]
+    with Client(small_limit_target) as client:
+        with pytest.raises(UploadError) as caught:
+            client.get_datalake().upload_data(paths, metadata)
+        results = caught.value.results
+        assert [r.custom_id if isinstance(r, Data) else None for r in results] == [
+            "c0",
+            "c1",
+            None,
+            "c3",
+            "c4",
+        ]
+        [(failed_path, error)] = caught.value.failed
+        assert failed_path == big
+        assert isinstance(error, ResourceExhaustedError)
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "maximum file size" in str(error)
+        assert "1 of 5 files failed" in str(caught.value)
+        assert len(list(client.get_datalake().list_data())) == 4
+
+
+def test_server_violations_are_decoded_per_field(client: Client, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.get_datalake().upload_data(write_jpeg(tmp_path / "a.jpg"), tags=["x" * 2000])
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in error.violations] == ["header.tags[0]"]
+    assert isinstance(error, ValueError)  # one `except ValueError` covers local checks too
 
 
 def test_server_rejections_carry_the_field(client: Client, tmp_path: Path) -> None:
@@ -139,8 +275,161 @@ def test_update_download_delete(client: Client, tmp_path: Path) -> None:
     assert into_dir == tmp_path / "a.jpg"
 
     data.delete()
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as caught:
         client.get_datalake().get_data(data.id)
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFoundError):
+        data.delete()
+
+
+def test_update_metadata_sends_only_the_named_fields(client: Client, tmp_path: Path) -> None:
+    data = client.get_datalake().upload_data(
+        write_jpeg(tmp_path / "a.jpg"), {"weather": "rain", "reference": "R", "latitude": 1.0}
+    )
+    data.update_metadata({"latitude": 2}, reference=None)  # None clears, like clear=[...]
+    assert data.metadata == {"weather": "rain", "latitude": 2.0}
+    assert data.refresh().metadata == {"weather": "rain", "latitude": 2.0}
+    naive = datetime(2024, 5, 1, 12, 0)
+    data.update_metadata(acquired_at=naive)
+    assert data.acquired_at == naive
+    assert data.acquired_at.tzinfo is None
+    with pytest.raises(ValueError, match="weather: both set and cleared"):
+        data.update_metadata(weather="sun", clear=["weather"])
+    with pytest.raises(InvalidMetadataError, match="valid fields are"):
+        data.update_metadata(clear=["colour"])
+    with pytest.raises(InvalidMetadataError, match="latitude: must be within"):
+        data.update_metadata(latitude=95)
+    assert data.refresh().weather == "rain"
+
+
+def test_download_refuses_bytes_that_do_not_match(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_jpeg(tmp_path / "a.jpg")
+    data = client.get_datalake().upload_data(path)
+    real = client._stub.DownloadData
+
+    class Corrupted:
+        """The real stream with one bit of the content flipped on the way."""
+
+        def __init__(self, request: pb.DownloadDataRequest, **kwargs: Any) -> None:
+            self.stream = real(request, **kwargs)
+
+        def __iter__(self) -> Iterator[pb.DownloadDataResponse]:
+            for message in self.stream:
+                if message.HasField("chunk"):
+                    message.chunk = bytes([message.chunk[0] ^ 1]) + message.chunk[1:]
+                yield message
+
+        def cancel(self) -> None:
+            self.stream.cancel()
+
+    monkeypatch.setattr(client._stub, "DownloadData", Corrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(IntegrityError, match=f"expected {data.size} bytes with sha256"):
+        data.download(out / "copy.jpg")
+    assert list(out.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_download_and_delete_by_id(client: Client, tmp_path: Path) -> None:
+    path = write_jpeg(tmp_path / "a.jpg")
+    datalake = client.get_datalake()
+    data = datalake.upload_data(path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert datalake.download_data(data.id, out) == out / "a.jpg"
+    assert (out / "a.jpg").read_bytes() == path.read_bytes()
+    datalake.delete_data(data.id)
+    with pytest.raises(NotFoundError):
+        datalake.download_data(data.id, out / "again.jpg")
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("label", "written"), [("../../etc/passwd", "passwd"), ("..", None), ("a\\b.jpg", "b.jpg")]
+)
+def test_download_into_a_directory_keeps_it_there(
+    client: Client, tmp_path: Path, label: str, written: str | None
+) -> None:
+    # The filename is a label from whoever uploaded: it must not steer where bytes land.
+    requests = iter(
+        [
+            pb.UploadDataRequest(header=pb.UploadDataHeader(filename=label)),
+            pb.UploadDataRequest(chunk=b"payload"),
+        ]
+    )
+    item = client._stub.UploadData(requests).data
+    out = tmp_path / "out"
+    out.mkdir()
+    target = client.get_datalake().download_data(item.id, out)
+    assert target == out / (written or item.id)
+    assert target.read_bytes() == b"payload"
+
+
+def test_progress_counts_each_byte_once_across_retries() -> None:
+    sent: list[int] = []
+    report = client_module._FileProgress(sent.append)
+    report(0, 100)
+    report(100, 200)
+    report(0, 100)  # a retry sends the file again from the start
+    report(100, 250)
+    assert sum(sent) == 250
+    resumed: list[int] = []
+    report = client_module._FileProgress(resumed.append)
+    report(1000, 1100)  # a rerun resuming at 1000: what came before is not this run's
+    assert resumed == [100]
+
+
+def test_uploads_stream_from_disk_header_first_in_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(2 * client_module.CHUNK_SIZE + 10))
+    header = pb.UploadDataHeader(filename="f.bin")
+    requests = client_module._upload_requests(path, header, None)
+    assert next(requests).header == header
+    sizes = [len(r.chunk) for r in requests]
+    assert sizes == [client_module.CHUNK_SIZE, client_module.CHUNK_SIZE, 10]
+
+
+def test_progress_adds_up_to_every_file(client: Client, tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_bytes(os.urandom(1_500_000 * (i + 1)))
+    lock, sent = threading.Lock(), []
+
+    def progress(count: int) -> None:
+        with lock:
+            sent.append(count)
+
+    client.get_datalake().upload_data(paths, progress=progress)
+    assert sum(sent) == sum(p.stat().st_size for p in paths)
+
+
+def test_iter_upload_yields_in_order_and_stopping_cancels_the_rest(
+    server_target: str, tmp_path: Path
+) -> None:
+    paths = [tmp_path / f"{i}.bin" for i in range(40)]
+    for path in paths:
+        path.write_bytes(os.urandom(3_000_000))
+    with Client(server_target, max_workers=2) as client:
+        results = client.get_datalake().iter_upload(paths)
+        first_path, first = next(results)
+        assert first_path == paths[0]
+        assert isinstance(first, Data)
+        started = time.monotonic()
+        results.close()  # as when a caller breaks out of the loop, or on Ctrl-C
+        assert time.monotonic() - started < 5
+        stored = list(client.get_datalake().list_data())
+    assert 1 <= len(stored) < 10  # the queued files were never sent
+
+
+def test_the_target_comes_from_the_environment(
+    server_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METALAKE_TARGET", server_target)
+    with Client() as client:
+        assert client.target == server_target
+        assert list(client.get_datalake().list_data()) == []
 
 
 def test_list_data_pages_lazily_through_everything(client: Client, tmp_path: Path) -> None:
