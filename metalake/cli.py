@@ -1,8 +1,9 @@
 """The `metalake` command: serve a datalake, upload to it, find, fetch and manage data.
 
-Exit codes: 0 all went well, 1 some files or items failed, 2 the command was used wrongly.
-Every client command takes --target (METALAKE_TARGET), --token (METALAKE_TOKEN) and --json
-(one JSON object per line).
+Exit codes: 0 all went well, 1 some files or items failed (or the server could not be
+reached), 2 the command was used wrongly (unknown option or field, bad value, missing file, a
+filter the server cannot parse). Every client command takes --target (METALAKE_TARGET), --token
+(METALAKE_TOKEN) and --json (one JSON object per line).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from metalake import metadata as md
 from metalake.client import DEFAULT_TARGET, Client, Data
-from metalake.errors import MetalakeError
+from metalake.errors import InvalidArgumentError, MetalakeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"metalake {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except md.InvalidMetadataError as error:
+    except (md.InvalidMetadataError, InvalidArgumentError) as error:
+        # The server's INVALID_ARGUMENT answers what the user typed (a filter, an id): usage.
         print(f"metalake {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
     except MetalakeError as error:
@@ -46,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`metalake ls | head`): stop quietly, like other Unix tools,
+        # and keep Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         "upload",
         "upload files",
         "examples:\n  metalake upload a.jpg b.jpg --fill-metadata --tag field\n"
-        "  metalake upload photo.jpg --meta reference=7NGOMI --meta latitude=43.6 --json",
+        "  metalake upload photo.jpg --meta reference=7NGOMI --meta latitude=43.6 --json\n"
+        "  metalake upload photo.jpg --meta acquired_at=2024-05-01T12:00:00+02:00\n"
+        "  metalake upload *.jpg --quiet > ids.txt\n\n"
+        "exit codes: 0 all stored, 1 some files failed (each on stderr), 2 usage error",
     )
     upload.add_argument("files", nargs="+", type=Path, metavar="FILE")
     upload.add_argument(
@@ -92,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--fill-metadata", action="store_true", help="fill the rest from files")
     upload.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
-    upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    upload.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the ids; no progress bar"
+    )
     upload.set_defaults(func=_upload)
 
     ls = _client_command(
@@ -100,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ls",
         "list data",
         "examples:\n  metalake ls --filter 'manufacturer = \"Canon\" AND latitude > 43'\n"
-        "  metalake ls --order-by 'acquired_at desc' --limit 10 --json",
+        '  metalake ls --filter \'acquired_at >= "2024-05-01T00:00:00Z" AND tags:"field"\'\n'
+        "  metalake ls --order-by 'acquired_at desc' --limit 10 --json\n"
+        "  metalake ls --filter 'reference = \"old\"' --quiet | xargs metalake rm",
     )
     ls.add_argument("--filter", default="", help="AIP-160 filter")
     ls.add_argument("--order-by", default="", help='e.g. "acquired_at desc"')
-    ls.add_argument("--limit", type=int, help="at most this many items")
+    ls.add_argument("--limit", type=_positive_int, help="at most this many items")
+    ls.add_argument("-q", "--quiet", action="store_true", help="print only the ids")
     ls.set_defaults(func=_ls)
 
     get = _client_command(commands, "get", "show one item", "example:\n  metalake get ID --json")
@@ -163,16 +179,32 @@ def _client_command(
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, token=args.token)
 
 
-def _print_data(data: Data, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(data.to_json()), flush=True)
-        return
+def _format_data(data: Data, args: argparse.Namespace) -> str:
+    if args.json:
+        return json.dumps(data.to_json(), ensure_ascii=False)
+    if getattr(args, "quiet", False):
+        return data.id
     fields = ", ".join(f"{k}={v}" for k, v in md.to_jsonable(data.metadata).items())
-    print(f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}")
+    return f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}"
+
+
+def _print_data(data: Data, args: argparse.Namespace) -> None:
+    # Flushed line by line so that a reader of a pipe (jq, xargs) gets each item at once.
+    print(_format_data(data, args), flush=True)
 
 
 def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
@@ -180,12 +212,15 @@ def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
     raw: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep:
             raise UsageError(f"--meta {pair!r}: expected KEY=VALUE")
         if key not in md.FIELDS:
             raise UsageError(
                 f"--meta {key!r} is not a metadata field; valid: {', '.join(md.FIELDS)}"
             )
+        if key in raw:
+            raise UsageError(f"--meta {key} is given twice")
         if key in md.FLOAT_FIELDS:
             try:
                 raw[key] = float(value)
@@ -220,41 +255,81 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    missing = [str(f) for f in args.files if not f.is_file()]
-    if missing:
-        raise UsageError(f"no such file: {', '.join(missing)}")
     metadata = parse_meta(args.meta)
+    for path in args.files:
+        if not path.is_file():
+            raise UsageError(f"{'not a file' if path.exists() else 'no such file'}: {path}")
     total = sum(f.stat().st_size for f in args.files)
-    show_bar = not (args.quiet or args.json or os.environ.get("METALAKE_NO_PROGRESS"))
-    bar = _progress_bar(total, show_bar and sys.stderr.isatty())
-    with _client(args) as client:
-        results = client.get_datalake().upload_data(
-            list(args.files),
-            metadata,
-            fill_metadata=args.fill_metadata,
-            tags=args.tag,
-            progress=bar.update if bar is not None else None,
-            raise_on_error=False,
-            rerun_safe=True,  # rerunning after an interruption finishes the job, no duplicates
-        )
-    if bar is not None:
-        bar.close()
+    bar = _progress_bar(total, len(args.files), args)
+    say: Callable[[str], None] = print if bar is None else bar.write
     failed = 0
-    for path, result in zip(args.files, results, strict=True):
-        if isinstance(result, Exception):
-            failed += 1
-            print(f"metalake upload: {path}: {result}", file=sys.stderr)
-        else:
-            _print_data(result, args.json)
+    try:
+        with _client(args) as client:
+            results = client.get_datalake().iter_upload(
+                list(args.files),
+                metadata,
+                fill_metadata=args.fill_metadata,
+                tags=args.tag,
+                progress=bar.advance if bar is not None else None,
+                rerun_safe=True,  # rerunning after an interruption finishes the job, no duplicates
+            )
+            # In input order, each as soon as it and the files before it are done.
+            for path, result in results:
+                if isinstance(result, Exception):
+                    failed += 1
+                    print(f"metalake upload: {path}: {result}", file=sys.stderr)
+                else:
+                    say(_format_data(result, args))
+                    sys.stdout.flush()
+                if bar is not None:
+                    bar.file_done()
+    finally:
+        if bar is not None:
+            bar.close()
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar of bytes sent, fed from the upload threads."""
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    def __init__(self, total: int, files: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            postfix=f"0/{files} files",
+        )
+        self._files, self._done = files, 0
+        # tqdm's own lock covers drawing, not its counter: uploads report from several threads.
+        self._lock = threading.Lock()
+
+    def advance(self, sent: int) -> None:
+        with self._lock:
+            self._bar.update(sent)
+
+    def file_done(self) -> None:
+        with self._lock:
+            self._done += 1
+            self._bar.set_postfix_str(f"{self._done}/{self._files} files")
+
+    def write(self, line: str) -> None:
+        # Clears the bar, prints the line on stdout, then draws the bar again below it.
+        with self._lock:
+            self._bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(total: int, files: int, args: argparse.Namespace) -> _ProgressBar | None:
+    """A bar on a terminal only: not when stderr is piped or logged, nor when asked not to."""
+    if args.quiet or os.environ.get("METALAKE_NO_PROGRESS") or not sys.stderr.isatty():
+        return None
+    return _ProgressBar(total, files)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -267,13 +342,13 @@ def _ls(args: argparse.Namespace) -> int:
         ):
             if args.limit is not None and count >= args.limit:
                 break
-            _print_data(data, args.json)
+            _print_data(data, args)
     return EXIT_OK
 
 
 def _get(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        _print_data(client.get_datalake().get_data(args.id), args.json)
+        _print_data(client.get_datalake().get_data(args.id), args)
     return EXIT_OK
 
 
@@ -282,7 +357,7 @@ def _download(args: argparse.Namespace) -> int:
         data = client.get_datalake().get_data(args.id)
         written = data.download(args.output)
     if args.json:
-        print(json.dumps({"id": data.id, "path": str(written), "sha256": data.sha256}))
+        print(json.dumps({**data.to_json(), "path": str(written)}, ensure_ascii=False))
     else:
         print(f"{data.id} -> {written} ({data.size} bytes, sha256 verified)")
     return EXIT_OK
@@ -294,7 +369,7 @@ def _rm(args: argparse.Namespace) -> int:
         datalake = client.get_datalake()
         for data_id in args.ids:
             try:
-                datalake.get_data(data_id).delete()
+                datalake.delete_data(data_id)
             except MetalakeError as error:
                 failed += 1
                 print(f"metalake rm: {data_id}: {error}", file=sys.stderr)

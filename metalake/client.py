@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar, cast, overload
@@ -278,7 +278,7 @@ class Datalake:
         tags: Iterable[str] = (),
         progress: Progress | None = None,
         rerun_safe: bool = False,
-    ) -> Iterator[tuple[Path, Data | Exception]]:
+    ) -> Generator[tuple[Path, Data | Exception], None, None]:
         """Upload files in parallel like upload_data, yielding `(path, Data or exception)` in
         input order as soon as each file and those before it are done.
 
@@ -297,7 +297,7 @@ class Datalake:
         tags: tuple[str, ...],
         progress: Progress | None,
         rerun_safe: bool,
-    ) -> Iterator[tuple[Path, Data | Exception]]:
+    ) -> Generator[tuple[Path, Data | Exception], None, None]:
         batch = _Batch()
         workers = max(1, min(self._client._max_workers, len(paths)))
         pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-upload")

@@ -116,6 +116,7 @@ def test_an_aware_time_keeps_its_offset(client: Client, tmp_path: Path) -> None:
         write_jpeg(tmp_path / "a.jpg"), metadata={"acquired_at": when}
     )
     assert data.refresh().acquired_at == when
+    assert data.acquired_at is not None
     assert data.acquired_at.utcoffset() == timedelta(hours=-5)
 
 
@@ -322,7 +323,7 @@ def test_download_refuses_bytes_that_do_not_match(
                 yield message
 
         def cancel(self) -> None:
-            self.stream.cancel()
+            self.stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs
 
     monkeypatch.setattr(client._stub, "DownloadData", Corrupted)
     out = tmp_path / "out"
