@@ -58,7 +58,7 @@ buf-if-npm:
 lint: install $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy metalake server extractors tests benchmarks examples/metalake-xmp
+	$(VENV)/bin/mypy metalake tests benchmarks examples/metalake-xmp
 	$(BUF) lint
 	BUF=$(BUF) scripts/buf-breaking.sh
 	$(MAKE) check-generated

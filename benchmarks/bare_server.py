@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
+from metalake.server.app import tune_malloc
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.app import tune_malloc
 
 
 class DiscardingServicer(pb_grpc.DatalakeServiceServicer):

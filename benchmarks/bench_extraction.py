@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from extractors.registry import ExtractorRegistry, builtin_plugins
-from extractors.testing import (
+from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
+from metalake.extractors.testing import (
     WRAPPERS,
     exiftool_path,
     sample_exif,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import sqlalchemy
 
-from server.catalog import SqlCatalog
-from server.schema import data_table
-from server.schema_versions import engine_url
+from metalake.server.catalog import SqlCatalog
+from metalake.server.schema import data_table
+from metalake.server.schema_versions import engine_url
 
 ORG = "bench"
 POSTGRES_URL = os.environ.get(

@@ -26,8 +26,8 @@ from typing import Any
 import grpc
 from PIL import Image
 
-from extractors.testing import sample_exif
 from metalake.client import CHUNK_SIZE
+from metalake.extractors.testing import sample_exif
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.serverprocess import ServerProcess
@@ -182,7 +182,7 @@ def _server(scratch: Path, name: str, *, bare: bool = False) -> ServerProcess:
     return ServerProcess(
         scratch / name,
         scratch / f"{name}.log",
-        module="benchmarks.bare_server" if bare else "server",
+        module="benchmarks.bare_server" if bare else "metalake.server",
     )
 
 

@@ -4,7 +4,7 @@ Plugin authors need only `hookimpl` (or ``pluggy.HookimplMarker("metalake")``) a
 `Source`. See docs/plugins.md.
 """
 
-from extractors.hookspecs import hookimpl, hookspec
-from extractors.source import Source
+from metalake.extractors.hookspecs import hookimpl, hookspec
+from metalake.extractors.source import Source
 
 __all__ = ["Source", "hookimpl", "hookspec"]

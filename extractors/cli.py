@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from extractors.registry import ExtractorRegistry
+from metalake.extractors.registry import ExtractorRegistry
 from metalake.metadata import to_jsonable
 
 EXIT_OK = 0

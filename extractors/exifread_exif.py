@@ -15,12 +15,12 @@ from typing import Any, BinaryIO
 
 import exifread
 
-from extractors import pillow_exif
-from extractors.containers import open_block
-from extractors.fields import EXIF_FIELDS, Rational, Raw, exif_fields
-from extractors.hookspecs import hookimpl
-from extractors.source import Source
-from extractors.tiffdirs import ExifDirectories, locate
+from metalake.extractors import pillow_exif
+from metalake.extractors.containers import open_block
+from metalake.extractors.fields import EXIF_FIELDS, Rational, Raw, exif_fields
+from metalake.extractors.hookspecs import hookimpl
+from metalake.extractors.source import Source
+from metalake.extractors.tiffdirs import ExifDirectories, locate
 
 NAME = "exifread"
 log = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from extractors import exifread_exif, pillow_exif
-from extractors.fields import GPS_FIELDS, gps_fields
-from extractors.hookspecs import hookimpl
-from extractors.source import Source
+from metalake.extractors import exifread_exif, pillow_exif
+from metalake.extractors.fields import GPS_FIELDS, gps_fields
+from metalake.extractors.hookspecs import hookimpl
+from metalake.extractors.source import Source
 
 NAME = "gps"
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from extractors.source import Source
+    from metalake.extractors.source import Source
 
 PROJECT_NAME = "metalake"
 

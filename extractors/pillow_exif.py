@@ -15,8 +15,8 @@ from typing import IO, Any
 import pillow_heif
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
-from extractors.containers import open_block
-from extractors.fields import (
+from metalake.extractors.containers import open_block
+from metalake.extractors.fields import (
     EXIF_FIELDS,
     EXIF_IFD,
     GPS_IFD,
@@ -25,9 +25,9 @@ from extractors.fields import (
     Raw,
     exif_fields,
 )
-from extractors.hookspecs import hookimpl
-from extractors.source import Source
-from extractors.tiffdirs import ExifDirectories, locate
+from metalake.extractors.hookspecs import hookimpl
+from metalake.extractors.source import Source
+from metalake.extractors.tiffdirs import ExifDirectories, locate
 
 NAME = "pillow"
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import pluggy
 
-from extractors import hookspecs
-from extractors.source import Source
+from metalake.extractors import hookspecs
+from metalake.extractors.source import Source
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict, check_value
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "metalake.extractors"
 # Module names of the built-in extractors, in the order they run.
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "extractors.pillow_exif",
-    "extractors.exifread_exif",
-    "extractors.gps",
+    "metalake.extractors.pillow_exif",
+    "metalake.extractors.exifread_exif",
+    "metalake.extractors.gps",
 )
 ALLOW_ENV = "METALAKE_PLUGINS"
 BLOCK_ENV = "METALAKE_DISABLE_PLUGINS"
@@ -355,7 +355,7 @@ def _version_of(plugin: object) -> str | None:
         if isinstance(version, str):
             return version
     module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", None)
-    if isinstance(module, str) and module.split(".")[0] == "extractors":
+    if isinstance(module, str) and module.startswith("metalake.extractors."):
         try:
             return importlib.metadata.version("metalake")
         except importlib.metadata.PackageNotFoundError:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from extractors.containers import TiffBlock, find_exif
-from extractors.fields import Raw
-from extractors.source import Source
+from metalake.extractors.containers import TiffBlock, find_exif
+from metalake.extractors.fields import Raw
+from metalake.extractors.source import Source
 
 log = logging.getLogger(__name__)
 

@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--resume-token", default="", help="continue after this event")
     watch.set_defaults(func=_watch)
 
-    from extractors.cli import add_commands as add_extractor_commands
-    from server.admin import add_commands as add_admin_commands
+    from metalake.extractors.cli import add_commands as add_extractor_commands
+    from metalake.server.admin import add_commands as add_admin_commands
 
     add_extractor_commands(commands)
     add_admin_commands(commands)
@@ -235,9 +235,9 @@ def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import StartupError, serve_forever
-    from server.config import Settings
-    from server.schema_versions import SchemaError
+    from metalake.server.app import StartupError, serve_forever
+    from metalake.server.config import Settings
+    from metalake.server.schema_versions import SchemaError
 
     settings = Settings.from_env(
         data_dir=args.data_dir,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from metalake.metadata import format_datetime
-from server.auth import Role, Tokens
-from server.catalog import Organization, SqlCatalog
-from server.config import Settings
-from server.schema_versions import schema_revision
+from metalake.server.auth import Role, Tokens
+from metalake.server.catalog import Organization, SqlCatalog
+from metalake.server.config import Settings
+from metalake.server.schema_versions import schema_revision
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -167,7 +167,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from server.app import build_datalake
+    from metalake.server.app import build_datalake
 
     async def run() -> dict[str, int]:
         datalake = build_datalake(_settings(args))

@@ -17,21 +17,21 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from extractors.registry import ExtractorRegistry
-from metalake.v1 import datalake_pb2, datalake_pb2_grpc
-from server.auth import AuthInterceptor, Tokens
-from server.blobstore import BlobStore, LocalBlobStore
-from server.catalog import SqlCatalog
-from server.config import Settings
-from server.datalake import Datalake, Limits
-from server.ingest import MetadataExtractor
-from server.observability import (
+from metalake.extractors.registry import ExtractorRegistry
+from metalake.server.auth import AuthInterceptor, Tokens
+from metalake.server.blobstore import BlobStore, LocalBlobStore
+from metalake.server.catalog import SqlCatalog
+from metalake.server.config import Settings
+from metalake.server.datalake import Datalake, Limits
+from metalake.server.ingest import MetadataExtractor
+from metalake.server.observability import (
     ObservabilityInterceptor,
     configure_logging,
     start_metrics_server,
 )
-from server.s3blobstore import S3BlobStore
-from server.servicer import DatalakeServicer
+from metalake.server.s3blobstore import S3BlobStore
+from metalake.server.servicer import DatalakeServicer
+from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
 

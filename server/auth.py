@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from server.catalog import Catalog, TokenRecord
+from metalake.server.catalog import Catalog, TokenRecord
 
 DEFAULT_ORG = "default"
 SERVICE_PREFIX = "/metalake.v1.DatalakeService/"
@@ -247,7 +247,7 @@ def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
 def _trailing() -> tuple[tuple[str, str], ...]:
     # Aborting replaces the trailing metadata: keep the request id the observability
     # interceptor put there. Imported here because observability builds on this module.
-    from server.observability import REQUEST_ID_KEY, current_request_id
+    from metalake.server.observability import REQUEST_ID_KEY, current_request_id
 
     return ((REQUEST_ID_KEY, current_request_id()),)
 

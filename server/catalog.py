@@ -38,10 +38,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
-from server.errors import ConflictError, NotFoundError, ResourceExhaustedError, invalid_field
-from server.filtering import EVENTS, FilterError, compile_filter
-from server.paging import ListQuery
-from server.schema import (
+from metalake.server.errors import (
+    ConflictError,
+    NotFoundError,
+    ResourceExhaustedError,
+    invalid_field,
+)
+from metalake.server.filtering import EVENTS, FilterError, compile_filter
+from metalake.server.paging import ListQuery
+from metalake.server.schema import (
     data_table,
     data_tags_table,
     event_log_table,
@@ -51,7 +56,7 @@ from server.schema import (
     tokens_table,
     uploads_table,
 )
-from server.schema_versions import check_schema, engine_url
+from metalake.server.schema_versions import check_schema, engine_url
 
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
-from server.catalog import (
+from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
+from metalake.server.catalog import (
     Catalog,
     DataRecord,
     DuplicateRequestError,
@@ -26,7 +26,7 @@ from server.catalog import (
     Page,
     UploadRecord,
 )
-from server.errors import (
+from metalake.server.errors import (
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
@@ -35,7 +35,7 @@ from server.errors import (
     UnavailableError,
     invalid_field,
 )
-from server.ingest import (
+from metalake.server.ingest import (
     Filled,
     MetadataExtractor,
     Spooled,
@@ -46,8 +46,8 @@ from server.ingest import (
     fill_metadata,
     receive,
 )
-from server.observability import UPLOADS_IN_FLIGHT
-from server.resumable import SYNC_EVERY, StagedFile, UploadWrite
+from metalake.server.observability import UPLOADS_IN_FLIGHT
+from metalake.server.resumable import SYNC_EVERY, StagedFile, UploadWrite
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, STRING_FIELDS, parse_datetime
-from server.schema import data_table, data_tags_table, event_tags_table, events_table
+from metalake.server.schema import data_table, data_tags_table, event_tags_table, events_table
 
 MAX_FILTER_LENGTH = 4096
 MAX_DEPTH = 32

@@ -27,9 +27,9 @@ from metalake.metadata import (
     normalize,
     to_jsonable,
 )
-from server.blobstore import BlobWriter
-from server.errors import ResourceExhaustedError
-from server.observability import record_extraction
+from metalake.server.blobstore import BlobWriter
+from metalake.server.errors import ResourceExhaustedError
+from metalake.server.observability import record_extraction
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from server.catalog import DataRecord
-from server.errors import DatalakeError, invalid_field
-from server.ingest import UploadHeader
+from metalake.server.catalog import DataRecord
+from metalake.server.errors import DatalakeError, invalid_field
+from metalake.server.ingest import UploadHeader
 
 # Chunks buffered per file between the stream reader and the file's upload.
 _QUEUE_CHUNKS = 4

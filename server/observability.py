@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
-from server.auth import Handler, rebuild_handler
+from metalake.server.auth import Handler, rebuild_handler
 
 RPCS = Counter(
     "metalake_rpcs_total", "RPCs answered, by method and status code.", ["method", "code"]

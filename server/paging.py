@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import RowMapping, and_, false, or_, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
-from server.errors import invalid_field
-from server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
-from server.schema import data_table
+from metalake.server.errors import invalid_field
+from metalake.server.filtering import FilterError, OrderKey, compile_filter, parse_order_by
+from metalake.server.schema import data_table
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

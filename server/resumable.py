@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from server.errors import OutOfRangeError, invalid_field
-from server.ingest import check_size
+from metalake.server.errors import OutOfRangeError, invalid_field
+from metalake.server.ingest import check_size
 
 
 @dataclass(frozen=True)

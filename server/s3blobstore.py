@@ -35,7 +35,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from server.blobstore import UPLOAD_ID, create_spool_file, hash_file
+from metalake.server.blobstore import UPLOAD_ID, create_spool_file, hash_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

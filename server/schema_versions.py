@@ -27,7 +27,7 @@ def engine_url(url: str) -> str:
 
 def _migrations(connection: Connection | None = None) -> tuple[AlembicConfig, ScriptDirectory]:
     config = AlembicConfig()
-    config.set_main_option("script_location", "server:migrations")
+    config.set_main_option("script_location", "metalake.server:migrations")
     config.attributes["connection"] = connection
     return config, ScriptDirectory.from_config(config)
 

@@ -16,12 +16,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from metalake import metadata as md
-from metalake.v1 import datalake_pb2 as pb
-from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.auth import current_caller
-from server.catalog import DataRecord
-from server.datalake import Datalake
-from server.errors import (
+from metalake.server.auth import current_caller
+from metalake.server.catalog import DataRecord
+from metalake.server.datalake import Datalake
+from metalake.server.errors import (
     ConflictError,
     DatalakeError,
     DataLossError,
@@ -32,15 +30,17 @@ from server.errors import (
     UnavailableError,
     invalid_field,
 )
-from server.ingest import UploadHeader
-from server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
-from server.observability import (
+from metalake.server.ingest import UploadHeader
+from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
+from metalake.server.observability import (
     BYTES_RECEIVED,
     BYTES_SENT,
     REQUEST_ID_KEY,
     current_request_id,
 )
-from server.resumable import UploadWrite
+from metalake.server.resumable import UploadWrite
+from metalake.v1 import datalake_pb2 as pb
+from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import pytest
 import sqlalchemy
 from moto.server import ThreadedMotoServer
 
+from metalake.server.app import RunningServer, start
+from metalake.server.catalog import SqlCatalog
+from metalake.server.config import Settings
+from metalake.server.schema_versions import engine_url
 from metalake.v1 import datalake_pb2_grpc
-from server.app import RunningServer, start
-from server.catalog import SqlCatalog
-from server.config import Settings
-from server.schema_versions import engine_url
 
 
 @dataclass

@@ -18,9 +18,11 @@ _SERVING = re.compile(r"serving on [\d.]+:(\d+)")
 
 
 class ServerProcess:
-    """`python -m server` on a free port; `target` is its address once started."""
+    """`python -m metalake.server` on a free port; `target` is its address once started."""
 
-    def __init__(self, data_dir: Path, log: Path, *, module: str = "server", **env: str) -> None:
+    def __init__(
+        self, data_dir: Path, log: Path, *, module: str = "metalake.server", **env: str
+    ) -> None:
         self.data_dir = data_dir
         self.module = module
         self.log = log

@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from metalake.server.app import StartupError, start
+from metalake.server.auth import Role, Tokens
+from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.app import StartupError, start
-from server.auth import Role, Tokens
-from server.config import Settings
 from tests.conftest import ServerHandle, serving
 from tests.test_service import requests
 

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
-from server.blobstore import BlobStore, BlobWriter, LocalBlobStore
-from server.s3blobstore import (
+from metalake.server.blobstore import BlobStore, BlobWriter, LocalBlobStore
+from metalake.server.s3blobstore import (
     DEFAULT_PART_SIZE,
     MIN_PART_SIZE,
     S3BlobStore,

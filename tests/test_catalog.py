@@ -12,10 +12,10 @@ import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from server.catalog import DataRecord, SqlCatalog
-from server.errors import InvalidArgumentError, NotFoundError
-from server.schema import metadata_obj
-from server.schema_versions import SchemaError, engine_url
+from metalake.server.catalog import DataRecord, SqlCatalog
+from metalake.server.errors import InvalidArgumentError, NotFoundError
+from metalake.server.schema import metadata_obj
+from metalake.server.schema_versions import SchemaError, engine_url
 
 _clock = datetime(2024, 1, 1, tzinfo=UTC)
 ORG = "acme"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metalake.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from server.config import Settings
+from metalake.server.config import Settings
 from tests.conftest import serving
 from tests.test_sdk import write_jpeg
 

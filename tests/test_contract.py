@@ -104,7 +104,7 @@ def test_every_rpc_is_in_the_error_reference(tmp_path: Path) -> None:
 def test_every_status_code_the_server_maps_is_in_the_error_reference() -> None:
     from google.rpc import code_pb2
 
-    from server.servicer import _CODES
+    from metalake.server.servicer import _CODES
 
     errors = (ROOT / "docs" / "errors.md").read_text()
     codes = {code_pb2.Code.Name(code) for code in _CODES.values()} | {"INTERNAL"}

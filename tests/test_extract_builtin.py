@@ -10,10 +10,10 @@ from typing import Any, BinaryIO
 import pytest
 from PIL import Image, ImageFile
 
-from extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
-from extractors.registry import ExtractorRegistry, builtin_plugins
-from extractors.source import Source
-from extractors.testing import (
+from metalake.extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
+from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
+from metalake.extractors.source import Source
+from metalake.extractors.testing import (
     SAMPLE_FIELDS,
     WRAPPERS,
     R,

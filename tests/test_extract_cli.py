@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from extractors.cli import add_commands
-from extractors.testing import sample_exif, save_with_pillow
+from metalake.extractors.cli import add_commands
+from metalake.extractors.testing import sample_exif, save_with_pillow
 
 
 def run(argv: list[str]) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from extractors.registry import ExtractorRegistry, builtin_plugins
-from extractors.testing import as_json_fields, same_fields
+from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
+from metalake.extractors.testing import as_json_fields, same_fields
 
 CORPUS = Path(
     os.environ.get(

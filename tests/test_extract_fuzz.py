@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from extractors.registry import ExtractorRegistry, builtin_plugins
-from extractors.testing import sample_exif, tiff_bytes, wrap_tiff
+from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
+from metalake.extractors.testing import sample_exif, tiff_bytes, wrap_tiff
 from metalake.metadata import check_value
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns on corrupt EXIF

@@ -19,9 +19,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.config import Settings
 from tests.conftest import serving
 from tests.serverprocess import ServerProcess
 from tests.test_service import assert_nothing_stored, requests, upload

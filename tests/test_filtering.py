@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select
 
 from metalake.metadata import FIELDS
-from server.catalog import SqlCatalog
-from server.errors import InvalidArgumentError
-from server.filtering import (
+from metalake.server.catalog import SqlCatalog
+from metalake.server.errors import InvalidArgumentError
+from metalake.server.filtering import (
     EVENTS,
     MAX_DEPTH,
     MAX_FILTER_LENGTH,
@@ -35,8 +35,8 @@ from server.filtering import (
     compile_filter,
     parse_order_by,
 )
-from server.schema import data_table, data_tags_table, metadata_obj
-from server.schema_versions import engine_url
+from metalake.server.schema import data_table, data_tags_table, metadata_obj
+from metalake.server.schema_versions import engine_url
 from tests.conftest import POSTGRES_URL, postgres_or_skip
 from tests.test_catalog import ORG
 

@@ -17,11 +17,11 @@ import grpc
 import pytest
 
 from metalake import metadata as md
+from metalake.server.auth import Role
+from metalake.server.config import Settings
+from metalake.server.observability import configure_logging, start_metrics_server
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.auth import Role
-from server.config import Settings
-from server.observability import configure_logging, start_metrics_server
 from tests.conftest import ServerHandle, serving
 from tests.test_service import jpeg_bytes, requests
 

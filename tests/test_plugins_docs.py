@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from extractors import hookspecs
+from metalake.extractors import hookspecs
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 HOOKS = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from extractors.registry import ExtractorRegistry
+from metalake.extractors.registry import ExtractorRegistry
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "metalake-xmp"
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from extractors import Source, hookimpl
-from extractors.registry import (
+from metalake.extractors import Source, hookimpl
+from metalake.extractors.registry import (
     ExtractorRegistry,
     builtin_plugins,
     parse_timeout,
 )
-from extractors.testing import sample_exif, save_with_pillow
+from metalake.extractors.testing import sample_exif, save_with_pillow
 from metalake.metadata import FIELDS
 
 # A third party spells the marker itself, without importing metalake's.
@@ -142,7 +142,7 @@ def test_a_raising_extractor_is_logged_and_skipped(
     image: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     after = Fixed("after", {"software": "s"})
-    with caplog.at_level(logging.WARNING, logger="extractors.registry"):
+    with caplog.at_level(logging.WARNING, logger="metalake.extractors.registry"):
         result = ExtractorRegistry([Raising(), after]).extract(image, filename="upload.jpg")
     assert result.values == {"software": "s"}
     assert result.errors == [("raising", "RuntimeError: boom")]
@@ -156,7 +156,7 @@ def test_a_hanging_extractor_times_out_and_the_others_still_count(
     before = Fixed("before", {"manufacturer": "m"})
     after = Fixed("after", {"software": "s"})
     registry = ExtractorRegistry([before, hanging, after], timeout=0.2)
-    with caplog.at_level(logging.WARNING, logger="extractors.registry"):
+    with caplog.at_level(logging.WARNING, logger="metalake.extractors.registry"):
         result = registry.extract(image, filename="slow.jpg")
     assert result.values == {"manufacturer": "m", "software": "s"}
     assert result.sources == {"manufacturer": "before", "software": "after"}

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from metalake import metadata as md
+from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from server.config import Settings
 from tests.conftest import ServerHandle, serving
 from tests.test_service import jpeg_bytes, violations
 

@@ -31,8 +31,8 @@ from metalake import (
 )
 from metalake import client as client_module
 from metalake.metadata import InvalidMetadataError
+from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
-from server.config import Settings
 from tests.conftest import serving
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from server.schema import metadata_obj
+from metalake.server.schema import metadata_obj
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata_obj, render_as_batch=True)
