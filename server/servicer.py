@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from metalake import metadata as md
+from metalake.server import thumbnails
 from metalake.server.auth import current_caller
 from metalake.server.catalog import DataRecord
 from metalake.server.datalake import Datalake
@@ -61,8 +62,14 @@ _CODES = {
 }
 
 
+def code_of(error: DatalakeError) -> int:
+    """The google.rpc.Code of a domain error (the HTTP face maps the same codes)."""
+    code: int = _CODES.get(type(error), code_pb2.INTERNAL)
+    return code
+
+
 def _status_of(error: DatalakeError) -> grpc.Status:
-    code = _CODES.get(type(error), code_pb2.INTERNAL)
+    code = code_of(error)
     status = status_pb2.Status(code=code, message=str(error))
     if isinstance(error, InvalidArgumentError | DataLossError) and error.violations:
         bad_request = error_details_pb2.BadRequest(
@@ -287,6 +294,23 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
                 )
         except DatalakeError as error:
             await _abort(context, _status_of(error))
+
+    @_translating_errors
+    async def GetThumbnail(
+        self, request: pb.GetThumbnailRequest, context: Context
+    ) -> pb.GetThumbnailResponse:
+        preview = await self._datalake.thumbnail(
+            _org(), request.id, request.size or thumbnails.DEFAULT_SIZE
+        )
+        content = b"".join([chunk async for chunk in preview.chunks])
+        BYTES_SENT.inc(len(content))
+        return pb.GetThumbnailResponse(
+            content=content,
+            content_type=thumbnails.CONTENT_TYPE,
+            width=preview.record.width,
+            height=preview.record.height,
+            sha256=preview.record.blob_key or "",
+        )
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.

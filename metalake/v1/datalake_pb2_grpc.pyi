@@ -84,6 +84,11 @@ class DatalakeServiceStub:
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
     """
+    GetThumbnail: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.GetThumbnailRequest, _datalake_pb2.GetThumbnailResponse]
+    """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+    orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+    exist or its content cannot be previewed.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -136,6 +141,11 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+    """
+    GetThumbnail: _aio.UnaryUnaryMultiCallable[_datalake_pb2.GetThumbnailRequest, _datalake_pb2.GetThumbnailResponse]  # type: ignore[assignment]
+    """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+    orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+    exist or its content cannot be previewed.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -258,6 +268,17 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
         filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
         and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def GetThumbnail(
+        self,
+        request: _datalake_pb2.GetThumbnailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.GetThumbnailResponse, _abc.Awaitable[_datalake_pb2.GetThumbnailResponse]]:
+        """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+        orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+        exist or its content cannot be previewed.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
