@@ -31,6 +31,7 @@ from metalake.server.observability import (
 )
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
+from metalake.server.web import HttpFace, start_http
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    http: HttpFace | None = None  # the HTTP face and console, when settings.http_listen is set
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -57,6 +59,8 @@ class RunningServer:
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         await self.datalake.catalog.close()
 
@@ -122,10 +126,11 @@ async def start(settings: Settings) -> RunningServer:
     )
     datalake = build_datalake(settings)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
-    if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+    exposed = [a for a in (settings.listen, settings.http_listen) if a and not is_loopback(a)]
+    if exposed and not (settings.insecure_no_auth or await tokens.required()):
         await datalake.catalog.close()
         raise StartupError(
-            f"refusing to serve {settings.listen} without authentication: no API token exists. "
+            f"refusing to serve {exposed[0]} without authentication: no API token exists. "
             "Create one with `metalake token create --org ORG --role admin` (same catalog "
             "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
         )
@@ -151,7 +156,14 @@ async def start(settings: Settings) -> RunningServer:
     collector = asyncio.create_task(
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
+    try:
+        http = await start_http(settings, datalake, tokens)
+    except BaseException:
+        collector.cancel()
+        await server.stop(grace=None)
+        await datalake.catalog.close()
+        raise
+    return RunningServer(server, port, datalake, health_servicer, tokens, [collector], http)
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
@@ -214,6 +226,10 @@ async def _serve(settings: Settings) -> None:
     log.info(
         "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
     )
+    if running.http is not None and settings.http_listen:
+        scheme = "https" if settings.tls_cert else "http"
+        http_host = settings.http_listen.rsplit(":", 1)[0]
+        log.info("web console on %s://%s:%d/", scheme, http_host, running.http.port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -54,6 +54,10 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # host:port of the HTTP face (JSON API, downloads, previews, web console); None: off.
+    http_listen: str | None = None
+    # A map tile URL template for the console ({z}/{x}/{y}); None: the bundled outline only.
+    console_tile_url: str | None = None
     # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
     # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
@@ -109,6 +113,12 @@ class Settings:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_FILL_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
+        if "METALAKE_HTTP_LISTEN" in env:
+            http = env["METALAKE_HTTP_LISTEN"].strip()
+            off = http.lower() in ("", "0", "off", "false", "no")
+            settings = replace(settings, http_listen=None if off else http)
+        if env.get("METALAKE_CONSOLE_TILE_URL"):
+            settings = replace(settings, console_tile_url=env["METALAKE_CONSOLE_TILE_URL"])
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:
