@@ -495,11 +495,14 @@ class Datalake:
                 "size", f"must be one of {', '.join(map(str, thumbnails.SIZES))}, got {size}"
             )
         _check_id(data_id)
-        record = await self.catalog.get(org, data_id)
-        async with self._thumbnail_locks.hold(f"{record.id}/{size}"):
-            kept = await self.catalog.thumbnail(org, record.id, size)
-            if kept is None:
-                kept = await self._make_thumbnail(record, size)
+        # The common case, a preview made before: one catalog read (scoped to the org).
+        kept = await self.catalog.thumbnail(org, data_id, size)
+        if kept is None:
+            record = await self.catalog.get(org, data_id)
+            async with self._thumbnail_locks.hold(f"{record.id}/{size}"):
+                kept = await self.catalog.thumbnail(org, record.id, size)
+                if kept is None:
+                    kept = await self._make_thumbnail(record, size)
         if kept.blob_key is None:
             raise NotFoundError(data_id, kind="preview of data")
         chunks = self.blobs.read(kept.blob_key, chunk_size=self._download_chunk_size)

@@ -42,12 +42,13 @@ import uvicorn
 from google.protobuf import json_format
 from google.rpc import code_pb2
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metalake import metadata as md
 from metalake.server import thumbnails
@@ -374,9 +375,9 @@ class _Api:
             await preview.chunks.aclose()  # type: ignore[attr-defined]
             del headers["Content-Length"]
             return Response(status_code=304, headers=headers)
-        return StreamingResponse(
-            preview.chunks, headers=headers, media_type=thumbnails.CONTENT_TYPE
-        )
+        # A few hundred KiB at most: one body, no streaming machinery.
+        content = b"".join([chunk async for chunk in preview.chunks])
+        return Response(content, headers=headers, media_type=thumbnails.CONTENT_TYPE)
 
     async def watch(self, request: Request) -> Response:
         caller = await self.caller(request, Role.READ)
@@ -462,23 +463,36 @@ def _translated(handler: Handler) -> Handler:
     return run
 
 
-class _Headers(BaseHTTPMiddleware):
-    """A request id on every answer, and the security headers every page gets."""
+class _Headers:
+    """A request id on every answer, and the security headers every page gets.
 
-    def __init__(self, app: Any, csp: str) -> None:
-        super().__init__(app)
-        self._csp = csp
+    Plain ASGI (not BaseHTTPMiddleware, which costs a task and a stream per request): it only
+    adds headers to the response's start message.
+    """
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        offered = request.headers.get(REQUEST_ID_HEADER, "")
+    def __init__(self, app: ASGIApp, csp: str) -> None:
+        self._app = app
+        self._csp = csp.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = offered if _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        response.headers.setdefault("Content-Security-Policy", self._csp)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["X-Frame-Options"] = "DENY"
-        return response
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                if "content-security-policy" not in headers:
+                    headers["Content-Security-Policy"] = self._csp.decode()
+                headers["X-Content-Type-Options"] = "nosniff"
+                headers["Referrer-Policy"] = "no-referrer"
+                headers["X-Frame-Options"] = "DENY"
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
 
 
 def build_app(datalake: Datalake, tokens: Tokens, console: ConsoleConfig) -> Starlette:
