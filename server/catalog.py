@@ -497,9 +497,16 @@ class SqlCatalog:
                     else sqlite_insert
                 )
                 row = {**record.__dict__, "created_at": _to_micros(record.created_at)}
-                inserted = connection.execute(
-                    dialect_insert(thumbnails_table).values(row).on_conflict_do_nothing()
-                ).rowcount
+                # RETURNING, not rowcount: a driver may report -1 for an insert.
+                inserted = (
+                    connection.execute(
+                        dialect_insert(thumbnails_table)
+                        .values(row)
+                        .on_conflict_do_nothing()
+                        .returning(thumbnails_table.c.data_id)
+                    ).first()
+                    is not None
+                )
                 if inserted and record.bytes:
                     self._ensure_organization(connection, record.org)
                     connection.execute(
