@@ -15,6 +15,8 @@ import grpc
 import pytest
 from PIL import Image
 
+from metalake import Client
+from metalake.errors import NotFoundError as ClientNotFound
 from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
 from metalake.server.errors import NotFoundError
@@ -255,3 +257,16 @@ async def test_a_preview_of_an_item_deleted_meanwhile_is_not_recorded(tmp_path: 
         assert not await catalog.blob_in_use("ab" * 32)
     finally:
         await catalog.close()
+
+
+def test_the_sdk_fetches_previews(server_target: str, tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    path.write_bytes(imagesamples.encoded(imagesamples.landscape(), "PNG"))
+    with Client(server_target) as client:
+        datalake = client.get_datalake()
+        photo = datalake.upload_data(path)
+        image = Image.open(io.BytesIO(photo.thumbnail(256)))
+        assert image.size == (256, 171)
+        assert datalake.get_thumbnail(photo.id, 1024) == photo.thumbnail(1024)
+        with pytest.raises(ClientNotFound):
+            datalake.get_thumbnail("missing")
