@@ -263,6 +263,8 @@ class Catalog(Protocol):
 
     async def thumbnail_keys(self, org: str, data_id: str) -> list[str]: ...
 
+    async def distinct_values(self, org: str, field: str, limit: int) -> list[str]: ...
+
 
 class SqlCatalog:
     """A catalog on a SQLAlchemy engine."""
@@ -526,6 +528,35 @@ class SqlCatalog:
             return _thumbnail_from_row(stored)
 
         return await self._run(work, write=True)
+
+    async def distinct_values(self, org: str, field: str, limit: int) -> list[str]:
+        """The first `limit` distinct values of an indexed text field, in order.
+
+        A loose index scan (one index seek per value, a recursive query both engines run), so
+        that it costs the number of values, not the number of items.
+        """
+        if field not in FACET_FIELDS:
+            raise ValueError(f"{field} has no index to read distinct values from")
+        # `field` is one of FACET_FIELDS (checked above), never user text.
+        statement = text(
+            f"""
+            WITH RECURSIVE found(value, n) AS (
+                SELECT (SELECT MIN({field}) FROM data WHERE org = :org), 1
+                UNION ALL
+                SELECT (SELECT MIN({field}) FROM data WHERE org = :org AND {field} > found.value),
+                       n + 1
+                FROM found WHERE found.value IS NOT NULL AND n < :limit
+            )
+            SELECT value FROM found WHERE value IS NOT NULL
+            """
+        )
+
+        def work() -> list[str]:
+            with self._engine.connect() as connection:
+                rows = connection.execute(statement, {"org": org, "limit": limit})
+                return [value for (value,) in rows]
+
+        return await self._run(work)
 
     async def thumbnail_keys(self, org: str, data_id: str) -> list[str]:
         t = thumbnails_table.c
@@ -981,6 +1012,9 @@ class SqlCatalog:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
 
+
+# Text fields with an index led by (org, field): their distinct values are cheap to list.
+FACET_FIELDS = frozenset({"manufacturer", "reference", "custom_id"})
 
 _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 

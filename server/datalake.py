@@ -21,6 +21,7 @@ from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server import thumbnails
 from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter, LocalBlobStore
 from metalake.server.catalog import (
+    FACET_FIELDS,
     Catalog,
     DataRecord,
     DuplicateRequestError,
@@ -482,6 +483,17 @@ class Datalake:
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
         return Download(record, chunks)
+
+    async def facet(self, org: str, field: str, limit: int = 30) -> tuple[str, ...]:
+        """Distinct values of an indexed field (manufacturer, reference, custom_id), in order,
+        at most `limit`: what the console offers as quick filters. Never counts items."""
+        if field not in FACET_FIELDS:
+            raise invalid_field(
+                "field", f"must be one of {', '.join(sorted(FACET_FIELDS))}, got {field!r}"
+            )
+        if not 1 <= limit <= 1000:
+            raise invalid_field("limit", f"must be within [1, 1000], got {limit}")
+        return tuple(await self.catalog.distinct_values(org, field, limit))
 
     async def thumbnail(self, org: str, data_id: str, size: int) -> ThumbnailDownload:
         """The item's preview, `size` px on its long side: made on the first request, then kept

@@ -19,6 +19,7 @@ Routes (docs/api.md, "HTTP"):
     GET   /v1/data/{id}/content          Range, ETag / If-None-Match, Content-Disposition
     GET   /v1/data/{id}/thumbnail?size=256
     GET   /v1/watch?filter=              Server-Sent Events from WatchData's change log
+    GET   /v1/facets/{field}?limit=30    distinct manufacturer / reference / custom_id values
 """
 
 from __future__ import annotations
@@ -294,6 +295,12 @@ class _Api:
         record = await self.datalake.get(caller.org, request.path_params["id"])
         return JSONResponse(data_json(data_to_proto(record)), headers={"ETag": record.etag})
 
+    async def facet(self, request: Request) -> Response:
+        caller = await self.caller(request, Role.READ)
+        limit = _int_param(request.query_params.get("limit"), "limit", 30)
+        values = await self.datalake.facet(caller.org, request.path_params["field"], limit)
+        return JSONResponse({"values": list(values)})
+
     async def update_data(self, request: Request) -> Response:
         caller = await self.caller(request, Role.WRITE)
         try:
@@ -507,6 +514,7 @@ def build_app(datalake: Datalake, tokens: Tokens, console: ConsoleConfig) -> Sta
         Route("/v1/data/{id}/content", _translated(api.content)),
         Route("/v1/data/{id}/thumbnail", _translated(api.thumbnail)),
         Route("/v1/watch", _translated(api.watch)),
+        Route("/v1/facets/{field}", _translated(api.facet)),
         Mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console"),
     ]
     csp = content_security_policy(console.tile_url)

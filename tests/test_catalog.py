@@ -264,3 +264,19 @@ async def test_previews_are_recorded_counted_shared_and_go_with_their_item(
     with pytest.raises(NotFoundError):
         await catalog.add_thumbnail(preview)  # its item is gone
     assert (await catalog.organization(ORG)).used_bytes == 1000
+
+
+async def test_distinct_values_walk_the_index_in_order(catalog: SqlCatalog) -> None:
+    for maker in ["Sony", "Canon", "Nikon", "Canon", None, "Apple"]:
+        await catalog.add(record(metadata={"manufacturer": maker} if maker else {}))
+    await catalog.add(record(org="other", metadata={"manufacturer": "Leica"}))
+    assert await catalog.distinct_values(ORG, "manufacturer", 30) == [
+        "Apple",
+        "Canon",
+        "Nikon",
+        "Sony",
+    ]
+    assert await catalog.distinct_values(ORG, "manufacturer", 2) == ["Apple", "Canon"]
+    assert await catalog.distinct_values("nobody", "manufacturer", 30) == []
+    with pytest.raises(ValueError, match="index"):
+        await catalog.distinct_values(ORG, "weather", 30)

@@ -91,6 +91,19 @@ def test_list_pages_filters_and_items_as_json(web: Web) -> None:
     assert one.headers["etag"] == stored[1].etag
 
 
+def test_facets_list_distinct_values_without_counting(web: Web) -> None:
+    for maker in ("Nikon", "Canon", "Nikon"):
+        upload(web.stub, maker.encode(), filename="x.txt", metadata={"manufacturer": maker})
+    response = web.http.get("/v1/facets/manufacturer")
+    assert response.json() == {"values": ["Canon", "Nikon"]}
+    assert web.http.get("/v1/facets/manufacturer", params={"limit": 1}).json() == {
+        "values": ["Canon"]
+    }
+    unknown = web.http.get("/v1/facets/weather")
+    assert unknown.status_code == 400
+    assert violations_of(unknown)[0]["field"] == "field"
+
+
 def test_a_bad_filter_says_where_as_grpc_does(web: Web) -> None:
     text = "manufacturer = Canon AND latitud > 4"
     response = web.http.get("/v1/data", params={"filter": text})

@@ -199,17 +199,28 @@ function card(data) {
 }
 
 function countFacets(data) {
-  const manufacturer = data.metadata?.manufacturer;
-  if (manufacturer) state.facets.manufacturer.set(manufacturer, (state.facets.manufacturer.get(manufacturer) || 0) + 1);
   for (const tag of data.tags || []) state.facets.tags.set(tag, (state.facets.tags.get(tag) || 0) + 1);
+}
+
+// Manufacturers: every distinct value in the datalake, from the server (an index walk, no count).
+async function loadManufacturers() {
+  const generation = state.generation;
+  try {
+    const { values } = await api("/v1/facets/manufacturer?limit=30");
+    if (generation !== state.generation) return;
+    state.facets.manufacturer = new Map(values.map((value) => [value, null]));
+    renderFacets();
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+  }
 }
 
 function renderFacets() {
   const render = (list, counts, field) => {
-    const top = [...counts.entries()].sort((a, b) => b[1] - a[1]).slice(0, 15);
+    const top = [...counts.entries()].sort((a, b) => (b[1] ?? 0) - (a[1] ?? 0)).slice(0, 30);
     list.replaceChildren(...top.map(([value, count]) => {
       const item = element("li");
-      const button = element("button", { type: "button" }, `${value} (${count})`);
+      const button = element("button", { type: "button" }, count === null ? value : `${value} (${count})`);
       button.addEventListener("click", () => narrow(field === "tags" ? `tags:${quoted(value)}` : `${field} = ${quoted(value)}`));
       item.append(button);
       return item;
@@ -317,6 +328,8 @@ function onChange(kind, data) {
   } else if (kind === "created" && !existing) {
     state.shown.add(data.id);
     countFacets(data);
+    const manufacturer = data.metadata?.manufacturer;
+    if (manufacturer && !state.facets.manufacturer.has(manufacturer)) state.facets.manufacturer.set(manufacturer, null);
     renderFacets();
     const fresh = card(data);
     fresh.classList.add("new");
@@ -566,6 +579,7 @@ async function route() {
   if (filter !== state.filter || !state.shown.size || !state.watch) {
     state.filter = filter;
     resetGrid();
+    loadManufacturers();
     watch(filter);
   }
   loadPage();
