@@ -521,6 +521,17 @@ def build_app(datalake: Datalake, tokens: Tokens, console: ConsoleConfig) -> Sta
     return Starlette(routes=routes, middleware=[Middleware(_Headers, csp=csp)])
 
 
+class _NoColour(logging.Filter):
+    """uvicorn adds an ANSI-coloured copy of its messages, which JSON log lines would carry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
+logging.getLogger("uvicorn.error").addFilter(_NoColour())
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the process's own (server.app) stop everything."""
 

@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-dev-shm-usage",  # containers often have a small /dev/shm
 ]
 SCREENSHOTS = Path(tempfile.gettempdir()) / "metalake-console-screenshots"
 

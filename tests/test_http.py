@@ -370,3 +370,20 @@ def test_the_http_listener_is_refused_off_loopback_without_tokens(tmp_path: Path
     settings = Settings(data_dir=tmp_path / "d", listen="127.0.0.1:0", http_listen="0.0.0.0:0")
     with pytest.raises(StartupError, match=r"refusing to serve 0\.0\.0\.0:0 without"):
         asyncio.run(start(settings))
+
+
+def test_a_tile_server_is_named_to_the_console_and_allowed_by_the_policy(tmp_path: Path) -> None:
+    tiles = "https://{s}.tiles.example.org/{z}/{x}/{y}.png"
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        console_tile_url=tiles,
+    )
+    with serving(settings) as handle:
+        assert handle.running.http is not None
+        base = f"http://127.0.0.1:{handle.running.http.port}"
+        assert httpx.get(f"{base}/v1/config").json()["tile_url"] == tiles
+        policy = httpx.get(base).headers["content-security-policy"]
+        assert "img-src 'self' blob: data: https://*.tiles.example.org;" in policy
+        assert "connect-src 'self';" in policy
