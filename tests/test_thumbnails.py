@@ -270,3 +270,18 @@ def test_the_sdk_fetches_previews(server_target: str, tmp_path: Path) -> None:
         assert datalake.get_thumbnail(photo.id, 1024) == photo.thumbnail(1024)
         with pytest.raises(ClientNotFound):
             datalake.get_thumbnail("missing")
+
+
+def test_concurrent_first_requests_make_one_preview(
+    stub: Stub, running_server: ServerHandle
+) -> None:
+    content = imagesamples.encoded(imagesamples.landscape(1200, 800), "JPEG")
+    data = upload(stub, content)
+    calls = [
+        stub.GetThumbnail.future(pb.GetThumbnailRequest(id=data.id, size=1024)) for _ in range(8)
+    ]
+    answers = {call.result().sha256 for call in calls}
+    assert len(answers) == 1
+    assert blob_files(running_server.data_dir) == {data.sha256, *answers}
+    preview_bytes = len(thumbnail(stub, data.id, 1024).content)
+    assert used_bytes(running_server) == len(content) + preview_bytes
