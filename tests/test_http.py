@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import queue
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
 from tests.conftest import ServerHandle, serving
+from tests.test_auth import _certificate, _pem
 from tests.test_service import upload
 from tests.test_thumbnails import on_server
 
@@ -387,3 +389,37 @@ def test_a_tile_server_is_named_to_the_console_and_allowed_by_the_policy(tmp_pat
         policy = httpx.get(base).headers["content-security-policy"]
         assert "img-src 'self' blob: data: https://*.tiles.example.org;" in policy
         assert "connect-src 'self';" in policy
+
+
+def test_the_http_face_speaks_tls_with_the_servers_certificate(tmp_path: Path) -> None:
+    ca = _certificate("metalake test CA", None)
+    server_cert, server_key = _pem(*_certificate("localhost", ca))
+    client_cert, client_key = _pem(*_certificate("drone-7", ca))
+    files = {
+        "server.pem": server_cert,
+        "server.key": server_key,
+        "ca.pem": _pem(*ca)[0],
+        "client.pem": client_cert,
+        "client.key": client_key,
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        tls_cert=tmp_path / "server.pem",
+        tls_key=tmp_path / "server.key",
+        tls_client_ca=tmp_path / "ca.pem",
+    )
+    with serving(settings) as handle:
+        assert handle.running.http is not None
+        url = f"https://localhost:{handle.running.http.port}/healthz"
+        trusted = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+        trusted.load_cert_chain(tmp_path / "client.pem", tmp_path / "client.key")
+        assert httpx.get(url, verify=trusted).json() == {"status": "SERVING"}
+        no_certificate = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=no_certificate)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https", "http"))
