@@ -13,6 +13,7 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; a plain-HTTP endpoint only with AWS_AL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import boto3
@@ -35,7 +36,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from metalake.server.blobstore import UPLOAD_ID, create_spool_file, hash_file
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    create_spool_file,
+    discard_leftovers,
+    hash_file,
+    staged_files,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,6 +59,9 @@ DEFAULT_COPY_PART_SIZE = 256 * 1024 * 1024
 # Each upload holds a connection while a part travels; botocore's default pool (10) would make
 # concurrent uploads open and discard connections.
 MAX_POOL_CONNECTIONS = 64
+# Tries of each S3 request (AWS_MAX_ATTEMPTS overrides), and seconds to connect.
+DEFAULT_MAX_ATTEMPTS = 5
+CONNECT_TIMEOUT = 5.0
 # How many times one download asks again for the rest after its connection to S3 broke.
 _READ_RESUMPTIONS = 3
 _BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
@@ -239,11 +249,7 @@ class S3BlobStore:
         return discarded
 
     def discard_spooled(self) -> int:
-        count = 0
-        for leftover in self._spool.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+        return discard_leftovers(self._spool)
 
     # Resumable uploads stage on this server's disk, then go to S3 when finished.
 
@@ -261,7 +267,7 @@ class S3BlobStore:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
 
     def staged_upload_ids(self) -> list[str]:
-        return [p.name for p in self._uploads.iterdir()]
+        return staged_files(self._uploads)
 
     def store_file(self, path: Path, key: str) -> None:
         """Blocking: put a local file under a blob key, unless identical content is there."""
@@ -445,7 +451,9 @@ class S3BlobWriter:
 
     def _close_spool(self) -> None:
         if self._spool is not None:
-            self._spool.close()
+            # Closing flushes, which fails again after a spool write failed for want of space.
+            with contextlib.suppress(OSError):
+                self._spool.close()
             self._spool = None
         if self._spool_path is not None:
             self._spool_path.unlink(missing_ok=True)
@@ -487,14 +495,20 @@ class S3StagedWriter:
 
 def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
     """botocore settings for AWS itself, or for another S3-compatible server at `endpoint`."""
+    # botocore retries what fails transiently (AWS_MAX_ATTEMPTS tries in all); past them the
+    # client is told UNAVAILABLE and retries the call. Connecting gets CONNECT_TIMEOUT seconds:
+    # botocore's 60 would hold an upload a minute per try on an endpoint that went away.
+    retries: Any = {"max_attempts": _max_attempts(env), "mode": "standard"}
     if endpoint is None:
         return Config(
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries=retries,
             max_pool_connections=MAX_POOL_CONNECTIONS,
+            connect_timeout=CONNECT_TIMEOUT,
         )
     return Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries=retries,
         max_pool_connections=MAX_POOL_CONNECTIONS,
+        connect_timeout=CONNECT_TIMEOUT,
         # Path-style addressing works on every S3-compatible server, not only AWS.
         s3={"addressing_style": "path"},
         # botocore >= 1.36 sends CRC checksums (and trailers) by default, which MinIO, Ceph, GCS
@@ -503,6 +517,15 @@ def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
         request_checksum_calculation=_checksum_setting(env, "AWS_REQUEST_CHECKSUM_CALCULATION"),
         response_checksum_validation=_checksum_setting(env, "AWS_RESPONSE_CHECKSUM_VALIDATION"),
     )
+
+
+def _max_attempts(env: Mapping[str, str]) -> int:
+    value = env.get("AWS_MAX_ATTEMPTS", "")
+    if not value:
+        return DEFAULT_MAX_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise S3ConfigurationError(f"AWS_MAX_ATTEMPTS must be a whole number >= 1, not {value!r}")
+    return int(value)
 
 
 def _checksum_setting(
