@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -259,15 +259,20 @@ def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
     path.unlink(missing_ok=True)
 
 
-def discard_leftovers(directory: Path, *, older_than: datetime | None = None) -> int:
-    """Blocking: remove what a directory of work in progress holds (every entry, or those last
-    changed before `older_than`), files and directories alike; returns how many.
+def discard_leftovers(
+    directory: Path, *, older_than: datetime | None = None, keep: Collection[str] = ()
+) -> int:
+    """Blocking: remove what a directory of work in progress holds (every entry but those named
+    in `keep`, or those last changed before `older_than`), files and directories alike; returns
+    how many.
 
     Whatever a crash left there (a spool file, an extraction's scratch directory, a file of
     unknown origin) must not stop a server from starting.
     """
     count = 0
     for leftover in list(directory.iterdir()):
+        if leftover.name in keep:
+            continue
         try:
             changed = leftover.lstat().st_mtime
         except FileNotFoundError:

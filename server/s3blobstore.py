@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import tempfile
 import threading
@@ -65,6 +67,10 @@ CONNECT_TIMEOUT = 5.0
 # How many times one download asks again for the rest after its connection to S3 broke.
 _READ_RESUMPTIONS = 3
 _BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
+# A spool-directory file naming a multipart upload this process began and has not finished.
+_MULTIPART_MARKER = ".multipart"
+
+log = logging.getLogger(__name__)
 
 
 class S3ConfigurationError(ValueError):
@@ -239,6 +245,7 @@ class S3BlobStore:
                             self.client.abort_multipart_upload(
                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                             )
+                        self._marker(upload["Key"]).unlink(missing_ok=True)  # if it was ours
                         discarded += 1
         objects = self.client.get_paginator("list_objects_v2")
         for listing in objects.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
@@ -249,7 +256,46 @@ class S3BlobStore:
         return discarded
 
     def discard_spooled(self) -> int:
-        return discard_leftovers(self._spool)
+        """Blocking, at start-up: remove this server's spool files, and abort the multipart
+        uploads its previous process had begun (each left a marker in the spool directory), so
+        that a crash does not leave them billed until garbage collection's TTL sweep.
+
+        With the bucket unreachable their markers stay, for the next start (and the sweep)."""
+        aborted, kept = 0, set()
+        markers = sorted(self._spool.glob(f"*{_MULTIPART_MARKER}"))
+        for index, marker in enumerate(markers):
+            try:
+                self._abort_marked(marker)
+                aborted += 1
+            except ValueError:
+                marker.unlink(missing_ok=True)  # torn by the crash: the TTL sweep covers it
+            except Exception as error:
+                kept = {m.name for m in markers[index:]}
+                log.warning(
+                    "could not abort %d multipart upload(s) of a previous run (%s: %s); "
+                    "keeping them for the next start and garbage collection",
+                    len(kept),
+                    type(error).__name__,
+                    error,
+                )
+                break
+        return aborted + discard_leftovers(self._spool, keep=kept)
+
+    def _abort_marked(self, marker: Path) -> None:
+        try:
+            record = json.loads(marker.read_text())
+            key, upload_id = record["key"], record["upload_id"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"unreadable marker {marker.name}") from error
+        with _suppress_missing():
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        # Completed but not yet copied and deleted when the process died: the object goes too.
+        with _suppress_missing():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        marker.unlink(missing_ok=True)
+
+    def _marker(self, temporary_key: str) -> Path:
+        return self._spool / f"{temporary_key.rsplit('/', 1)[-1]}{_MULTIPART_MARKER}"
 
     # Resumable uploads stage on this server's disk, then go to S3 when finished.
 
@@ -318,6 +364,7 @@ class S3BlobWriter:
         self._temporary_object = False  # a completed upload not yet deleted
         self._lock = threading.Lock()
         self._done = False  # committed or aborted: nothing more may reach S3
+        self._marker: Path | None = None  # while a multipart upload or its object may be left
 
     @property
     def size(self) -> int:
@@ -366,6 +413,12 @@ class S3BlobWriter:
         if self._upload_id is None:
             created = client.create_multipart_upload(Bucket=bucket, Key=self._temporary_key)
             self._upload_id = created["UploadId"]
+            # Remembered on local disk until aborted or completed: if this process dies, the
+            # next one aborts it at start-up (S3 keeps unfinished uploads, and bills them).
+            self._marker = self._store._marker(self._temporary_key)
+            self._marker.write_text(
+                json.dumps({"key": self._temporary_key, "upload_id": self._upload_id})
+            )
         number = len(self._parts) + 1
         uploaded = client.upload_part(
             Bucket=bucket,
@@ -417,6 +470,7 @@ class S3BlobWriter:
             self._buffer = bytearray()
             self._done = True
             self._close_spool()
+            self._forget_marker()
 
     async def abort(self) -> None:
         if self._done:
@@ -435,6 +489,12 @@ class S3BlobWriter:
             self._close_spool()
             self._abort_upload()
             self._delete_temporary_object()
+            self._forget_marker()
+
+    def _forget_marker(self) -> None:
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
 
     def _abort_upload(self) -> None:
         if self._upload_id is not None:
