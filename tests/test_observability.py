@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from metalake import metadata as md
 from metalake.server.auth import Role
@@ -33,28 +34,45 @@ def free_port() -> int:
         return port
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics serves, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_metrics_count_calls_codes_bytes_and_extractors(stub: pb_grpc.DatalakeServiceStub) -> None:
+    # Counters are per process, and other tests' servers ran in this one: compare with before.
     port = free_port()
     start_metrics_server(f"127.0.0.1:{port}")
+    before = scrape(port)
     content = jpeg_bytes()
     stub.UploadData(requests(content, "a.jpg", fill_metadata=True))
     with pytest.raises(grpc.RpcError):
         stub.GetData(pb.GetDataRequest(id="missing"))
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert 'metalake_rpcs_total{code="OK",method="UploadData"}' in text
-    assert 'metalake_rpcs_total{code="NOT_FOUND",method="GetData"}' in text
-    assert 'metalake_rpc_duration_seconds_count{method="UploadData"}' in text
-    received = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("metalake_bytes_received_total ")
-    ]
-    assert received
-    assert received[0] >= len(content)
-    assert "metalake_uploads_in_flight 0.0" in text
-    assert 'metalake_extractor_results_total{extractor="pillow"' in text
-    assert 'metalake_extractor_duration_seconds_count{extractor="pillow"}' in text
+    after = scrape(port)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("metalake_rpcs_total", code="OK", method="UploadData") == 1
+    assert grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData") == 1
+    assert grew("metalake_rpc_duration_seconds_count", method="UploadData") == 1
+    assert grew("metalake_bytes_received_total") >= len(content)
+    assert after[("metalake_uploads_in_flight", ())] == 0
+    assert (
+        sum(
+            grew("metalake_extractor_results_total", extractor="pillow", result=result)
+            for result in ("hit", "miss", "error")
+        )
+        == 1
+    )
+    assert grew("metalake_extractor_duration_seconds_count", extractor="pillow") == 1
 
 
 def test_every_call_gets_a_request_id_in_trailing_metadata(
