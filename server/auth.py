@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -26,6 +27,8 @@ from metalake.server.calls import Behaviour, Handler, abort, rebuild_handler, st
 from metalake.server.catalog import Catalog, TokenRecord
 from metalake.server.errors import UnavailableError
 from metalake.server.faults import backend_fault
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ORG = "default"
 SERVICE_PREFIX = "/metalake.v1.DatalakeService/"
@@ -193,6 +196,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if fault is None:
                 raise
             # The catalog holds the tokens: without it no call can be authenticated, for now.
+            log.warning("%s: %s (%s: %s)", method, fault, type(error).__name__, error)
             code = (
                 grpc.StatusCode.UNAVAILABLE
                 if isinstance(fault, UnavailableError)

@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from metalake import Client
+from metalake.server.auth import Role
 from metalake.server.blobstore import LocalBlobStore
 from metalake.server.config import Settings
 from metalake.server.errors import NotFoundError, ResourceExhaustedError, UnavailableError
@@ -235,6 +236,25 @@ def test_a_connection_dropped_mid_statement_is_unavailable(
             assert_intact(stub, sent)
     finally:
         direct.dispose()
+
+
+def test_with_the_token_store_away_calls_are_unavailable_not_refused(
+    tmp_path: Path, catalog_proxy: tuple[TcpProxy, str]
+) -> None:
+    proxy, url = catalog_proxy
+    settings = replace(_catalog_settings(tmp_path / "data", url), auth_cache_seconds=0)
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        created = asyncio.run_coroutine_threadsafe(
+            handle.running.tokens.create("acme", Role.READ), handle.loop
+        ).result(30)
+        token = (("authorization", f"Bearer {created.secret}"),)
+        stub = Stub(channel)
+        assert list(stub.ListData(pb.ListDataRequest(), metadata=token).data) == []
+        proxy.cut()
+        # Not UNAUTHENTICATED: the token may be fine, the catalog that knows it is away.
+        assert_unavailable(lambda: stub.ListData(pb.ListDataRequest(), metadata=token))
+        proxy.restore()
+        assert list(stub.ListData(pb.ListDataRequest(), metadata=token).data) == []
 
 
 def _rpcs(method: str, code: str) -> float:
