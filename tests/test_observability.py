@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -136,3 +138,18 @@ def _token(handle: ServerHandle) -> str:
         handle.running.tokens.create("acme", Role.WRITE), handle.loop
     ).result(30)
     return created.secret
+
+
+@pytest.mark.parametrize(
+    ("module", "not_imported"),
+    [
+        ("metalake.server.auth", "metalake.server.observability"),
+        ("metalake.server.observability", "metalake.server.auth"),
+    ],
+)
+def test_auth_and_observability_do_not_import_each_other(module: str, not_imported: str) -> None:
+    """Both build on metalake.server.calls (handler wrapping, request ids, aborts), so either
+    can change without the other, and no import cycle waits for the unwary."""
+    check = f"import sys, {module}; assert {not_imported!r} not in sys.modules"
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr

@@ -159,10 +159,12 @@ def test_a_catalog_outage_is_unavailable_and_the_same_server_recovers(
             for name, (content, request_id) in late.items()
         ]
         wait_until(spooling(data_dir, 2), "both uploads are spooling")
+        watch = iter(stub.WatchData(pb.WatchDataRequest()))
         proxy.cut()
         release.set()
         for future in in_flight:
             assert_unavailable(future.result)
+        assert_unavailable(lambda: next(watch))  # reconnect with the last resume token
         some = next(iter(kept.values()))
         assert_unavailable(lambda: stub.ListData(pb.ListDataRequest()))
         assert_unavailable(lambda: stub.GetData(pb.GetDataRequest(id=some.id)))
