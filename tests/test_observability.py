@@ -9,6 +9,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -61,6 +62,13 @@ def test_metrics_count_calls_codes_bytes_and_extractors(stub: pb_grpc.DatalakeSe
     def grew(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # A call is counted as its handler ends, which may be just after the client has its answer.
+    deadline = time.monotonic() + 30
+    while not grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData"):
+        assert time.monotonic() < deadline, "the failed GetData was never counted"
+        time.sleep(0.05)
+        after = scrape(port)
 
     assert grew("metalake_rpcs_total", code="OK", method="UploadData") == 1
     assert grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData") == 1
