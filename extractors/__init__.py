@@ -4,7 +4,7 @@ Plugin authors need only `hookimpl` (or ``pluggy.HookimplMarker("metalake")``) a
 `Source`. See docs/plugins.md.
 """
 
-from metalake.extractors.hookspecs import hookimpl, hookspec
+from metalake.extractors.hookspecs import Derived, hookimpl, hookspec
 from metalake.extractors.source import Source
 
-__all__ = ["Source", "hookimpl", "hookspec"]
+__all__ = ["Derived", "Source", "hookimpl", "hookspec"]

@@ -8,7 +8,8 @@ Each hook below is documented in ``docs/plugins.md``; a test fails when one is n
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import pluggy
 
@@ -19,6 +20,21 @@ PROJECT_NAME = "metalake"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Derived(Generic[T]):
+    """A value an extractor derived rather than read as such, and how.
+
+    Return ``Derived(value, "how")`` in place of ``value`` and ``metadata_sources`` records
+    ``"<extractor>+<how>"`` for the field (the built-ins write ``pillow+gps-clock`` for a capture
+    time whose UTC offset comes from the GPS clock). ``how`` is a short lower-case word.
+    """
+
+    value: T
+    how: str
 
 
 @hookspec
@@ -42,7 +58,8 @@ def metalake_extract_metadata(
     **What it returns.** A mapping from metadata field name (``metalake.metadata.FIELDS``) to a
     value of the field's type: ``float`` for latitude, longitude, altitude, resolution_x and
     resolution_y; ``datetime`` for acquired_at (aware when the file recorded a UTC offset, naive
-    otherwise); ``str`` for the rest. Return ``None`` or ``{}`` when the file has nothing for you.
+    otherwise); ``str`` for the rest. A value may be wrapped in :class:`Derived` to say how it
+    was derived. Return ``None`` or ``{}`` when the file has nothing for you.
 
     **How results merge.** For each missing field, the first extractor in order whose value passes
     ``metalake.metadata.check_value`` wins, and ``metadata_sources`` records its name. An invalid
