@@ -34,6 +34,10 @@ EXIF_IFD, GPS_IFD = 0x8769, 0x8825
 DATETIME_ORIGINAL, OFFSET_TIME, OFFSET_TIME_ORIGINAL, COLOR_SPACE = 0x9003, 0x9010, 0x9011, 0xA001
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 GPS_ALTITUDE_REF, GPS_ALTITUDE = 5, 6
+GPS_TIME_STAMP, GPS_DATE_STAMP = 7, 29
+# Panasonic RW2 keeps its compression in IFD0 tag 0x0B (exiftool's PanasonicRaw table); readers
+# hand it over under this pseudo tag, outside TIFF's 16-bit range, so it meets no real tag.
+PANASONIC_COMPRESSION, RW2_COMPRESSION = 0x000B, 0x1000B
 
 # Every tag the mapping reads (GPS tags 1-6 do not occur in IFD0 or the Exif IFD): readers
 # decode only these, not the dozens of others a camera writes.
@@ -59,9 +63,13 @@ MAPPED_TAGS = frozenset(
         GPS_LONGITUDE,
         GPS_ALTITUDE_REF,
         GPS_ALTITUDE,
+        GPS_TIME_STAMP,
+        GPS_DATE_STAMP,
+        PANASONIC_COMPRESSION,
     }
 )
 
+TEXT_TAGS = (MAKE, SOFTWARE, DATETIME, ARTIST)
 GPS_FIELDS = frozenset({"latitude", "longitude", "altitude"})
 EXIF_FIELDS = frozenset(
     {
@@ -138,6 +146,16 @@ COMPRESSIONS = {
     65535: "Pentax PEF Compressed",
 }
 
+PANASONIC_COMPRESSIONS = {
+    34316: "Panasonic RAW 1",
+    34826: "Panasonic RAW 2",
+    34828: "Panasonic RAW 3",
+    34830: "Panasonic RAW 4",
+}
+# The IFD0 tags exiftool's PanasonicRaw table reads as the standard ones; an RW2's IFD0 has
+# others at the standard ids (its XResolution is no resolution).
+RW2_IFD0_TAGS = frozenset({MAKE, EXIF_IFD, GPS_IFD})
+
 _DATETIME = re.compile(r"\s*(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _OFFSET = re.compile(r"\s*([+-])(\d{2}):(\d{2})\s*$")
 
@@ -157,12 +175,8 @@ def to_text(value: Raw | None) -> str | None:
     if not isinstance(value, bytes):
         return None
     raw = value.split(b"\x00", 1)[0]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        # exiftool passes other bytes through; Latin-1 keeps every byte as one character.
-        text = raw.decode("latin-1")
-    text = text.strip()
+    # exiftool (-charset exif=utf8, the oracle's setting) shows a byte that is not UTF-8 as "?".
+    text = raw.decode("utf-8", "replace").replace("\ufffd", "?").strip()
     return text or None
 
 
@@ -224,13 +238,15 @@ def dms_to_degrees(value: Raw | None) -> float | None:
     return degrees
 
 
-def _named(table: Mapping[int, str], value: Raw | None, *, hex_unknown: bool = False) -> str | None:
+def _named(table: Mapping[int, str], value: Raw | None) -> str | None:
+    """exiftool's name for an enumerated value; an unknown one is 'Unknown (N)', in decimal
+    (the field rules: exiftool itself writes some in hex, e.g. ColorSpace 'Unknown (0x0)')."""
     number = to_int(value)
     if number is None:
         return None
     if number in table:
         return table[number]
-    return f"Unknown (0x{number:x})" if hex_unknown else f"Unknown ({number})"
+    return f"Unknown ({number})"
 
 
 def exif_fields(ifd0: Directory, exif: Directory) -> MetadataDict:
@@ -244,9 +260,9 @@ def exif_fields(ifd0: Directory, exif: Directory) -> MetadataDict:
         "resolution_x": to_float(ifd0.get(XRESOLUTION)),
         "resolution_y": to_float(ifd0.get(YRESOLUTION)),
         "resolution_unit": _named(RESOLUTION_UNITS, ifd0.get(RESOLUTION_UNIT)),
-        "compression": _named(COMPRESSIONS, ifd0.get(COMPRESSION)),
-        # exiftool prints unknown ColorSpace values in hex (PrintHex).
-        "color_space": _named(COLOR_SPACES, exif.get(COLOR_SPACE), hex_unknown=True),
+        "compression": _named(COMPRESSIONS, ifd0.get(COMPRESSION))
+        or _named(PANASONIC_COMPRESSIONS, ifd0.get(RW2_COMPRESSION)),
+        "color_space": _named(COLOR_SPACES, exif.get(COLOR_SPACE)),
     }
     return valid(values)
 

@@ -21,6 +21,7 @@ from metalake.extractors.fields import (
     EXIF_IFD,
     GPS_IFD,
     MAPPED_TAGS,
+    TEXT_TAGS,
     Rational,
     Raw,
     exif_fields,
@@ -66,7 +67,11 @@ def _read(source: Source) -> ExifDirectories:
                         for tag, found in ((EXIF_IFD, exif), (GPS_IFD, gps))
                     )
                 )
-        directories.complete = complete
+        # A text tag read as a number (a duplicate tag of another type, which Pillow keeps in
+        # place of the text exiftool shows) is no complete reading: let another reader try.
+        directories.complete = complete and all(
+            isinstance(directories.ifd0.get(tag, b""), bytes) for tag in TEXT_TAGS
+        )
     elif container is None or (container == "bmff" and _is_heif(source.head)):
         directories.merge("tiff", *_read_with_image_open(source))
     return directories
@@ -132,7 +137,7 @@ def _read_with_image_open(
         # Pillow's guard did its job: the file claims too many pixels to be opened safely.
         log.warning("not opening %s: %s", source.filename or source.path, error)
         return {}, {}, {}
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, NotImplementedError) as error:
         log.debug("Pillow cannot open %s: %r", source.filename or source.path, error)
         return {}, {}, {}
     with image:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -38,7 +39,21 @@ SAMPLE_FIELDS: dict[str, Any] = {
 }
 
 # Container formats `wrap_tiff` can build around a TIFF-structured EXIF block.
-WRAPPERS = ("tiff", "orf", "rw2", "psd", "jp2", "jxl", "cr3", "heif", "raf", "png-late", "png-text")
+WRAPPERS = (
+    "tiff",
+    "orf",
+    "rw2",
+    "psd",
+    "jp2",
+    "jxl",
+    "cr3",
+    "heif",
+    "raf",
+    "png-late",
+    "png-text",
+    "miff",
+    "flif",
+)
 
 
 def dms(degrees: float) -> tuple[R, R, R]:
@@ -203,7 +218,26 @@ def wrap_tiff(container: str, tiff: bytes) -> bytes:
         return _png(
             [], [_png_chunk(b"zTXt", b"Raw profile type exif\x00\x00" + zlib.compress(text))]
         )
+    if container == "miff":  # ImageMagick: a text header, then the profiles, then the pixels
+        profile = b"Exif\x00\x00" + tiff
+        header = b"id=ImageMagick\nclass=DirectClass  matte=False\ncolumns=1  rows=1  depth=8\n"
+        header += b"profile-APP1=%d\n\x0c\n:\x1a" % len(profile)
+        return header + profile + b"\x80\x80\x80"
+    if container == "flif":  # FLIF: header, then DEFLATE-compressed metadata chunks
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        chunk = deflate.compress(b"Exif\x00\x00" + tiff) + deflate.flush()
+        length = _varint(len(chunk))
+        return b"FLIF\x33\x31\x00\x00" + b"eXif" + length + chunk + b"\x00" + bytes(16)
     raise ValueError(f"unknown container {container!r}; expected one of {WRAPPERS}")
+
+
+def _varint(number: int) -> bytes:
+    groups = [number & 0x7F]
+    number >>= 7
+    while number:
+        groups.append(0x80 | (number & 0x7F))
+        number >>= 7
+    return bytes(reversed(groups))
 
 
 def exiftool_path() -> str | None:
@@ -228,24 +262,73 @@ _EXIFTOOL_TAGS = (
     "-Composite:GPSLongitude#",
     "-Composite:GPSAltitude#",
 )
+# The XMP properties the `xmp` extractor maps, read for the fields EXIF leaves empty.
+_EXIFTOOL_XMP_TAGS = (
+    "-XMP-exif:DateTimeOriginal",
+    "-XMP-xmp:CreateDate",
+    "-XMP-photoshop:DateCreated",
+    "-XMP-exif:GPSLatitude#",
+    "-XMP-exif:GPSLongitude#",
+    "-XMP-exif:GPSAltitude#",
+    "-XMP-exif:GPSAltitudeRef#",
+    "-XMP-drone-dji:AbsoluteAltitude#",
+    "-XMP-tiff:Make",
+    "-XMP-tiff:Software",
+    "-XMP-dc:Creator",
+)
 
 
-def exiftool_fields(paths: Iterable[Path]) -> dict[Path, dict[str, Any]]:
+class _Number(float):
+    """A JSON number that remembers how it was written (str gives the literal)."""
+
+    literal: str
+
+    def __new__(cls, literal: str) -> _Number:
+        number = super().__new__(cls, literal)
+        number.literal = literal
+        return number
+
+    def __str__(self) -> str:
+        return self.literal
+
+
+def exiftool_fields(paths: Iterable[Path], *, xmp: bool = False) -> dict[Path, dict[str, Any]]:
     """What exiftool reads from each file, mapped to metalake fields by the corpus rules
-    (acquired_at as `YYYY-MM-DDTHH:MM:SS[±HH:MM]`, numbers as floats)."""
+    (acquired_at as `YYYY-MM-DDTHH:MM:SS[±HH:MM]`, numbers as floats).
+
+    With `xmp`, the fields EXIF leaves empty are read from the XMP properties the built-in `xmp`
+    extractor maps (see docs/plugins.md)."""
     paths = list(paths)
     executable = exiftool_path()
     if executable is None:
         raise RuntimeError("exiftool is not installed (apt-get install libimage-exiftool-perl)")
     completed = subprocess.run(
-        [executable, "-j", "-G1", "-charset", "exif=utf8", *_EXIFTOOL_TAGS, *map(str, paths)],
+        [
+            executable,
+            "-j",
+            "-G1",
+            "-charset",
+            "exif=utf8",
+            *_EXIFTOOL_TAGS,
+            *(_EXIFTOOL_XMP_TAGS if xmp else ()),
+            *map(str, paths),
+        ],
         capture_output=True,
         check=False,
         text=True,
     )
-    records = json.loads(completed.stdout or "[]")
+    # Numbers stay as written: Software "1.00" is a string, not the number 1.0.
+    records = json.loads(completed.stdout or "[]", parse_float=_Number, parse_int=_Number)
     by_file = {record["SourceFile"]: record for record in records}
-    return {path: _map_exiftool(by_file.get(str(path), {})) for path in paths}
+    mapped = {}
+    for path in paths:
+        record = by_file.get(str(path), {})
+        fields = _map_exiftool(record)
+        if xmp:
+            for field, value in _map_exiftool_xmp(record).items():
+                fields.setdefault(field, value)
+        mapped[path] = fields
+    return mapped
 
 
 def _map_exiftool(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -260,6 +343,9 @@ def _map_exiftool(record: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if key in record and str(record[key]).strip():
             out[field] = str(record[key]).strip()
+    # exiftool prints an unknown ColorSpace in hex; the rules write every unknown value in decimal.
+    if out.get("color_space", "").startswith("Unknown (0x"):
+        out["color_space"] = f"Unknown ({int(out['color_space'][11:-1], 16)})"
     for field, key in (
         ("resolution_x", "IFD0:XResolution"),
         ("resolution_y", "IFD0:YResolution"),
@@ -269,6 +355,9 @@ def _map_exiftool(record: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if isinstance(record.get(key), int | float):
             out[field] = float(record[key])
+    for field in ("resolution_x", "resolution_y"):  # a resolution must be > 0 (the contract)
+        if field in out and not out[field] > 0:
+            del out[field]
     for date_key, offset_key in (
         ("ExifIFD:DateTimeOriginal", "ExifIFD:OffsetTimeOriginal"),
         ("IFD0:ModifyDate", "ExifIFD:OffsetTime"),
@@ -286,6 +375,64 @@ def _map_exiftool(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_EXIFTOOL_DATE = re.compile(
+    r"(\d{4}):(\d{2}):(\d{2}) (\d{2}):(\d{2})(?::(\d{2}))?(?:\.\d+)?(Z|[+-]\d{2}:\d{2})?$"
+)
+
+
+def _exiftool_date(text: str) -> str | None:
+    """exiftool's `YYYY:MM:DD HH:MM[:SS][.ss][±HH:MM|Z]` as the rules write it, or None."""
+    match = _EXIFTOOL_DATE.match(text.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, zone = match.groups()
+    iso = f"{year}-{month}-{day}T{hour}:{minute}:{second or '00'}"
+    try:
+        parse_datetime(iso)
+    except ValueError:
+        return None
+    return iso + ("+00:00" if zone == "Z" else zone or "")
+
+
+def _map_exiftool_xmp(record: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field, key in (
+        ("manufacturer", "XMP-tiff:Make"),
+        ("software", "XMP-tiff:Software"),
+        ("acquired_by", "XMP-dc:Creator"),
+    ):
+        value = record.get(key)
+        if isinstance(value, list):
+            value = ", ".join(str(item).strip() for item in value if str(item).strip())
+        if value is not None and str(value).strip():
+            out[field] = str(value).strip()
+    for key in ("XMP-exif:DateTimeOriginal", "XMP-xmp:CreateDate", "XMP-photoshop:DateCreated"):
+        date = _exiftool_date(str(record.get(key, "")))
+        if date is not None:
+            out["acquired_at"] = date
+            break
+    for field, key in (
+        ("latitude", "XMP-exif:GPSLatitude"),
+        ("longitude", "XMP-exif:GPSLongitude"),
+    ):
+        if isinstance(record.get(key), int | float):
+            out[field] = float(record[key])
+    if isinstance(record.get("XMP-drone-dji:AbsoluteAltitude"), int | float):
+        out["altitude"] = float(record["XMP-drone-dji:AbsoluteAltitude"])
+    elif isinstance(record.get("XMP-exif:GPSAltitude"), int | float):
+        below = record.get("XMP-exif:GPSAltitudeRef") == 1
+        out["altitude"] = float(record["XMP-exif:GPSAltitude"]) * (-1 if below else 1)
+    return out
+
+
+def _wall_and_offset(text: str) -> tuple[object, object]:
+    try:
+        moment = parse_datetime(text)
+    except ValueError:
+        return text, None
+    return moment.replace(tzinfo=None), moment.utcoffset()
+
+
 def as_json_fields(values: MetadataDict) -> dict[str, Any]:
     """Extracted values in the form `exiftool_fields` and expected.json use."""
     from metalake.metadata import format_datetime
@@ -297,11 +444,15 @@ def as_json_fields(values: MetadataDict) -> dict[str, Any]:
 
 
 def same_fields(expected: Mapping[str, Any], got: Mapping[str, Any]) -> list[str]:
-    """The differences between two field mappings, within the corpus tolerances."""
+    """The differences between two field mappings, within the corpus tolerances. Capture times
+    agree when their wall times and offsets do ('Z' is '+00:00')."""
     problems = []
     for field in sorted(set(expected) | set(got)):
         want, have = expected.get(field), got.get(field)
-        if isinstance(want, float) and isinstance(have, float):
+        if field == "acquired_at" and isinstance(want, str) and isinstance(have, str):
+            if _wall_and_offset(want) == _wall_and_offset(have):
+                continue
+        elif isinstance(want, float) and isinstance(have, float):
             tolerance = 1e-7 if field in ("latitude", "longitude") else 1e-6 * abs(want)
             if abs(want - have) <= tolerance:
                 continue

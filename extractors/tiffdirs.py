@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
-from metalake.extractors.containers import TiffBlock, find_exif
-from metalake.extractors.fields import Raw
+from metalake.extractors.containers import TiffBlock, find_exif, open_block
+from metalake.extractors.fields import (
+    PANASONIC_COMPRESSION,
+    RW2_COMPRESSION,
+    RW2_IFD0_TAGS,
+    Raw,
+)
 from metalake.extractors.source import Source
+from metalake.extractors.tiffread import read_tiff
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,12 @@ class ExifDirectories:
         self, role: str, ifd0: dict[int, Raw], exif: dict[int, Raw], gps: dict[int, Raw]
     ) -> None:
         """Add one block's directories; a tag already known from an earlier block is kept."""
-        if role == "exif":
+        if role == "rw2":
+            panasonic = {tag: ifd0[tag] for tag in RW2_IFD0_TAGS if tag in ifd0}
+            if PANASONIC_COMPRESSION in ifd0:
+                panasonic[RW2_COMPRESSION] = ifd0[PANASONIC_COMPRESSION]
+            ifd0 = panasonic
+        elif role == "exif":
             ifd0, exif = {}, ifd0
         elif role == "gps":
             ifd0, gps = {}, ifd0
@@ -36,16 +48,50 @@ class ExifDirectories:
                 mine.setdefault(tag, value)
 
 
+CORRUPT = "corrupt"
+
+
 def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
-    """The container family and EXIF blocks of `source`, found once and shared by extractors."""
+    """The container family and EXIF blocks of `source`, found once and shared by extractors.
+
+    The family is `CORRUPT` when every block found was corrupt: then there is nothing to read."""
 
     def walk() -> tuple[str | None, list[TiffBlock]]:
         with source.open() as fp:
             try:
-                return find_exif(fp, source.head, source.size)
+                container, blocks = find_exif(fp, source.head, source.size)
+                # A block without a TIFF header, or whose first directory runs past its end, is
+                # corrupt: exiftool reads nothing from it ("Bad IFD0 directory", "Malformed APP1
+                # EXIF segment"), and no reader may guess from it or search the file on its own.
+                sound = [block for block in blocks if _sound(fp, block)]
+                return (CORRUPT if blocks and not sound else container), sound
             except Exception:
                 # A walker bug, not the file's fault: logged once, and no block is found.
                 log.exception("cannot walk %s", source.filename or source.path)
                 return None, []
 
     return source.memo("containers.find_exif", walk)
+
+
+def _sound(fp: BinaryIO, block: TiffBlock) -> bool:
+    stream = open_block(fp, block)
+    if stream.read(4) in (b"II+\x00", b"MM\x00+"):
+        return True  # BigTIFF: left to Pillow, which reads it
+    return read_tiff(stream, block.length, strict=False) is not None
+
+
+def read_neutral(source: Source) -> ExifDirectories:
+    """The file's EXIF directories as the neutral reader (`extractors.tiffread`) reads them,
+    once per file. The `gps` extractor's own reading: no built-in extractor depends on another
+    one's parser."""
+
+    def read() -> ExifDirectories:
+        directories = ExifDirectories()
+        _, blocks = locate(source)
+        with source.open() as fp:
+            for block in blocks:
+                stream = open_block(fp, block)
+                directories.merge(block.role, *(read_tiff(stream, block.length) or ({}, {}, {})))
+        return directories
+
+    return source.memo("tiffdirs.neutral", read)
