@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TypeAlias
 
+from metalake.extractors.hookspecs import Derived
 from metalake.metadata import MetadataDict, check_value
 
 
@@ -249,11 +250,17 @@ def _named(table: Mapping[int, str], value: Raw | None) -> str | None:
     return f"Unknown ({number})"
 
 
-def exif_fields(ifd0: Directory, exif: Directory) -> MetadataDict:
-    """Every non-GPS field the two directories give, valid values only."""
+def exif_fields(
+    ifd0: Directory, exif: Directory, gps: Directory | None = None
+) -> dict[str, object]:
+    """Every non-GPS field the directories give, valid values only. A capture time without a
+    recorded offset gets one from the GPS clock when `gps` allows (see `offset_from_gps_clock`):
+    then it is `Derived(value, "gps-clock")`."""
+    acquired_at = parse_datetime(
+        exif.get(DATETIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL)
+    ) or parse_datetime(ifd0.get(DATETIME), exif.get(OFFSET_TIME))
     values: dict[str, object] = {
-        "acquired_at": parse_datetime(exif.get(DATETIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL))
-        or parse_datetime(ifd0.get(DATETIME), exif.get(OFFSET_TIME)),
+        "acquired_at": acquired_at,
         "acquired_by": to_text(ifd0.get(ARTIST)),
         "manufacturer": to_text(ifd0.get(MAKE)),
         "software": to_text(ifd0.get(SOFTWARE)),
@@ -264,7 +271,52 @@ def exif_fields(ifd0: Directory, exif: Directory) -> MetadataDict:
         or _named(PANASONIC_COMPRESSIONS, ifd0.get(RW2_COMPRESSION)),
         "color_space": _named(COLOR_SPACES, exif.get(COLOR_SPACE)),
     }
-    return valid(values)
+    out: dict[str, object] = dict(valid(values))
+    if "acquired_at" in out and acquired_at is not None and acquired_at.tzinfo is None and gps:
+        offset = offset_from_gps_clock(acquired_at, gps)
+        if offset is not None:
+            out["acquired_at"] = Derived(acquired_at.replace(tzinfo=offset), "gps-clock")
+    return out
+
+
+# The offsets in use on Earth, and how far a camera's clock may stray from GPS time and still
+# be read as a whole quarter-hour offset.
+MIN_OFFSET, MAX_OFFSET = timedelta(hours=-12), timedelta(hours=14)
+OFFSET_STEP, OFFSET_SLACK = 15 * 60, 5 * 60
+
+
+def gps_utc(gps: Directory) -> datetime | None:
+    """GPSDateStamp and GPSTimeStamp (UTC) as a naive datetime, or None."""
+    date = to_text(gps.get(GPS_DATE_STAMP))
+    stamp = gps.get(GPS_TIME_STAMP)
+    if date is None or not isinstance(stamp, tuple) or len(stamp) != 3:
+        return None
+    match = re.match(r"(\d{4})[:-](\d{2})[:-](\d{2})$", date)
+    parts = [to_float(part) for part in stamp]
+    if match is None or any(part is None or not 0 <= part < 61 for part in parts):
+        return None
+    hours, minutes, seconds = (float(part) for part in parts if part is not None)
+    try:
+        year, month, day_of_month = (int(group) for group in match.groups())
+        day = datetime(year, month, day_of_month)
+    except ValueError:
+        return None
+    return day + timedelta(hours=hours, minutes=minutes, seconds=int(seconds))
+
+
+def offset_from_gps_clock(local: datetime, gps: Directory) -> timezone | None:
+    """The UTC offset of a naive local time, from the GPS clock (UTC) recorded beside it:
+    local - UTC rounded to 15 minutes, kept only within -12:00..+14:00 and when rounding moves
+    it by at most 5 minutes (a GPS date a day off, or a clock far adrift, gives None)."""
+    utc = gps_utc(gps)
+    if utc is None:
+        return None
+    seconds = (local - utc).total_seconds()
+    rounded = round(seconds / OFFSET_STEP) * OFFSET_STEP
+    offset = timedelta(seconds=rounded)
+    if abs(seconds - rounded) > OFFSET_SLACK or not MIN_OFFSET <= offset <= MAX_OFFSET:
+        return None
+    return timezone(offset)
 
 
 def gps_fields(gps: Directory) -> MetadataDict:

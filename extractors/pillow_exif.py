@@ -28,7 +28,7 @@ from metalake.extractors.fields import (
 )
 from metalake.extractors.hookspecs import hookimpl
 from metalake.extractors.source import Source
-from metalake.extractors.tiffdirs import ExifDirectories, locate
+from metalake.extractors.tiffdirs import READ_COMPLETE, ExifDirectories, locate
 
 NAME = "pillow"
 log = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mappin
     if not missing & EXIF_FIELDS:
         return {}
     directories = read_directories(source)
-    return exif_fields(directories.ifd0, directories.exif)
+    # Tells the `exifread` extractor, without either importing the other, that a second reading
+    # of the same blocks would add nothing (see exifread_exif).
+    source.memo(READ_COMPLETE, lambda: directories.complete)
+    return exif_fields(directories.ifd0, directories.exif, directories.gps)
 
 
 def read_directories(source: Source) -> ExifDirectories:

@@ -49,6 +49,8 @@ class ExifDirectories:
 
 
 CORRUPT = "corrupt"
+# Source memo key: True when an extractor has read every EXIF directory of the file completely.
+READ_COMPLETE = "tiffdirs.read-complete"
 
 
 def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:

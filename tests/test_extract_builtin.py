@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -225,3 +226,72 @@ def test_not_an_image_gives_nothing(registry: ExtractorRegistry, tmp_path: Path)
         result = registry.extract(path, filename=name)
         assert result.values == {}, name
         assert result.errors == [], name
+
+
+def _clock_exif(local: str, gps_date: str | None, gps_time: tuple[int, int, int]) -> Image.Exif:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = local
+    gps = exif.get_ifd(0x8825)
+    if gps_date is not None:
+        gps[29] = gps_date
+    gps[7] = tuple(R(part, 1) for part in gps_time)
+    return exif
+
+
+@pytest.mark.parametrize(
+    ("local", "gps_date", "gps_time", "offset"),
+    [
+        ("2021:06:01 14:34:56", "2021:06:01", (12, 34, 50), "+02:00"),  # a camera 6 s fast
+        ("2021:06:01 02:00:00", "2021:06:01", (7, 30, 0), "-05:30"),
+        ("2021:06:01 09:45:00", "2021:05:31", (20, 0, 0), "+13:45"),  # across midnight
+        ("2021:06:01 14:34:56", "2021:06:02", (12, 34, 50), None),  # GPS date a day off
+        ("2021:06:01 14:34:56", "2021:06:01", (12, 27, 0), None),  # 7 min from a quarter hour
+        ("2021:06:01 00:00:00", "2021:06:01", (13, 0, 0), None),  # -13:00 is no offset on Earth
+        ("2021:06:01 14:34:56", None, (12, 34, 50), None),  # no GPS date
+    ],
+)
+def test_offset_from_the_gps_clock(
+    registry: ExtractorRegistry,
+    tmp_path: Path,
+    local: str,
+    gps_date: str | None,
+    gps_time: tuple[int, int, int],
+    offset: str | None,
+) -> None:
+    path = save_with_pillow(tmp_path / "clock.jpg", _clock_exif(local, gps_date, gps_time))
+    result = registry.extract(path)
+    moment = result.values["acquired_at"]
+    assert isinstance(moment, datetime)
+    # The wall time is the file's, always.
+    assert moment.replace(tzinfo=None) == datetime.strptime(local, "%Y:%m:%d %H:%M:%S")
+    if offset is None:
+        assert moment.tzinfo is None
+        assert result.sources["acquired_at"] == "pillow"
+    else:
+        assert moment.isoformat()[19:] == offset
+        assert result.sources["acquired_at"] == "pillow+gps-clock"
+
+
+def test_a_recorded_offset_wins_over_the_gps_clock(
+    registry: ExtractorRegistry, tmp_path: Path
+) -> None:
+    exif = _clock_exif("2021:06:01 14:34:56", "2021:06:01", (12, 34, 56))
+    exif.get_ifd(0x8769)[0x9011] = "+05:00"
+    result = registry.extract(save_with_pillow(tmp_path / "recorded.jpg", exif))
+    moment = result.values["acquired_at"]
+    assert isinstance(moment, datetime)
+    assert moment.isoformat() == "2021-06-01T14:34:56+05:00"
+    assert result.sources["acquired_at"] == "pillow"
+
+
+def test_each_builtin_works_alone(tmp_path: Path) -> None:
+    """Built-ins are independent plugins: none imports or runs another's parser."""
+    path = save_with_pillow(tmp_path / "alone.jpg", sample_exif())
+    for name in ("pillow", "exifread", "gps"):
+        alone = ExtractorRegistry([p for p in builtin_plugins() if p[0] == name])
+        result = alone.extract(path)
+        assert set(result.sources.values()) == {name}, name
+    gps_only = ExtractorRegistry([p for p in builtin_plugins() if p[0] == "gps"]).extract(path)
+    assert gps_only.values["latitude"] == pytest.approx(SAMPLE_FIELDS["latitude"])
+    exifread_only = ExtractorRegistry([p for p in builtin_plugins() if p[0] == "exifread"])
+    assert exifread_only.extract(path).values["manufacturer"] == "Metalake Optics"

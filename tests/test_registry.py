@@ -373,3 +373,21 @@ def test_derived_values_say_how_in_their_source(image: Path) -> None:
     result = ExtractorRegistry([plugin]).extract(image)
     assert result.values["acquired_at"] == when
     assert result.sources == {"acquired_at": "clock+gps-clock", "software": "clock"}
+
+
+def test_disabling_pillow_runs_no_pillow_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalake.extractors import pillow_exif
+
+    def refuse(source: Source) -> None:
+        raise AssertionError("Pillow's reading ran although `pillow` is disabled")
+
+    monkeypatch.setattr(pillow_exif, "read_directories", refuse)
+    monkeypatch.setattr(pillow_exif, "_read", refuse)
+    path = save_with_pillow(tmp_path / "a.jpg", sample_exif())
+    registry = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "pillow"})
+    result = registry.extract(path)
+    assert result.errors == []
+    assert result.sources["manufacturer"] == "exifread"
+    assert result.sources["latitude"] == "gps"
