@@ -492,27 +492,66 @@ def _heif_exif(fp: BinaryIO, start: int, end: int, size: int) -> list[TiffBlock]
 
 
 def _heif_exif_items(fp: BinaryIO, start: int, end: int) -> set[int]:
+    return {item for item, (kind, _) in _heif_items(fp, start, end).items() if kind == b"Exif"}
+
+
+def _heif_items(fp: BinaryIO, start: int, end: int) -> dict[int, tuple[bytes, bytes]]:
+    """Item id -> (item type, content type) from an iinf box (infe version 2 or 3)."""
     header = _read_at(fp, start, 8)
     if len(header) < 6:
-        return set()
+        return {}
     version = header[0]
     first_child = start + (6 if version == 0 else 8)
-    ids: set[int] = set()
+    items: dict[int, tuple[bytes, bytes]] = {}
     for kind, box_start, box_end in _boxes(fp, first_child, end):
         if kind != b"infe":
             continue
-        info = _read_at(fp, box_start, min(box_end - box_start, 16))
+        info = _read_at(fp, box_start, min(box_end - box_start, 256))
         if len(info) < 12 or info[0] < 2:
             continue
         if info[0] == 2:
-            item_id, item_type = struct.unpack(">H", info[4:6])[0], info[8:12]
+            item_id, item_type, rest = struct.unpack(">H", info[4:6])[0], info[8:12], info[12:]
         else:
             if len(info) < 14:
                 continue
-            item_id, item_type = struct.unpack(">I", info[4:8])[0], info[10:14]
-        if item_type == b"Exif":
-            ids.add(item_id)
-    return ids
+            item_id, item_type, rest = struct.unpack(">I", info[4:8])[0], info[10:14], info[14:]
+        # Then the item name and, for "mime" items, the content type, both NUL-terminated.
+        names = rest.split(b"\x00")
+        items[item_id] = (item_type, names[1] if item_type == b"mime" and len(names) > 1 else b"")
+    return items
+
+
+def heif_item(fp: BinaryIO, size: int, item_type: bytes, content_type: bytes = b"") -> bytes | None:
+    """The content (at most MAX_INLINE_EXIF bytes) of the first item of a HEIF file's meta box
+    with this item type (and content type, for "mime" items), or None."""
+    for kind, start, end in _boxes(fp, 0, size):
+        if kind != b"meta":
+            continue
+        children = {k: (s, e) for k, s, e in _boxes(fp, start + 4, end)}
+        if b"iinf" not in children or b"iloc" not in children:
+            return None
+        wanted = {
+            item
+            for item, (kind_of, content) in _heif_items(fp, *children[b"iinf"]).items()
+            if kind_of == item_type and (not content_type or content == content_type)
+        }
+        idat_start = children[b"idat"][0] if b"idat" in children else None
+        for item_id, extents in _heif_locations(fp, *children[b"iloc"], idat_start):
+            if item_id in wanted and extents:
+                data = b""
+                for offset, length in extents:
+                    length = length or size - offset  # zero: to the end of the file
+                    if len(data) + length > MAX_INLINE_EXIF:
+                        return None
+                    data += _read_at(fp, offset, length)
+                return data
+        return None
+    return None
+
+
+def bmff_boxes(fp: BinaryIO, size: int) -> list[tuple[bytes, int, int]]:
+    """The top-level boxes of an ISO-BMFF file: (type, payload start, payload end)."""
+    return _boxes(fp, 0, size)
 
 
 def _heif_locations(

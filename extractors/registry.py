@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "metalake.extractors.pillow_exif",
     "metalake.extractors.exifread_exif",
     "metalake.extractors.gps",
+    "metalake.extractors.xmp",
 )
 ALLOW_ENV = "METALAKE_PLUGINS"
 BLOCK_ENV = "METALAKE_DISABLE_PLUGINS"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import shutil
 import struct
@@ -394,6 +395,14 @@ def _exiftool_date(text: str) -> str | None:
     return iso + ("+00:00" if zone == "Z" else zone or "")
 
 
+def _as_float(value: object) -> float | None:
+    try:
+        number = float(str(value))
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _map_exiftool_xmp(record: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field, key in (
@@ -417,8 +426,9 @@ def _map_exiftool_xmp(record: Mapping[str, Any]) -> dict[str, Any]:
     ):
         if isinstance(record.get(key), int | float):
             out[field] = float(record[key])
-    if isinstance(record.get("XMP-drone-dji:AbsoluteAltitude"), int | float):
-        out["altitude"] = float(record["XMP-drone-dji:AbsoluteAltitude"])
+    dji = _as_float(record.get("XMP-drone-dji:AbsoluteAltitude"))  # "+512.25": a string
+    if dji is not None:
+        out["altitude"] = dji
     elif isinstance(record.get("XMP-exif:GPSAltitude"), int | float):
         below = record.get("XMP-exif:GPSAltitudeRef") == 1
         out["altitude"] = float(record["XMP-exif:GPSAltitude"]) * (-1 if below else 1)
@@ -460,3 +470,80 @@ def same_fields(expected: Mapping[str, Any], got: Mapping[str, Any]) -> list[str
             continue
         problems.append(f"{field}: expected {want!r}, got {have!r}")
     return problems
+
+
+# Containers `wrap_xmp` can build around an XMP packet.
+XMP_WRAPPERS = ("jpeg", "png", "png-zipped", "webp", "tiff", "heif", "jxl", "jp2", "gif", "svg")
+
+
+def _heif_with_item(item_type: bytes, name_and_type: bytes, payload: bytes) -> bytes:
+    ftyp = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
+    hdlr = _box(b"hdlr", bytes(8) + b"pict" + bytes(13))
+    infe = _box(b"infe", b"\x02\x00\x00\x00" + struct.pack(">HH", 1, 0) + item_type + name_and_type)
+    iinf = _box(b"iinf", b"\x00\x00\x00\x00" + struct.pack(">H", 1) + infe)
+
+    def meta(offset: int) -> bytes:
+        # iloc version 0, 4-byte offsets and lengths, no base offset.
+        iloc = b"\x00\x00\x00\x00" + bytes([0x44, 0x00])
+        iloc += struct.pack(">HHHHII", 1, 1, 0, 1, offset, len(payload))
+        return _box(b"meta", b"\x00\x00\x00\x00" + hdlr + iinf + _box(b"iloc", iloc))
+
+    offset = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(offset) + _box(b"mdat", payload)
+
+
+def wrap_xmp(container: str, packet: bytes, exif: Image.Exif | None = None) -> bytes:
+    """A minimal file of `container` format (see `XMP_WRAPPERS`) carrying the XMP `packet`, and
+    for JPEG, PNG and WebP also `exif`, where each format keeps them."""
+    if container in ("jpeg", "png", "webp"):
+        buffer = io.BytesIO()
+        extra: dict[str, Any] = {"exif": exif} if exif is not None else {}
+        if container == "webp":
+            Image.new("RGB", (8, 8)).save(buffer, "WEBP", xmp=packet, **extra)
+            return buffer.getvalue()
+        Image.new("RGB", (8, 8)).save(buffer, container.upper(), **extra)
+        data = buffer.getvalue()
+        if container == "jpeg":
+            payload = b"http://ns.adobe.com/xap/1.0/\x00" + packet
+            segment = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+            return data[:2] + segment + data[2:]
+        return _png([_png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + packet)])
+    if container == "png-zipped":
+        text = b"XML:com.adobe.xmp\x00\x01\x00\x00\x00" + zlib.compress(packet)
+        return _png([_png_chunk(b"iTXt", text)])
+    if container == "tiff":
+        image = Image.new("RGB", (4, 4))
+        buffer = io.BytesIO()
+        info = TiffImagePlugin.ImageFileDirectory_v2()
+        info[700] = packet
+        info.tagtype[700] = 1  # BYTE, as XMLPacket is written
+        image.save(buffer, "TIFF", tiffinfo=info)
+        return buffer.getvalue()
+    if container == "heif":
+        return _heif_with_item(b"mime", b"\x00application/rdf+xml\x00", packet)
+    if container == "jxl":
+        signature = _box(b"JXL ", b"\r\n\x87\n")
+        ftyp = _box(b"ftyp", b"jxl \x00\x00\x00\x00jxl ")
+        return signature + ftyp + _box(b"xml ", packet) + _box(b"jxlc", b"\xff\x0a\x00")
+    if container == "jp2":
+        signature = _box(b"jP  ", b"\r\n\x87\n")
+        ftyp = _box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+        uuid = bytes.fromhex("be7acfcb97a942e89c71999491e3afac")
+        ihdr = _box(b"ihdr", struct.pack(">IIHBBBB", 8, 8, 3, 7, 7, 0, 0))
+        colr = _box(b"colr", b"\x01\x00\x00\x00\x00\x00\x10")
+        return signature + ftyp + _box(b"jp2h", ihdr + colr) + _box(b"uuid", uuid + packet)
+    if container == "gif":  # XMP as GIF's "XMP DataXMP" application extension
+        buffer = io.BytesIO()
+        Image.new("P", (4, 4)).save(buffer, "GIF")
+        gif = buffer.getvalue()
+        trailer = bytes([1, *range(255, -1, -1), 0])  # the "magic trailer" of the extension
+        extension = b"\x21\xff\x0bXMP DataXMP" + packet + trailer
+        return gif[:-1] + extension + gif[-1:]
+    if container == "svg":
+        start = packet.index(b"<rdf:RDF")
+        end = packet.index(b"</rdf:RDF>") + len(b"</rdf:RDF>")
+        return (
+            b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="4" '
+            b'height="4"><metadata>' + packet[start:end] + b"</metadata></svg>"
+        )
+    raise ValueError(f"unknown container {container!r}; expected one of {XMP_WRAPPERS}")

@@ -231,8 +231,8 @@ def test_an_implementation_matching_no_hook_is_rejected() -> None:
 def test_builtins_are_ordinary_plugins_in_order() -> None:
     registry = ExtractorRegistry(builtin_plugins())
     described = registry.describe()
-    assert [info.name for info in described] == ["pillow", "exifread", "gps"]
-    assert [info.order for info in described] == [1, 2, 3]
+    assert [info.name for info in described] == ["pillow", "exifread", "gps", "xmp"]
+    assert [info.order for info in described] == [1, 2, 3, 4]
     assert all(info.version for info in described)
 
 
@@ -244,7 +244,7 @@ def test_environment_allow_list(image: Path) -> None:
 
 def test_environment_block_list() -> None:
     names = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "exifread"}).names
-    assert names[:2] == ["pillow", "gps"]
+    assert names[:3] == ["pillow", "gps", "xmp"]
     assert "exifread" not in names
 
 
@@ -279,7 +279,7 @@ def test_entry_points_load_after_builtins_and_broken_ones_are_skipped(
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points)
     monkeypatch.setattr("tests.test_registry.ZZZ", module, raising=False)
     registry = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "blocked"})
-    assert registry.names == ["pillow", "exifread", "gps", "zzz"]
+    assert registry.names == ["pillow", "exifread", "gps", "xmp", "zzz"]
     assert [name for name, _ in registry.load_errors] == ["broken"]
 
 
