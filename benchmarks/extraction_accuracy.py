@@ -4,7 +4,7 @@ The files are third-party test images, never committed: the shared corpus, Pillo
 images (its sdist's Tests/images) and exiftool's (its source's t/images). `make accuracy` fetches
 the last two through their registries (PyPI, Debian) into a temporary folder and runs this.
 
-    python -m benchmarks.extraction_accuracy corpus [FOLDER]      # expected.json, exiftool 12.57
+    python -m benchmarks.extraction_accuracy corpus [FOLDER]      # the files of expected.json
     python -m benchmarks.extraction_accuracy pillow FOLDER        # every file in FOLDER
     python -m benchmarks.extraction_accuracy exiftool FOLDER      # still-image formats only
 
@@ -12,9 +12,10 @@ Fields and rules are those of ../shared/corpus/README.md. For each file, every f
 side has is one value; it agrees when both have it and they are equal within the corpus
 tolerances. A value exiftool does not read is *invented* and counts as a miss. Capture times
 whose offset metalake derived from the GPS clock (source `...+gps-clock`) compare their wall time,
-as the offset is not something the file records. With `--xmp` (default) the oracle also reads
-the XMP properties the `xmp` extractor maps, for the fields EXIF leaves empty; `--exif-only`
-leaves the `xmp` extractor out and compares with EXIF alone.
+as the offset is not something the file records. By default the oracle is exiftool run here,
+reading EXIF and then, for the fields EXIF leaves empty, the XMP properties the `xmp` extractor
+maps; `--exif-only` leaves the `xmp` extractor out and compares with EXIF alone (for the corpus:
+with expected.json, which the rules made from exiftool 12.57's EXIF reading).
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def compare(
     return agreed, compared, problems
 
 
+def _exiftool_version() -> str:
+    completed = subprocess.run(
+        [str(exiftool_path()), "-ver"], capture_output=True, text=True, check=False
+    )
+    return "exiftool " + completed.stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("set", choices=["corpus", "pillow", "exiftool"])
@@ -115,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.set == "corpus":
         root = args.folder or Path(os.environ.get("METALAKE_CORPUS", SHARED_CORPUS))
         manifest = json.loads((root / "expected.json").read_text())
+        fields = manifest["fields"]
         files: dict[Path, Mapping[str, Any]] = {
             root / name: want for name, want in manifest["files"].items()
         }
-        fields = manifest["fields"]
         oracle = f"expected.json ({manifest.get('oracle', 'exiftool')})"
+        if not args.exif_only:
+            files = dict(exiftool_fields(files, xmp=True))
+            oracle = _exiftool_version()
     else:
         if args.folder is None or not args.folder.is_dir():
             parser.error(f"{args.set} needs the folder of its test images")

@@ -44,9 +44,11 @@ def metalake_extract_metadata(
     """Read metadata values from one file.
 
     **When it is called.** Once per file and per extractor, in registry order (built-ins first:
-    ``pillow``, ``exifread``, ``gps``; then installed plugins), from a worker thread, while at least
-    one field the caller asked for is still missing. An implementation may be called concurrently
-    for different files, so it must not keep per-file state outside ``source``.
+    ``pillow``, ``exifread``, ``gps``, ``xmp``; then installed plugins), from a worker thread,
+    while at least one field the caller asked for is still missing. Each call goes through
+    pluggy with every wrapper (``wrapper=True`` or ``hookwrapper=True``) around it. An
+    implementation may be called concurrently for different files, so it must not keep per-file
+    state outside ``source``.
 
     :param source: the file, on disk. Open it with ``source.open()`` (a new binary handle each
         call) and read only what you need; ``source.head`` holds its first bytes,
