@@ -134,6 +134,8 @@ def sniff(head: bytes) -> str | None:
         return "flif"
     if head.startswith(b"Paint Shop Pro Image File"):
         return "psp"
+    if head[:4] == b"FOVb":
+        return "x3f"
     return None
 
 
@@ -688,6 +690,30 @@ def _walk_psp(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     return [block] if is_tiff_structure(io.BytesIO(rebased), block) else []
 
 
+def _walk_x3f(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # Sigma X3F: the last 4 bytes point to a "SECd" directory of (offset, length, type) entries;
+    # an IMA2 section whose header says JPEG (format 18) is the preview, whose EXIF exiftool
+    # reads as the file's (SigmaRaw.pm). Real files put it anywhere, often after the raw data.
+    pointer = _read_at(fp, size - 4, 4)
+    if len(pointer) < 4:
+        return []
+    directory = struct.unpack("<I", pointer)[0]
+    header = _read_at(fp, directory, 12)
+    if len(header) < 12 or header[:4] != b"SECd":
+        return scan_for_tiff(fp, size, "x3f")
+    count = min(struct.unpack("<I", header[8:12])[0], MAX_ITEMS)
+    entries = _read_at(fp, directory + 12, 12 * count)
+    for index in range(len(entries) // 12):
+        offset, length, kind = struct.unpack_from("<II4s", entries, 12 * index)
+        if kind != b"IMA2" or length <= 28 or offset + length > size:
+            continue
+        if _read_at(fp, offset, 16) == b"SECi\x00\x00\x02\x00\x02\x00\x00\x00\x12\x00\x00\x00":
+            blocks = _jpeg_blocks(fp, offset + 28, offset + length, "x3f")
+            if blocks:
+                return blocks
+    return []
+
+
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = 0
     for _ in range(8):
@@ -710,4 +736,5 @@ _WALKERS = {
     "eps": _walk_eps,
     "flif": _walk_flif,
     "psp": _walk_psp,
+    "x3f": _walk_x3f,
 }

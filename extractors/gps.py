@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from metalake.extractors.fields import GPS_FIELDS, gps_fields
 from metalake.extractors.hookspecs import hookimpl
 from metalake.extractors.source import Source
-from metalake.extractors.tiffdirs import read_neutral
+from metalake.extractors.tiffdirs import read_gps
 
 NAME = "gps"
 
@@ -24,4 +24,4 @@ def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mappin
     wanted = missing & GPS_FIELDS
     if not wanted:
         return {}
-    return gps_fields(read_neutral(source).gps)
+    return gps_fields(read_gps(source))

@@ -54,6 +54,7 @@ WRAPPERS = (
     "png-text",
     "miff",
     "flif",
+    "x3f",
 )
 
 
@@ -229,6 +230,12 @@ def wrap_tiff(container: str, tiff: bytes) -> bytes:
         chunk = deflate.compress(b"Exif\x00\x00" + tiff) + deflate.flush()
         length = _varint(len(chunk))
         return b"FLIF\x33\x31\x00\x00" + b"eXif" + length + chunk + b"\x00" + bytes(16)
+    if container == "x3f":  # Sigma: header, a JPEG preview section, the directory at the end
+        header = b"FOVb" + struct.pack("<I", (2 << 16) | 1) + bytes(32)
+        section = b"SECi" + struct.pack("<IIIIII", 0x20000, 2, 18, 8, 8, 0) + _jpeg_with_app1(tiff)
+        directory = b"SECd" + struct.pack("<II", 0x20000, 1)
+        directory += struct.pack("<II4s", len(header), len(section), b"IMA2")
+        return header + section + directory + struct.pack("<I", len(header) + len(section))
     raise ValueError(f"unknown container {container!r}; expected one of {WRAPPERS}")
 
 

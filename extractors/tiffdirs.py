@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 from metalake.extractors.containers import TiffBlock, find_exif, open_block
 from metalake.extractors.fields import (
+    GPS_IFD,
     PANASONIC_COMPRESSION,
     RW2_COMPRESSION,
     RW2_IFD0_TAGS,
@@ -75,25 +76,42 @@ def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
     return source.memo("containers.find_exif", walk)
 
 
-def _sound(fp: BinaryIO, block: TiffBlock) -> bool:
-    stream = open_block(fp, block)
-    if stream.read(4) in (b"II+\x00", b"MM\x00+"):
-        return True  # BigTIFF: left to Pillow, which reads it
-    return read_tiff(stream, block.length, strict=False) is not None
+def read_gps(source: Source) -> dict[int, Raw]:
+    """The file's GPS directory as the neutral reader (`extractors.tiffread`) reads it, once per
+    file: the `gps` extractor's own reading, so that no built-in extractor depends on another
+    one's parser. Decodes only what leads to the GPS directory, and that directory."""
 
-
-def read_neutral(source: Source) -> ExifDirectories:
-    """The file's EXIF directories as the neutral reader (`extractors.tiffread`) reads them,
-    once per file. The `gps` extractor's own reading: no built-in extractor depends on another
-    one's parser."""
-
-    def read() -> ExifDirectories:
+    def read() -> dict[int, Raw]:
         directories = ExifDirectories()
         _, blocks = locate(source)
         with source.open() as fp:
             for block in blocks:
+                if block.role == "exif":
+                    continue
                 stream = open_block(fp, block)
-                directories.merge(block.role, *(read_tiff(stream, block.length) or ({}, {}, {})))
-        return directories
+                if block.role == "gps":  # its first directory is the GPS directory
+                    found = read_tiff(stream, block.length, strict=False, sub_directories=())
+                else:
+                    found = read_tiff(
+                        stream,
+                        block.length,
+                        strict=False,
+                        ifd0_tags=frozenset({GPS_IFD}),
+                        sub_directories=(GPS_IFD,),
+                    )
+                if found is not None:
+                    directories.merge(block.role, *found)
+        return directories.gps
 
-    return source.memo("tiffdirs.neutral", read)
+    return source.memo("tiffdirs.gps", read)
+
+
+def _sound(fp: BinaryIO, block: TiffBlock) -> bool:
+    """Whether a block has a TIFF header and an IFD0 within it (decoding none of its tags)."""
+    stream = open_block(fp, block)
+    if stream.read(4) in (b"II+\x00", b"MM\x00+"):
+        return True  # BigTIFF: left to Pillow, which reads it
+    return (
+        read_tiff(stream, block.length, strict=False, ifd0_tags=frozenset(), sub_directories=())
+        is not None
+    )

@@ -104,10 +104,18 @@ def _decode(order: str, kind: int, code: str, number: int, data: bytes) -> Raw |
 Directories = tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]
 
 
-def read_tiff(fp: BinaryIO, length: int, *, strict: bool = True) -> Directories | None:
+def read_tiff(
+    fp: BinaryIO,
+    length: int,
+    *,
+    strict: bool = True,
+    ifd0_tags: frozenset[int] = MAPPED_TAGS,
+    sub_directories: tuple[int, ...] = (EXIF_IFD, GPS_IFD),
+) -> Directories | None:
     """IFD0, Exif and GPS directories of the classic TIFF structure (not BigTIFF) that `fp`
     holds in its first `length` bytes, or None when it holds no plausible one (see
-    `read_directory` for what `strict` adds)."""
+    `read_directory` for what `strict` adds). Only `ifd0_tags` of IFD0 are decoded, and only the
+    `sub_directories` (of EXIF_IFD, GPS_IFD) are read: the others come back empty."""
     fp.seek(0)
     header = fp.read(8)
     if len(header) < 8:
@@ -119,13 +127,13 @@ def read_tiff(fp: BinaryIO, length: int, *, strict: bool = True) -> Directories 
     else:
         return None
     ifd0 = read_directory(
-        fp, order, struct.unpack(order + "I", header[4:8])[0], length, strict=strict
+        fp, order, struct.unpack(order + "I", header[4:8])[0], length, ifd0_tags, strict=strict
     )
     if ifd0 is None:
         return None
     subs: list[dict[int, Raw]] = []
     for tag in (EXIF_IFD, GPS_IFD):
-        pointer = ifd0.get(tag)
+        pointer = ifd0.get(tag) if tag in sub_directories else None
         if isinstance(pointer, tuple):
             pointer = pointer[0] if pointer else None
         found = (

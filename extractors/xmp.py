@@ -63,6 +63,16 @@ TEXT_FIELDS = {
     "software": "tiff:Software",
 }
 DATE_PROPERTIES = ("exif:DateTimeOriginal", "xmp:CreateDate", "photoshop:DateCreated")
+# Local names of the properties each field reads, as bytes to look for before parsing.
+NEEDLES = {
+    "acquired_at": (b"DateTimeOriginal", b"CreateDate", b"DateCreated"),
+    "acquired_by": (b"creator",),
+    "manufacturer": (b"Make",),
+    "software": (b"Software",),
+    "latitude": (b"GPSLatitude",),
+    "longitude": (b"GPSLongitude",),
+    "altitude": (b"GPSAltitude", b"AbsoluteAltitude"),
+}
 _COORDINATE = re.compile(r"^\s*(\d{1,3}),(\d{1,2}(?:\.\d+)?)(?:,(\d{1,2}(?:\.\d+)?))?([NSEW])\s*$")
 _PACKET = re.compile(rb"<x:xmpmeta[\s>].*?</x:xmpmeta>", re.DOTALL)
 # SVG and other XML keep XMP's RDF without the x:xmpmeta wrapper.
@@ -75,7 +85,11 @@ def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mappin
         return {}
     with source.open() as fp:
         packet = find_packet(fp, source.head, source.size)
-    if packet is None:
+    # Parsing XML costs more than finding the packet: skip it when no property of a missing
+    # field is named in the packet (cameras write long packets of other things).
+    if packet is None or not any(
+        needle in packet for field in missing & FIELDS for needle in NEEDLES[field]
+    ):
         return {}
     properties = parse_packet(packet)
     return to_fields(properties) if properties else {}
@@ -177,6 +191,8 @@ def _webp(fp: BinaryIO) -> bytes | None:
 
 def _tiff(fp: BinaryIO, head: bytes, size: int) -> bytes | None:
     """Tag 700 (XMLPacket) of IFD0."""
+    if len(head) < 8:
+        return None
     order = "<" if head[:2] == b"II" else ">"
     ifd = struct.unpack(order + "I", head[4:8])[0]
     fp.seek(ifd)

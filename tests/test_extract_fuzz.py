@@ -24,7 +24,19 @@ from metalake.metadata import check_value
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns on corrupt EXIF
 
-CONTAINERS = ("jpeg", "tiff", "png-late", "heif", "cr3", "webp", "psd", "raf", "miff", "flif")
+CONTAINERS = (
+    "jpeg",
+    "tiff",
+    "png-late",
+    "heif",
+    "cr3",
+    "webp",
+    "psd",
+    "raf",
+    "miff",
+    "flif",
+    "x3f",
+)
 REGISTRY = ExtractorRegistry(builtin_plugins(), timeout=20.0)
 BASE_TIFF = tiff_bytes(sample_exif())
 
