@@ -295,3 +295,73 @@ def test_each_builtin_works_alone(tmp_path: Path) -> None:
     assert gps_only.values["latitude"] == pytest.approx(SAMPLE_FIELDS["latitude"])
     exifread_only = ExtractorRegistry([p for p in builtin_plugins() if p[0] == "exifread"])
     assert exifread_only.extract(path).values["manufacturer"] == "Metalake Optics"
+
+
+def _entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\x00")
+
+
+def _tiff_with(entries: list[bytes], tail: bytes = b"") -> bytes:
+    """A little-endian TIFF: IFD0 at 8 with `entries`, then `tail` (values they point to)."""
+    return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + b"".join(entries) + b"\x00" * 4 + tail
+
+
+def _field_rule_files(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Files each exercising one field rule, with what metalake must read from them."""
+    software = b"Kofax standard Multi-Page TIFF Storage Filter\x00"
+    tail_at = 8 + 2 + 12 * 3 + 4
+    duplicate = _tiff_with(
+        [
+            _entry(0x0103, 3, 1, struct.pack("<H", 6)),
+            _entry(0x0131, 3, 1, struct.pack("<H", 3)),  # Software as a number, then as text
+            _entry(0x0131, 2, len(software), struct.pack("<I", tail_at)),
+        ],
+        software,
+    )
+    exif = Image.Exif()
+    exif[0x010F] = "Acme"
+    exif.get_ifd(0x8769)[0xA001] = 0
+    good = tiff_bytes(exif)
+    # IFD0 claims 32 entries, more than the segment holds: exiftool's "Bad IFD0 directory".
+    bad_ifd0 = good[:8] + struct.pack("<H" if good[:2] == b"II" else ">H", 32) + good[10:]
+    files = {
+        "duplicate.tif": (
+            duplicate,
+            {"compression": "JPEG (old-style)", "software": software[:-1].decode()},
+        ),
+        "colorspace0.tif": (good, {"manufacturer": "Acme", "color_space": "Unknown (0)"}),
+        "bad-ifd0.jpg": (wrap_jpeg(bad_ifd0[: len(good) - 40]), {}),
+        "not-tiff.jpg": (wrap_jpeg(b"\xff\xff\xff\xff" + good[4:]), {}),
+        "latin1.tif": (
+            _tiff_with([_entry(0x010F, 2, 4, b"caf\xe9")]),
+            {"manufacturer": "caf?"},
+        ),
+    }
+    out = {}
+    for name, (data, expected) in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        out[name] = (path, expected)
+    return out
+
+
+def wrap_jpeg(tiff: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns on the corrupt ones
+def test_field_rules_exactly(registry: ExtractorRegistry, tmp_path: Path) -> None:
+    """Duplicate tags (the last one, as exiftool), 'Unknown (N)' in decimal, corrupt blocks
+    giving nothing at all (no reader guessing from them), bytes that are not UTF-8 as '?'."""
+    files = _field_rule_files(tmp_path)
+    for name, (path, expected) in files.items():
+        got = as_json_fields(registry.extract(path, filename=name).values)
+        assert same_fields(expected, got) == [], name
+    if exiftool_path() is not None:  # and exiftool, the oracle, reads the same
+        oracle = exiftool_fields(path for path, _ in files.values())
+        for name, (path, expected) in files.items():
+            assert same_fields(oracle[path], expected) == [], name
