@@ -58,20 +58,32 @@ def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
     """The container family and EXIF blocks of `source`, found once and shared by extractors.
 
     The family is `CORRUPT` when every block found was corrupt: then there is nothing to read."""
+    container, blocks, _ = _located(source)
+    return container, blocks
 
-    def walk() -> tuple[str | None, list[TiffBlock]]:
+
+def _located(source: Source) -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
+    """(family, sound blocks, the blocks among them that may lead to a GPS directory)."""
+
+    def walk() -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
         with source.open() as fp:
             try:
                 container, blocks = find_exif(fp, source.head, source.size)
                 # A block without a TIFF header, or whose first directory runs past its end, is
                 # corrupt: exiftool reads nothing from it ("Bad IFD0 directory", "Malformed APP1
                 # EXIF segment"), and no reader may guess from it or search the file on its own.
-                sound = [block for block in blocks if _sound(fp, block)]
-                return (CORRUPT if blocks and not sound else container), sound
+                sound, with_gps = [], []
+                for block in blocks:
+                    ok, gps = _check(fp, block)
+                    if ok:
+                        sound.append(block)
+                    if ok and gps:
+                        with_gps.append(block)
+                return (CORRUPT if blocks and not sound else container), sound, with_gps
             except Exception:
                 # A walker bug, not the file's fault: logged once, and no block is found.
                 log.exception("cannot walk %s", source.filename or source.path)
-                return None, []
+                return None, [], []
 
     return source.memo("containers.find_exif", walk)
 
@@ -79,15 +91,16 @@ def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
 def read_gps(source: Source) -> dict[int, Raw]:
     """The file's GPS directory as the neutral reader (`extractors.tiffread`) reads it, once per
     file: the `gps` extractor's own reading, so that no built-in extractor depends on another
-    one's parser. Decodes only what leads to the GPS directory, and that directory."""
+    one's parser. Reads only the blocks whose IFD0 points to a GPS directory (noted while
+    locating them), and only that directory: a file without GPS costs nothing more."""
 
     def read() -> dict[int, Raw]:
         directories = ExifDirectories()
-        _, blocks = locate(source)
+        _, _, blocks = _located(source)
+        if not blocks:
+            return {}
         with source.open() as fp:
             for block in blocks:
-                if block.role == "exif":
-                    continue
                 stream = open_block(fp, block)
                 if block.role == "gps":  # its first directory is the GPS directory
                     found = read_tiff(stream, block.length, strict=False, sub_directories=())
@@ -106,12 +119,18 @@ def read_gps(source: Source) -> dict[int, Raw]:
     return source.memo("tiffdirs.gps", read)
 
 
-def _sound(fp: BinaryIO, block: TiffBlock) -> bool:
-    """Whether a block has a TIFF header and an IFD0 within it (decoding none of its tags)."""
+_GPS_POINTER = frozenset({GPS_IFD})
+
+
+def _check(fp: BinaryIO, block: TiffBlock) -> tuple[bool, bool]:
+    """(whether a block has a TIFF header and an IFD0 within it, whether it may lead to a GPS
+    directory), decoding no tag but IFD0's GPS pointer."""
     stream = open_block(fp, block)
     if stream.read(4) in (b"II+\x00", b"MM\x00+"):
-        return True  # BigTIFF: left to Pillow, which reads it
-    return (
-        read_tiff(stream, block.length, strict=False, ifd0_tags=frozenset(), sub_directories=())
-        is not None
+        return True, False  # BigTIFF: left to Pillow, which reads it
+    found = read_tiff(
+        stream, block.length, strict=False, ifd0_tags=_GPS_POINTER, sub_directories=()
     )
+    if found is None:
+        return False, False
+    return True, block.role == "gps" or (block.role != "exif" and GPS_IFD in found[0])
