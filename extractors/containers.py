@@ -243,7 +243,7 @@ def _walk_tiff(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     if head[:4] in TIFF_MAGIC:
         return [TiffBlock("tiff", 0, size)]
     standard = b"II*\x00" if order == b"II" else b"MM\x00*"
-    if head[:4] == b"IIU\x00":
+    if head[2:4] == (b"U\x00" if order == b"II" else b"\x00U"):
         return _walk_rw2(fp, size, standard)
     return [TiffBlock("tiff", 0, size, header=standard)]
 
@@ -252,17 +252,18 @@ def _walk_rw2(fp: BinaryIO, size: int, standard: bytes) -> list[TiffBlock]:
     # Panasonic RW2: IFD0 in Panasonic's own table (Make, compression, Exif and GPS pointers),
     # and a JPEG (JpgFromRaw, tag 0x2E) whose EXIF gives the usual IFD0 tags after it.
     blocks = [TiffBlock("tiff", 0, size, role="rw2", header=standard)]
+    order = "<" if standard[:2] == b"II" else ">"
     header = _read_at(fp, 4, 4)
     if len(header) < 4:
         return blocks
-    ifd = struct.unpack("<I", header)[0]
+    ifd = struct.unpack(order + "I", header)[0]
     count_bytes = _read_at(fp, ifd, 2)
     if len(count_bytes) < 2:
         return blocks
-    count = min(struct.unpack("<H", count_bytes)[0], MAX_ITEMS)
+    count = min(struct.unpack(order + "H", count_bytes)[0], MAX_ITEMS)
     entries = _read_at(fp, ifd + 2, 12 * count)
     for index in range(len(entries) // 12):
-        tag, _, length, offset = struct.unpack_from("<HHII", entries, 12 * index)
+        tag, _, length, offset = struct.unpack_from(order + "HHII", entries, 12 * index)
         if tag == RW2_JPG_FROM_RAW and length > 4 and offset + length <= size:
             if _read_at(fp, offset, 2) == b"\xff\xd8":
                 blocks += _jpeg_blocks(fp, offset, offset + length, "rw2")
