@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import metalake
 from metalake import Client
 from metalake.cli_server import INSTALL_HINT
 from metalake.extractors.registry import ExtractorRegistry
@@ -181,6 +182,11 @@ def test_the_thin_cli_uploads_to_a_full_server_that_fills_the_metadata(
         item = json.loads(done.stdout)
         with Client(server.target) as client:
             stored = client.get_datalake().get_data(item["id"])
+    # The full install's server says which version it runs, the one the thin CLI reports.
+    assert f"version {metalake.__version__}" in server.log.read_text()
+    assert run_thin(thin, "metalake", "--version").stdout.strip() == (
+        f"metalake {metalake.__version__}"
+    )
     assert item["metadata"] == {**to_jsonable(expected.values), "reference": "THIN-1"}
     assert item["metadata_sources"] == {**expected.sources, "reference": "client"}
     assert stored.to_json()["metadata"] == item["metadata"]
