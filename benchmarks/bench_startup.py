@@ -3,7 +3,9 @@
 What a device pays before any work: `metalake --help`, `metalake --version` and a client
 command's argument check (`metalake ls --help`), each as the difference over starting Python
 itself. The aim is under 0.15 s over bare Python. CPU time (user + system, from the children's
-rusage) is given beside wall time: it is steadier on a shared machine.
+rusage) is given beside wall time and judges the aim: on a shared machine wall time also counts
+the wait for a free core. The last row is what every command imported before the server-side
+commands were declared without importing the server.
 Run: `.venv/bin/python -m benchmarks.bench_startup` (or `make bench`).
 """
 
@@ -28,6 +30,12 @@ def commands() -> dict[str, list[str]]:
         "metalake --version": [script, "--version"],
         "metalake ls --help": [script, "ls", "--help"],
         "python -c 'import metalake.plugin'": [sys.executable, "-c", "import metalake.plugin"],
+        # What every command imported before the server commands were declared lazily.
+        "imports of the old --help (server admin + extractors)": [
+            sys.executable,
+            "-c",
+            "import metalake.client, metalake.server.admin, metalake.extractors.cli",
+        ],
     }
 
 
@@ -64,9 +72,15 @@ def main() -> None:
         over = "" if name == "python -c pass" else f"{(wall - base_wall) * 1000:+.0f} ms"
         over_cpu = "" if name == "python -c pass" else f"{(cpu - base_cpu) * 1000:+.0f} ms"
         print(f"| {name} | {wall * 1000:.0f} | {cpu * 1000:.0f} | {over} | {over_cpu} |")
-    worst = max(statistics.median(walls[n]) - base_wall for n in runs if n.startswith("metalake"))
-    verdict = "meets" if worst < TARGET_SECONDS else "MISSES"
-    print(f"\nslowest metalake command: {worst:.3f} s over bare Python ({verdict} the aim)")
+    commands_only = [n for n in runs if n.startswith("metalake")]
+    worst_wall = max(statistics.median(walls[n]) - base_wall for n in commands_only)
+    worst_cpu = max(statistics.median(cpus[n]) - base_cpu for n in commands_only)
+    # Judged on CPU time: on a shared machine, wall time also measures the wait for a core.
+    verdict = "meets" if worst_cpu < TARGET_SECONDS else "MISSES"
+    print(
+        f"\nslowest metalake command over bare Python: {worst_cpu * 1000:.0f} ms CPU, "
+        f"{worst_wall * 1000:.0f} ms wall ({verdict} the {TARGET_SECONDS:.2f} s aim on CPU time)"
+    )
 
 
 if __name__ == "__main__":
