@@ -183,6 +183,22 @@ def test_a_server_command_without_the_server_says_what_to_install(
     assert blocked in lines[0]
 
 
+def test_python_m_metalake_server_without_the_server_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['sqlalchemy'] = None\n"
+        "runpy.run_module('metalake.server', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"python -m metalake.server: this command needs the server install (sqlalchemy is "
+        f"missing): {INSTALL_HINT}"
+    ]
+
+
 def test_a_genuine_import_bug_is_not_disguised_as_a_missing_install() -> None:
     import argparse
 
