@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from metalake import metadata as md
 from metalake._version import __version__
-from metalake.cli_server import ServerNotInstalledError
+from metalake.cli_server import INSTALL_HINT, ServerNotInstalledError
 from metalake.cli_server import add_commands as add_server_commands
 
 if TYPE_CHECKING:
@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalake",
         description="A datalake of files with typed metadata.",
-        epilog="Run `metalake COMMAND --help` for a command's options and examples.",
+        epilog="Run `metalake COMMAND --help` for a command's options and examples. "
+        "serve, migrate, gc, token, org, extract and plugins need the server install: "
+        f"{INSTALL_HINT}.",
     )
     parser.add_argument("--version", action="version", version=f"metalake {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

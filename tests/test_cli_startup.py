@@ -69,6 +69,33 @@ def test_client_commands_load_no_server_module(tmp_path: Path) -> None:
     assert loaded(modules["parse"], ("grpc",)) == []
 
 
+SDK_MODULES = (
+    "metalake",
+    "metalake.client",
+    "metalake.errors",
+    "metalake.metadata",
+    "metalake.cli",
+    "metalake.v1.datalake_pb2",
+    "metalake.v1.datalake_pb2_grpc",
+)
+
+
+def test_the_sdk_imports_no_server_dependency() -> None:
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {SDK_MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "from metalake import Client, MetalakeError\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    modules = json.loads(done.stdout)
+    # grpc's own __init__ imports grpc_health and grpc_reflection when they are installed.
+    server_only = sorted(SERVER_IMPORTS - {"grpc_health", "grpc_reflection"})
+    assert loaded(modules, (*HEAVY_MODULES, *server_only)) == []
+    assert "grpc" in modules  # the SDK itself did load
+
+
 def test_help_and_version_load_no_server_module() -> None:
     for argv in (["--help"], ["--version"], ["serve", "--help"], ["token", "create", "--help"]):
         code = (
@@ -154,6 +181,22 @@ def test_a_server_command_without_the_server_says_what_to_install(
     assert INSTALL_HINT in lines[0]
     assert lines[0].startswith(f"metalake {argv[0]}: ")
     assert blocked in lines[0]
+
+
+def test_python_m_metalake_server_without_the_server_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['sqlalchemy'] = None\n"
+        "runpy.run_module('metalake.server', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"python -m metalake.server: this command needs the server install (sqlalchemy is "
+        f"missing): {INSTALL_HINT}"
+    ]
 
 
 def test_a_genuine_import_bug_is_not_disguised_as_a_missing_install() -> None:

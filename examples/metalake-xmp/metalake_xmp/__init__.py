@@ -1,4 +1,8 @@
-"""metalake extractor `xmp`: metadata from the XMP packet, for the fields EXIF left empty."""
+"""metalake extractor `xmp`: metadata from the XMP packet, for the fields EXIF left empty.
+
+Written against metalake.plugin alone (the hook marker, the Source protocol, the field names):
+it needs `metalake[plugin]` (pluggy), not the server, to import.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,10 @@ from datetime import datetime
 from typing import BinaryIO
 from xml.etree import ElementTree
 
-import pluggy
+from metalake.plugin import Source, hookimpl
 
 __version__ = "0.1.0"
 NAME = "xmp"
-
-hookimpl = pluggy.HookimplMarker("metalake")
 
 MAX_PACKET = 1024 * 1024
 MAX_ITEMS = 4096
@@ -41,9 +43,8 @@ _COORDINATE = re.compile(r"^\s*(\d{1,3}),(\d{1,2}(?:\.\d+)?)(?:,(\d{1,2}(?:\.\d+
 
 
 @hookimpl
-def metalake_extract_metadata(source: object, missing: frozenset[str]) -> Mapping[str, object]:
-    open_file = getattr(source, "open")  # noqa: B009 - duck-typed: extractors.Source
-    with open_file() as fp:
+def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mapping[str, object]:
+    with source.open() as fp:
         packet = find_packet(fp)
     if packet is None:
         return {}
