@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -22,7 +21,15 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
-from metalake.server.auth import Handler, rebuild_handler
+from metalake.server.calls import (
+    REQUEST_ID_KEY,
+    Handler,
+    abort,
+    begin_call,
+    current_request_id,
+    rebuild_handler,
+    status,
+)
 
 RPCS = Counter(
     "metalake_rpcs_total", "RPCs answered, by method and status code.", ["method", "code"]
@@ -48,13 +55,7 @@ EXTRACTOR_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2, 10),
 )
 
-REQUEST_ID_KEY = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_request_id: ContextVar[str] = ContextVar("metalake_request_id", default="-")
-
-
-def current_request_id() -> str:
-    return _request_id.get()
 
 
 def record_extraction(
@@ -96,8 +97,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         )
 
         def begin(context: Any) -> float:
-            _request_id.set(request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            begin_call(context, request_id)
             return time.perf_counter()
 
         def end(context: Any, started: float, error: BaseException | None) -> None:
@@ -176,10 +176,12 @@ async def _decoded_stream(messages: AsyncIterator[Any], context: Any) -> AsyncIt
 
 
 async def _refuse_undecodable(context: Any, request: _Undecodable) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"the request is not a valid protobuf message of this method: {request.reason}",
-        ((REQUEST_ID_KEY, current_request_id()),),
+    await abort(
+        context,
+        status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid protobuf message of this method: {request.reason}",
+        ),
     )
 
 

@@ -8,6 +8,9 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from metalake import metadata as md
 from metalake.server.auth import Role
@@ -38,28 +42,52 @@ def free_port() -> int:
         return port
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics serves, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_metrics_count_calls_codes_bytes_and_extractors(stub: pb_grpc.DatalakeServiceStub) -> None:
+    # Counters are per process, and other tests' servers ran in this one: compare with before.
     port = free_port()
     start_metrics_server(f"127.0.0.1:{port}")
+    before = scrape(port)
     content = jpeg_bytes()
     stub.UploadData(requests(content, "a.jpg", fill_metadata=True))
     with pytest.raises(grpc.RpcError):
         stub.GetData(pb.GetDataRequest(id="missing"))
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert 'metalake_rpcs_total{code="OK",method="UploadData"}' in text
-    assert 'metalake_rpcs_total{code="NOT_FOUND",method="GetData"}' in text
-    assert 'metalake_rpc_duration_seconds_count{method="UploadData"}' in text
-    received = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("metalake_bytes_received_total ")
-    ]
-    assert received
-    assert received[0] >= len(content)
-    assert "metalake_uploads_in_flight 0.0" in text
-    assert 'metalake_extractor_results_total{extractor="pillow"' in text
-    assert 'metalake_extractor_duration_seconds_count{extractor="pillow"}' in text
+    after = scrape(port)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # A call is counted as its handler ends, which may be just after the client has its answer.
+    deadline = time.monotonic() + 30
+    while not grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData"):
+        assert time.monotonic() < deadline, "the failed GetData was never counted"
+        time.sleep(0.05)
+        after = scrape(port)
+
+    assert grew("metalake_rpcs_total", code="OK", method="UploadData") == 1
+    assert grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData") == 1
+    assert grew("metalake_rpc_duration_seconds_count", method="UploadData") == 1
+    assert grew("metalake_bytes_received_total") >= len(content)
+    assert after[("metalake_uploads_in_flight", ())] == 0
+    assert (
+        sum(
+            grew("metalake_extractor_results_total", extractor="pillow", result=result)
+            for result in ("hit", "miss", "error")
+        )
+        == 1
+    )
+    assert grew("metalake_extractor_duration_seconds_count", extractor="pillow") == 1
 
 
 def test_every_call_gets_a_request_id_in_trailing_metadata(
@@ -223,3 +251,18 @@ def test_json_logs_put_every_logger_under_metalake(
         records[-1].items()
     )
     assert [r["request_id"] for r in records if r["message"].startswith("stored ")] == ["req-789"]
+
+
+@pytest.mark.parametrize(
+    ("module", "not_imported"),
+    [
+        ("metalake.server.auth", "metalake.server.observability"),
+        ("metalake.server.observability", "metalake.server.auth"),
+    ],
+)
+def test_auth_and_observability_do_not_import_each_other(module: str, not_imported: str) -> None:
+    """Both build on metalake.server.calls (handler wrapping, request ids, aborts), so either
+    can change without the other, and no import cycle waits for the unwary."""
+    check = f"import sys, {module}; assert {not_imported!r} not in sys.modules"
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import shutil
 import struct
 import subprocess
 import sys
@@ -37,23 +38,27 @@ XMP = b"""<?xpacket begin='' id='W5M0MpCehiHzreSzNTczkc9d'?>
 <?xpacket end='w'?>"""
 
 
-@pytest.fixture(scope="session")
-def installed_xmp_plugin() -> Iterator[None]:
+@pytest.fixture(scope="module")
+def installed_xmp_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The example pip-installed as a user would, but into a directory of its own, on sys.path
+    only while this module's tests run, from a copy of its source: the shared virtualenv, the
+    source tree and the other tests (whose registries must not find it) stay as they were."""
+    root = tmp_path_factory.mktemp("xmp-plugin")
+    source, target = root / "source", root / "site"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
     # The build backend (setuptools) is already in the venv: no network needed.
-    install += ["--no-build-isolation", str(EXAMPLE)]
+    install += ["--no-build-isolation", "--target", str(target), str(source)]
     completed = subprocess.run(install, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         pytest.fail(f"pip install {EXAMPLE} failed:\n{completed.stderr}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(target))  # also invalidates the import caches
+        try:
+            yield
+        finally:
+            sys.modules.pop("metalake_xmp", None)
     importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "uninstall", "--quiet", "--yes", "metalake-xmp"],
-            capture_output=True,
-            check=False,
-        )
 
 
 def _jpeg_with_exif_and_xmp(path: Path) -> Path:
