@@ -18,11 +18,12 @@ system-deps:
 		  apt-get install -y -qq libimage-exiftool-perl >/dev/null; } || \
 		echo "exiftool not installed: the tests that compare with it will skip" >&2
 
-# Reinstall when the dependencies change. The editable install makes code edits live.
+# Reinstall when the dependencies change. The editable install makes code edits live; the
+# server extra is what `make run` serves with, dev what the tests and linters need.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $@
 
 run: install

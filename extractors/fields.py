@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TypeAlias
 
-from metalake.extractors.hookspecs import Derived
 from metalake.metadata import MetadataDict, check_value
+from metalake.plugin import Derived
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import pluggy
 
-from metalake.extractors import hookspecs
+from metalake import plugin as hookspecs  # the hooks are specified in the plugin API
 from metalake.extractors.source import Source
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict, check_value
 

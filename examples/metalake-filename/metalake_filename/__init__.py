@@ -8,24 +8,21 @@ Phones, cameras and messengers name files after the moment they were taken:
 value is a naive datetime. Scanned documents and exported photos often have no EXIF at all: this
 is where their date comes from.
 
-It shows what a plugin needs and nothing more: one hook implementation, reading only
-``source.filename`` (the client's name for the file; it never opens the file), returning
-``None`` when the name says nothing, and an entry point in ``pyproject.toml``.
+It shows what a plugin needs and nothing more: one hook implementation written against
+``metalake.plugin`` (``pip install 'metalake[plugin]'``: pluggy and the typed API, no server),
+reading only ``source.filename`` (the client's name for the file; it never opens the file),
+returning ``None`` when the name says nothing, and an entry point in ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from datetime import datetime
 
-import pluggy
+from metalake.plugin import ExtractedMetadata, Source, hookimpl
 
 __version__ = "0.1.0"
 NAME = "filename"
-
-# metalake's marker, spelled without importing metalake: a plugin needs only pluggy.
-hookimpl = pluggy.HookimplMarker("metalake")
 
 # Year, month, day, hour, minute, second, with the separators real devices use; the digits must
 # not be part of a longer number (a 14-digit serial is no date).
@@ -45,13 +42,12 @@ FIRST_YEAR, LAST_YEAR = 1990, 2100
 
 
 @hookimpl
-def metalake_extract_metadata(source: object, missing: frozenset[str]) -> Mapping[str, object]:
+def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> ExtractedMetadata | None:
     """The capture time the file's name gives, if `acquired_at` is still missing."""
-    filename = getattr(source, "filename", None)
-    if "acquired_at" not in missing or not isinstance(filename, str):
-        return {}
-    moment = parse_filename(filename)
-    return {"acquired_at": moment} if moment is not None else {}
+    if "acquired_at" not in missing or source.filename is None:
+        return None
+    moment = parse_filename(source.filename)
+    return {"acquired_at": moment} if moment is not None else None
 
 
 def parse_filename(filename: str) -> datetime | None:
