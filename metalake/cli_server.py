@@ -32,6 +32,7 @@ SERVER_IMPORTS = frozenset(
         "alembic",
         "boto3",
         "botocore",
+        "defusedxml",
         "exifread",
         "filetype",
         "grpc_health",  # grpcio-health-checking

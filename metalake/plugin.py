@@ -23,9 +23,10 @@ install. The registry that runs plugins (``metalake.extractors.registry``) is pa
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol, TypedDict, TypeVar
+from typing import BinaryIO, Final, Generic, Protocol, TypedDict, TypeVar
 
 import pluggy
 
@@ -45,6 +46,7 @@ __all__ = [
     "PROJECT_NAME",
     "STRING_FIELDS",
     "TIMESTAMP_FIELDS",
+    "Derived",
     "ExtractedMetadata",
     "MetadataValue",
     "Source",
@@ -101,6 +103,20 @@ class Source(Protocol):
         """``compute()`` once per file and key: extractors share one parse of this file."""
 
 
+@dataclass(frozen=True)
+class Derived(Generic[T]):
+    """A value an extractor derived rather than read as such, and how.
+
+    Return ``Derived(value, "how")`` in place of ``value`` and ``metadata_sources`` records
+    ``"<extractor>+<how>"`` for the field (the built-ins write ``pillow+gps-clock`` for a capture
+    time whose UTC offset comes from the GPS clock). ``how`` is a short lower-case word. (A hook
+    returning one is annotated ``Mapping[str, object]``: ``ExtractedMetadata`` has plain values.)
+    """
+
+    value: T
+    how: str
+
+
 class ExtractedMetadata(TypedDict, total=False):
     """What a hook may return, typed per field (every key optional).
 
@@ -132,9 +148,11 @@ def metalake_extract_metadata(
     """Read metadata values from one file.
 
     **When it is called.** Once per file and per extractor, in registry order (built-ins first:
-    ``pillow``, ``exifread``, ``gps``; then installed plugins), from a worker thread, while at least
-    one field the caller asked for is still missing. An implementation may be called concurrently
-    for different files, so it must not keep per-file state outside ``source``.
+    ``pillow``, ``exifread``, ``gps``, ``xmp``; then installed plugins), from a worker thread,
+    while at least one field the caller asked for is still missing. Each call goes through
+    pluggy with every wrapper (``wrapper=True`` or ``hookwrapper=True``) around it. An
+    implementation may be called concurrently for different files, so it must not keep per-file
+    state outside ``source``.
 
     :param source: the file, on disk (:class:`Source`). Open it with ``source.open()`` (a new
         binary handle each call) and read only what you need; ``source.head`` holds its first
@@ -146,14 +164,15 @@ def metalake_extract_metadata(
     **What it returns.** A mapping from metadata field name (:data:`FIELDS`) to a value of the
     field's type (:data:`FIELD_TYPES`, :class:`ExtractedMetadata`): ``float`` for latitude,
     longitude, altitude, resolution_x and resolution_y; ``datetime`` for acquired_at (aware when
-    the file recorded a UTC offset, naive otherwise); ``str`` for the rest. Return ``None`` or
-    ``{}`` when the file has nothing for you.
+    the file recorded a UTC offset, naive otherwise); ``str`` for the rest. A value may be
+    wrapped in :class:`Derived` to say how it was derived. Return ``None`` or ``{}`` when the
+    file has nothing for you.
 
     **How results merge.** For each missing field, the first extractor in order whose value passes
-    :func:`check_value` wins, and ``metadata_sources`` records its name. An invalid value is
-    dropped silently and the next extractor may fill the field. Unknown field names are
-    ignored. An implementation that raises, or runs past the per-file time limit
-    (``METALAKE_EXTRACT_TIMEOUT``), is logged with the file name and skipped; the other
-    extractors' values still count. Use ``@hookimpl(tryfirst=True)`` / ``trylast=True`` to run
-    before / after every extractor without that mark.
+    :func:`check_value` wins, and ``metadata_sources`` records its name (``name+how`` for a
+    :class:`Derived` value). An invalid value is dropped silently and the next extractor may
+    fill the field. Unknown field names are ignored. An implementation that raises, or runs past
+    the per-file time limit (``METALAKE_EXTRACT_TIMEOUT``), is logged with the file name and
+    skipped; the other extractors' values still count. Use ``@hookimpl(tryfirst=True)`` /
+    ``trylast=True`` to run before / after every extractor without that mark.
     """

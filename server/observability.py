@@ -62,7 +62,8 @@ def record_extraction(
     sources: Mapping[str, str], errors: list[tuple[str, str]], timings: Mapping[str, float]
 ) -> None:
     """Count one file's extraction: per extractor, a hit, a miss or an error, and its time."""
-    filled = set(sources.values())
+    # A derived value is sourced "<extractor>+<how>" ("pillow+gps-clock"): count the extractor.
+    filled = {source.split("+", 1)[0] for source in sources.values()}
     failed = {name for name, _ in errors}
     for name in set(timings) | failed:
         result = "error" if name in failed else "hit" if name in filled else "miss"
