@@ -175,21 +175,34 @@ class _Batch:
 
 class _FileProgress:
     """Reports each byte of one file to the caller's Progress once, even when a retry or a
-    resumed upload sends some of them again."""
+    resumed upload sends some of them again.
+
+    gRPC pulls the request iterator (which reports) from a thread of its own, and may resume it
+    for the last time only after the server has answered; `finish` reports what is left when the
+    result arrives, so that progress is complete before the caller sees the file done. The lock
+    keeps the two threads from reporting the same bytes twice.
+    """
 
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
         self._reported: int | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, start: int, end: int) -> None:
         if self._progress is None:
             return
-        if self._reported is None:
-            # Bytes before the first offset were sent by an earlier run, not by this one.
-            self._reported = start
-        if end > self._reported:
-            self._progress(end - self._reported)
-            self._reported = end
+        with self._lock:
+            if self._reported is None:
+                # Bytes before the first offset were sent by an earlier run, not by this one.
+                self._reported = start
+            if end <= self._reported:
+                return
+            sent, self._reported = end - self._reported, end
+        self._progress(sent)
+
+    def finish(self, size: int) -> None:
+        """The file is stored: every byte up to `size` has been sent."""
+        self(self._reported or 0, size)
 
 
 class Datalake:
@@ -364,15 +377,18 @@ class Datalake:
         report = _FileProgress(progress)
         if stat.st_size > RESUMABLE_THRESHOLD:
             upload_id = header.request_id if rerun_safe else uuid.uuid4().hex
-            return self._upload_resumable(batch, path, header, upload_id, report)
+            data = self._upload_resumable(batch, path, header, upload_id, report)
+        else:
 
-        def attempt() -> Data:
-            call = self._client.start(
-                self._client._stub.UploadData, _upload_requests(path, header, report)
-            )
-            return Data(self._client, batch.result(call).data)
+            def attempt() -> Data:
+                call = self._client.start(
+                    self._client._stub.UploadData, _upload_requests(path, header, report)
+                )
+                return Data(self._client, batch.result(call).data)
 
-        return self._client.with_retries(attempt, stopped=batch.stopped)
+            data = self._client.with_retries(attempt, stopped=batch.stopped)
+        report.finish(data.size)
+        return data
 
     def _upload_resumable(
         self,
@@ -751,6 +767,8 @@ def _chunks(path: Path, offset: int, report: Callable[[int, int], None] | None) 
     with path.open("rb") as handle:
         handle.seek(offset)
         position = offset
+        if report is not None:
+            report(offset, offset)  # where this run starts: bytes before it are not its own
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
             if report is not None:

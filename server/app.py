@@ -17,6 +17,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from metalake._version import __version__
 from metalake.extractors.registry import ExtractorRegistry
 from metalake.server.auth import AuthInterceptor, Tokens
 from metalake.server.blobstore import BlobStore, LocalBlobStore
@@ -226,7 +227,11 @@ async def _serve(settings: Settings) -> None:
     running = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
+        "metalake serving on %s:%d, data in %s, version %s",
+        host,
+        running.port,
+        settings.data_dir.resolve(),
+        __version__,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
