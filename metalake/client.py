@@ -119,12 +119,18 @@ class Client:
             except MetalakeError as error:
                 if number == MAX_ATTEMPTS or not is_retryable(error):
                     raise
-                delay = min(30.0, 0.25 * 2**number) * random.uniform(0.5, 1.0)
-                if error.retry_after is not None:
-                    delay = max(delay, error.retry_after.total_seconds())
-                if (stopped or threading.Event()).wait(delay):
+                if (stopped or threading.Event()).wait(_retry_delay(number, error)):
                     raise
         raise AssertionError("unreachable")
+
+
+def _retry_delay(attempt: int, error: MetalakeError) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential backoff with jitter, and at
+    least the delay the server asked for (RetryInfo)."""
+    delay = min(30.0, 0.25 * 2.0**attempt) * random.uniform(0.5, 1.0)
+    if error.retry_after is not None:
+        delay = max(delay, error.retry_after.total_seconds())
+    return delay
 
 
 class _Batch:
@@ -444,22 +450,36 @@ class Datalake:
         self, filter: str | None = None, *, resume_token: str = ""
     ) -> Iterator[dict[str, Any]]:
         """Changes as they happen: dicts with type (created, updated, deleted), data_id, data
-        (as Data.to_json), event_time and resume_token (pass it back to continue after it)."""
-        request = pb.WatchDataRequest(filter=filter or "", resume_token=resume_token)
-        stream = self._client.call(self._client._stub.WatchData, request)
-        try:
-            for event in stream:
-                yield {
-                    "type": _EVENT_TYPES.get(event.type, "unknown"),
-                    "data_id": event.data_id,
-                    "data": Data(self._client, event.data).to_json(),
-                    "event_time": md.format_datetime(
-                        event.event_time.ToDatetime().replace(tzinfo=UTC)
-                    ),
-                    "resume_token": event.resume_token,
-                }
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        (as Data.to_json), event_time and resume_token (pass it back to continue after it).
+
+        Once it has a resume token (given, or from an event), a broken stream (the server or its
+        catalog away) is reopened after it, with backoff: no event is missed or repeated."""
+        token, failures = resume_token, 0
+        while True:
+            request = pb.WatchDataRequest(filter=filter or "", resume_token=token)
+            try:
+                stream = self._client.call(self._client._stub.WatchData, request)
+                for event in stream:
+                    failures, token = 0, event.resume_token
+                    yield {
+                        "type": _EVENT_TYPES.get(event.type, "unknown"),
+                        "data_id": event.data_id,
+                        "data": Data(self._client, event.data).to_json(),
+                        "event_time": md.format_datetime(
+                            event.event_time.ToDatetime().replace(tzinfo=UTC)
+                        ),
+                        "resume_token": event.resume_token,
+                    }
+                return
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            except MetalakeError as error:
+                failure = error
+            failures += 1
+            # Without a token, reopening would watch from a new "now" and could miss events.
+            if not token or failures >= MAX_ATTEMPTS or not is_retryable(failure):
+                raise failure from None
+            threading.Event().wait(_retry_delay(failures, failure))
 
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""

@@ -23,6 +23,7 @@ from metalake.server.auth import AuthInterceptor, Tokens
 from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
+from metalake.server.datadir import DataDirectoryLock
 from metalake.server.datalake import Datalake, Limits
 from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
@@ -48,6 +49,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    data_dir_lock: DataDirectoryLock | None = None  # held while serving
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -61,6 +63,8 @@ class RunningServer:
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
         await self.datalake.catalog.close()
+        if self.data_dir_lock is not None:
+            self.data_dir_lock.release()
 
 
 def build_datalake(settings: Settings) -> Datalake:
@@ -118,14 +122,10 @@ async def start(settings: Settings) -> RunningServer:
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
     )
     datalake = build_datalake(settings)
-    # Each server has its own data directory (spool, staging), so whatever a previous process
-    # of this server left half-written there is garbage now. Not in build_datalake: `metalake
-    # gc` builds one too, beside a server whose uploads are running.
-    discarded = datalake.blobs.discard_spooled()
-    if discarded:
-        log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+    data_dir_lock = _discard_leftovers(settings, datalake)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+        data_dir_lock.release()
         await datalake.catalog.close()
         raise StartupError(
             f"refusing to serve {settings.listen} without authentication: no API token exists. "
@@ -163,7 +163,26 @@ async def start(settings: Settings) -> RunningServer:
     prober = asyncio.create_task(
         watch_catalog(datalake.catalog.ping, set_serving, interval=settings.health_interval)
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector, prober])
+    return RunningServer(
+        server, port, datalake, health_servicer, tokens, [collector, prober], data_dir_lock
+    )
+
+
+def _discard_leftovers(settings: Settings, datalake: Datalake) -> DataDirectoryLock:
+    """Discard what a dead process left half-written in the data directory (spool, scratch,
+    S3 multipart uploads it began), unless another live process uses the directory. Not in
+    build_datalake: `metalake gc` builds one too, beside a server whose uploads are running."""
+    lock = DataDirectoryLock(settings.data_dir)
+    try:
+        if lock.alone:
+            discarded = datalake.blobs.discard_spooled()
+            if discarded:
+                log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+        else:
+            log.info("another live process uses %s: leaving its uploads", settings.data_dir)
+    finally:
+        lock.share()
+    return lock
 
 
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -328,3 +328,32 @@ def test_a_kill_during_an_s3_upload_aborts_its_multipart_upload_at_the_next_star
         body = b"".join(m.chunk for m in stub.DownloadData(pb.DownloadDataRequest(id=item.id)))
         assert body == kept
         assert upload(stub, b"more", "more").size == 4
+
+
+def test_a_second_process_on_the_same_data_directory_leaves_live_uploads_alone(
+    tmp_path: Path,
+) -> None:
+    """Only a dead process's leftovers are discarded at start-up: a server starting beside a
+    live one on the same data directory (a worker, a restart while the old one drains) must not
+    take the files of the uploads it is running."""
+    data_dir, log = tmp_path / "data", tmp_path / "server.log"
+    content = os.urandom(400_000)
+    release = threading.Event()
+
+    def slow() -> Iterator[pb.UploadDataRequest]:
+        messages = list(requests(content, "slow"))
+        yield from messages[:-1]
+        release.wait(60)
+        yield messages[-1]
+
+    with ServerProcess(data_dir, log) as first, grpc.insecure_channel(first.target) as channel:
+        call = Stub(channel).UploadData.future(slow())
+        wait_until(spooling(data_dir), "the upload is spooling")
+        with ServerProcess(data_dir, log) as second:
+            spooled = list((data_dir / "tmp").iterdir())
+            assert spooled != []
+            with grpc.insecure_channel(second.target) as other:
+                assert upload(Stub(other), b"beside", "beside").size == 6
+        release.set()
+        stored = call.result(timeout=60).data
+        assert stored.sha256 == hashlib.sha256(content).hexdigest()

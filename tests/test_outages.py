@@ -313,6 +313,48 @@ def test_the_sdk_retries_reads_and_uploads_through_a_short_outage(
         assert sorted(d.filename for d in datalake.list_data()) == ["first.bin", "second.bin"]
 
 
+def test_the_sdk_watch_reopens_after_its_resume_token_once_the_catalog_is_back(
+    tmp_path: Path, catalog_proxy: tuple[TcpProxy, str]
+) -> None:
+    proxy, url = catalog_proxy
+    with (
+        serving(_catalog_settings(tmp_path / "data", url)) as handle,
+        grpc.insecure_channel(handle.target) as channel,
+        Client(handle.target) as client,
+    ):
+        stub = Stub(channel)
+        seen: list[str] = []
+        failures: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                for event in client.get_datalake().watch():
+                    seen.append(event["data"]["filename"])
+                    if event["data"]["filename"] == "second":
+                        return
+            except BaseException as error:  # reported by the test
+                failures.append(error)
+
+        watcher = threading.Thread(target=consume)
+        watcher.start()
+        # The watch starts from "now": upload until it has seen something (it has a token).
+        uploaded: list[str] = []
+        while not seen and not failures and len(uploaded) < 100:
+            uploaded.append(f"first-{len(uploaded)}")
+            upload(stub, b"first", uploaded[-1])
+            time.sleep(0.1)
+        wait_until(lambda: len(seen) > 0, "the watch saw an event")
+        before = _rpcs("WatchData", "UNAVAILABLE")
+        proxy.cut()
+        wait_until(lambda: _rpcs("WatchData", "UNAVAILABLE") > before, "the watch broke")
+        proxy.restore()
+        upload(stub, b"second", "second")
+        watcher.join(60)
+        assert failures == []
+        # Every event after the watch began, once, in order, across the outage.
+        assert seen == [*uploaded[len(uploaded) - len(seen) + 1 :], "second"]
+
+
 def test_the_sdk_resumes_a_download_that_broke_mid_stream(
     running_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
