@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -19,7 +19,13 @@ from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server import thumbnails
-from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter, LocalBlobStore
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    BlobStore,
+    BlobWriter,
+    LocalBlobStore,
+    create_spool_file,
+)
 from metalake.server.catalog import (
     FACET_FIELDS,
     Catalog,
@@ -584,11 +590,20 @@ class Datalake:
         if isinstance(self.blobs, LocalBlobStore):
             yield self.blobs.path_for(record.blob_key)
             return
-        with _temporary_file(self._spool_dir) as path:
-            with path.open("wb") as handle:
+        # A spool file like an upload's: whatever a crash leaves of it is discarded at the
+        # next start, like theirs.
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spool_dir / f"{uuid.uuid4().hex}.preview"
+        try:
+            handle = await create_spool_file(path)
+            try:
                 async for chunk in self.blobs.read(record.blob_key, chunk_size=1024 * 1024):
                     await asyncio.to_thread(handle.write, chunk)
+            finally:
+                handle.close()
             yield path
+        finally:
+            path.unlink(missing_ok=True)
 
     async def watch(
         self, org: str, *, filter: str, resume_token: str
@@ -622,20 +637,32 @@ class Datalake:
         violations = check_filename(filename, "header.filename")
         if violations:
             raise InvalidArgumentError("the extraction header is invalid", violations)
-        with self._admission(), _temporary_file(self._spool_dir) as spool:
-            with spool.open("wb") as handle:
-                size = 0
-                async for chunk in chunks:
-                    size += len(chunk)
-                    check_size(size, self._limits.max_file_size)
-                    await asyncio.to_thread(handle.write, chunk)
-            return await fill_metadata(
-                self.extractor,
-                spool,
-                filename=filename,
-                given={},
-                time_limit=self._extract_timeout,
-            )
+        with self._admission():
+            # A file like an upload's spool file: whatever a crash leaves of it is discarded
+            # at the next start, like theirs.
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            spool = self._spool_dir / f"{uuid.uuid4().hex}.extract"
+            try:
+                handle = await create_spool_file(spool)
+                try:
+                    size = 0
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        check_size(size, self._limits.max_file_size)
+                        await asyncio.to_thread(handle.write, chunk)
+                    await asyncio.to_thread(handle.flush)
+                finally:
+                    with contextlib.suppress(OSError):  # a failed write fails the flush again
+                        handle.close()
+                return await fill_metadata(
+                    self.extractor,
+                    spool,
+                    filename=filename,
+                    given={},
+                    time_limit=self._extract_timeout,
+                )
+            finally:
+                spool.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -697,13 +724,6 @@ def _check_header(header: UploadHeader) -> None:
 def _check_id(data_id: str) -> None:
     if not data_id:
         raise invalid_field("id", "must not be empty")
-
-
-@contextmanager
-def _temporary_file(directory: Path) -> Iterator[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        yield Path(scratch) / "spool"
 
 
 class _KeyedLocks:

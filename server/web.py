@@ -57,6 +57,7 @@ from metalake.server.auth import Caller, Role, Tokens
 from metalake.server.config import Settings
 from metalake.server.datalake import Datalake
 from metalake.server.errors import DatalakeError, InvalidArgumentError, invalid_field
+from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.servicer import code_of, data_to_proto
 from metalake.v1 import datalake_pb2 as pb
@@ -463,7 +464,11 @@ def _translated(handler: Handler) -> Handler:
             return error_response(error.code, str(error), headers=error.headers)
         except DatalakeError as error:
             return domain_error_response(error)
-        except Exception:
+        except Exception as error:
+            fault = backend_fault(error)  # the catalog or the store away: 503, as gRPC does
+            if fault is not None:
+                log.warning("%s %s: %s (%s)", request.method, request.url.path, fault, error)
+                return domain_error_response(fault)
             log.exception("%s %s failed", request.method, request.url.path)
             return error_response(code_pb2.INTERNAL, "internal error; see the server log")
 
