@@ -9,9 +9,9 @@ import queue
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import grpc
 import httpx
@@ -24,7 +24,9 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
 from tests.conftest import ServerHandle, serving
+from tests.tcpproxy import TcpProxy
 from tests.test_auth import _certificate, _pem
+from tests.test_outages import _catalog_settings
 from tests.test_service import upload
 from tests.test_thumbnails import on_server
 
@@ -423,3 +425,33 @@ def test_the_http_face_speaks_tls_with_the_servers_certificate(tmp_path: Path) -
             httpx.get(url, verify=no_certificate)
         with pytest.raises(httpx.HTTPError):
             httpx.get(url.replace("https", "http"))
+
+
+@pytest.fixture
+def proxied_catalog(postgres_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """PostgreSQL behind a proxy the test can cut, as in test_outages."""
+    parts = urlsplit(postgres_url)
+    assert parts.hostname is not None
+    with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
+        yield proxy, postgres_url.replace(parts.netloc, f"{parts.username}@{proxy.address}", 1)
+
+
+def test_a_catalog_outage_is_503_with_retry_after(
+    tmp_path: Path, proxied_catalog: tuple[TcpProxy, str]
+) -> None:
+    proxy, url = proxied_catalog
+    settings = replace(_catalog_settings(tmp_path / "data", url), http_listen="127.0.0.1:0")
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        assert handle.running.http is not None
+        base = f"http://127.0.0.1:{handle.running.http.port}"
+        data = upload(pb_grpc.DatalakeServiceStub(channel), b"kept", filename="kept.txt")
+        proxy.cut()
+        try:
+            for path in ("/v1/data", f"/v1/data/{data.id}", f"/v1/data/{data.id}/content"):
+                response = httpx.get(base + path, timeout=60)
+                assert response.status_code == 503, path
+                assert error_of(response)["status"] == "UNAVAILABLE"
+                assert int(response.headers["retry-after"]) >= 1
+        finally:
+            proxy.restore()
+        assert httpx.get(f"{base}/v1/data/{data.id}/content", timeout=60).content == b"kept"
