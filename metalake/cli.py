@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve a non-loopback address although no API token exists",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="METALAKE_WORKERS: server processes sharing the port (default 1)",
+    )
     serve.set_defaults(func=_serve)
 
     upload = _client_command(
@@ -239,13 +244,18 @@ def _serve(args: argparse.Namespace) -> int:
     from metalake.server.config import Settings
     from metalake.server.schema_versions import SchemaError
 
-    settings = Settings.from_env(
-        data_dir=args.data_dir,
-        listen=args.listen,
-        catalog_url=args.catalog_url,
-        migrate=args.migrate or None,
-        insecure_no_auth=args.insecure_no_auth,
-    )
+    try:
+        settings = Settings.from_env(
+            data_dir=args.data_dir,
+            listen=args.listen,
+            catalog_url=args.catalog_url,
+            migrate=args.migrate or None,
+            insecure_no_auth=args.insecure_no_auth,
+            workers=args.workers,
+        )
+    except ValueError as error:
+        print(f"metalake serve: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         serve_forever(settings)
     except (StartupError, SchemaError, OSError) as error:

@@ -61,24 +61,40 @@ class RunningServer:
         await self.datalake.catalog.close()
 
 
-def build_datalake(settings: Settings) -> Datalake:
+def prepare(settings: Settings) -> None:
+    """What a server does once before serving, whatever its number of worker processes:
+    migrate the catalog (when asked, or the embedded default) and discard what a previous run
+    left half-written in the data directory. Never while a worker of this server is running:
+    their uploads in flight have spool files there."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog_url, migrate = settings.catalog()
     catalog = SqlCatalog.open(catalog_url, migrate=migrate)
-    blobs: BlobStore
-    if settings.blob_url:
-        # data_dir still holds this server's spool and resumable staging.
-        blobs = S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
-    else:
-        blobs = LocalBlobStore(settings.data_dir)
+    asyncio.run(catalog.close())
     # Each server has its own data directory (spool, staging), so whatever a previous process
     # of this server left half-written there is garbage now.
-    discarded = blobs.discard_spooled()
+    discarded = open_blob_store(settings).discard_spooled()
     if discarded:
         log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
+    if settings.blob_url:
+        # data_dir still holds this server's spool and resumable staging.
+        return S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
+    return LocalBlobStore(settings.data_dir)
+
+
+def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datalake:
+    """The datalake on the configured catalog and blob store; `migrate` overrides the
+    settings' choice (workers do not migrate: their supervisor did)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog_url, migrate_by_default = settings.catalog()
+    catalog = SqlCatalog.open(
+        catalog_url, migrate=migrate_by_default if migrate is None else migrate
+    )
     return Datalake(
         catalog,
-        blobs,
+        open_blob_store(settings),
         extractor=load_extractor(),
         spool_dir=settings.data_dir / "tmp",
         extract_timeout=settings.extract_timeout,
@@ -113,14 +129,19 @@ def is_loopback(listen: str) -> bool:
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
-async def start(settings: Settings) -> RunningServer:
-    """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
+async def start(settings: Settings, *, worker: int | None = None) -> RunningServer:
+    """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port).
+
+    As `worker` i of a supervisor (metalake.server.workers), the supervisor has done the
+    start-up work (`prepare`), and only worker 0 collects garbage. Every server process binds
+    its port with SO_REUSEPORT, so that a supervisor's workers share one port.
+    """
     # Catalog and blob calls run in worker threads; asyncio's default pool (a handful of
     # threads on a small machine) would make concurrent uploads queue behind each other.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
     )
-    datalake = build_datalake(settings)
+    datalake = build_datalake(settings, migrate=False if worker is not None else None)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
         await datalake.catalog.close()
@@ -130,7 +151,10 @@ async def start(settings: Settings) -> RunningServer:
             "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
         )
     # Outermost first: every call, refused ones included, gets a request id and is counted.
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)])
+    server = grpc.aio.server(
+        interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)],
+        options=[("grpc.so_reuseport", 1)],
+    )
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -148,10 +172,16 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    collector = asyncio.create_task(
-        _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
-    )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
+    background = []
+    if not worker:  # one collector per server is enough; several would race for the same work
+        background.append(
+            asyncio.create_task(
+                _collect_garbage(
+                    datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age)
+                )
+            )
+        )
+    return RunningServer(server, port, datalake, health_servicer, tokens, background)
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
@@ -199,12 +229,19 @@ def tune_malloc() -> None:
 
 
 def serve_forever(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then drain in-flight calls."""
-    tune_malloc()
+    """Serve until SIGINT or SIGTERM, then drain in-flight calls: in this process, or with
+    `settings.workers` > 1 in that many worker processes under a supervisor (this one)."""
     configure_logging()
+    if settings.workers > 1:
+        from metalake.server.workers import supervise
+
+        supervise(settings)
+        return
+    tune_malloc()
     if settings.metrics_listen:
         start_metrics_server(settings.metrics_listen)
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
+    prepare(settings)
     asyncio.run(_serve(settings))
 
 

@@ -83,9 +83,10 @@ class BlobStore(Protocol):
     def staged_upload_ids(self) -> list[str]:
         """Blocking: the ids of every upload with a staging file."""
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking: remove what uploads of a previous process left half-written; only safe
-        while this server runs no upload, i.e. at start-up."""
+        while this server runs no upload, i.e. at start-up. With `owner`, only what the
+        process with that pid left (a dead worker of a running server)."""
 
     def discard_abandoned(self, older_than: datetime) -> int:
         """Blocking: remove bytes of uploads begun before `older_than` and never finished (by
@@ -102,13 +103,14 @@ class LocalBlobStore:
         for directory in (self._blobs, self._tmp, self._uploads):
             directory.mkdir(parents=True, exist_ok=True)
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
 
-        Only safe while no upload is running on this directory, i.e. at start-up.
+        Only safe while no upload is running on this directory, i.e. at start-up, or, with
+        `owner`, for the files of a process that is dead (they are named after its pid).
         """
         count = 0
-        for leftover in self._tmp.iterdir():
+        for leftover in self._tmp.glob(spool_pattern(owner)):
             leftover.unlink(missing_ok=True)
             count += 1
         return count
@@ -130,7 +132,7 @@ class LocalBlobStore:
 
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
-        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
@@ -242,6 +244,17 @@ class LocalBlobWriter:
         self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
+
+
+def spool_name() -> str:
+    """A new spool file's name, starting with this process's pid: a server's worker processes
+    share its spool directory, and a dead worker's leftovers must be told from live uploads."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}.part"
+
+
+def spool_pattern(owner: int | None) -> str:
+    """The glob of every spool file, or of those the process `owner` created."""
+    return "*" if owner is None else f"{owner}-*"
 
 
 async def create_spool_file(path: Path) -> BinaryIO:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
@@ -57,6 +57,7 @@ from metalake.server.schema import (
     uploads_table,
 )
 from metalake.server.schema_versions import check_schema, engine_url
+from metalake.server.sqlitelocks import BlobLocks, WriterLock
 
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -247,9 +248,13 @@ class SqlCatalog:
         self._engine = engine
         # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks,
         # and lets concurrent adds share one commit (see _flush_adds).
-        self._write_lock: threading.Lock | None = (
-            threading.Lock() if engine.dialect.name == "sqlite" else None
-        )
+        # Across processes too: a server's worker processes share one SQLite file.
+        self._write_lock: WriterLock | None = None
+        self._blob_file_locks: BlobLocks | None = None
+        if engine.dialect.name == "sqlite":
+            database = _sqlite_file(engine)
+            self._write_lock = WriterLock(database)
+            self._blob_file_locks = BlobLocks(database) if database else None
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
         self._flushing = False
@@ -284,10 +289,15 @@ class SqlCatalog:
         deciding a blob is unused and deleting it, nobody may commit the same content.
 
         On PostgreSQL, a session advisory lock, taken with polling rather than a blocking call
-        so that waiters do not pin worker threads. SQLite serves one server: nothing to do.
+        so that waiters do not pin worker threads. On a SQLite file, a file lock (the processes
+        sharing it are one server's workers).
         """
         if self._engine.dialect.name != "postgresql":
-            yield
+            if self._blob_file_locks is None:
+                yield
+                return
+            async with self._blob_file_locks.hold(blob_key):
+                yield
             return
         lock_id = int(blob_key[:15], 16)
         connection = await asyncio.to_thread(self._engine.connect)
@@ -873,6 +883,13 @@ def _check_etag(row: RowMapping, etag: str) -> None:
             f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
             " get it again and reapply the change"
         )
+
+
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

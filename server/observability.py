@@ -1,12 +1,14 @@
 """What an operator sees: Prometheus metrics, structured logs, and a request id per call.
 
-Metrics are per server process, as Prometheus expects (it scrapes each instance). Logs never
+Metrics are per server, as Prometheus expects (it scrapes each instance); a server with several
+worker processes adds theirs up (metalake.server.workers). Logs never
 carry tokens or metadata values: handlers log ids, sizes, types and outcomes only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -34,7 +36,10 @@ RPC_SECONDS = Histogram(
 )
 BYTES_RECEIVED = Counter("metalake_bytes_received_total", "File bytes received from clients.")
 BYTES_SENT = Counter("metalake_bytes_sent_total", "File bytes sent to clients.")
-UPLOADS_IN_FLIGHT = Gauge("metalake_uploads_in_flight", "Uploads being received right now.")
+# livesum: with several worker processes (PROMETHEUS_MULTIPROC_DIR), the sum over live ones.
+UPLOADS_IN_FLIGHT = Gauge(
+    "metalake_uploads_in_flight", "Uploads being received right now.", multiprocess_mode="livesum"
+)
 EXTRACTOR_RESULTS = Counter(
     "metalake_extractor_results_total",
     "Extractor runs by outcome: hit (filled a field), miss (filled none), error.",
@@ -48,8 +53,17 @@ EXTRACTOR_SECONDS = Histogram(
 )
 
 REQUEST_ID_KEY = "x-request-id"
+# Trailing metadata naming the worker process that answered, on servers with several.
+WORKER_KEY = "x-metalake-worker"
+_trailing_extra: tuple[tuple[str, str], ...] = ()
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _request_id: ContextVar[str] = ContextVar("metalake_request_id", default="-")
+
+
+def name_worker_in_answers() -> None:
+    """Answer every call with this process's pid in WORKER_KEY (a worker of a supervisor)."""
+    global _trailing_extra
+    _trailing_extra = ((WORKER_KEY, str(os.getpid())),)
 
 
 def current_request_id() -> str:
@@ -96,7 +110,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
         def begin(context: Any) -> float:
             _request_id.set(request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id), *_trailing_extra))
             return time.perf_counter()
 
         def end(context: Any, started: float, error: BaseException | None) -> None:

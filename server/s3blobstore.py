@@ -35,7 +35,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from metalake.server.blobstore import UPLOAD_ID, create_spool_file, hash_file
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    create_spool_file,
+    hash_file,
+    spool_name,
+    spool_pattern,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -141,7 +147,7 @@ class S3BlobStore:
     async def create_writer(self, *, spool: bool = True) -> S3BlobWriter:
         spool_file = None
         if spool:
-            spool_file = await create_spool_file(self._spool / f"{uuid.uuid4().hex}.part")
+            spool_file = await create_spool_file(self._spool / spool_name())
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
@@ -238,9 +244,9 @@ class S3BlobStore:
                     discarded += 1
         return discarded
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         count = 0
-        for leftover in self._spool.iterdir():
+        for leftover in self._spool.glob(spool_pattern(owner)):
             leftover.unlink(missing_ok=True)
             count += 1
         return count

@@ -1,0 +1,212 @@
+"""`metalake serve --workers N`: N real processes on one port, supervised."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from metalake.server.blobstore import LocalBlobStore
+from metalake.v1 import datalake_pb2 as pb
+from metalake.v1 import datalake_pb2_grpc as pb_grpc
+from tests.serverprocess import ServerProcess
+from tests.test_faults import held_open
+from tests.test_service import requests
+
+WORKER_KEY = "x-metalake-worker"
+# A channel of its own per call: gRPC shares connections between channels of a process
+# otherwise, and the kernel spreads connections (not calls) over the workers.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[ServerProcess]:
+    metrics = f"127.0.0.1:{free_port()}"
+    with ServerProcess(
+        tmp_path / "data",
+        tmp_path / "server.log",
+        METALAKE_WORKERS="2",
+        METALAKE_METRICS_LISTEN=metrics,
+    ) as server:
+        server.env["metrics"] = metrics  # for the tests' eyes only
+        yield server
+
+
+def workers_of(server: ServerProcess) -> set[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    workers = set()
+    for pid in server.pids()[1:]:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if b"spawn_main" in command:
+            workers.add(pid)
+    return workers
+
+
+def upload_once(target: str, content: bytes, name: str, request_id: str = "") -> tuple[str, int]:
+    """Upload on a new connection; the stored item's id and the pid of the worker that answered."""
+    with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        response, call = stub.UploadData.with_call(
+            requests(content, name, request_id=request_id), timeout=20
+        )
+        worker = dict(call.trailing_metadata() or ())[WORKER_KEY]
+        return response.data.id, int(worker)
+
+
+def listed_ids(target: str) -> set[str]:
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        ids: set[str] = set()
+        token = ""
+        while True:
+            page = stub.ListData(pb.ListDataRequest(page_size=1000, page_token=token), timeout=20)
+            ids.update(d.id for d in page.data)
+            token = page.next_page_token
+            if not token:
+                return ids
+
+
+def test_two_workers_share_one_port_and_both_take_calls(two_workers: ServerProcess) -> None:
+    workers = workers_of(two_workers)
+    assert len(workers) == 2
+    answered: dict[str, int] = {}
+    # Each connection lands on either worker: 40 uploads leave a chance of 2**-39 of one idle.
+    for index in range(40):
+        data_id, worker = upload_once(two_workers.target, os.urandom(2000), f"{index}.bin")
+        answered[data_id] = worker
+        assert worker in workers
+    assert set(answered.values()) == workers
+    # One datalake whichever worker answers: every item is listed through either.
+    assert listed_ids(two_workers.target) == set(answered)
+    # Health answers for the server from any worker.
+    for _ in range(4):
+        with grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+    # The supervisor's metrics add up every worker's.
+    with urllib.request.urlopen(f"http://{two_workers.env['metrics']}/metrics") as page:
+        metrics = page.read().decode()
+    counted = re.search(
+        r'^metalake_rpcs_total\{code="OK",method="UploadData"\} (\S+)$', metrics, re.MULTILINE
+    )
+    assert counted is not None, metrics
+    assert float(counted.group(1)) == 40
+    assert re.search(r"^metalake_uploads_in_flight 0\.0$", metrics, re.MULTILINE), metrics
+
+
+def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
+    two_workers: ServerProcess, tmp_path: Path
+) -> None:
+    target = two_workers.target
+    acknowledged: set[str] = set()
+    failures: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def device(seed: int) -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+            request_id = f"{seed}-{count}"
+            for _ in range(20):  # retried with its request id: stored once whatever happens
+                try:
+                    data_id, _ = upload_once(target, os.urandom(300_000), request_id, request_id)
+                except grpc.RpcError as error:
+                    failures.append(error.code())
+                    time.sleep(0.1)
+                    continue
+                acknowledged.add(data_id)
+                break
+
+    devices = [threading.Thread(target=device, args=(seed,)) for seed in range(4)]
+    for thread in devices:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        victim, survivor = sorted(workers_of(two_workers))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(workers_of(two_workers) - {survivor}) != 1:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.1)
+        [replacement] = workers_of(two_workers) - {survivor}
+        assert replacement != victim
+        stored_before = len(acknowledged)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in devices:
+            thread.join(60)
+    assert len(acknowledged) > stored_before, "uploads went on after the kill"
+    # Only connections to the killed worker failed, and only as a client can retry.
+    assert set(failures) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    assert acknowledged <= listed_ids(target)
+    # Its half-received uploads were discarded; the others' spool files are theirs to finish.
+    assert not list((tmp_path / "data" / "tmp").glob(f"{victim}-*"))
+    assert two_workers.process is not None
+    assert two_workers.process.poll() is None
+
+
+def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
+    two_workers: ServerProcess, tmp_path: Path
+) -> None:
+    release = threading.Event()
+    workers = workers_of(two_workers)
+    in_flight = []
+    for _ in range(4):  # on a connection each: some on either worker, most likely
+        channel = grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION)
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        in_flight.append((channel, stub.UploadData.future(held_open(release))))
+    time.sleep(0.5)
+    two_workers.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    release.set()
+    stored, refused = [], []
+    for channel, call in in_flight:
+        try:
+            stored.append(call.result(timeout=30).data.id)
+        except grpc.RpcError as error:
+            refused.append(error.code())
+        channel.close()
+    # Each upload in flight finished, or was refused as a client can retry: no hang, no crash.
+    assert set(refused) <= {grpc.StatusCode.UNAVAILABLE}
+    assert two_workers.wait(30) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert list((tmp_path / "data" / "tmp").iterdir()) == []
+
+    with ServerProcess(tmp_path / "data", tmp_path / "again.log") as again:
+        assert listed_ids(again.target) == set(stored)
+
+
+def test_a_dead_workers_spool_files_are_told_from_the_living(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    (tmp_path / "tmp" / "101-a.part").write_bytes(b"dead")
+    (tmp_path / "tmp" / "102-b.part").write_bytes(b"alive")
+    assert store.discard_spooled(owner=101) == 1
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == ["102-b.part"]
+
+
+def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
+    from metalake.cli import main
+
+    assert main(["serve", "--workers", "0", "--data-dir", str(tmp_path)]) == 2
