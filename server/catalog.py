@@ -255,6 +255,12 @@ class SqlCatalog:
             database = _sqlite_file(engine)
             self._write_lock = WriterLock(database)
             self._blob_file_locks = BlobLocks(database) if database else None
+        # PostgreSQL: blob locks hold a connection of a pool of their own. From the catalog's
+        # pool, a lock holder waiting for a second connection (to commit) could wait for ever
+        # once every connection belonged to such holders: 16 concurrent uploads did it.
+        self._lock_engine: Engine | None = None
+        if engine.dialect.name == "postgresql":
+            self._lock_engine = create_engine(engine.url, pool_pre_ping=True)
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
         self._flushing = False
@@ -300,7 +306,7 @@ class SqlCatalog:
                 yield
             return
         lock_id = int(blob_key[:15], 16)
-        connection = await asyncio.to_thread(self._engine.connect)
+        connection = await asyncio.to_thread((self._lock_engine or self._engine).connect)
         try:
             # The lock lives in PostgreSQL, so there is no local event to wait on: poll it.
             while not await asyncio.to_thread(  # noqa: ASYNC110
@@ -320,6 +326,8 @@ class SqlCatalog:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
+        if self._lock_engine is not None:
+            await asyncio.to_thread(self._lock_engine.dispose)
 
     async def add(
         self,
