@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from metalake.server.app import tune_malloc
+from metalake.server.app import TRANSPORT_OPTIONS, tune_malloc
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
@@ -101,7 +101,8 @@ def _sync_and_rename(handle: BinaryIO, partial: Path, final: Path) -> None:
 
 
 async def serve(directory: Path | None) -> None:
-    server = grpc.aio.server()
+    # The same process and transport settings as metalake's server: a like-for-like ceiling.
+    server = grpc.aio.server(options=TRANSPORT_OPTIONS)
     # Only the upload RPCs: the rest answer UNIMPLEMENTED, as the base class does.
     servicer: pb_grpc.DatalakeServiceServicer = (
         DurableServicer(directory) if directory else DiscardingServicer()  # type: ignore[abstract]
@@ -126,5 +127,5 @@ def main(durable: bool) -> None:
 
 
 if __name__ == "__main__":
-    tune_malloc()  # the same process settings as metalake's server: a like-for-like ceiling
+    tune_malloc()
     main(durable=sys.argv[1:] == ["durable"])

@@ -117,6 +117,15 @@ def load_extractor() -> MetadataExtractor:
     return registry
 
 
+# HTTP/2 flow control: a fixed window of 4 MiB per stream instead of gRPC's default, which
+# starts at 64 KiB and grows with its bandwidth-delay estimate. Growing, the window let a
+# server whose disk stalled for a moment buffer more the longer an upload ran: the peak memory
+# of one 1 GiB upload varied from 114 to 130 MiB over six runs, 113 to 116 MiB with this fixed
+# window, at no cost in throughput here. The cost is on long, fast links: one upload's stream
+# moves at most 4 MiB per round trip (40 MiB/s at 100 ms); concurrent uploads each have theirs.
+TRANSPORT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024))
+
+
 class StartupError(RuntimeError):
     """The server refuses to start as configured; the message says why and what to do."""
 
@@ -153,7 +162,7 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
     # Outermost first: every call, refused ones included, gets a request id and is counted.
     server = grpc.aio.server(
         interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)],
-        options=[("grpc.so_reuseport", 1)],
+        options=[("grpc.so_reuseport", 1), *TRANSPORT_OPTIONS],
     )
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
     health_servicer = health_aio.HealthServicer()
