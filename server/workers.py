@@ -145,7 +145,7 @@ def _start_workers(
         for worker, _ in starting:
             worker.process.kill()
             worker.process.join()
-        raise _WorkerFailed("; ".join(failures))
+        raise _WorkerFailed("; ".join(dict.fromkeys(failures)))
     return [worker for worker, _ in starting]
 
 
@@ -281,7 +281,7 @@ def run_worker(settings: Settings, index: int, ready: Connection, supervisor: in
         # The supervisor reports it (and stops, if the server cannot start at all).
         log.debug("worker %d failed", index, exc_info=True)
         with contextlib.suppress(OSError, ValueError):
-            ready.send(f"worker {index} could not start: {error}")
+            ready.send(str(error))  # the same for every worker: the supervisor says it once
         sys.exit(1)
 
 

@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -210,3 +212,17 @@ def test_workers_must_be_at_least_one(tmp_path: Path) -> None:
     from metalake.cli import main
 
     assert main(["serve", "--workers", "0", "--data-dir", str(tmp_path)]) == 2
+
+
+def test_a_server_whose_workers_cannot_start_says_why_and_exits_1(tmp_path: Path) -> None:
+    metalake = Path(sys.executable).with_name("metalake")
+    finished = subprocess.run(
+        [str(metalake), "serve", "--workers", "2", "--listen", "0.0.0.0:0"],
+        env={**os.environ, "METALAKE_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert finished.returncode == 1
+    # Both workers refused for the same reason, said once.
+    assert finished.stderr.count("refusing to serve 0.0.0.0") == 1, finished.stderr
