@@ -169,6 +169,33 @@ def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
     assert two_workers.process.poll() is None
 
 
+def test_replacing_a_worker_leaves_the_other_workers_uploads_alone(
+    two_workers: ServerProcess, tmp_path: Path
+) -> None:
+    spool = tmp_path / "data" / "tmp"
+    release = threading.Event()
+    channel = grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION)
+    stub = pb_grpc.DatalakeServiceStub(channel)
+    in_flight = stub.UploadData.future(held_open(release))
+    deadline = time.monotonic() + 30
+    while not list(spool.iterdir()):
+        assert time.monotonic() < deadline, "the upload never reached a worker's spool"
+        time.sleep(0.05)
+    [spooled] = spool.iterdir()
+    receiving = int(spooled.name.split("-")[0])  # spool files are named after their process
+    [other] = workers_of(two_workers) - {receiving}
+    os.kill(other, signal.SIGKILL)
+    while other in workers_of(two_workers) or len(workers_of(two_workers)) < 2:
+        assert time.monotonic() < deadline + 30, "the dead worker was not replaced"
+        time.sleep(0.1)
+    assert spooled.exists()  # the replacement's start-up did not take it for a leftover
+    release.set()
+    stored = in_flight.result(timeout=30).data
+    assert stored.size == 1
+    assert stored.id in listed_ids(two_workers.target)
+    channel.close()
+
+
 def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     two_workers: ServerProcess, tmp_path: Path
 ) -> None:
