@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from metalake.server.blobstore import LocalBlobStore
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
+from tests.conftest import S3_ENV
 from tests.serverprocess import ServerProcess
 from tests.test_faults import held_open
 from tests.test_service import requests
@@ -115,6 +116,27 @@ def test_two_workers_share_one_port_and_both_take_calls(two_workers: ServerProce
     assert counted is not None, metrics
     assert float(counted.group(1)) == 40
     assert re.search(r"^metalake_uploads_in_flight 0\.0$", metrics, re.MULTILINE), metrics
+
+
+def test_two_workers_on_postgresql_and_s3(
+    tmp_path: Path, postgres_url: str, s3_url: str, s3_endpoint: str
+) -> None:
+    env = {
+        **S3_ENV,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "METALAKE_CATALOG_URL": postgres_url,
+        "METALAKE_BLOB_URL": s3_url,
+        "METALAKE_MIGRATE": "true",
+        "METALAKE_WORKERS": "2",
+    }
+    with ServerProcess(tmp_path / "data", tmp_path / "server.log", **env) as server:
+        workers = workers_of(server)
+        answered: dict[str, int] = {}
+        for index in range(40):
+            data_id, worker = upload_once(server.target, os.urandom(3000), f"{index}.bin")
+            answered[data_id] = worker
+        assert set(answered.values()) == workers
+        assert listed_ids(server.target) == set(answered)
 
 
 def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
