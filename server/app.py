@@ -17,12 +17,15 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from metalake._version import __version__
 from metalake.extractors.registry import ExtractorRegistry
 from metalake.server.auth import AuthInterceptor, Tokens
 from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
+from metalake.server.datadir import DataDirectoryLock
 from metalake.server.datalake import Datalake, Limits
+from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
 from metalake.server.observability import (
     ObservabilityInterceptor,
@@ -46,6 +49,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    data_dir_lock: DataDirectoryLock | None = None  # held while serving
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -59,22 +63,21 @@ class RunningServer:
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
         await self.datalake.catalog.close()
+        if self.data_dir_lock is not None:
+            self.data_dir_lock.release()
 
 
-def prepare(settings: Settings) -> None:
-    """What a server does once before serving, whatever its number of worker processes:
-    migrate the catalog (when asked, or the embedded default) and discard what a previous run
-    left half-written in the data directory. Never while a worker of this server is running:
-    their uploads in flight have spool files there."""
+def prepare(settings: Settings) -> DataDirectoryLock:
+    """What a supervisor (metalake.server.workers) does once before starting its workers:
+    migrate the catalog (when asked, or the embedded default) and discard what a dead process
+    left half-written in the data directory, unless another live process uses it. Returns the
+    data directory's lock, held shared: the supervisor keeps it for its life, and its workers
+    take theirs beside it (a server with one process does all this in `start`)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog_url, migrate = settings.catalog()
     catalog = SqlCatalog.open(catalog_url, migrate=migrate)
     asyncio.run(catalog.close())
-    # Each server has its own data directory (spool, staging), so whatever a previous process
-    # of this server left half-written there is garbage now.
-    discarded = open_blob_store(settings).discard_spooled()
-    if discarded:
-        log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+    return _discard_leftovers(settings, open_blob_store(settings))
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
@@ -150,9 +153,15 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
     )
-    datalake = build_datalake(settings, migrate=False if worker is not None else None)
+    if worker is None:
+        datalake = build_datalake(settings)
+        data_dir_lock = _discard_leftovers(settings, datalake.blobs)
+    else:  # the supervisor migrated and discarded leftovers; its lock stands beside this one
+        datalake = build_datalake(settings, migrate=False)
+        data_dir_lock = DataDirectoryLock(settings.data_dir, shared=True)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+        data_dir_lock.release()
         await datalake.catalog.close()
         raise StartupError(
             f"refusing to serve {settings.listen} without authentication: no API token exists. "
@@ -190,7 +199,39 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
                 )
             )
         )
-    return RunningServer(server, port, datalake, health_servicer, tokens, background)
+
+    async def set_serving(serving: bool) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, state)
+
+    # Every worker probes: each answers health checks for the connections it was given.
+    background.append(
+        asyncio.create_task(
+            watch_catalog(datalake.catalog.ping, set_serving, interval=settings.health_interval)
+        )
+    )
+    return RunningServer(server, port, datalake, health_servicer, tokens, background, data_dir_lock)
+
+
+def _discard_leftovers(settings: Settings, blobs: BlobStore) -> DataDirectoryLock:
+    """Discard what a dead process left half-written in the data directory (spool, scratch,
+    S3 multipart uploads it began), unless another live process uses the directory. Not in
+    build_datalake: `metalake gc` builds one too, beside a server whose uploads are running."""
+    lock = DataDirectoryLock(settings.data_dir)
+    try:
+        if lock.alone:
+            discarded = blobs.discard_spooled()
+            if discarded:
+                log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+        else:
+            log.info("another live process uses %s: leaving its uploads", settings.data_dir)
+    finally:
+        lock.share()
+    return lock
+
+
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
@@ -257,7 +298,6 @@ def serve_forever(settings: Settings) -> None:
     if settings.metrics_listen:
         start_metrics_server(settings.metrics_listen)
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
-    prepare(settings)
     asyncio.run(_serve(settings))
 
 
@@ -265,7 +305,11 @@ async def _serve(settings: Settings) -> None:
     running = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
+        "metalake serving on %s:%d, data in %s, version %s",
+        host,
+        running.port,
+        settings.data_dir.resolve(),
+        __version__,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

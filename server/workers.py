@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from metalake._version import __version__
 from metalake.server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ def supervise(settings: Settings) -> None:
     """Serve with `settings.workers` processes until SIGTERM or SIGINT, then drain them all."""
     from metalake.server.app import StartupError, prepare
 
-    prepare(settings)
+    # Held (shared) until every worker has stopped: another server started on this data
+    # directory meanwhile must not take our workers' uploads in flight for a dead run's.
+    data_dir_lock = prepare(settings)
     configured_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     metrics_dir = _metrics_directory() if settings.metrics_listen else None
     context = multiprocessing.get_context("spawn")
@@ -89,11 +92,12 @@ def supervise(settings: Settings) -> None:
                 raise StartupError(str(error)) from None
             # The line tests and operators wait for: every worker takes calls now.
             log.info(
-                "metalake serving on %s with %d workers (pids %s), data in %s",
+                "metalake serving on %s with %d workers (pids %s), data in %s, version %s",
                 listen,
                 len(workers),
                 " ".join(map(str, workers)),
                 settings.data_dir.resolve(),
+                __version__,
             )
             _watch(context, worker_settings, workers, stopping, metrics_dir)
             log.info(
@@ -104,6 +108,7 @@ def supervise(settings: Settings) -> None:
             _stop_all(workers, settings.shutdown_grace + EXIT_MARGIN)
     finally:
         _stop_all(workers, EXIT_MARGIN)
+        data_dir_lock.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if metrics_dir is not None and not configured_metrics_dir:
@@ -270,7 +275,8 @@ def run_worker(settings: Settings, index: int, ready: Connection, supervisor: in
     """A worker process's entry point: serve `settings.listen` until SIGTERM, then drain."""
     _die_with(supervisor)
     from metalake.server.app import tune_malloc
-    from metalake.server.observability import configure_logging, name_worker_in_answers
+    from metalake.server.calls import name_worker_in_answers
+    from metalake.server.observability import configure_logging
 
     tune_malloc()
     configure_logging()
