@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
+    URL,
     Connection,
     Engine,
     RowMapping,
@@ -263,7 +264,9 @@ class SqlCatalog:
         # once every connection belonged to such holders: 16 concurrent uploads did it.
         self._lock_engine: Engine | None = None
         if engine.dialect.name == "postgresql":
-            self._lock_engine = create_engine(engine.url, pool_pre_ping=True)
+            self._lock_engine = create_engine(
+                engine.url, pool_pre_ping=True, connect_args=_connect_defaults(engine.url)
+            )
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
         self._flushing = False
@@ -923,7 +926,7 @@ _SERVER_CONNECT_DEFAULTS = {
 }
 
 
-def _connect_defaults(url: str) -> dict[str, Any]:
+def _connect_defaults(url: str | URL) -> dict[str, Any]:
     given = make_url(url).query
     return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 
