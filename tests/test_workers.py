@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import boto3
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +27,7 @@ from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import S3_ENV
 from tests.serverprocess import ServerProcess
 from tests.test_faults import held_open
-from tests.test_service import requests
+from tests.test_service import requests, upload
 
 WORKER_KEY = "x-metalake-worker"
 # A channel of its own per call: gRPC shares connections between channels of a process
@@ -276,3 +279,123 @@ def test_a_server_whose_workers_cannot_start_says_why_and_exits_1(tmp_path: Path
     assert finished.returncode == 1
     # Both workers refused for the same reason, said once.
     assert finished.stderr.count("refusing to serve 0.0.0.0") == 1, finished.stderr
+
+
+def held_until(
+    release: threading.Event, content: bytes, filename: str
+) -> Iterator[pb.UploadDataRequest]:
+    """An upload whose last chunk is sent only once `release` is set."""
+    messages = list(requests(content, filename))
+    yield from messages[:-1]
+    release.wait(60)
+    yield messages[-1]
+
+
+def test_a_server_started_beside_the_workers_leaves_their_uploads_alone(
+    two_workers: ServerProcess, tmp_path: Path
+) -> None:
+    """The supervisor holds the data directory's lock for as long as its workers serve: a
+    second server on the same directory must not take their uploads in flight for a dead
+    run's leftovers."""
+    spool = tmp_path / "data" / "tmp"
+    content = os.urandom(400_000)
+    release = threading.Event()
+    with grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION) as channel:
+        call = pb_grpc.DatalakeServiceStub(channel).UploadData.future(
+            held_until(release, content, "slow")
+        )
+        deadline = time.monotonic() + 30
+        while not list(spool.iterdir()):
+            assert time.monotonic() < deadline, "the upload never reached a worker's spool"
+            time.sleep(0.05)
+        spooled = list(spool.iterdir())
+        with ServerProcess(tmp_path / "data", tmp_path / "beside.log") as beside:
+            assert all(path.exists() for path in spooled)
+            with grpc.insecure_channel(beside.target) as other:
+                beside_id = upload(pb_grpc.DatalakeServiceStub(other), b"beside", "beside").id
+        release.set()
+        stored = call.result(timeout=60).data
+    assert stored.size == len(content)
+    assert {stored.id, beside_id} <= listed_ids(two_workers.target)
+
+
+def test_a_killed_workers_multipart_uploads_are_aborted_and_its_siblings_kept(
+    tmp_path: Path, s3_url: str, s3_endpoint: str
+) -> None:
+    """S3 keeps (and bills) unfinished multipart uploads: the supervisor aborts those of a
+    worker that died, by the markers named after it, and leaves the other worker's going."""
+    env = {
+        **S3_ENV,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "METALAKE_BLOB_URL": s3_url,
+        "METALAKE_WORKERS": "2",
+    }
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    s3: Any = boto3.client("s3", endpoint_url=s3_endpoint)
+    spool = tmp_path / "data" / "tmp"
+
+    def pending() -> set[str]:
+        return {u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+    def marked() -> dict[int, set[str]]:
+        """The multipart uploads each process's markers name."""
+        keys: dict[int, set[str]] = {}
+        for marker in spool.glob("*.multipart"):
+            try:
+                key = json.loads(marker.read_text())["key"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue  # being written, or gone meanwhile
+            keys.setdefault(int(marker.name.split("-")[0]), set()).add(key)
+        return keys
+
+    release = threading.Event()
+    calls: list[tuple[grpc.Channel, Any]] = []
+    with ServerProcess(tmp_path / "data", tmp_path / "server.log", **env) as server:
+        workers = workers_of(server)
+        try:
+            # Uploads on connections of their own until both workers have one with a part in S3
+            # (10 MiB: beyond the 8 MiB part size); 16 leave a chance of 2**-15 of failing.
+            while set(marked()) != workers:
+                assert len(calls) < 16, "every connection went to the same worker"
+                channel = grpc.insecure_channel(server.target, options=OWN_CONNECTION)
+                stub = pb_grpc.DatalakeServiceStub(channel)
+                call = stub.UploadData.future(
+                    held_until(release, os.urandom(10 * 1024 * 1024), f"{len(calls)}.bin")
+                )
+                calls.append((channel, call))
+                deadline = time.monotonic() + 60
+                while sum(map(len, marked().values())) < len(calls):
+                    assert time.monotonic() < deadline, "the upload never reached S3"
+                    time.sleep(0.05)
+            victim, survivor = sorted(workers)
+            before = marked()
+            assert pending() == before[victim] | before[survivor]
+
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while victim in (now := workers_of(server)) or len(now) != 2:
+                assert time.monotonic() < deadline, "the dead worker was not replaced"
+                time.sleep(0.1)
+            # Cleaned before the replacement started: the victim's aborted, the other's going.
+            assert pending() == before[survivor]
+            assert marked() == {survivor: before[survivor]}
+
+            release.set()
+            stored, failed = [], []
+            for _, call in calls:
+                try:
+                    stored.append(call.result(timeout=60).data.id)
+                except grpc.RpcError as error:
+                    failed.append(error.code())
+                else:
+                    assert dict(call.trailing_metadata())[WORKER_KEY] == str(survivor)
+            # The dead worker's calls failed as a client can retry; the other's were stored.
+            assert set(failed) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+            assert len(stored) == len(before[survivor])
+            assert set(stored) <= listed_ids(server.target)
+            assert pending() == set()
+            assert marked() == {}
+        finally:
+            release.set()
+            for channel, _ in calls:
+                channel.close()
