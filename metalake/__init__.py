@@ -5,7 +5,7 @@ datalake = Client("127.0.0.1:50051").get_datalake()
 data = datalake.upload_data("photo.jpg", metadata={"reference": "7NGOMI"}, fill_metadata=True)
 """
 
-from metalake.client import Client, Data, Datalake
+from metalake.client import Client, Data, Datalake, Dataset, DatasetChange
 from metalake.errors import (
     AuthenticationError,
     ConflictError,
@@ -29,6 +29,8 @@ __all__ = [
     "Data",
     "DataLossError",
     "Datalake",
+    "Dataset",
+    "DatasetChange",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidMetadataError",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from metalake import metadata as md
-from metalake.client import DEFAULT_TARGET, Client, Data
+from metalake.client import DEFAULT_TARGET, Client, Data, Dataset
 from metalake.errors import InvalidArgumentError, MetalakeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--resume-token", default="", help="continue after this event")
     watch.set_defaults(func=_watch)
 
+    _add_dataset_commands(commands)
+
     from metalake.extractors.cli import add_commands as add_extractor_commands
     from metalake.server.admin import add_commands as add_admin_commands
 
@@ -177,6 +179,169 @@ def _client_command(
     parser.add_argument("--token", help="API token (METALAKE_TOKEN)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("METALAKE_TARGET", DEFAULT_TARGET),
+        help="server address (METALAKE_TARGET, default %(default)s)",
+    )
+    parser.add_argument("--token", help="API token (METALAKE_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _subcommand(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    parser = actions.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _client_options(parser)
+    return parser
+
+
+def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dataset = commands.add_parser(
+        "dataset",
+        help="freeze, list, compare and download dataset versions",
+        description="Dataset snapshots: a version freezes the ids, content hashes and metadata "
+        "of the items a filter matches; later changes never alter it.",
+    )
+    actions = dataset.add_subparsers(dest="dataset_action", required=True, metavar="ACTION")
+    create = _subcommand(
+        actions,
+        "create",
+        "freeze the items matching a filter as the next version of a dataset",
+        "example:\n  metalake dataset create train --filter 'tags:\"labelled\"' "
+        "--description 'first cut'",
+    )
+    create.add_argument("name")
+    create.add_argument("--filter", default="", help="AIP-160 filter (default: every item)")
+    create.add_argument("--description", default="", help="free text")
+    create.set_defaults(func=_dataset_create)
+
+    ls = _subcommand(
+        actions, "ls", "list dataset versions", "example:\n  metalake dataset ls train --json"
+    )
+    ls.add_argument("name", nargs="?", default="", help="only this dataset's versions")
+    ls.set_defaults(func=_dataset_ls)
+
+    show = _subcommand(
+        actions,
+        "show",
+        "show a dataset version, its items or its manifest",
+        "examples:\n  metalake dataset show train\n  metalake dataset show train --version 2 "
+        "--items --json\n  metalake dataset show train --version 2 --manifest > train-v2.jsonl",
+    )
+    show.add_argument("name")
+    show.add_argument("--version", type=_positive_int, help="default: the latest")
+    what = show.add_mutually_exclusive_group()
+    what.add_argument("--items", action="store_true", help="list the version's items")
+    what.add_argument(
+        "--manifest", action="store_true", help="print the version's manifest (JSON Lines)"
+    )
+    show.set_defaults(func=_dataset_show)
+
+    diff = _subcommand(
+        actions,
+        "diff",
+        "list the items added, removed and changed between two versions",
+        "example:\n  metalake dataset diff train 1 2",
+    )
+    diff.add_argument("name")
+    diff.add_argument("from_version", type=_positive_int, metavar="FROM")
+    diff.add_argument("to_version", type=_positive_int, nargs="?", metavar="TO", help="latest")
+    diff.set_defaults(func=_dataset_diff)
+
+    download = _subcommand(
+        actions,
+        "download",
+        "download every item of a version, with its manifest",
+        "example:\n  metalake dataset download train --version 2 -o ./train-v2",
+    )
+    download.add_argument("name")
+    download.add_argument("--version", type=_positive_int, help="default: the latest")
+    download.add_argument("-o", "--output", type=Path, required=True, help="a directory")
+    download.set_defaults(func=_dataset_download)
+
+
+def _print_dataset(dataset: Dataset, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(dataset.to_json(), ensure_ascii=False), flush=True)
+        return
+    print(
+        f"{dataset.name} v{dataset.version}  {dataset.item_count} items  "
+        f"{dataset.total_size} bytes  {md.format_datetime(dataset.created_at)}  "
+        f"filter: {dataset.filter or '(all)'}"
+        + (f"  {dataset.description}" if dataset.description else ""),
+        flush=True,
+    )
+
+
+def _dataset_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        created = client.get_datalake().create_dataset(
+            args.name, args.filter, description=args.description
+        )
+    _print_dataset(created, args)
+    return EXIT_OK
+
+
+def _dataset_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for dataset in client.get_datalake().list_datasets(args.name or None):
+            _print_dataset(dataset, args)
+    return EXIT_OK
+
+
+def _dataset_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        datalake = client.get_datalake()
+        if args.manifest:
+            sys.stdout.buffer.write(datalake.dataset_manifest(args.name, args.version or 0))
+            sys.stdout.flush()
+        elif args.items:
+            for data in datalake.dataset_items(args.name, args.version or 0):
+                _print_data(data, args)
+        else:
+            _print_dataset(datalake.get_dataset(args.name, args.version or 0), args)
+    return EXIT_OK
+
+
+def _dataset_diff(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        changes = client.get_datalake().diff_datasets(
+            args.name, args.from_version, args.to_version or 0
+        )
+        for change in changes:
+            if args.json:
+                print(json.dumps(change.to_json(), ensure_ascii=False), flush=True)
+            else:
+                shown = change.after or change.before
+                name = shown.filename if shown else ""
+                print(f"{change.change:<8} {change.data_id}  {name}", flush=True)
+    return EXIT_OK
+
+
+def _dataset_download(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"not a directory: {args.output}")
+    with _client(args) as client:
+        written = client.get_datalake().download_dataset(args.name, args.output, args.version or 0)
+    for data, path in written:
+        if args.json:
+            print(json.dumps({**data.to_json(), "path": str(path)}, ensure_ascii=False))
+        else:
+            print(f"{data.id} -> {path}")
+    return EXIT_OK
 
 
 def _positive_int(text: str) -> int:

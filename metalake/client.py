@@ -13,12 +13,15 @@ left off. Temporary failures (server unavailable, load shedding) are retried wit
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
+import json
 import os
 import random
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar, cast, overload
@@ -443,6 +446,115 @@ class Datalake:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
+    # Dataset snapshots.
+
+    def create_dataset(
+        self, name: str, filter: str | None = None, *, description: str = ""
+    ) -> Dataset:
+        """Freeze the items matching `filter` (every item when None) as the next version of
+        the dataset `name`; returns that version."""
+        request = pb.CreateDatasetRequest(name=name, filter=filter or "", description=description)
+        return Dataset(self._client.call(self._client._stub.CreateDataset, request).dataset)
+
+    def list_datasets(self, name: str | None = None) -> Iterator[Dataset]:
+        """Every dataset version (only those of `name` if given), by name, newest first."""
+        token = ""
+        while True:
+            request = pb.ListDatasetsRequest(name=name or "", page_size=1000, page_token=token)
+            page = self._client.call(self._client._stub.ListDatasets, request)
+            yield from (Dataset(message) for message in page.datasets)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_dataset(self, name: str, version: int = 0) -> Dataset:
+        """One version of a dataset; the latest when `version` is 0."""
+        request = pb.GetDatasetRequest(name=name, version=version)
+        return Dataset(self._client.call(self._client._stub.GetDataset, request).dataset)
+
+    def dataset_items(
+        self, name: str, version: int = 0, *, page_size: int = 1000
+    ) -> Iterator[Data]:
+        """The items of a version as they were frozen, in id order, page by page."""
+        token = ""
+        while True:
+            request = pb.ListDatasetItemsRequest(
+                name=name, version=version, page_size=page_size, page_token=token
+            )
+            page = self._client.call(self._client._stub.ListDatasetItems, request)
+            # Later pages must come from the version the first page resolved "latest" to.
+            version = page.version
+            yield from (Data(self._client, message) for message in page.data)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def diff_datasets(
+        self, name: str, from_version: int, to_version: int = 0
+    ) -> Iterator[DatasetChange]:
+        """What changed between two versions: added, removed and changed items, in id order."""
+        token = ""
+        while True:
+            request = pb.DiffDatasetsRequest(
+                name=name,
+                from_version=from_version,
+                to_version=to_version,
+                page_size=1000,
+                page_token=token,
+            )
+            page = self._client.call(self._client._stub.DiffDatasets, request)
+            for entry in page.entries:
+                yield DatasetChange(
+                    _CHANGES.get(entry.change, "unknown"),
+                    entry.data_id,
+                    Data(self._client, entry.before) if entry.HasField("before") else None,
+                    Data(self._client, entry.after) if entry.HasField("after") else None,
+                )
+            token = page.next_page_token
+            if not token:
+                return
+
+    def dataset_manifest(self, name: str, version: int = 0) -> bytes:
+        """A version's manifest: JSON Lines, UTF-8, keys sorted. The first line describes the
+        version, then one line per item (as Data.to_json) in id order. A version never changes,
+        so neither do these bytes: keep them beside a model to say what it was trained on."""
+        dataset = self.get_dataset(name, version)
+        lines = [_canonical_json({"format": MANIFEST_FORMAT, **dataset.to_json()})]
+        lines += [
+            _canonical_json(data.to_json()) for data in self.dataset_items(name, dataset.version)
+        ]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def download_dataset(
+        self, name: str, directory: PathLike, version: int = 0
+    ) -> list[tuple[Data, Path]]:
+        """Download every item of a version into `directory`, each as `<id>_<filename>`,
+        verified like Data.download, in parallel; files already there with the right SHA-256
+        are kept (a rerun finishes an interrupted download). Writes `manifest.jsonl` beside
+        them. Returns each item with its path, in id order."""
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        dataset = self.get_dataset(name, version)
+        items = list(self.dataset_items(name, dataset.version))
+        stub = self._client._stub
+
+        def fetch(data: Data) -> tuple[Data, Path]:
+            path = target / f"{data.id}_{_local_name(data._message)}"
+            if path.is_file() and _file_sha256(path) == data.sha256:
+                return data, path
+            request = pb.DownloadDatasetItemRequest(
+                name=name, version=dataset.version, data_id=data.id
+            )
+            opening = functools.partial(self._client.call, stub.DownloadDatasetItem, request)
+            return data, _download(self._client, data.id, path, opening)
+
+        workers = max(1, min(self._client._max_workers, len(items)))
+        with concurrent.futures.ThreadPoolExecutor(workers, "metalake-download") as pool:
+            written = list(pool.map(fetch, items))
+        manifest = self.dataset_manifest(name, dataset.version)
+        (target / "manifest.jsonl").write_bytes(manifest)
+        return written
+
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""
         path = Path(path)
@@ -616,6 +728,83 @@ class Data:
         }
 
 
+MANIFEST_FORMAT = "metalake-dataset-manifest/1"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One immutable version of a named dataset."""
+
+    name: str
+    version: int
+    filter: str
+    description: str
+    created_at: datetime
+    item_count: int
+    total_size: int
+
+    def __init__(self, message: pb.DatasetVersion) -> None:
+        values = {
+            "name": message.name,
+            "version": message.version,
+            "filter": message.filter,
+            "description": message.description,
+            "created_at": message.created_at.ToDatetime().replace(tzinfo=UTC),
+            "item_count": message.item_count,
+            "total_size": message.total_size,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "filter": self.filter,
+            "description": self.description,
+            "created_at": md.format_datetime(self.created_at),
+            "item_count": self.item_count,
+            "total_size": self.total_size,
+        }
+
+
+@dataclass(frozen=True)
+class DatasetChange:
+    """One item that differs between two versions: `change` is added, removed or changed."""
+
+    change: str
+    data_id: str
+    before: Data | None
+    after: Data | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "change": self.change,
+            "data_id": self.data_id,
+            "before": self.before.to_json() if self.before else None,
+            "after": self.after.to_json() if self.after else None,
+        }
+
+
+_CHANGES = {
+    pb.DATASET_CHANGE_ADDED: "added",
+    pb.DATASET_CHANGE_REMOVED: "removed",
+    pb.DATASET_CHANGE_CHANGED: "changed",
+}
+
+
+def _canonical_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 _EVENT_TYPES = {
     pb.EVENT_TYPE_CREATED: "created",
     pb.EVENT_TYPE_UPDATED: "updated",
@@ -623,10 +812,20 @@ _EVENT_TYPES = {
 }
 
 
-def _download(client: Client, data_id: str, target: Path) -> Path:
-    """DownloadData into `target` through a temporary file beside it, checked against the Data
-    of the stream's first message before it is renamed into place."""
-    stream = client.call(client._stub.DownloadData, pb.DownloadDataRequest(id=data_id))
+def _download(
+    client: Client,
+    data_id: str,
+    target: Path,
+    opening: Callable[[], Iterable[Any]] | None = None,
+) -> Path:
+    """DownloadData (or the stream `opening` starts: DownloadDatasetItem) into `target` through
+    a temporary file beside it, checked against the Data of the stream's first message before
+    it is renamed into place."""
+    stream: Any = (
+        opening()
+        if opening is not None
+        else client.call(client._stub.DownloadData, pb.DownloadDataRequest(id=data_id))
+    )
     try:
         messages = iter(stream)
         first = next(messages, None)

@@ -23,6 +23,7 @@ from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.datalake import Datalake, Limits
+from metalake.server.datasets import Datasets
 from metalake.server.ingest import MetadataExtractor
 from metalake.server.observability import (
     ObservabilityInterceptor,
@@ -131,7 +132,13 @@ async def start(settings: Settings) -> RunningServer:
         )
     # Outermost first: every call, refused ones included, gets a request id and is counted.
     server = grpc.aio.server(interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)])
-    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
+    assert isinstance(datalake.catalog, SqlCatalog)
+    datasets = Datasets(
+        datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
+    )
+    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(
+        DatalakeServicer(datalake, datasets), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -68,6 +68,12 @@ REQUIRED_ROLE: dict[str, Role] = {
     "WriteUpload": Role.WRITE,
     "UpdateMetadata": Role.WRITE,
     "DeleteData": Role.WRITE,
+    "CreateDataset": Role.WRITE,
+    "ListDatasets": Role.READ,
+    "GetDataset": Role.READ,
+    "ListDatasetItems": Role.READ,
+    "DiffDatasets": Role.READ,
+    "DownloadDatasetItem": Role.READ,
 }
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -140,4 +141,51 @@ event_log_table = Table(
     metadata_obj,
     Column("id", Integer, primary_key=True),
     Column("pruned_through", BigInteger, nullable=False),
+)
+
+# Dataset snapshots: each version of a named dataset is immutable. Its items are frozen copies of
+# the data rows (same columns) and their tags as they were when the version was created; a blob
+# a frozen item names is kept while the version exists, even after the item is deleted.
+dataset_versions_table = Table(
+    "dataset_versions",
+    metadata_obj,
+    Column("dataset_id", String(36), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("filter", Text, nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("item_count", BigInteger, nullable=False),
+    Column("total_size", BigInteger, nullable=False),
+    Index("ix_dataset_versions_name", "org", "name", "version", unique=True),
+)
+
+dataset_items_table = Table(
+    "dataset_items",
+    metadata_obj,
+    Column(
+        "dataset_id",
+        String(36),
+        ForeignKey("dataset_versions.dataset_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    *(
+        Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+        for c in data_table.columns
+    ),
+    Index("ix_dataset_items_blob_key", "blob_key"),
+)
+
+dataset_item_tags_table = Table(
+    "dataset_item_tags",
+    metadata_obj,
+    Column("dataset_id", String(36), primary_key=True),
+    Column("data_id", String(36), primary_key=True),
+    Column("tag", Text, primary_key=True),
+    ForeignKeyConstraint(
+        ["dataset_id", "data_id"],
+        ["dataset_items.dataset_id", "dataset_items.id"],
+        ondelete="CASCADE",
+    ),
 )

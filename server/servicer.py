@@ -18,7 +18,8 @@ from grpc_status import rpc_status
 from metalake import metadata as md
 from metalake.server.auth import current_caller
 from metalake.server.catalog import DataRecord
-from metalake.server.datalake import Datalake
+from metalake.server.datalake import Datalake, Download
+from metalake.server.datasets import Datasets, DatasetVersion, DiffEntry
 from metalake.server.errors import (
     ConflictError,
     DatalakeError,
@@ -129,8 +130,9 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Req
 
 
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
-    def __init__(self, datalake: Datalake) -> None:
+    def __init__(self, datalake: Datalake, datasets: Datasets) -> None:
         self._datalake = datalake
+        self._datasets = datasets
 
     @_translating_errors
     async def UploadData(
@@ -287,6 +289,114 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
                 )
         except DatalakeError as error:
             await _abort(context, _status_of(error))
+
+    # Dataset snapshots.
+
+    @_translating_errors
+    async def CreateDataset(
+        self, request: pb.CreateDatasetRequest, context: Context
+    ) -> pb.CreateDatasetResponse:
+        created = await self._datasets.create(
+            _org(), request.name, request.filter, request.description
+        )
+        return pb.CreateDatasetResponse(dataset=_dataset_to_proto(created))
+
+    @_translating_errors
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: Context
+    ) -> pb.ListDatasetsResponse:
+        found, token = await self._datasets.versions(
+            _org(), name=request.name, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListDatasetsResponse(
+            datasets=[_dataset_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def GetDataset(
+        self, request: pb.GetDatasetRequest, context: Context
+    ) -> pb.GetDatasetResponse:
+        found = await self._datasets.get(_org(), request.name, request.version)
+        return pb.GetDatasetResponse(dataset=_dataset_to_proto(found))
+
+    @_translating_errors
+    async def ListDatasetItems(
+        self, request: pb.ListDatasetItemsRequest, context: Context
+    ) -> pb.ListDatasetItemsResponse:
+        dataset, records, token = await self._datasets.items(
+            _org(),
+            request.name,
+            request.version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListDatasetItemsResponse(
+            data=[data_to_proto(r) for r in records],
+            next_page_token=token,
+            version=dataset.version,
+        )
+
+    @_translating_errors
+    async def DiffDatasets(
+        self, request: pb.DiffDatasetsRequest, context: Context
+    ) -> pb.DiffDatasetsResponse:
+        entries, token = await self._datasets.diff(
+            _org(),
+            request.name,
+            request.from_version,
+            request.to_version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.DiffDatasetsResponse(
+            entries=[_diff_to_proto(e) for e in entries], next_page_token=token
+        )
+
+    async def DownloadDatasetItem(
+        self, request: pb.DownloadDatasetItemRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadDatasetItemResponse]:
+        try:
+            download = await self._datasets.download(
+                _org(), request.name, request.version, request.data_id, offset=request.read_offset
+            )
+        except DatalakeError as error:
+            await _abort(context, _status_of(error))
+            return
+        async for message in _stream_download(download, context):
+            yield pb.DownloadDatasetItemResponse(**message)
+
+
+async def _stream_download(download: Download, context: Context) -> AsyncIterator[dict[str, Any]]:
+    """The fields of a download's messages: the item first, then its chunks."""
+    yield {"data": data_to_proto(download.record)}
+    try:
+        async for chunk in download.chunks:
+            BYTES_SENT.inc(len(chunk))
+            yield {"chunk": chunk}
+    except FileNotFoundError:
+        log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
+        await _abort(context, _unexpected_status())
+
+
+def _dataset_to_proto(dataset: DatasetVersion) -> pb.DatasetVersion:
+    return pb.DatasetVersion(
+        name=dataset.name,
+        version=dataset.version,
+        filter=dataset.filter,
+        created_at=_timestamp(dataset.created_at),
+        item_count=dataset.item_count,
+        total_size=dataset.total_size,
+        description=dataset.description,
+    )
+
+
+def _diff_to_proto(entry: DiffEntry) -> pb.DatasetDiffEntry:
+    return pb.DatasetDiffEntry(
+        change=entry.change,  # type: ignore[arg-type]
+        data_id=entry.data_id,
+        before=data_to_proto(entry.before) if entry.before else None,
+        after=data_to_proto(entry.after) if entry.after else None,
+    )
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.

@@ -54,6 +54,34 @@ EVENT_TYPE_DELETED: EventType.ValueType  # 3
 """The item was deleted."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _DatasetChange:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetChange.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_CHANGE_UNSPECIFIED: _DatasetChange.ValueType  # 0
+    """Never sent."""
+    DATASET_CHANGE_ADDED: _DatasetChange.ValueType  # 1
+    """In the newer version only."""
+    DATASET_CHANGE_REMOVED: _DatasetChange.ValueType  # 2
+    """In the older version only."""
+    DATASET_CHANGE_CHANGED: _DatasetChange.ValueType  # 3
+    """In both, with different content, metadata, tags or filename."""
+
+class DatasetChange(_DatasetChange, metaclass=_DatasetChangeEnumTypeWrapper):
+    """DatasetChange says how an item differs between two versions."""
+
+DATASET_CHANGE_UNSPECIFIED: DatasetChange.ValueType  # 0
+"""Never sent."""
+DATASET_CHANGE_ADDED: DatasetChange.ValueType  # 1
+"""In the newer version only."""
+DATASET_CHANGE_REMOVED: DatasetChange.ValueType  # 2
+"""In the older version only."""
+DATASET_CHANGE_CHANGED: DatasetChange.ValueType  # 3
+"""In both, with different content, metadata, tags or filename."""
+Global___DatasetChange: _TypeAlias = DatasetChange  # noqa: Y015
+
 @_typing.final
 class Metadata(_message.Message):
     """Metadata describes how and where a file was acquired. Every field has presence: an absent
@@ -1181,3 +1209,447 @@ class WatchDataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchDataResponse: _TypeAlias = WatchDataResponse  # noqa: Y015
+
+@_typing.final
+class DatasetVersion(_message.Message):
+    """DatasetVersion is one immutable version of a named dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ITEM_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name: 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit."""
+    version: _builtins.int
+    """1 for the first version of a name, then 2, 3, ..."""
+    filter: _builtins.str
+    """The ListData filter the version froze; empty: every item of the organization."""
+    item_count: _builtins.int
+    """How many items it holds."""
+    total_size: _builtins.int
+    """The sum of their sizes in bytes."""
+    description: _builtins.str
+    """Free text given at creation."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the version was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        filter: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        item_count: _builtins.int = ...,
+        total_size: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "filter", b"filter", "item_count", b"item_count", "name", b"name", "total_size", b"total_size", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetVersion: _TypeAlias = DatasetVersion  # noqa: Y015
+
+@_typing.final
+class CreateDatasetRequest(_message.Message):
+    """CreateDatasetRequest freezes the items matching a filter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name; a new name starts at version 1, an existing one gets its next version."""
+    filter: _builtins.str
+    """A ListData filter; empty: every item of the organization."""
+    description: _builtins.str
+    """Free text, at most 1,024 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "filter", b"filter", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDatasetRequest: _TypeAlias = CreateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class CreateDatasetResponse(_message.Message):
+    """CreateDatasetResponse answers CreateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___DatasetVersion:
+        """The new version."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___DatasetVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDatasetResponse: _TypeAlias = CreateDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListDatasetsRequest(_message.Message):
+    """ListDatasetsRequest asks for one page of dataset versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Only the versions of this dataset; empty: every dataset."""
+    page_size: _builtins.int
+    """Most versions to return, 1 to 1,000. 0: 50."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, with the same name; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsRequest: _TypeAlias = ListDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetsResponse(_message.Message):
+    """ListDatasetsResponse is one page of dataset versions, by name, newest version first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetVersion]:
+        """The versions of this page."""
+
+    def __init__(
+        self,
+        *,
+        datasets: _abc.Iterable[Global___DatasetVersion] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsResponse: _TypeAlias = ListDatasetsResponse  # noqa: Y015
+
+@_typing.final
+class GetDatasetRequest(_message.Message):
+    """GetDatasetRequest asks for one dataset version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name."""
+    version: _builtins.int
+    """The version; 0: the latest."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetRequest: _TypeAlias = GetDatasetRequest  # noqa: Y015
+
+@_typing.final
+class GetDatasetResponse(_message.Message):
+    """GetDatasetResponse answers GetDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___DatasetVersion:
+        """The version."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___DatasetVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetResponse: _TypeAlias = GetDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListDatasetItemsRequest(_message.Message):
+    """ListDatasetItemsRequest asks for one page of a version's items."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name."""
+    version: _builtins.int
+    """The version; 0: the latest."""
+    page_size: _builtins.int
+    """Most items to return, 1 to 1,000. 0: 50."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, for the same name and version."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "page_size", b"page_size", "page_token", b"page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetItemsRequest: _TypeAlias = ListDatasetItemsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetItemsResponse(_message.Message):
+    """ListDatasetItemsResponse is one page of a version's items, in id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    version: _builtins.int
+    """The version listed (useful when the request asked for the latest)."""
+    @_builtins.property
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___Data]:
+        """The items as frozen when the version was created."""
+
+    def __init__(
+        self,
+        *,
+        data: _abc.Iterable[Global___Data] | None = ...,
+        next_page_token: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "next_page_token", b"next_page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetItemsResponse: _TypeAlias = ListDatasetItemsResponse  # noqa: Y015
+
+@_typing.final
+class DiffDatasetsRequest(_message.Message):
+    """DiffDatasetsRequest compares two versions of one dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name."""
+    from_version: _builtins.int
+    """The older version."""
+    to_version: _builtins.int
+    """The newer version; 0: the latest."""
+    page_size: _builtins.int
+    """Most entries to return, 1 to 1,000. 0: 50."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, for the same request."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        from_version: _builtins.int = ...,
+        to_version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_version", b"from_version", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffDatasetsRequest: _TypeAlias = DiffDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class DatasetDiffEntry(_message.Message):
+    """DatasetDiffEntry is one item that differs between two versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    change: Global___DatasetChange.ValueType
+    """How it differs."""
+    data_id: _builtins.str
+    """The item's id."""
+    @_builtins.property
+    def before(self) -> Global___Data:
+        """The item in the older version; absent when added."""
+
+    @_builtins.property
+    def after(self) -> Global___Data:
+        """The item in the newer version; absent when removed."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___DatasetChange.ValueType = ...,
+        data_id: _builtins.str = ...,
+        before: Global___Data | None = ...,
+        after: Global___Data | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "change", b"change", "data_id", b"data_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetDiffEntry: _TypeAlias = DatasetDiffEntry  # noqa: Y015
+
+@_typing.final
+class DiffDatasetsResponse(_message.Message):
+    """DiffDatasetsResponse is one page of differences, in id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetDiffEntry]:
+        """The differences of this page."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___DatasetDiffEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiffDatasetsResponse: _TypeAlias = DiffDatasetsResponse  # noqa: Y015
+
+@_typing.final
+class DownloadDatasetItemRequest(_message.Message):
+    """DownloadDatasetItemRequest asks for the bytes of one item of a dataset version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
+    READ_OFFSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dataset's name."""
+    version: _builtins.int
+    """The version; 0: the latest."""
+    data_id: _builtins.str
+    """The item's id."""
+    read_offset: _builtins.int
+    """Start at this byte offset, 0 to size."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        data_id: _builtins.str = ...,
+        read_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_id", b"data_id", "name", b"name", "read_offset", b"read_offset", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadDatasetItemRequest: _TypeAlias = DownloadDatasetItemRequest  # noqa: Y015
+
+@_typing.final
+class DownloadDatasetItemResponse(_message.Message):
+    """DownloadDatasetItemResponse is one message of a dataset item's download stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the item."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """Exactly once, first."""
+
+    def __init__(
+        self,
+        *,
+        data: Global___Data | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "content", b"content", "data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["data", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
+
+Global___DownloadDatasetItemResponse: _TypeAlias = DownloadDatasetItemResponse  # noqa: Y015

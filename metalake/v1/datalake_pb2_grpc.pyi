@@ -84,6 +84,23 @@ class DatalakeServiceStub:
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
     """
+    CreateDataset: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.CreateDatasetRequest, _datalake_pb2.CreateDatasetResponse]
+    """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+    their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+    not change it, and the bytes of its items are kept while it exists.
+    """
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetsRequest, _datalake_pb2.ListDatasetsResponse]
+    """Lists dataset versions, newest first within each name, one page at a time."""
+    GetDataset: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.GetDatasetRequest, _datalake_pb2.GetDatasetResponse]
+    """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+    ListDatasetItems: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetItemsRequest, _datalake_pb2.ListDatasetItemsResponse]
+    """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+    DiffDatasets: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.DiffDatasetsRequest, _datalake_pb2.DiffDatasetsResponse]
+    """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+    DownloadDatasetItem: _grpc.UnaryStreamMultiCallable[_datalake_pb2.DownloadDatasetItemRequest, _datalake_pb2.DownloadDatasetItemResponse]
+    """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+    item itself was deleted. The first message carries the item as frozen in the version.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -136,6 +153,23 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+    """
+    CreateDataset: _aio.UnaryUnaryMultiCallable[_datalake_pb2.CreateDatasetRequest, _datalake_pb2.CreateDatasetResponse]  # type: ignore[assignment]
+    """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+    their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+    not change it, and the bytes of its items are kept while it exists.
+    """
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetsRequest, _datalake_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists dataset versions, newest first within each name, one page at a time."""
+    GetDataset: _aio.UnaryUnaryMultiCallable[_datalake_pb2.GetDatasetRequest, _datalake_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+    ListDatasetItems: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetItemsRequest, _datalake_pb2.ListDatasetItemsResponse]  # type: ignore[assignment]
+    """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+    DiffDatasets: _aio.UnaryUnaryMultiCallable[_datalake_pb2.DiffDatasetsRequest, _datalake_pb2.DiffDatasetsResponse]  # type: ignore[assignment]
+    """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+    DownloadDatasetItem: _aio.UnaryStreamMultiCallable[_datalake_pb2.DownloadDatasetItemRequest, _datalake_pb2.DownloadDatasetItemResponse]  # type: ignore[assignment]
+    """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+    item itself was deleted. The first message carries the item as frozen in the version.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -258,6 +292,59 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
         filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
         and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateDataset(
+        self,
+        request: _datalake_pb2.CreateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.CreateDatasetResponse, _abc.Awaitable[_datalake_pb2.CreateDatasetResponse]]:
+        """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+        their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+        not change it, and the bytes of its items are kept while it exists.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _datalake_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListDatasetsResponse, _abc.Awaitable[_datalake_pb2.ListDatasetsResponse]]:
+        """Lists dataset versions, newest first within each name, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetDataset(
+        self,
+        request: _datalake_pb2.GetDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.GetDatasetResponse, _abc.Awaitable[_datalake_pb2.GetDatasetResponse]]:
+        """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+
+    @_abc_1.abstractmethod
+    def ListDatasetItems(
+        self,
+        request: _datalake_pb2.ListDatasetItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListDatasetItemsResponse, _abc.Awaitable[_datalake_pb2.ListDatasetItemsResponse]]:
+        """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+
+    @_abc_1.abstractmethod
+    def DiffDatasets(
+        self,
+        request: _datalake_pb2.DiffDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.DiffDatasetsResponse, _abc.Awaitable[_datalake_pb2.DiffDatasetsResponse]]:
+        """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+
+    @_abc_1.abstractmethod
+    def DownloadDatasetItem(
+        self,
+        request: _datalake_pb2.DownloadDatasetItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datalake_pb2.DownloadDatasetItemResponse], _abc.AsyncIterator[_datalake_pb2.DownloadDatasetItemResponse]]:
+        """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+        item itself was deleted. The first message carries the item as frozen in the version.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
