@@ -5,7 +5,7 @@ datalake = Client("127.0.0.1:50051").get_datalake()
 data = datalake.upload_data("photo.jpg", metadata={"reference": "7NGOMI"}, fill_metadata=True)
 """
 
-from metalake.client import Client, Data, Datalake, Dataset, DatasetChange
+from metalake.client import Client, Data, Datalake, Dataset, DatasetChange, Similar
 from metalake.errors import (
     AuthenticationError,
     ConflictError,
@@ -38,6 +38,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "Similar",
     "UnavailableError",
     "UploadError",
 ]

@@ -150,6 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_dataset_commands(commands)
 
+    similar = _client_command(
+        commands,
+        "similar",
+        "find images that look like an item or an image file",
+        "examples:\n  metalake similar ID\n  metalake similar ID --max-distance 4 --json\n"
+        "  metalake similar --image photo.jpg --filter 'reference = \"7NGOMI\"'",
+    )
+    similar.add_argument("id", nargs="?", help="a stored image's id")
+    similar.add_argument("--image", type=Path, help="a local image instead of an id (<= 4 MiB)")
+    similar.add_argument(
+        "--max-distance", type=int, help="largest Hamming distance, 0 to 11 (server default 8)"
+    )
+    similar.add_argument("--filter", default="", help="AIP-160 filter the results must match")
+    similar.add_argument("--no-mirrored", action="store_true", help="do not match flipped copies")
+    similar.add_argument("--limit", type=_positive_int, help="at most this many results")
+    similar.add_argument("-q", "--quiet", action="store_true", help="print only the ids")
+    similar.set_defaults(func=_similar)
+
+    dedup = _client_command(
+        commands,
+        "dedup",
+        "report groups of near-duplicate images",
+        "examples:\n  metalake dedup\n  metalake dedup --filter 'tags:\"field\"' "
+        "--max-distance 6 --json",
+    )
+    dedup.add_argument("--filter", default="", help="AIP-160 filter: only these items")
+    dedup.add_argument(
+        "--max-distance", type=int, help="largest Hamming distance, 0 to 11 (server default 8)"
+    )
+    dedup.set_defaults(func=_dedup)
+
     from metalake.extractors.cli import add_commands as add_extractor_commands
     from metalake.server.admin import add_commands as add_admin_commands
 
@@ -341,6 +372,52 @@ def _dataset_download(args: argparse.Namespace) -> int:
             print(json.dumps({**data.to_json(), "path": str(path)}, ensure_ascii=False))
         else:
             print(f"{data.id} -> {path}")
+    return EXIT_OK
+
+
+def _similar(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.image is None):
+        raise UsageError("give an ID or --image FILE (one of them)")
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"no such file: {args.image}")
+    with _client(args) as client:
+        results = client.get_datalake().find_similar(
+            args.id,
+            image=args.image,
+            max_distance=args.max_distance,
+            filter=args.filter,
+            include_mirrored=not args.no_mirrored,
+        )
+        for count, result in enumerate(results):
+            if args.limit is not None and count >= args.limit:
+                break
+            if args.json:
+                print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+            elif args.quiet:
+                print(result.data.id, flush=True)
+            else:
+                flipped = "  (mirror image)" if result.mirrored else ""
+                print(
+                    f"{result.distance:>2}  {result.data.id}  {result.data.filename}{flipped}",
+                    flush=True,
+                )
+    return EXIT_OK
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        groups = client.get_datalake().find_duplicates(
+            args.filter or None, max_distance=args.max_distance
+        )
+    for number, group in enumerate(groups, 1):
+        if args.json:
+            print(json.dumps({"group": number, "items": [d.to_json() for d in group]}))
+            continue
+        print(f"group {number}: {len(group)} items")
+        for data in group:
+            print(f"  {data.id}  {data.filename}  {data.size} bytes")
+    if not args.json:
+        print(f"{len(groups)} group(s), {sum(len(g) for g in groups)} items", file=sys.stderr)
     return EXIT_OK
 
 

@@ -32,6 +32,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from metalake import metadata as md
 from metalake.errors import (
     IntegrityError,
+    InvalidArgumentError,
     MetalakeError,
     UploadError,
     from_rpc_error,
@@ -555,6 +556,72 @@ class Datalake:
         (target / "manifest.jsonl").write_bytes(manifest)
         return written
 
+    # Near-duplicates.
+
+    def find_similar(
+        self,
+        data_id: str | None = None,
+        *,
+        image: PathLike | bytes | None = None,
+        max_distance: int | None = None,
+        filter: str | None = None,
+        include_mirrored: bool = True,
+        page_size: int = 100,
+    ) -> Iterator[Similar]:
+        """Images that look like the item `data_id`, or like `image` (a path or bytes, at most
+        4 MiB): within `max_distance` bits of its perceptual hash (the server's default, 8,
+        when None), closest first; mirror images match unless include_mirrored=False."""
+        if (data_id is None) == (image is None):
+            raise ValueError("give exactly one of data_id and image")
+        request = pb.FindSimilarRequest(
+            filter=filter or "", page_size=page_size, exclude_mirrored=not include_mirrored
+        )
+        if data_id is not None:
+            request.id = data_id
+        else:
+            assert image is not None
+            request.image = image if isinstance(image, bytes) else Path(image).read_bytes()
+        if max_distance is not None:
+            request.max_distance = max_distance
+        while True:
+            page = self._client.call(self._client._stub.FindSimilar, request)
+            for result in page.results:
+                yield Similar(Data(self._client, result.data), result.distance, result.mirrored)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def find_duplicates(
+        self, filter: str | None = None, *, max_distance: int | None = None
+    ) -> list[list[Data]]:
+        """Groups of near-duplicate images among the items matching `filter`: each group is
+        every item linked to another of the group by a distance within `max_distance`, in id
+        order; groups by their first id. One FindSimilar call per image."""
+        images = (
+            f'({filter}) AND content_type = "image/*"' if filter else 'content_type = "image/*"'
+        )
+        items = {data.id: data for data in self.list_data(images, page_size=1000)}
+        parent = {data_id: data_id for data_id in items}
+
+        def root(data_id: str) -> str:
+            while parent[data_id] != data_id:
+                parent[data_id] = parent[parent[data_id]]
+                data_id = parent[data_id]
+            return data_id
+
+        for data_id in items:
+            try:
+                similar = list(self.find_similar(data_id, max_distance=max_distance, filter=filter))
+            except InvalidArgumentError:
+                continue  # not an image the server can read
+            for other in similar:
+                if other.data.id in parent:
+                    parent[root(other.data.id)] = root(data_id)
+        groups: dict[str, list[Data]] = {}
+        for data_id in sorted(items):
+            groups.setdefault(root(data_id), []).append(items[data_id])
+        return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0].id)
+
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""
         path = Path(path)
@@ -726,6 +793,19 @@ class Data:
             "metadata": md.to_jsonable(self.metadata),
             "metadata_sources": self.metadata_sources,
         }
+
+
+@dataclass(frozen=True)
+class Similar:
+    """An image close to a query: its Data, the Hamming distance between the perceptual
+    hashes, and whether it is closest to the query's mirror image (a flipped copy)."""
+
+    data: Data
+    distance: int
+    mirrored: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"distance": self.distance, "mirrored": self.mirrored, **self.data.to_json()}
 
 
 MANIFEST_FORMAT = "metalake-dataset-manifest/1"

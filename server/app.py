@@ -32,9 +32,13 @@ from metalake.server.observability import (
 )
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
+from metalake.server.similarity import Similarity, keep_hashing
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds between looks for new images to hash when there were none (near-duplicate search).
+HASH_INTERVAL = 1.0
 
 SERVICE_NAME = datalake_pb2.DESCRIPTOR.services_by_name["DatalakeService"].full_name
 
@@ -47,6 +51,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    similarity: Similarity | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -136,8 +141,9 @@ async def start(settings: Settings) -> RunningServer:
     datasets = Datasets(
         datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
     )
+    similarity = Similarity(datalake.catalog, datalake.blobs, spool_dir=settings.data_dir / "tmp")
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(
-        DatalakeServicer(datalake, datasets), server
+        DatalakeServicer(datalake, datasets, similarity), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -158,7 +164,16 @@ async def start(settings: Settings) -> RunningServer:
     collector = asyncio.create_task(
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
+    hasher = asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL))
+    return RunningServer(
+        server,
+        port,
+        datalake,
+        health_servicer,
+        tokens,
+        [collector, hasher],
+        similarity,
+    )
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:

@@ -74,6 +74,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "ListDatasetItems": Role.READ,
     "DiffDatasets": Role.READ,
     "DownloadDatasetItem": Role.READ,
+    "FindSimilar": Role.READ,
 }
 
 

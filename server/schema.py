@@ -189,3 +189,18 @@ dataset_item_tags_table = Table(
         ondelete="CASCADE",
     ),
 )
+
+# Near-duplicate search: each image's 64-bit dHash (and its mirror image's), stored as signed
+# BIGINTs, and the hash's three bands (21, 21 and 22 bits), each indexed: a Hamming query looks
+# up band values (multi-index hashing, see server/similarity.py). A row with a NULL dhash
+# records an item that is not a decodable image, so that it is not tried again.
+image_hashes_table = Table(
+    "image_hashes",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("dhash", BigInteger, nullable=True),
+    Column("mirror", BigInteger, nullable=True),
+    *(Column(f"band{i}", Integer, nullable=True) for i in range(3)),
+    *(Index(f"ix_image_hashes_band{i}", "org", f"band{i}") for i in range(3)),
+)

@@ -40,6 +40,7 @@ from metalake.server.observability import (
     current_request_id,
 )
 from metalake.server.resumable import UploadWrite
+from metalake.server.similarity import Similarity
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
@@ -130,9 +131,10 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Req
 
 
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
-    def __init__(self, datalake: Datalake, datasets: Datasets) -> None:
+    def __init__(self, datalake: Datalake, datasets: Datasets, similarity: Similarity) -> None:
         self._datalake = datalake
         self._datasets = datasets
+        self._similarity = similarity
 
     @_translating_errors
     async def UploadData(
@@ -364,6 +366,30 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             return
         async for message in _stream_download(download, context):
             yield pb.DownloadDatasetItemResponse(**message)
+
+    @_translating_errors
+    async def FindSimilar(
+        self, request: pb.FindSimilarRequest, context: Context
+    ) -> pb.FindSimilarResponse:
+        found, token = await self._similarity.find(
+            _org(),
+            data_id=request.id,
+            image=request.image,
+            max_distance=request.max_distance if request.HasField("max_distance") else None,
+            filter=request.filter,
+            include_mirrored=not request.exclude_mirrored,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.FindSimilarResponse(
+            results=[
+                pb.SimilarData(
+                    data=data_to_proto(s.record), distance=s.distance, mirrored=s.mirrored
+                )
+                for s in found
+            ],
+            next_page_token=token,
+        )
 
 
 async def _stream_download(download: Download, context: Context) -> AsyncIterator[dict[str, Any]]:

@@ -1653,3 +1653,118 @@ class DownloadDatasetItemResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
 Global___DownloadDatasetItemResponse: _TypeAlias = DownloadDatasetItemResponse  # noqa: Y015
+
+@_typing.final
+class FindSimilarRequest(_message.Message):
+    """FindSimilarRequest asks for the images close to one item or image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MAX_DISTANCE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EXCLUDE_MIRRORED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """A stored item (an image); it is not among the results."""
+    image: _builtins.bytes
+    """An image's bytes (JPEG, PNG, TIFF, HEIC, ...), at most the 4 MiB message limit."""
+    max_distance: _builtins.int
+    """The largest Hamming distance between hashes, 0 to 11; absent: 8. 0 finds the same picture
+    (not only the same bytes) resaved, resized or recompressed.
+    """
+    filter: _builtins.str
+    """A ListData filter the results must also match; empty: every item."""
+    page_size: _builtins.int
+    """Most results to return, 1 to 1,000. 0: 50."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, for the same request."""
+    exclude_mirrored: _builtins.bool
+    """Do not match mirror images (a photo flipped left to right). By default they match."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        image: _builtins.bytes = ...,
+        max_distance: _builtins.int | None = ...,
+        filter: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        exclude_mirrored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "id", b"id", "image", b"image", "max_distance", b"max_distance", "query", b"query"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance", "exclude_mirrored", b"exclude_mirrored", "filter", b"filter", "id", b"id", "image", b"image", "max_distance", b"max_distance", "page_size", b"page_size", "page_token", b"page_token", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_distance: _TypeAlias = _typing.Literal["max_distance"]  # noqa: Y015
+    _WhichOneofArgType__max_distance: _TypeAlias = _typing.Literal["_max_distance", b"_max_distance"]  # noqa: Y015
+    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["id", "image"]  # noqa: Y015
+    _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_distance) -> _WhichOneofReturnType__max_distance | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
+
+Global___FindSimilarRequest: _TypeAlias = FindSimilarRequest  # noqa: Y015
+
+@_typing.final
+class SimilarData(_message.Message):
+    """SimilarData is one image close to the query."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    DISTANCE_FIELD_NUMBER: _builtins.int
+    MIRRORED_FIELD_NUMBER: _builtins.int
+    distance: _builtins.int
+    """Hamming distance between the hashes, 0 to 64."""
+    mirrored: _builtins.bool
+    """The item is closest to the query's mirror image (a flipped copy)."""
+    @_builtins.property
+    def data(self) -> Global___Data:
+        """The item."""
+
+    def __init__(
+        self,
+        *,
+        data: Global___Data | None = ...,
+        distance: _builtins.int = ...,
+        mirrored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "distance", b"distance", "mirrored", b"mirrored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarData: _TypeAlias = SimilarData  # noqa: Y015
+
+@_typing.final
+class FindSimilarResponse(_message.Message):
+    """FindSimilarResponse is one page of similar images, closest first (then by id)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarData]:
+        """The images of this page."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SimilarData] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindSimilarResponse: _TypeAlias = FindSimilarResponse  # noqa: Y015

@@ -129,6 +129,11 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.FromString,
                 _registered_method=True)
+        self.FindSimilar = channel.unary_unary(
+                '/metalake.v1.DatalakeService/FindSimilar',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
+                _registered_method=True)
 
 
 class DatalakeServiceServicer:
@@ -280,6 +285,15 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindSimilar(self, request, context):
+        """Finds the organization's images that look like an item or like an image sent in the
+        request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+        image's, closest first. Answered from an index, not a scan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatalakeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -372,6 +386,11 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.DownloadDatasetItem,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.SerializeToString,
+            ),
+            'FindSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSimilar,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -865,6 +884,33 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/DownloadDatasetItem',
             metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/FindSimilar',
+            metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
             options,
             channel_credentials,
             insecure,

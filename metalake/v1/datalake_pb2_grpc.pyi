@@ -101,6 +101,11 @@ class DatalakeServiceStub:
     """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
     item itself was deleted. The first message carries the item as frozen in the version.
     """
+    FindSimilar: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.FindSimilarRequest, _datalake_pb2.FindSimilarResponse]
+    """Finds the organization's images that look like an item or like an image sent in the
+    request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+    image's, closest first. Answered from an index, not a scan.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -170,6 +175,11 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     DownloadDatasetItem: _aio.UnaryStreamMultiCallable[_datalake_pb2.DownloadDatasetItemRequest, _datalake_pb2.DownloadDatasetItemResponse]  # type: ignore[assignment]
     """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
     item itself was deleted. The first message carries the item as frozen in the version.
+    """
+    FindSimilar: _aio.UnaryUnaryMultiCallable[_datalake_pb2.FindSimilarRequest, _datalake_pb2.FindSimilarResponse]  # type: ignore[assignment]
+    """Finds the organization's images that look like an item or like an image sent in the
+    request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+    image's, closest first. Answered from an index, not a scan.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -345,6 +355,17 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_datalake_pb2.DownloadDatasetItemResponse], _abc.AsyncIterator[_datalake_pb2.DownloadDatasetItemResponse]]:
         """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
         item itself was deleted. The first message carries the item as frozen in the version.
+        """
+
+    @_abc_1.abstractmethod
+    def FindSimilar(
+        self,
+        request: _datalake_pb2.FindSimilarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.FindSimilarResponse, _abc.Awaitable[_datalake_pb2.FindSimilarResponse]]:
+        """Finds the organization's images that look like an item or like an image sent in the
+        request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+        image's, closest first. Answered from an index, not a scan.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
