@@ -271,15 +271,17 @@ class Similarity:
         return rows[-1].seq, [(r.id, r.org, r.blob_key) for r in rows if r.id in pending]
 
     async def _hash_all(self, items: Iterable[tuple[str, str, str]]) -> int:
-        count = 0
+        """Hash a batch one image at a time, then store the batch in one transaction (one
+        commit, not one per image, beside the uploads' commits)."""
+        found: list[tuple[str, str, ImageHash | None]] = []
         for data_id, org, blob_key in items:
             try:
-                found = await self._hash_blob(blob_key)
+                found.append((data_id, org, await self._hash_blob(blob_key)))
             except FileNotFoundError:
                 continue  # deleted meanwhile
-            await self._catalog.run(functools.partial(self._store, data_id, org, found), write=True)
-            count += found is not None
-        return count
+        if found:
+            await self._catalog.run(functools.partial(self._store_many, found), write=True)
+        return sum(image is not None for _, _, image in found)
 
     async def _hash_blob(self, blob_key: str) -> ImageHash | None:
         """The hash of a stored blob, None when it is not a decodable image. The bytes are
@@ -296,24 +298,31 @@ class Similarity:
                 return None
 
     def _store(self, data_id: str, org: str, found: ImageHash | None) -> None:
-        values: dict[str, Any] = {"data_id": data_id, "org": org}
-        if found is not None:
-            values |= {"dhash": _signed(found.value), "mirror": _signed(found.mirror)}
-            values |= {f"band{i}": band for i, band in enumerate(bands(found.value))}
+        self._store_many([(data_id, org, found)])
+
+    def _store_many(self, hashed: list[tuple[str, str, ImageHash | None]]) -> None:
+        """Store hashes (None: not an image) of the items that still exist."""
         dialect_insert = (
             postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         )
         with self._engine.begin() as connection:
-            still_there = connection.execute(
-                select(data_table.c.id).where(data_table.c.id == data_id)
-            ).first()
-            if still_there is None:
-                return
-            connection.execute(
-                dialect_insert(image_hashes_table)
-                .values(**values)
-                .on_conflict_do_nothing(index_elements=["data_id"])
+            existing = set(
+                connection.execute(
+                    select(data_table.c.id).where(data_table.c.id.in_([h[0] for h in hashed]))
+                ).scalars()
             )
+            for data_id, org, found in hashed:
+                if data_id not in existing:
+                    continue
+                values: dict[str, Any] = {"data_id": data_id, "org": org}
+                if found is not None:
+                    values |= {"dhash": _signed(found.value), "mirror": _signed(found.mirror)}
+                    values |= {f"band{i}": band for i, band in enumerate(bands(found.value))}
+                connection.execute(
+                    dialect_insert(image_hashes_table)
+                    .values(**values)
+                    .on_conflict_do_nothing(index_elements=["data_id"])
+                )
 
     # Queries.
 

@@ -32,7 +32,9 @@ def upgrade() -> None:
         *(sa.Column(f"band{i}", sa.Integer, nullable=True) for i in range(3)),
     )
     for i in range(3):
-        op.create_index(f"ix_image_hashes_band{i}", "image_hashes", ["org", f"band{i}"])
+        op.create_index(
+            f"ix_image_hashes_band{i}", "image_hashes", ["org", f"band{i}", "dhash", "data_id"]
+        )
 
 
 def downgrade() -> None:
