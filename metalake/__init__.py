@@ -5,7 +5,16 @@ datalake = Client("127.0.0.1:50051").get_datalake()
 data = datalake.upload_data("photo.jpg", metadata={"reference": "7NGOMI"}, fill_metadata=True)
 """
 
-from metalake.client import Client, Data, Datalake, Dataset, DatasetChange, Similar
+from metalake.client import (
+    Client,
+    Data,
+    Datalake,
+    Dataset,
+    DatasetChange,
+    Similar,
+    Webhook,
+    WebhookDelivery,
+)
 from metalake.errors import (
     AuthenticationError,
     ConflictError,
@@ -41,4 +50,6 @@ __all__ = [
     "Similar",
     "UnavailableError",
     "UploadError",
+    "Webhook",
+    "WebhookDelivery",
 ]

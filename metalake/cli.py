@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from metalake import metadata as md
-from metalake.client import DEFAULT_TARGET, Client, Data, Dataset
+from metalake.client import DEFAULT_TARGET, Client, Data, Dataset, WebhookDelivery
 from metalake.errors import InvalidArgumentError, MetalakeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-distance", type=int, help="largest Hamming distance, 0 to 11 (server default 8)"
     )
     dedup.set_defaults(func=_dedup)
+
+    _add_webhook_commands(commands)
 
     from metalake.extractors.cli import add_commands as add_extractor_commands
     from metalake.server.admin import add_commands as add_admin_commands
@@ -419,6 +421,119 @@ def _dedup(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{len(groups)} group(s), {sum(len(g) for g in groups)} items", file=sys.stderr)
     return EXIT_OK
+
+
+def _add_webhook_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    webhook = commands.add_parser(
+        "webhook",
+        help="send the organization's changes to HTTP endpoints (admin token)",
+        description="Webhooks: every change of the organization's items is POSTed as JSON to "
+        "each registered URL, signed the Standard Webhooks way, retried for a day.",
+    )
+    actions = webhook.add_subparsers(dest="webhook_action", required=True, metavar="ACTION")
+    add = _subcommand(
+        actions,
+        "add",
+        "register an endpoint and print its signing secret (shown once)",
+        "example:\n  metalake webhook add https://hooks.example.com/metalake "
+        "--events created,deleted --filter 'tags:\"field\"' --json",
+    )
+    add.add_argument("url")
+    add.add_argument(
+        "--events",
+        default="created,updated,deleted",
+        help="comma-separated: created, updated, deleted (default: all three)",
+    )
+    add.add_argument("--filter", default="", help="AIP-160 filter the item must match")
+    add.set_defaults(func=_webhook_add)
+    ls = _subcommand(
+        actions, "ls", "list the organization's webhooks", "example:\n  metalake webhook ls"
+    )
+    ls.set_defaults(func=_webhook_ls)
+    rm = _subcommand(actions, "rm", "remove a webhook", "example:\n  metalake webhook rm wh_123")
+    rm.add_argument("id")
+    rm.set_defaults(func=_webhook_rm)
+    deliveries = _subcommand(
+        actions,
+        "deliveries",
+        "show a webhook's delivery log, newest first",
+        "example:\n  metalake webhook deliveries wh_123 --limit 20 --json",
+    )
+    deliveries.add_argument("id")
+    deliveries.add_argument("--limit", type=_positive_int, help="at most this many")
+    deliveries.set_defaults(func=_webhook_deliveries)
+    test = _subcommand(
+        actions, "test", "send a test event now", "example:\n  metalake webhook test wh_123"
+    )
+    test.add_argument("id")
+    test.set_defaults(func=_webhook_test)
+
+
+def _print_delivery(delivery: WebhookDelivery, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(delivery.to_json()), flush=True)
+        return
+    answer = delivery.response_status if delivery.response_status is not None else "-"
+    print(
+        f"{delivery.id}  {delivery.event_type:<13} {delivery.status:<9} "
+        f"attempts {delivery.attempts}  answer {answer}  {delivery.data_id}  {delivery.error}",
+        flush=True,
+    )
+
+
+def _webhook_add(args: argparse.Namespace) -> int:
+    events = [e.strip() for e in args.events.split(",") if e.strip()]
+    with _client(args) as client:
+        try:
+            created = client.get_datalake().add_webhook(args.url, events, filter=args.filter)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(created.to_json()))
+    else:
+        print(created.secret)
+        print(
+            f"(webhook {created.id} -> {created.url}, events {','.join(created.events)}: this "
+            "signing secret is shown once; give it to the receiver)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _webhook_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for webhook in client.get_datalake().list_webhooks():
+            if args.json:
+                print(json.dumps(webhook.to_json()))
+            else:
+                print(
+                    f"{webhook.id}  {webhook.url}  {','.join(webhook.events)}  "
+                    f"{webhook.filter or '(all items)'}"
+                )
+    return EXIT_OK
+
+
+def _webhook_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.get_datalake().delete_webhook(args.id)
+    print(json.dumps({"id": args.id, "deleted": True}) if args.json else f"removed {args.id}")
+    return EXIT_OK
+
+
+def _webhook_deliveries(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for count, delivery in enumerate(client.get_datalake().webhook_deliveries(args.id)):
+            if args.limit is not None and count >= args.limit:
+                break
+            _print_delivery(delivery, args)
+    return EXIT_OK
+
+
+def _webhook_test(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        delivery = client.get_datalake().test_webhook(args.id)
+    _print_delivery(delivery, args)
+    return EXIT_OK if delivery.status == "delivered" else EXIT_FAILED
 
 
 def _positive_int(text: str) -> int:

@@ -622,6 +622,56 @@ class Datalake:
             groups.setdefault(root(data_id), []).append(items[data_id])
         return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0].id)
 
+    # Webhooks (admin tokens).
+
+    def add_webhook(
+        self,
+        url: str,
+        events: Iterable[str] = ("created", "updated", "deleted"),
+        *,
+        filter: str | None = None,
+    ) -> Webhook:
+        """Register an endpoint for the organization's changes; the returned Webhook's `secret`
+        (whsec_...) is shown this once: receivers verify signatures with it."""
+        names = list(events)
+        unknown = [name for name in names if name not in _EVENT_NUMBERS]
+        if unknown or not names:
+            raise ValueError(
+                f"events must be some of {', '.join(_EVENT_NUMBERS)}; got {', '.join(names)}"
+            )
+        request = pb.CreateWebhookRequest(
+            url=url, event_types=[_EVENT_NUMBERS[n] for n in names], filter=filter or ""
+        )
+        response = self._client.call(self._client._stub.CreateWebhook, request)
+        return Webhook(response.webhook, secret=response.secret)
+
+    def list_webhooks(self) -> list[Webhook]:
+        response = self._client.call(self._client._stub.ListWebhooks, pb.ListWebhooksRequest())
+        return [Webhook(message) for message in response.webhooks]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._client.call(self._client._stub.DeleteWebhook, pb.DeleteWebhookRequest(id=webhook_id))
+
+    def webhook_deliveries(self, webhook_id: str) -> Iterator[WebhookDelivery]:
+        """A webhook's delivery log, newest first, page by page."""
+        token = ""
+        while True:
+            request = pb.ListWebhookDeliveriesRequest(
+                webhook_id=webhook_id, page_size=100, page_token=token
+            )
+            page = self._client.call(self._client._stub.ListWebhookDeliveries, request)
+            yield from (WebhookDelivery(message) for message in page.deliveries)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def test_webhook(self, webhook_id: str) -> WebhookDelivery:
+        """Send a test event now; the delivery after its first attempt."""
+        response = self._client.call(
+            self._client._stub.TestWebhook, pb.TestWebhookRequest(id=webhook_id)
+        )
+        return WebhookDelivery(response.delivery)
+
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""
         path = Path(path)
@@ -808,6 +858,87 @@ class Similar:
         return {"distance": self.distance, "mirrored": self.mirrored, **self.data.to_json()}
 
 
+class Webhook:
+    """An HTTP endpoint receiving the organization's changes. `secret` is set only on the
+    object add_webhook returns."""
+
+    def __init__(self, message: pb.Webhook, *, secret: str = "") -> None:
+        self.id: str = message.id
+        self.url: str = message.url
+        self.events: list[str] = [_EVENT_TYPES.get(e, "unknown") for e in message.event_types]
+        self.filter: str = message.filter
+        self.created_at: datetime = message.created_at.ToDatetime().replace(tzinfo=UTC)
+        self.secret: str = secret
+
+    def __repr__(self) -> str:
+        return f"<Webhook {self.id} {self.url} {','.join(self.events)}>"
+
+    def to_json(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "url": self.url,
+            "events": self.events,
+            "filter": self.filter,
+            "created_at": md.format_datetime(self.created_at),
+        }
+        if self.secret:
+            payload["secret"] = self.secret
+        return payload
+
+
+class WebhookDelivery:
+    """One event for one webhook: `status` is pending, delivered or failed."""
+
+    def __init__(self, message: pb.WebhookDelivery) -> None:
+        def when(field: str) -> datetime | None:
+            if not message.HasField(field):  # type: ignore[arg-type]
+                return None
+            value: datetime = getattr(message, field).ToDatetime().replace(tzinfo=UTC)
+            return value
+
+        self.id: str = message.id
+        self.webhook_id: str = message.webhook_id
+        self.event_type: str = message.event_type
+        self.data_id: str = message.data_id
+        self.status: str = _DELIVERY_STATUSES.get(message.status, "unknown")
+        self.attempts: int = message.attempts
+        self.created_at: datetime | None = when("created_at")
+        self.next_attempt_at: datetime | None = when("next_attempt_at")
+        self.last_attempt_at: datetime | None = when("last_attempt_at")
+        self.response_status: int | None = (
+            message.response_status if message.HasField("response_status") else None
+        )
+        self.error: str = message.error
+
+    def __repr__(self) -> str:
+        return f"<WebhookDelivery {self.id} {self.event_type} {self.status}>"
+
+    def to_json(self) -> dict[str, Any]:
+        def text(value: datetime | None) -> str | None:
+            return md.format_datetime(value) if value is not None else None
+
+        return {
+            "id": self.id,
+            "webhook_id": self.webhook_id,
+            "event_type": self.event_type,
+            "data_id": self.data_id,
+            "status": self.status,
+            "attempts": self.attempts,
+            "created_at": text(self.created_at),
+            "next_attempt_at": text(self.next_attempt_at),
+            "last_attempt_at": text(self.last_attempt_at),
+            "response_status": self.response_status,
+            "error": self.error,
+        }
+
+
+_DELIVERY_STATUSES = {
+    pb.DELIVERY_STATUS_PENDING: "pending",
+    pb.DELIVERY_STATUS_DELIVERED: "delivered",
+    pb.DELIVERY_STATUS_FAILED: "failed",
+}
+
+
 MANIFEST_FORMAT = "metalake-dataset-manifest/1"
 
 
@@ -890,6 +1021,7 @@ _EVENT_TYPES = {
     pb.EVENT_TYPE_UPDATED: "updated",
     pb.EVENT_TYPE_DELETED: "deleted",
 }
+_EVENT_NUMBERS = {name: number for number, name in _EVENT_TYPES.items()}
 
 
 def _download(

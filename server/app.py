@@ -33,6 +33,7 @@ from metalake.server.observability import (
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
 from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class RunningServer:
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
     similarity: Similarity | None = None
+    webhooks: Webhooks | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -60,10 +62,14 @@ class RunningServer:
         self.datalake.start_draining()
         for task in self.background:
             task.cancel()
+        # Let them finish cancelling on this loop, not be destroyed half-way when it closes.
+        await asyncio.gather(*self.background, return_exceptions=True)
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
+        if self.webhooks is not None:
+            self.webhooks.close()
         await self.datalake.catalog.close()
 
 
@@ -142,8 +148,16 @@ async def start(settings: Settings) -> RunningServer:
         datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
     )
     similarity = Similarity(datalake.catalog, datalake.blobs, spool_dir=settings.data_dir / "tmp")
+    webhooks = Webhooks(
+        datalake.catalog,
+        DeliverySettings(
+            timeout=settings.webhook_timeout,
+            retry_base=settings.webhook_retry_base,
+            retry_for=settings.webhook_retry_for,
+        ),
+    )
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(
-        DatalakeServicer(datalake, datasets, similarity), server
+        DatalakeServicer(datalake, datasets, similarity, webhooks), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -165,14 +179,17 @@ async def start(settings: Settings) -> RunningServer:
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
     hasher = asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL))
+    # Deliveries run beside the request path, on threads of their own (see server.webhooks).
+    deliverer = asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval))
     return RunningServer(
         server,
         port,
         datalake,
         health_servicer,
         tokens,
-        [collector, hasher],
+        [collector, hasher, deliverer],
         similarity,
+        webhooks,
     )
 
 

@@ -75,6 +75,12 @@ REQUIRED_ROLE: dict[str, Role] = {
     "DiffDatasets": Role.READ,
     "DownloadDatasetItem": Role.READ,
     "FindSimilar": Role.READ,
+    # Webhooks send the organization's data elsewhere: admin only.
+    "CreateWebhook": Role.ADMIN,
+    "ListWebhooks": Role.ADMIN,
+    "DeleteWebhook": Role.ADMIN,
+    "ListWebhookDeliveries": Role.ADMIN,
+    "TestWebhook": Role.ADMIN,
 }
 
 

@@ -205,3 +205,50 @@ image_hashes_table = Table(
     # Covering: a query reads candidates' hashes from the index alone, no table lookups.
     *(Index(f"ix_image_hashes_band{i}", "org", f"band{i}", "dhash", "data_id") for i in range(3)),
 )
+
+# Webhooks: endpoints an organization registered (the secret is kept: every POST is signed with
+# it), each with its place in the change log, and the delivery log: one row per event and
+# webhook, with the exact body sent, its attempts, and a lease while a server is sending it.
+webhooks_table = Table(
+    "webhooks",
+    metadata_obj,
+    Column("id", String(32), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # comma-separated EventType numbers
+    Column("filter", Text, nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("after_seq", BigInteger, nullable=False),  # events up to here are fanned out
+    Index("ix_webhooks_org", "org", "created_at"),
+)
+
+webhook_deliveries_table = Table(
+    "webhook_deliveries",
+    metadata_obj,
+    Column("id", String(80), primary_key=True),  # the webhook-id header: same on every attempt
+    Column(
+        "webhook_id",
+        String(32),
+        ForeignKey("webhooks.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("org", String(64), nullable=False),
+    Column("event_seq", BigInteger, nullable=True),  # NULL: a test event
+    Column("data_id", String(36), nullable=True),
+    Column("event_type", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_attempt_at", BigInteger, nullable=True),
+    Column("response_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("lease_token", String(32), nullable=True),
+    Column("lease_until", BigInteger, nullable=True),
+    Index("ix_webhook_deliveries_event", "webhook_id", "event_seq", unique=True),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_item", "webhook_id", "data_id", "event_seq"),
+    Index("ix_webhook_deliveries_log", "webhook_id", "created_at", "id"),
+)

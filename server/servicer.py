@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 
 from metalake import metadata as md
 from metalake.server.auth import current_caller
-from metalake.server.catalog import DataRecord
+from metalake.server.catalog import DataRecord, EventType
 from metalake.server.datalake import Datalake, Download
 from metalake.server.datasets import Datasets, DatasetVersion, DiffEntry
 from metalake.server.errors import (
@@ -41,6 +41,7 @@ from metalake.server.observability import (
 )
 from metalake.server.resumable import UploadWrite
 from metalake.server.similarity import Similarity
+from metalake.server.webhooks import Delivery, Webhook, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
@@ -131,10 +132,17 @@ def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Req
 
 
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
-    def __init__(self, datalake: Datalake, datasets: Datasets, similarity: Similarity) -> None:
+    def __init__(
+        self,
+        datalake: Datalake,
+        datasets: Datasets,
+        similarity: Similarity,
+        webhooks: Webhooks,
+    ) -> None:
         self._datalake = datalake
         self._datasets = datasets
         self._similarity = similarity
+        self._webhooks = webhooks
 
     @_translating_errors
     async def UploadData(
@@ -390,6 +398,92 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             ],
             next_page_token=token,
         )
+
+    # Webhooks.
+
+    @_translating_errors
+    async def CreateWebhook(
+        self, request: pb.CreateWebhookRequest, context: Context
+    ) -> pb.CreateWebhookResponse:
+        types = []
+        for value in request.event_types:
+            try:
+                types.append(EventType(value))
+            except ValueError:
+                raise invalid_field("event_types", f"{value} is not an event type") from None
+        created = await self._webhooks.create(_org(), request.url, types, request.filter)
+        return pb.CreateWebhookResponse(
+            webhook=_webhook_to_proto(created.webhook), secret=created.secret
+        )
+
+    @_translating_errors
+    async def ListWebhooks(
+        self, request: pb.ListWebhooksRequest, context: Context
+    ) -> pb.ListWebhooksResponse:
+        found = await self._webhooks.registered(_org())
+        return pb.ListWebhooksResponse(webhooks=[_webhook_to_proto(w) for w in found])
+
+    @_translating_errors
+    async def DeleteWebhook(
+        self, request: pb.DeleteWebhookRequest, context: Context
+    ) -> pb.DeleteWebhookResponse:
+        await self._webhooks.delete(_org(), request.id)
+        return pb.DeleteWebhookResponse()
+
+    @_translating_errors
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        found, token = await self._webhooks.deliveries(
+            _org(), request.webhook_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListWebhookDeliveriesResponse(
+            deliveries=[_delivery_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def TestWebhook(
+        self, request: pb.TestWebhookRequest, context: Context
+    ) -> pb.TestWebhookResponse:
+        delivery = await self._webhooks.test(_org(), request.id)
+        return pb.TestWebhookResponse(delivery=_delivery_to_proto(delivery))
+
+
+def _webhook_to_proto(webhook: Webhook) -> pb.Webhook:
+    return pb.Webhook(
+        id=webhook.id,
+        url=webhook.url,
+        event_types=[int(e) for e in webhook.events],  # type: ignore[misc]
+        filter=webhook.filter,
+        created_at=_timestamp(webhook.created_at),
+    )
+
+
+_DELIVERY_STATUSES = {
+    "pending": pb.DELIVERY_STATUS_PENDING,
+    "delivered": pb.DELIVERY_STATUS_DELIVERED,
+    "failed": pb.DELIVERY_STATUS_FAILED,
+}
+
+
+def _delivery_to_proto(delivery: Delivery) -> pb.WebhookDelivery:
+    message = pb.WebhookDelivery(
+        id=delivery.id,
+        webhook_id=delivery.webhook_id,
+        event_type=delivery.event_type,
+        data_id=delivery.data_id,
+        status=_DELIVERY_STATUSES[delivery.status],
+        attempts=delivery.attempts,
+        created_at=_timestamp(delivery.created_at),
+        error=delivery.error,
+    )
+    if delivery.next_attempt_at is not None:
+        message.next_attempt_at.CopyFrom(_timestamp(delivery.next_attempt_at))
+    if delivery.last_attempt_at is not None:
+        message.last_attempt_at.CopyFrom(_timestamp(delivery.last_attempt_at))
+    if delivery.response_status is not None:
+        message.response_status = delivery.response_status
+    return message
 
 
 async def _stream_download(download: Download, context: Context) -> AsyncIterator[dict[str, Any]]:

@@ -134,6 +134,31 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
                 _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/CreateWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListWebhooks',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/DeleteWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListWebhookDeliveries',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/TestWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class DatalakeServiceServicer:
@@ -294,6 +319,44 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebhook(self, request, context):
+        """Registers an HTTP endpoint of the organization: every later event of the change log (as
+        WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+        signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Lists the organization's webhooks (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes a webhook and its delivery log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """A webhook's delivery log, newest first: each event, its attempts and its outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestWebhook(self, request, context):
+        """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+        returns the delivery after the first attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatalakeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -391,6 +454,31 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.FindSimilar,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -911,6 +999,141 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/FindSimilar',
             metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/CreateWebhook',
+            metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListWebhooks',
+            metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/DeleteWebhook',
+            metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListWebhookDeliveries',
+            metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/TestWebhook',
+            metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

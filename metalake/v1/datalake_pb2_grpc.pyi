@@ -106,6 +106,21 @@ class DatalakeServiceStub:
     request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
     image's, closest first. Answered from an index, not a scan.
     """
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.CreateWebhookRequest, _datalake_pb2.CreateWebhookResponse]
+    """Registers an HTTP endpoint of the organization: every later event of the change log (as
+    WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+    signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhooksRequest, _datalake_pb2.ListWebhooksResponse]
+    """Lists the organization's webhooks (never their secrets)."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.DeleteWebhookRequest, _datalake_pb2.DeleteWebhookResponse]
+    """Removes a webhook and its delivery log."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhookDeliveriesRequest, _datalake_pb2.ListWebhookDeliveriesResponse]
+    """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+    TestWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.TestWebhookRequest, _datalake_pb2.TestWebhookResponse]
+    """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+    returns the delivery after the first attempt.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -180,6 +195,21 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """Finds the organization's images that look like an item or like an image sent in the
     request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
     image's, closest first. Answered from an index, not a scan.
+    """
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.CreateWebhookRequest, _datalake_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """Registers an HTTP endpoint of the organization: every later event of the change log (as
+    WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+    signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhooksRequest, _datalake_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Lists the organization's webhooks (never their secrets)."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.DeleteWebhookRequest, _datalake_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Removes a webhook and its delivery log."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhookDeliveriesRequest, _datalake_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+    TestWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.TestWebhookRequest, _datalake_pb2.TestWebhookResponse]  # type: ignore[assignment]
+    """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+    returns the delivery after the first attempt.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -366,6 +396,51 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Finds the organization's images that look like an item or like an image sent in the
         request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
         image's, closest first. Answered from an index, not a scan.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _datalake_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.CreateWebhookResponse, _abc.Awaitable[_datalake_pb2.CreateWebhookResponse]]:
+        """Registers an HTTP endpoint of the organization: every later event of the change log (as
+        WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+        signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _datalake_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListWebhooksResponse, _abc.Awaitable[_datalake_pb2.ListWebhooksResponse]]:
+        """Lists the organization's webhooks (never their secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _datalake_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.DeleteWebhookResponse, _abc.Awaitable[_datalake_pb2.DeleteWebhookResponse]]:
+        """Removes a webhook and its delivery log."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _datalake_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_datalake_pb2.ListWebhookDeliveriesResponse]]:
+        """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+
+    @_abc_1.abstractmethod
+    def TestWebhook(
+        self,
+        request: _datalake_pb2.TestWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.TestWebhookResponse, _abc.Awaitable[_datalake_pb2.TestWebhookResponse]]:
+        """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+        returns the delivery after the first attempt.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
