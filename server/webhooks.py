@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -319,8 +320,11 @@ class Webhooks:
 
     async def run(self, interval: float) -> None:
         """Deliver forever: fan events out, lease as many deliveries as there are free send
-        slots, send them concurrently; look again when one finishes or `interval` passes."""
-        sending: set[asyncio.Task[None]] = set()
+        slots, send them concurrently; look again when one finishes or `interval` passes.
+        Finished attempts are recorded in the transaction that leases the next ones: one
+        commit per round, not two per delivery."""
+        sending: set[asyncio.Task[_Outcome]] = set()
+        finished: list[_Outcome] = []
         try:
             while True:
                 free = self._settings.concurrency - len(sending)
@@ -330,11 +334,15 @@ class Webhooks:
                         await self._catalog.run(
                             functools.partial(self._fan_out, webhook_ids), write=True
                         )
-                    if free and webhook_ids:
+                    if finished or (free and webhook_ids):
                         leased = await self._catalog.run(
-                            functools.partial(self._lease, free), write=True
+                            functools.partial(
+                                self._record_and_lease, finished, free if webhook_ids else 0
+                            ),
+                            write=True,
                         )
-                        sending |= {asyncio.create_task(self._send(d)) for d in leased}
+                        finished = []
+                        sending |= {asyncio.create_task(self._attempt(d)) for d in leased}
                 except Exception:
                     log.exception("webhook delivery failed; retrying in %.1fs", interval)
                 if sending:
@@ -342,11 +350,19 @@ class Webhooks:
                         sending, timeout=interval, return_when=asyncio.FIRST_COMPLETED
                     )
                     sending -= done
+                    finished += [task.result() for task in done]
                 else:
                     await asyncio.sleep(interval)
         finally:
             for task in sending:
                 task.cancel()
+            if finished:  # stopping: record what is known, or the leases expire and resend
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(
+                        self._catalog.run(
+                            functools.partial(self._record_and_lease, finished, 0), write=True
+                        )
+                    )
 
     def _webhook_ids(self) -> list[str]:
         with self._engine.connect() as connection:
@@ -426,7 +442,7 @@ class Webhooks:
             .values(after_seq=last_seen)
         )
 
-    def _lease(self, limit: int) -> list[_Leased]:
+    def _record_and_lease(self, finished: list[_Outcome], limit: int) -> list[_Leased]:
         columns = webhook_deliveries_table.c
         earlier = webhook_deliveries_table.alias("earlier")
         now = _to_micros(datetime.now(UTC))
@@ -457,8 +473,12 @@ class Webhooks:
         if self._postgres:
             statement = statement.with_for_update(skip_locked=True, of=webhook_deliveries_table)
         lease_until = now + int((self._settings.timeout + 30) * 1e6)
-        leased = []
+        leased: list[_Leased] = []
         with self._engine.begin() as connection:
+            for outcome in finished:
+                connection.execute(outcome.statement())
+            if not limit:
+                return leased
             for row in connection.execute(statement):
                 token = uuid.uuid4().hex
                 connection.execute(
@@ -479,7 +499,8 @@ class Webhooks:
                 )
         return leased
 
-    async def _send(self, delivery: _Leased) -> None:
+    async def _attempt(self, delivery: _Leased) -> _Outcome:
+        """POST one delivery; what to record of it (nothing is written here)."""
         started = datetime.now(UTC)
         timestamp = int(time.time())
         headers = {
@@ -527,17 +548,18 @@ class Webhooks:
             "lease_until": None,
             "next_attempt_at": _to_micros(started + timedelta(seconds=delay)),
         }
-        columns = webhook_deliveries_table.c
-        statement = (
-            update(webhook_deliveries_table)
-            .where(columns.id == delivery.id, columns.lease_token == delivery.lease_token)
-            .values(values)
-        )
-        await asyncio.shield(self._catalog.run(lambda: self._execute(statement), write=True))
         if not delivered:
             log.info(
                 "webhook delivery %s to %s: %s (%s)", delivery.id, delivery.url, error, outcome
             )
+        return _Outcome(delivery.id, delivery.lease_token, values)
+
+    async def _send(self, delivery: _Leased) -> None:
+        """Attempt one delivery and record the outcome at once."""
+        outcome = await self._attempt(delivery)
+        await asyncio.shield(
+            self._catalog.run(lambda: self._execute(outcome.statement()), write=True)
+        )
 
     def _post(self, request: urllib.request.Request) -> int:
         with self._opener.open(request, timeout=self._settings.timeout) as response:
@@ -547,6 +569,23 @@ class Webhooks:
     def _execute(self, statement: Any) -> None:
         with self._engine.begin() as connection:
             connection.execute(statement)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """An attempt's result, applied only while its lease is still this attempt's."""
+
+    delivery_id: str
+    lease_token: str
+    values: dict[str, Any]
+
+    def statement(self) -> Any:
+        columns = webhook_deliveries_table.c
+        return (
+            update(webhook_deliveries_table)
+            .where(columns.id == self.delivery_id, columns.lease_token == self.lease_token)
+            .values(self.values)
+        )
 
 
 @dataclass(frozen=True)
