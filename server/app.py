@@ -154,6 +154,7 @@ async def start(settings: Settings) -> RunningServer:
             timeout=settings.webhook_timeout,
             retry_base=settings.webhook_retry_base,
             retry_for=settings.webhook_retry_for,
+            keep_for=settings.event_retention,
         ),
     )
     datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(

@@ -75,6 +75,7 @@ MAX_URL = 2048
 _URL = re.compile(r"^https?://[^\s/?#]+([/?#]\S*)?$")
 _FAN_OUT_BATCH = 500
 _MAX_BACKOFF = 3600.0
+_PRUNE_EVERY = 3600.0  # seconds between prunings of the delivery log
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
@@ -118,6 +119,7 @@ class DeliverySettings:
     retry_base: float = 5.0  # seconds before the first retry; doubles each time
     retry_for: float = 24 * 3600.0  # seconds after the event to keep trying
     concurrency: int = 8  # POSTs in flight per server
+    keep_for: float = 7 * 24 * 3600.0  # seconds a finished delivery stays in the log
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
@@ -325,8 +327,14 @@ class Webhooks:
         commit per round, not two per delivery."""
         sending: set[asyncio.Task[_Outcome]] = set()
         finished: list[_Outcome] = []
+        next_prune = 0.0
         try:
             while True:
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + _PRUNE_EVERY
+                    with contextlib.suppress(Exception):
+                        before = datetime.now(UTC) - timedelta(seconds=self._settings.keep_for)
+                        await self.prune(before)
                 free = self._settings.concurrency - len(sending)
                 try:
                     webhook_ids = await self._catalog.run(self._webhook_ids)
@@ -363,6 +371,19 @@ class Webhooks:
                             functools.partial(self._record_and_lease, finished, 0), write=True
                         )
                     )
+
+    async def prune(self, before: datetime) -> int:
+        """Forget delivered and failed deliveries of events older than `before`."""
+        columns = webhook_deliveries_table.c
+        statement = delete(webhook_deliveries_table).where(
+            columns.status.in_([DELIVERED, FAILED]), columns.created_at < _to_micros(before)
+        )
+
+        def work() -> int:
+            with self._engine.begin() as connection:
+                return int(connection.execute(statement).rowcount)
+
+        return await self._catalog.run(work, write=True)
 
     def _webhook_ids(self) -> list[str]:
         with self._engine.connect() as connection:

@@ -3,6 +3,7 @@ that is down or stuck, one delivery per event across servers, organizations, the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -168,6 +170,15 @@ def test_every_change_is_posted_signed_and_in_order(
         assert [d.event_type for d in log] == ["data.deleted", "data.updated", "data.created"]
         assert {d.status for d in log} == {"delivered"}
         assert {d.response_status for d in log} == {200}
+
+        # Finished deliveries older than the retention are forgotten; others are kept.
+        webhooks = fast_server.running.webhooks
+        assert webhooks is not None
+        prune = webhooks.prune(datetime.now(UTC) - timedelta(days=1))
+        assert asyncio.run_coroutine_threadsafe(prune, fast_server.loop).result(30) == 0
+        prune = webhooks.prune(datetime.now(UTC) + timedelta(seconds=1))
+        assert asyncio.run_coroutine_threadsafe(prune, fast_server.loop).result(30) == 3
+        assert list(datalake.webhook_deliveries(webhook.id)) == []
 
 
 def test_failures_are_retried_without_breaking_an_items_order(
