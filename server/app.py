@@ -179,16 +179,18 @@ async def start(settings: Settings) -> RunningServer:
     collector = asyncio.create_task(
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
-    hasher = asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL))
+    background = [collector]
+    if settings.hash_images:
+        background.append(asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL)))
     # Deliveries run beside the request path, on threads of their own (see server.webhooks).
-    deliverer = asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval))
+    background.append(asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval)))
     return RunningServer(
         server,
         port,
         datalake,
         health_servicer,
         tokens,
-        [collector, hasher, deliverer],
+        background,
         similarity,
         webhooks,
     )

@@ -63,6 +63,8 @@ class Settings:
     webhook_retry_base: float = 5.0
     webhook_retry_for: float = 24 * 3600.0
     webhook_interval: float = 1.0
+    # Hash new images for near-duplicate search (a background job, milliseconds per image).
+    hash_images: bool = True
 
     @classmethod
     def from_env(
@@ -125,6 +127,8 @@ class Settings:
             settings = replace(settings, webhook_retry_for=float(env["METALAKE_WEBHOOK_RETRY_FOR"]))
         if "METALAKE_WEBHOOK_INTERVAL" in env:
             settings = replace(settings, webhook_interval=float(env["METALAKE_WEBHOOK_INTERVAL"]))
+        if env.get("METALAKE_HASH_IMAGES", "").lower() in ("0", "false", "no", "off"):
+            settings = replace(settings, hash_images=False)
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:

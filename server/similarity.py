@@ -47,7 +47,7 @@ from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, or_, select,
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from metalake.server.blobstore import BlobStore
+from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
 from metalake.server.errors import InvalidArgumentError, invalid_field
 from metalake.server.filtering import FilterError, compile_filter
@@ -117,6 +117,15 @@ def hash_image(source: str | Path | BinaryIO) -> ImageHash:
         raise
     except Exception as error:  # Pillow raises many kinds on bad input: none may escape
         raise NotAnImageError(str(error) or type(error).__name__) from None
+
+
+def _hash_or_none(path: Path) -> ImageHash | None:
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        return hash_image(path)
+    except NotAnImageError:
+        return None
 
 
 def hamming(a: int, b: int) -> int:
@@ -284,8 +293,12 @@ class Similarity:
         return sum(image is not None for _, _, image in found)
 
     async def _hash_blob(self, blob_key: str) -> ImageHash | None:
-        """The hash of a stored blob, None when it is not a decodable image. The bytes are
-        streamed to a temporary file, never held in memory."""
+        """The hash of a stored blob, None when it is not a decodable image. A local blob is
+        decoded where it lies; another store's is streamed to a temporary file first, never
+        held in memory."""
+        if isinstance(self._blobs, LocalBlobStore):
+            local = self._blobs.path_for(blob_key)
+            return await asyncio.to_thread(_hash_or_none, local)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._spool_dir) as scratch:
             path = Path(scratch) / "image"

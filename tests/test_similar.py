@@ -289,3 +289,9 @@ def test_similar_and_dedup_commands(
     assert main(["dedup", *t]) == EXIT_OK
     out = capsys.readouterr().out
     assert "group 1: 3 items" in out
+
+
+def test_background_hashing_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env().hash_images
+    monkeypatch.setenv("METALAKE_HASH_IMAGES", "false")
+    assert not Settings.from_env().hash_images
