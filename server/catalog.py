@@ -27,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    make_url,
     or_,
     select,
     text,
@@ -240,6 +241,8 @@ class Catalog(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None: ...
+
 
 class SqlCatalog:
     """A catalog on a SQLAlchemy engine."""
@@ -263,9 +266,13 @@ class SqlCatalog:
         With `migrate`, an older or empty schema is first brought up to date.
         """
         url = engine_url(url)
-        # A pre-ping per checkout guards against dropped server connections; a SQLite file has
-        # none to drop, and the ping would cost a round trip per query.
-        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        # A pre-ping per checkout guards against dropped server connections (the pool recovers
+        # by itself once the database is back); a SQLite file has none to drop, and the ping
+        # would cost a round trip per query.
+        server = not url.startswith("sqlite")
+        engine = create_engine(
+            url, pool_pre_ping=server, connect_args=_connect_defaults(url) if server else {}
+        )
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _configure_sqlite)
         try:
@@ -311,6 +318,10 @@ class SqlCatalog:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
+
+    async def ping(self) -> None:
+        """Raise unless the catalog answers a trivial query now (the health probe)."""
+        await asyncio.to_thread(self._scalar, text("SELECT 1"))
 
     async def add(
         self,
@@ -885,6 +896,23 @@ def _check_etag(row: RowMapping, etag: str) -> None:
             f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
             " get it again and reapply the change"
         )
+
+
+# libpq's defaults wait forever for a connection and never notice a peer that vanished: bound
+# the first, and probe idle connections (TCP keepalives) so a dead one fails within a minute.
+# Settings in the catalog URL's query win.
+_SERVER_CONNECT_DEFAULTS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def _connect_defaults(url: str) -> dict[str, Any]:
+    given = make_url(url).query
+    return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
+from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter, create_spool_file
 from metalake.server.catalog import (
     Catalog,
     DataRecord,
@@ -490,20 +490,32 @@ class Datalake:
         violations = check_filename(filename, "header.filename")
         if violations:
             raise InvalidArgumentError("the extraction header is invalid", violations)
-        with self._admission(), _temporary_file(self._spool_dir) as spool:
-            with spool.open("wb") as handle:
-                size = 0
-                async for chunk in chunks:
-                    size += len(chunk)
-                    check_size(size, self._limits.max_file_size)
-                    await asyncio.to_thread(handle.write, chunk)
-            return await fill_metadata(
-                self.extractor,
-                spool,
-                filename=filename,
-                given={},
-                time_limit=self._extract_timeout,
-            )
+        with self._admission():
+            # A file like an upload's spool file: whatever a crash leaves of it is discarded
+            # at the next start, like theirs.
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            spool = self._spool_dir / f"{uuid.uuid4().hex}.extract"
+            try:
+                handle = await create_spool_file(spool)
+                try:
+                    size = 0
+                    async for chunk in chunks:
+                        size += len(chunk)
+                        check_size(size, self._limits.max_file_size)
+                        await asyncio.to_thread(handle.write, chunk)
+                    await asyncio.to_thread(handle.flush)
+                finally:
+                    with contextlib.suppress(OSError):  # a failed write fails the flush again
+                        handle.close()
+                return await fill_metadata(
+                    self.extractor,
+                    spool,
+                    filename=filename,
+                    given={},
+                    time_limit=self._extract_timeout,
+                )
+            finally:
+                spool.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -565,13 +577,6 @@ def _check_header(header: UploadHeader) -> None:
 def _check_id(data_id: str) -> None:
     if not data_id:
         raise invalid_field("id", "must not be empty")
-
-
-@contextmanager
-def _temporary_file(directory: Path) -> Iterator[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        yield Path(scratch) / "spool"
 
 
 class _KeyedLocks:
