@@ -50,6 +50,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
 from metalake.server.errors import InvalidArgumentError, invalid_field
+from metalake.server.faults import backend_fault
 from metalake.server.filtering import FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import data_table, data_tags_table, events_table, image_hashes_table
@@ -495,8 +496,12 @@ async def keep_hashing(similarity: Similarity, interval: float) -> None:
             hashed = await similarity.hash_pending()
             if hashed:
                 log.info("hashed %d image(s) for near-duplicate search", hashed)
-        except Exception:
-            log.exception("hashing images failed; retrying in %.0fs", interval)
+        except Exception as error:
+            fault = backend_fault(error)
+            if fault is None:
+                log.exception("hashing images failed; retrying in %.0fs", interval)
+            else:  # an outage is expected now and then: one line, not a traceback a second
+                log.warning("hashing images waits for the backend (%s); retrying", fault)
         await asyncio.sleep(interval)
 
 

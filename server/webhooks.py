@@ -54,6 +54,7 @@ from metalake.server.catalog import (
     _to_micros,
 )
 from metalake.server.errors import InvalidArgumentError, NotFoundError, invalid_field
+from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import (
@@ -351,8 +352,12 @@ class Webhooks:
                         )
                         finished = []
                         sending |= {asyncio.create_task(self._attempt(d)) for d in leased}
-                except Exception:
-                    log.exception("webhook delivery failed; retrying in %.1fs", interval)
+                except Exception as error:
+                    fault = backend_fault(error)
+                    if fault is None:
+                        log.exception("webhook delivery failed; retrying in %.1fs", interval)
+                    else:  # one line per retry during an outage, not a traceback
+                        log.warning("webhook delivery waits for the backend (%s); retrying", fault)
                 if sending:
                     done, _ = await asyncio.wait(
                         sending, timeout=interval, return_when=asyncio.FIRST_COMPLETED

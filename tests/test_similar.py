@@ -295,3 +295,33 @@ def test_background_hashing_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -
     assert Settings.from_env().hash_images
     monkeypatch.setenv("METALAKE_HASH_IMAGES", "false")
     assert not Settings.from_env().hash_images
+
+
+async def test_a_catalog_outage_is_one_warning_a_round_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """During an outage the background job retries every interval; its log must stay readable."""
+    import sqlalchemy.exc
+
+    from metalake.server.similarity import keep_hashing
+
+    third_round = asyncio.Event()
+
+    class CatalogAway:
+        calls = 0
+
+        async def hash_pending(self) -> int:
+            CatalogAway.calls += 1
+            if CatalogAway.calls == 3:
+                third_round.set()
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError())
+
+    job = asyncio.create_task(keep_hashing(CatalogAway(), 0.01))  # type: ignore[arg-type]
+    await asyncio.wait_for(third_round.wait(), timeout=30)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    waits = [r for r in caplog.records if "waits for the backend" in r.getMessage()]
+    assert len(waits) >= 2
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in waits)
+    assert not any(r.exc_info for r in caplog.records if r.name.endswith("similarity"))
