@@ -25,6 +25,7 @@ from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.datadir import DataDirectoryLock
 from metalake.server.datalake import Datalake, Limits
+from metalake.server.datasets import Datasets
 from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
 from metalake.server.observability import (
@@ -34,9 +35,14 @@ from metalake.server.observability import (
 )
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
+from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds between looks for new images to hash when there were none (near-duplicate search).
+HASH_INTERVAL = 1.0
 
 SERVICE_NAME = datalake_pb2.DESCRIPTOR.services_by_name["DatalakeService"].full_name
 
@@ -50,6 +56,8 @@ class RunningServer:
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
     data_dir_lock: DataDirectoryLock | None = None  # held while serving
+    similarity: Similarity | None = None
+    webhooks: Webhooks | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -58,10 +66,14 @@ class RunningServer:
         self.datalake.start_draining()
         for task in self.background:
             task.cancel()
+        # Let them finish cancelling on this loop, not be destroyed half-way when it closes.
+        await asyncio.gather(*self.background, return_exceptions=True)
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
+        if self.webhooks is not None:
+            self.webhooks.close()
         await self.datalake.catalog.close()
         if self.data_dir_lock is not None:
             self.data_dir_lock.release()
@@ -173,7 +185,23 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
         interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)],
         options=[("grpc.so_reuseport", 1), *TRANSPORT_OPTIONS],
     )
-    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
+    assert isinstance(datalake.catalog, SqlCatalog)
+    datasets = Datasets(
+        datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
+    )
+    similarity = Similarity(datalake.catalog, datalake.blobs, spool_dir=settings.data_dir / "tmp")
+    webhooks = Webhooks(
+        datalake.catalog,
+        DeliverySettings(
+            timeout=settings.webhook_timeout,
+            retry_base=settings.webhook_retry_base,
+            retry_for=settings.webhook_retry_for,
+            keep_for=settings.event_retention,
+        ),
+    )
+    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(
+        DatalakeServicer(datalake, datasets, similarity, webhooks), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -211,7 +239,22 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
             watch_catalog(datalake.catalog.ping, set_serving, interval=settings.health_interval)
         )
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, background, data_dir_lock)
+    if not worker:  # per server, like the collector: workers would each do the same work
+        if settings.hash_images:
+            background.append(asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL)))
+        # Deliveries run beside the request path, on threads of their own (see server.webhooks).
+        background.append(asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval)))
+    return RunningServer(
+        server,
+        port,
+        datalake,
+        health_servicer,
+        tokens,
+        background,
+        data_dir_lock,
+        similarity,
+        webhooks,
+    )
 
 
 def _discard_leftovers(settings: Settings, blobs: BlobStore) -> DataDirectoryLock:

@@ -51,6 +51,7 @@ from metalake.server.paging import ListQuery
 from metalake.server.schema import (
     data_table,
     data_tags_table,
+    dataset_items_table,
     event_log_table,
     event_tags_table,
     events_table,
@@ -454,8 +455,14 @@ class SqlCatalog:
         return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
-        statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
-        return await self._run(lambda: self._scalar(statement) is not None)
+        """Whether an item, or an item frozen in a dataset version, refers to this blob."""
+        statements = [
+            select(table.c.id).where(table.c.blob_key == blob_key).limit(1)
+            for table in (data_table, dataset_items_table)
+        ]
+        return await self._run(
+            lambda: any(self._scalar(statement) is not None for statement in statements)
+        )
 
     async def start_upload(self, upload: UploadRecord) -> UploadRecord:
         """Record a new upload, or return the one that already has this id."""
@@ -593,6 +600,11 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             row = connection.execute(statement).mappings().first()
         return _upload_from_row(row) if row is not None else None
+
+    async def run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
+        """Run synchronous catalog work in a worker thread; `write` work takes SQLite's writer
+        lock. For modules that keep tables of their own in this catalog (datasets, ...)."""
+        return await self._run(work, write=write)
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
         if write and self._write_lock is not None:

@@ -62,6 +62,14 @@ class Settings:
     # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
     # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
+    # Webhooks: seconds per POST, before the first retry (doubling after), of retrying after
+    # the event, and between looks for new events when idle.
+    webhook_timeout: float = 10.0
+    webhook_retry_base: float = 5.0
+    webhook_retry_for: float = 24 * 3600.0
+    webhook_interval: float = 1.0
+    # Hash new images for near-duplicate search (a background job, milliseconds per image).
+    hash_images: bool = True
 
     @classmethod
     def from_env(
@@ -117,6 +125,18 @@ class Settings:
             settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
         if env.get("METALAKE_WORKERS"):
             settings = replace(settings, workers=int(env["METALAKE_WORKERS"]))
+        if "METALAKE_WEBHOOK_TIMEOUT" in env:
+            settings = replace(settings, webhook_timeout=float(env["METALAKE_WEBHOOK_TIMEOUT"]))
+        if "METALAKE_WEBHOOK_RETRY_BASE" in env:
+            settings = replace(
+                settings, webhook_retry_base=float(env["METALAKE_WEBHOOK_RETRY_BASE"])
+            )
+        if "METALAKE_WEBHOOK_RETRY_FOR" in env:
+            settings = replace(settings, webhook_retry_for=float(env["METALAKE_WEBHOOK_RETRY_FOR"]))
+        if "METALAKE_WEBHOOK_INTERVAL" in env:
+            settings = replace(settings, webhook_interval=float(env["METALAKE_WEBHOOK_INTERVAL"]))
+        if env.get("METALAKE_HASH_IMAGES", "").lower() in ("0", "false", "no", "off"):
+            settings = replace(settings, hash_images=False)
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:
