@@ -569,13 +569,18 @@ def _serve(args: argparse.Namespace) -> int:
     from metalake.server.config import Settings
     from metalake.server.schema_versions import SchemaError
 
-    settings = Settings.from_env(
-        data_dir=args.data_dir,
-        listen=args.listen,
-        catalog_url=args.catalog_url,
-        migrate=args.migrate or None,
-        insecure_no_auth=args.insecure_no_auth,
-    )
+    try:
+        settings = Settings.from_env(
+            data_dir=args.data_dir,
+            listen=args.listen,
+            catalog_url=args.catalog_url,
+            migrate=args.migrate or None,
+            insecure_no_auth=args.insecure_no_auth,
+            workers=args.workers,
+        )
+    except ValueError as error:
+        print(f"metalake serve: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         serve_forever(settings)
     except (StartupError, SchemaError, OSError) as error:

@@ -56,6 +56,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Server processes sharing the listen port (SO_REUSEPORT) under a supervisor; 1: the
+    # server is this one process. See DEFAULT_WORKERS.
+    workers: int = 1
     # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
     # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
@@ -77,6 +80,7 @@ class Settings:
         catalog_url: str | None = None,
         migrate: bool | None = None,
         insecure_no_auth: bool | None = None,
+        workers: int | None = None,
     ) -> Settings:
         """Settings from the environment, with explicit arguments (CLI flags) taking precedence."""
         settings = cls()
@@ -119,6 +123,8 @@ class Settings:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_FILL_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
+        if env.get("METALAKE_WORKERS"):
+            settings = replace(settings, workers=int(env["METALAKE_WORKERS"]))
         if "METALAKE_WEBHOOK_TIMEOUT" in env:
             settings = replace(settings, webhook_timeout=float(env["METALAKE_WEBHOOK_TIMEOUT"]))
         if "METALAKE_WEBHOOK_RETRY_BASE" in env:
@@ -141,6 +147,10 @@ class Settings:
             settings = replace(settings, migrate=migrate)
         if insecure_no_auth:
             settings = replace(settings, insecure_no_auth=True)
+        if workers is not None:
+            settings = replace(settings, workers=workers)
+        if settings.workers < 1:
+            raise ValueError(f"the number of workers must be at least 1, got {settings.workers}")
         return settings
 
     def catalog(self) -> tuple[str, bool]:

@@ -577,8 +577,9 @@ async def _chunks(
     async for message in request_iterator:
         if message.HasField("header"):
             raise invalid_field("header", "sent twice: only the first message carries it")
-        BYTES_RECEIVED.inc(len(message.chunk))
-        yield message.chunk
+        chunk = message.chunk  # each read of a bytes field copies it
+        BYTES_RECEIVED.inc(len(chunk))
+        yield chunk
 
 
 def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:

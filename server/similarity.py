@@ -34,6 +34,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterable
 from contextlib import suppress
@@ -47,7 +48,7 @@ from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, or_, select,
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from metalake.server.blobstore import BlobStore, LocalBlobStore
+from metalake.server.blobstore import BlobStore, LocalBlobStore, owner_prefix
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
 from metalake.server.errors import InvalidArgumentError, invalid_field
 from metalake.server.faults import backend_fault
@@ -301,7 +302,9 @@ class Similarity:
             local = self._blobs.path_for(blob_key)
             return await asyncio.to_thread(_hash_or_none, local)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self._spool_dir) as scratch:
+        # Named after this process, like spool files: a supervisor removes a dead worker's.
+        prefix = owner_prefix(os.getpid())
+        with tempfile.TemporaryDirectory(dir=self._spool_dir, prefix=prefix) as scratch:
             path = Path(scratch) / "image"
             with path.open("wb") as handle:
                 async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024):
