@@ -85,9 +85,10 @@ class BlobStore(Protocol):
     def staged_upload_ids(self) -> list[str]:
         """Blocking: the ids of every upload with a staging file."""
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking: remove what uploads of a previous process left half-written; only safe
-        while this server runs no upload, i.e. at start-up."""
+        while this server runs no upload, i.e. at start-up. With `owner`, only what the
+        process with that pid left (a dead worker of a running server)."""
 
     def discard_abandoned(self, older_than: datetime) -> int:
         """Blocking: remove bytes of uploads begun before `older_than` and never finished (by
@@ -104,12 +105,13 @@ class LocalBlobStore:
         for directory in (self._blobs, self._tmp, self._uploads):
             directory.mkdir(parents=True, exist_ok=True)
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
 
-        Only safe while no upload is running on this directory, i.e. at start-up.
+        Only safe while no upload is running on this directory, i.e. at start-up, or, with
+        `owner`, for the files of a process that is dead (they are named after its pid).
         """
-        return discard_leftovers(self._tmp)
+        return discard_leftovers(self._tmp, owner=owner)
 
     def discard_abandoned(self, older_than: datetime) -> int:
         return discard_leftovers(self._tmp, older_than=older_than)
@@ -123,7 +125,7 @@ class LocalBlobStore:
 
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
-        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
@@ -239,6 +241,17 @@ class LocalBlobWriter:
             self._path.unlink(missing_ok=True)
 
 
+def spool_name(suffix: str = ".part") -> str:
+    """A new spool file's name, starting with this process's pid: a server's worker processes
+    share its spool directory, and a dead worker's leftovers must be told from live uploads."""
+    return f"{owner_prefix(os.getpid())}{uuid.uuid4().hex}{suffix}"
+
+
+def owner_prefix(pid: int) -> str:
+    """How the names of the spool-directory entries the process `pid` created begin."""
+    return f"{pid}-"
+
+
 async def create_spool_file(path: Path) -> BinaryIO:
     """Create a file off the event loop (creating one can take a while on a busy disk).
 
@@ -260,18 +273,24 @@ def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
 
 
 def discard_leftovers(
-    directory: Path, *, older_than: datetime | None = None, keep: Collection[str] = ()
+    directory: Path,
+    *,
+    older_than: datetime | None = None,
+    keep: Collection[str] = (),
+    owner: int | None = None,
 ) -> int:
     """Blocking: remove what a directory of work in progress holds (every entry but those named
-    in `keep`, or those last changed before `older_than`), files and directories alike; returns
-    how many.
+    in `keep`, or those last changed before `older_than`; with `owner`, only the entries the
+    process with that pid created, see spool_name), files and directories alike; returns how
+    many.
 
     Whatever a crash left there (a spool file, an extraction's scratch directory, a file of
     unknown origin) must not stop a server from starting.
     """
     count = 0
+    prefix = "" if owner is None else owner_prefix(owner)
     for leftover in list(directory.iterdir()):
-        if leftover.name in keep:
+        if leftover.name in keep or not leftover.name.startswith(prefix):
             continue
         try:
             changed = leftover.lstat().st_mtime

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
+    URL,
     Connection,
     Engine,
     RowMapping,
@@ -50,6 +51,7 @@ from metalake.server.paging import ListQuery
 from metalake.server.schema import (
     data_table,
     data_tags_table,
+    dataset_items_table,
     event_log_table,
     event_tags_table,
     events_table,
@@ -59,6 +61,7 @@ from metalake.server.schema import (
     uploads_table,
 )
 from metalake.server.schema_versions import check_schema, engine_url
+from metalake.server.sqlitelocks import BlobLocks, WriterLock
 
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -276,9 +279,21 @@ class SqlCatalog:
         self._engine = engine
         # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks,
         # and lets concurrent adds share one commit (see _flush_adds).
-        self._write_lock: threading.Lock | None = (
-            threading.Lock() if engine.dialect.name == "sqlite" else None
-        )
+        # Across processes too: a server's worker processes share one SQLite file.
+        self._write_lock: WriterLock | None = None
+        self._blob_file_locks: BlobLocks | None = None
+        if engine.dialect.name == "sqlite":
+            database = _sqlite_file(engine)
+            self._write_lock = WriterLock(database)
+            self._blob_file_locks = BlobLocks(database) if database else None
+        # PostgreSQL: blob locks hold a connection of a pool of their own. From the catalog's
+        # pool, a lock holder waiting for a second connection (to commit) could wait for ever
+        # once every connection belonged to such holders: 16 concurrent uploads did it.
+        self._lock_engine: Engine | None = None
+        if engine.dialect.name == "postgresql":
+            self._lock_engine = create_engine(
+                engine.url, pool_pre_ping=True, connect_args=_connect_defaults(engine.url)
+            )
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
         self._flushing = False
@@ -317,13 +332,18 @@ class SqlCatalog:
         deciding a blob is unused and deleting it, nobody may commit the same content.
 
         On PostgreSQL, a session advisory lock, taken with polling rather than a blocking call
-        so that waiters do not pin worker threads. SQLite serves one server: nothing to do.
+        so that waiters do not pin worker threads. On a SQLite file, a file lock (the processes
+        sharing it are one server's workers).
         """
         if self._engine.dialect.name != "postgresql":
-            yield
+            if self._blob_file_locks is None:
+                yield
+                return
+            async with self._blob_file_locks.hold(blob_key):
+                yield
             return
         lock_id = int(blob_key[:15], 16)
-        connection = await asyncio.to_thread(self._engine.connect)
+        connection = await asyncio.to_thread((self._lock_engine or self._engine).connect)
         try:
             # The lock lives in PostgreSQL, so there is no local event to wait on: poll it.
             while not await asyncio.to_thread(  # noqa: ASYNC110
@@ -343,6 +363,8 @@ class SqlCatalog:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
+        if self._lock_engine is not None:
+            await asyncio.to_thread(self._lock_engine.dispose)
 
     async def ping(self) -> None:
         """Raise unless the catalog answers a trivial query now (the health probe)."""
@@ -459,13 +481,18 @@ class SqlCatalog:
         return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
-        """Whether an item's content or a preview is this blob."""
-        statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
-        previews = select(thumbnails_table.c.data_id).where(thumbnails_table.c.blob_key == blob_key)
+        """Whether an item, an item frozen in a dataset version, or a preview is this blob."""
+        statements = [
+            select(table.c.id).where(table.c.blob_key == blob_key).limit(1)
+            for table in (data_table, dataset_items_table)
+        ]
+        statements.append(
+            select(thumbnails_table.c.data_id)
+            .where(thumbnails_table.c.blob_key == blob_key)
+            .limit(1)
+        )
         return await self._run(
-            lambda: (
-                self._scalar(statement) is not None or self._scalar(previews.limit(1)) is not None
-            )
+            lambda: any(self._scalar(statement) is not None for statement in statements)
         )
 
     # Previews (server/thumbnails.py).
@@ -717,6 +744,11 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             row = connection.execute(statement).mappings().first()
         return _upload_from_row(row) if row is not None else None
+
+    async def run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
+        """Run synchronous catalog work in a worker thread; `write` work takes SQLite's writer
+        lock. For modules that keep tables of their own in this catalog (datasets, ...)."""
+        return await self._run(work, write=write)
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
         if write and self._write_lock is not None:
@@ -1043,6 +1075,13 @@ def _check_etag(row: RowMapping, etag: str) -> None:
         )
 
 
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 # libpq's defaults wait forever for a connection and never notice a peer that vanished: bound
 # the first, and probe idle connections (TCP keepalives) so a dead one fails within a minute.
 # Settings in the catalog URL's query win.
@@ -1055,7 +1094,7 @@ _SERVER_CONNECT_DEFAULTS = {
 }
 
 
-def _connect_defaults(url: str) -> dict[str, Any]:
+def _connect_defaults(url: str | URL) -> dict[str, Any]:
     given = make_url(url).query
     return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 

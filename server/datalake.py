@@ -25,6 +25,7 @@ from metalake.server.blobstore import (
     BlobWriter,
     LocalBlobStore,
     create_spool_file,
+    spool_name,
 )
 from metalake.server.catalog import (
     FACET_FIELDS,
@@ -639,9 +640,10 @@ class Datalake:
             raise InvalidArgumentError("the extraction header is invalid", violations)
         with self._admission():
             # A file like an upload's spool file: whatever a crash leaves of it is discarded
-            # at the next start, like theirs.
+            # at the next start, like theirs (or, named after this process, when a supervisor
+            # replaces it).
             self._spool_dir.mkdir(parents=True, exist_ok=True)
-            spool = self._spool_dir / f"{uuid.uuid4().hex}.extract"
+            spool = self._spool_dir / spool_name(".extract")
             try:
                 handle = await create_spool_file(spool)
                 try:

@@ -1,7 +1,7 @@
 """Thumbnails: the previews made of each item, stored as blobs beside the items' own.
 
-Revision ID: 0002_thumbnails
-Revises: 0001
+Revision ID: 0005_thumbnails
+Revises: 0004_webhooks
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_thumbnails"
-down_revision = "0001"
+revision = "0005_thumbnails"
+down_revision = "0004_webhooks"
 branch_labels = None
 depends_on = None
 
