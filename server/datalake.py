@@ -594,7 +594,7 @@ class Datalake:
         # A spool file like an upload's: whatever a crash leaves of it is discarded at the
         # next start, like theirs.
         self._spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self._spool_dir / f"{uuid.uuid4().hex}.preview"
+        path = self._spool_dir / spool_name(".preview")
         try:
             handle = await create_spool_file(path)
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,8 @@ from PIL import Image
 
 from metalake import Client
 from metalake.errors import NotFoundError as ClientNotFound
+from metalake.server import thumbnails
+from metalake.server.blobstore import discard_leftovers
 from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
 from metalake.server.errors import NotFoundError
@@ -244,6 +247,30 @@ def test_previews_live_in_the_bucket_too(
         assert keys() == {data.sha256, preview.sha256}
         stub.DeleteData(pb.DeleteDataRequest(id=data.id))
         assert keys() == set()
+
+
+def test_a_preview_scratch_file_is_named_after_its_process(
+    s3_server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From S3, the item's bytes are copied to tmp/ to be rendered. A server's worker processes
+    # share tmp/: when one is replaced, only the files named after its pid are discarded.
+    render = thumbnails.render
+    seen: list[str] = []
+
+    def rendering(path: Path, size: int, *, filename: str = "") -> thumbnails.Preview | None:
+        seen.append(path.name)
+        assert discard_leftovers(path.parent, owner=os.getpid() + 1) == 0  # a sibling's: kept
+        assert path.exists()
+        return render(path, size, filename=filename)
+
+    monkeypatch.setattr(thumbnails, "render", rendering)
+    with grpc.insecure_channel(s3_server.target) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        data = upload(stub, imagesamples.encoded(imagesamples.landscape(), "PNG"), "a.png")
+        assert_upright_landscape(decoded(thumbnail(stub, data.id)))
+    assert len(seen) == 1
+    assert seen[0].startswith(f"{os.getpid()}-")
+    assert not (s3_server.data_dir / "tmp" / seen[0]).exists()
 
 
 async def test_a_preview_of_an_item_deleted_meanwhile_is_not_recorded(tmp_path: Path) -> None:
