@@ -54,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metalake import metadata as md
 from metalake.server import thumbnails
 from metalake.server.auth import Caller, Role, Tokens
+from metalake.server.calls import worker_metadata
 from metalake.server.config import Settings
 from metalake.server.datalake import Datalake
 from metalake.server.errors import DatalakeError, InvalidArgumentError, invalid_field
@@ -497,6 +498,8 @@ class _Headers:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
+                for key, value in worker_metadata():  # as gRPC answers name their worker
+                    headers[key] = value
                 if "content-security-policy" not in headers:
                     headers["Content-Security-Policy"] = self._csp.decode()
                 headers["X-Content-Type-Options"] = "nosniff"
