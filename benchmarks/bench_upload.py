@@ -1,33 +1,26 @@
-"""Uploads: throughput and memory of big files, files per second of many small ones.
+"""Uploads: throughput and memory of big files (small files: bench_small_files.py).
 
 Every figure sits beside a baseline measured in the same run: a bare grpc.aio server that only
 discards the same streams (benchmarks/bare_server.py), in a process of its own like metalake's.
 The ratio is what metalake's own work (hashing, writing, fsync, catalog commits, extraction)
 costs on top of gRPC itself. Nothing here asserts a timing.
 
-    python -m benchmarks upload                             # 1 GiB big file, 2,000 small files
-    METALAKE_BENCH_SCALE=0.1 python -m benchmarks upload    # 102 MiB, 200 files: a quick pass
+    python -m benchmarks upload                             # 1 GiB big file
+    METALAKE_BENCH_SCALE=0.1 python -m benchmarks upload    # 102 MiB: a quick pass
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
 import os
-import random
-import struct
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any
 
 import grpc
-from PIL import Image
 
 from metalake.client import CHUNK_SIZE
-from metalake.extractors.testing import sample_exif
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.serverprocess import ServerProcess
@@ -39,9 +32,6 @@ SMALL = 10 * MIB  # the small upload of the memory comparison
 CHUNK = CHUNK_SIZE  # the SDK's chunk size
 CHUNK_SIZES = (64 * 1024, 256 * 1024, 1024 * 1024)  # the SDK's and smaller ones, for why
 ROUNDS = 3  # big-file runs per chunk size and server, alternating; the best one counts
-SMALL_FILES = max(50, round(2000 * SCALE))
-CLIENTS = 16  # concurrent clients of the one-call-per-file runs, a channel each
-WINDOW = 16  # files in flight on the stream
 
 
 # --- big files ---------------------------------------------------------------------------------
@@ -79,93 +69,6 @@ def upload_big(target: str, size: int, chunk: int) -> float:
         if response.data.id:  # metalake's: free the disk for the next run (bare stores nothing)
             stub.DeleteData(pb.DeleteDataRequest(id=response.data.id), timeout=60)
     return size / MIB / elapsed
-
-
-# --- small files -------------------------------------------------------------------------------
-
-
-def small_jpegs(count: int) -> list[bytes]:
-    """Real JPEGs of about 100 KiB with EXIF (GPS included), each one distinct.
-
-    Four photos of noise (which JPEG cannot shrink), then a comment segment with the file's
-    number right after the start-of-image marker: still a valid JPEG, with its own SHA-256.
-    """
-    bases = []
-    for seed in range(4):
-        side = 364  # about 100 KiB at quality 85
-        image = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=85, exif=sample_exif())
-        bases.append(buffer.getvalue())
-    files = []
-    for index in range(count):
-        base = bases[index % len(bases)]
-        comment = f"metalake bench file {index}".encode()
-        segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
-        files.append(base[:2] + segment + base[2:])
-    return files
-
-
-def _call_requests(name: str, content: bytes, fill: bool) -> list[pb.UploadDataRequest]:
-    header = pb.UploadDataHeader(filename=name, fill_metadata=fill)
-    chunks = [content[i : i + CHUNK] for i in range(0, len(content), CHUNK)]
-    return [pb.UploadDataRequest(header=header), *(pb.UploadDataRequest(chunk=c) for c in chunks)]
-
-
-async def per_call(target: str, files: list[bytes], fill: bool) -> float:
-    """Files/s with one UploadData call per file, from CLIENTS concurrent clients."""
-    remaining = list(enumerate(files))
-    remaining.reverse()
-
-    async def client() -> None:
-        # A channel (a connection) per client, as separate devices would have.
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.DatalakeServiceStub(channel)
-            await channel.channel_ready()
-            await ready.wait()
-            while remaining:
-                index, content = remaining.pop()
-                requests = _call_requests(f"{index}.jpg", content, fill)
-                response = await stub.UploadData(iter(requests), timeout=120)
-                if response.data.size != len(content):
-                    raise RuntimeError(f"file {index}: {response.data.size} bytes stored")
-
-    ready = asyncio.Event()
-    clients = [asyncio.create_task(client()) for _ in range(CLIENTS)]
-    await asyncio.sleep(0.2)  # let every client connect: connecting is not what is measured
-    started = perf_counter()
-    ready.set()
-    await asyncio.gather(*clients)
-    return len(files) / (perf_counter() - started)
-
-
-async def streamed(target: str, files: list[bytes], fill: bool) -> float:
-    """Files/s over one UploadDataStream, the client keeping WINDOW files in flight."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        await channel.channel_ready()
-        stub = pb_grpc.DatalakeServiceStub(channel)
-        window = asyncio.Semaphore(WINDOW)
-
-        async def requests() -> AsyncIterator[pb.UploadDataStreamRequest]:
-            for index, content in enumerate(files):
-                await window.acquire()  # released by the file's answer
-                header = pb.UploadDataHeader(filename=f"{index}.jpg", fill_metadata=fill)
-                yield pb.UploadDataStreamRequest(header=header)
-                for start in range(0, len(content), CHUNK):
-                    yield pb.UploadDataStreamRequest(chunk=content[start : start + CHUNK])
-                yield pb.UploadDataStreamRequest(finish=True)
-
-        started = perf_counter()
-        answers = 0
-        async for answer in stub.UploadDataStream(requests(), timeout=600):
-            if answer.WhichOneof("result") != "data":
-                raise RuntimeError(f"file {answer.file_index} failed: {answer.error.message}")
-            answers += 1
-            window.release()
-        elapsed = perf_counter() - started
-    if answers != len(files):
-        raise RuntimeError(f"{answers} answers for {len(files)} files")
-    return len(files) / elapsed
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -249,48 +152,11 @@ def memory(scratch: Path) -> float:
     return ratio
 
 
-def small_files(scratch: Path) -> dict[str, float]:
-    files = small_jpegs(SMALL_FILES)
-    average = sum(map(len, files)) / len(files) / 1024
-    _print(
-        "",
-        f"| {len(files):,} JPEGs of {average:.0f} KiB | metalake | bare gRPC | metalake / bare |",
-        "|---|---:|---:|---:|",
-    )
-    rates: dict[str, float] = {}
-    runs: list[tuple[str, Callable[[str, list[bytes], bool], Coroutine[Any, Any, float]]]] = [
-        (f"one call per file, {CLIENTS} clients", per_call),
-        (f"one stream, {WINDOW} files in flight", streamed),
-    ]
-    with _server(scratch, "small") as lake, _server(scratch, "small-bare", bare=True) as bare:
-        for label, run in runs:
-            for fill in (False, True):
-
-                def measure(
-                    target: str,
-                    run: Callable[[str, list[bytes], bool], Coroutine[Any, Any, float]] = run,
-                    fill: bool = fill,
-                ) -> float:
-                    return asyncio.run(run(target, files, fill))
-
-                ours, ceiling = _side_by_side(Servers(lake, bare), measure, 1)
-                key = f"{run.__name__}{' fill' if fill else ''}"
-                rates[key], rates[f"{key} bare"] = ours, ceiling
-                _print(
-                    f"| {label}{', fill_metadata' if fill else ''} | {ours:,.0f} files/s "
-                    f"| {ceiling:,.0f} files/s | {ours / ceiling:.2f} |"
-                )
-    return rates
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="metalake-bench-") as scratch_name:
         scratch = Path(scratch_name)
         big = big_files(scratch)
         flat = memory(scratch)
-        small = small_files(scratch)
-    stream_cost = 1 - small["streamed fill"] / small["streamed"]
-    call_cost = 1 - small["per_call fill"] / small["per_call"]
     _print(
         "",
         "| aim (issue 4) | measured |",
@@ -298,10 +164,6 @@ def main() -> None:
         f"| big files at >= 0.75 of bare ({CHUNK // 1024} KiB chunks) "
         f"| {big[f'chunk {CHUNK}']:.2f} |",
         f"| peak memory, big / 10 MiB upload, <= 1.20 | {flat:.2f} |",
-        f"| small files over the stream at >= 0.50 of the bare stream "
-        f"| {small['streamed'] / small['streamed bare']:.2f} |",
-        f"| fill_metadata costs <= 15% of small-file throughput (stream / per call) "
-        f"| {stream_cost:.0%} / {call_cost:.0%} |",
     )
 
 
