@@ -8,9 +8,8 @@ import logging
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +45,7 @@ from metalake.server.ingest import (
     fill_metadata,
     receive,
 )
+from metalake.server.locks import KeyedLocks
 from metalake.server.observability import UPLOADS_IN_FLIGHT
 from metalake.server.resumable import SYNC_EVERY, StagedFile, UploadWrite
 
@@ -81,8 +81,8 @@ class Datalake:
         self._spool_dir = spool_dir
         self._extract_timeout = extract_timeout
         self._download_chunk_size = download_chunk_size
-        self._blob_locks = _KeyedLocks()
-        self._upload_locks = _KeyedLocks()
+        self._blob_locks = KeyedLocks()
+        self._upload_locks = KeyedLocks()
         self._upload_ttl = upload_ttl
         self._event_retention = event_retention
         self._watch_interval = watch_interval
@@ -572,23 +572,3 @@ def _temporary_file(directory: Path) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         yield Path(scratch) / "spool"
-
-
-class _KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._users: defaultdict[str, int] = defaultdict(int)
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        self._users[key] += 1
-        try:
-            async with self._locks[key]:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key]
-                del self._locks[key]
