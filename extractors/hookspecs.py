@@ -32,9 +32,10 @@ def metalake_extract_metadata(
     one field the caller asked for is still missing. An implementation may be called concurrently
     for different files, so it must not keep per-file state outside ``source``.
 
-    :param source: the file, on disk. Open it with ``source.open()`` (a new binary handle each
-        call) and read only what you need; ``source.head`` holds its first bytes,
-        ``source.filename`` the client's file name (may be ``None``), and
+    :param source: the file, on disk or (a small upload) in memory. Open it with
+        ``source.open()`` (a new binary handle each call) and read only what you need;
+        ``source.head`` holds its first bytes, ``source.filename`` the client's file name
+        (may be ``None``), and
         ``source.memo(key, compute)`` shares a parse between extractors for this one file.
     :param missing: the fields still unfilled when this extractor runs. Producing others is
         harmless (they are ignored) but wasted work.

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -53,6 +54,10 @@ class BlobStore(Protocol):
     async def create_writer(self, *, spool: bool = True) -> BlobWriter:
         """Start a new blob; with `spool`, its bytes are also readable at `spool_path` (for the
         extractors) until commit or abort."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store a small blob held in memory, whose SHA-256 is `key`, durably and in one step:
+        what a writer's write and commit do, without a spool file."""
 
     def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
@@ -101,6 +106,9 @@ class LocalBlobStore:
         self._uploads = root / "uploads"
         for directory in (self._blobs, self._tmp, self._uploads):
             directory.mkdir(parents=True, exist_ok=True)
+        # Blob directories known to exist (none is ever removed): no mkdir per blob.
+        self._directories: set[Path] = set()
+        self._creating = threading.Lock()
 
     def discard_spooled(self) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
@@ -132,6 +140,56 @@ class LocalBlobStore:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
         path = self._tmp / f"{uuid.uuid4().hex}.part"
         return LocalBlobWriter(self, path, await create_spool_file(path))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.path_for(key), data)
+
+    def _put(self, target: Path, data: bytes) -> None:
+        """One thread hop: write, fsync, rename into place, fsync the directory."""
+        if target.exists():
+            # Identical content, its bytes durable before they were renamed there; only the
+            # rename may not be durable yet (a commit finishing in another thread).
+            _fsync_directory(target.parent)
+            return
+        spool = self._tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._place(spool, target)
+        except BaseException:
+            spool.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+    def _place(self, spool: Path, target: Path) -> None:
+        directory = target.parent
+        if directory not in self._directories:
+            self._make_directory(directory)
+        try:
+            os.replace(spool, target)
+        except FileNotFoundError:  # its directory was removed behind our back
+            self._directories.discard(directory)
+            self._make_directory(directory)
+            os.replace(spool, target)
+
+    def _make_directory(self, directory: Path) -> None:
+        """Create a blob directory (and its parent), durably: a new directory's entry is
+        durable only once its parent directory is fsynced. One thread at a time, so that a
+        directory another thread is creating is not taken for durable before it is."""
+        with self._creating:
+            for level in (directory.parent, directory):
+                try:
+                    level.mkdir()
+                except FileExistsError:
+                    continue
+                _fsync_directory(level.parent)
+            self._directories.add(directory)
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         return [

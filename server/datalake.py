@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import hashlib
 import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,7 +45,10 @@ from metalake.server.ingest import (
     check_size,
     detect_content_type,
     fill_metadata,
+    gather_head,
+    prepend,
     receive,
+    sniff_content_type,
 )
 from metalake.server.locks import KeyedLocks
 from metalake.server.observability import UPLOADS_IN_FLIGHT
@@ -103,10 +108,13 @@ class Datalake:
             return earlier
         max_size = await self._admit_organization(org)
         with self._admission():
+            head = await gather_head(chunks, max_size=max_size)
+            if head.complete:
+                return await self._store_small(org, header, head.data())
             writer = await self.blobs.create_writer(spool=header.fill_metadata)
             try:
                 spooled = await receive(
-                    chunks,
+                    prepend(head.chunks, chunks),
                     writer,
                     filename=header.filename,
                     content_type=header.content_type,
@@ -189,31 +197,46 @@ class Datalake:
         upload: UploadRecord | None = None,
     ) -> DataRecord:
         """Check, fill and commit a fully received file: blob first, then its catalog row."""
-        if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
-            raise DataLossError(
-                f"the content received hashes to {spooled.sha256}, not the expected "
-                f"{header.expected_sha256}: it was corrupted on the way; upload it again",
-                [FieldViolation("header.expected_sha256", "does not match the content")],
-            )
+        _check_expected_sha256(header, spooled.sha256)
         filled = await self._fill(header, writer)
-        now = datetime.now(UTC)
-        record = DataRecord(
-            id=str(uuid.uuid4()),
-            org=org,
-            filename=header.filename,
-            size=spooled.size,
-            sha256=spooled.sha256,
-            content_type=spooled.content_type,
-            blob_key=spooled.sha256,
-            created_at=now,
-            updated_at=now,
-            metadata=filled.metadata,
-            metadata_sources=filled.sources,
-            tags=tuple(sorted(set(header.tags))),
-            request_id=header.request_id,
+        record = _new_record(org, header, spooled, filled)
+        return await self._commit(
+            record, functools.partial(writer.commit, record.blob_key), upload=upload
         )
+
+    async def _store_small(self, org: str, header: UploadHeader, data: bytes) -> DataRecord:
+        """A file gathered whole in memory: filled from memory, written in one step, no spool.
+
+        Hashed here, on the event loop: the key must be known before its lock is taken, and a
+        small file hashes in about the time a thread hop takes (hashlib releases the GIL).
+        """
+        sha256 = hashlib.sha256(data).hexdigest()
+        _check_expected_sha256(header, sha256)
+        content_type = header.content_type or sniff_content_type(data, header.filename)
+        if header.fill_metadata:
+            filled = await fill_metadata(
+                self.extractor,
+                data,
+                filename=header.filename,
+                given=header.metadata,
+                time_limit=self._extract_timeout,
+            )
+        else:
+            filled = _given(header)
+        record = _new_record(org, header, Spooled(len(data), sha256, content_type), filled)
+        return await self._commit(record, functools.partial(self.blobs.put, sha256, data))
+
+    async def _commit(
+        self,
+        record: DataRecord,
+        store_blob: Callable[[], Awaitable[None]],
+        *,
+        upload: UploadRecord | None = None,
+    ) -> DataRecord:
+        """Store the blob, then the item: both under the blob's lock, so that no deletion of the
+        same content decides in between that the blob is unused."""
         async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
-            await writer.commit(record.blob_key)
+            await store_blob()
             try:
                 await self.catalog.add(
                     record, upload=upload, default_quota=self._limits.org_storage_quota
@@ -371,7 +394,7 @@ class Datalake:
 
     async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
         if not header.fill_metadata:
-            return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
+            return _given(header)
         await writer.flush()
         spool = writer.spool_path
         if spool is None:
@@ -490,7 +513,20 @@ class Datalake:
         violations = check_filename(filename, "header.filename")
         if violations:
             raise InvalidArgumentError("the extraction header is invalid", violations)
-        with self._admission(), _temporary_file(self._spool_dir) as spool:
+        with self._admission():
+            head = await gather_head(chunks, max_size=self._limits.max_file_size)
+            if head.complete:
+                return await fill_metadata(
+                    self.extractor,
+                    head.data(),
+                    filename=filename,
+                    given={},
+                    time_limit=self._extract_timeout,
+                )
+            return await self._extract_spooled(filename, prepend(head.chunks, chunks))
+
+    async def _extract_spooled(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
+        with _temporary_file(self._spool_dir) as spool:
             with spool.open("wb") as handle:
                 size = 0
                 async for chunk in chunks:
@@ -554,6 +590,39 @@ def _read_head(path: Path | None) -> bytes:
         return b""
     with path.open("rb") as handle:
         return handle.read(512)
+
+
+def _check_expected_sha256(header: UploadHeader, sha256: str) -> None:
+    if header.expected_sha256 and header.expected_sha256 != sha256:
+        raise DataLossError(
+            f"the content received hashes to {sha256}, not the expected "
+            f"{header.expected_sha256}: it was corrupted on the way; upload it again",
+            [FieldViolation("header.expected_sha256", "does not match the content")],
+        )
+
+
+def _given(header: UploadHeader) -> Filled:
+    """The metadata as the client gave it: no extraction asked for."""
+    return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
+
+
+def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled) -> DataRecord:
+    now = datetime.now(UTC)
+    return DataRecord(
+        id=str(uuid.uuid4()),
+        org=org,
+        filename=header.filename,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        content_type=spooled.content_type,
+        blob_key=spooled.sha256,
+        created_at=now,
+        updated_at=now,
+        metadata=filled.metadata,
+        metadata_sources=filled.sources,
+        tags=tuple(sorted(set(header.tags))),
+        request_id=header.request_id,
+    )
 
 
 def _check_header(header: UploadHeader) -> None:

@@ -144,6 +144,14 @@ class S3BlobStore:
             spool_file = await create_spool_file(self._spool / f"{uuid.uuid4().hex}.part")
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.blob_key(key), data)
+
+    def _put(self, object_key: str, data: bytes) -> None:
+        # One PUT, straight to the final key (atomic in S3), unless the content is there.
+        if not self._exists(object_key):
+            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
+
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream with a ranged GetObject, `chunk_size` bytes in memory at a time.
 
