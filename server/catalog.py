@@ -39,7 +39,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
@@ -263,6 +265,7 @@ class SqlCatalog:
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
         self._blob_locks = _AdvisoryLocks(engine) if engine.dialect.name == "postgresql" else None
+        self._bulk_inserts: dict[Insert, _BulkInsert] = {}
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = False) -> SqlCatalog:
@@ -644,6 +647,12 @@ class SqlCatalog:
             self._insert_records(connection, accepted)
         return outcomes
 
+    def _bulk(self, statement: Insert) -> _BulkInsert:
+        bulk = self._bulk_inserts.get(statement)
+        if bulk is None:
+            bulk = self._bulk_inserts[statement] = _BulkInsert(statement, self._engine.dialect)
+        return bulk
+
     def _stored_requests(
         self, connection: Connection, items: Sequence[_PendingAdd]
     ) -> dict[tuple[str, str], DataRecord]:
@@ -697,10 +706,10 @@ class SqlCatalog:
         records = [item.record for item in items]
         # executemany needs every row to name the same columns.
         rows = [_DATA_ROW | _record_to_row(record) for record in records]
-        connection.execute(_INSERT_DATA, rows)
+        self._bulk(_INSERT_DATA).run(connection, rows)
         tags = [{"data_id": r.id, "tag": tag} for r in records for tag in r.tags]
         if tags:
-            connection.execute(_INSERT_TAGS, tags)
+            self._bulk(_INSERT_TAGS).run(connection, tags)
         uploads = [
             {"b_staging_key": item.upload.staging_key, "b_data_id": item.record.id}
             for item in items
@@ -713,7 +722,7 @@ class SqlCatalog:
             row["event_type"] = int(EventType.CREATED)
             row["event_time"] = row["created_at"]
         if not tags:
-            connection.execute(_INSERT_EVENTS, rows)
+            self._bulk(_INSERT_EVENTS).run(connection, rows)
             return
         seqs = connection.execute(_INSERT_EVENTS_RETURNING, rows).scalars().all()
         connection.execute(
@@ -938,6 +947,35 @@ _INSERT_EVENTS_RETURNING = insert(events_table).returning(
     events_table.c.seq, sort_by_parameter_order=True
 )
 _INSERT_EVENT_TAGS = insert(event_tags_table)
+
+
+class _BulkInsert:
+    """An INSERT of every row of a batch, compiled once for the engine's dialect and sent with
+    the driver's own executemany (exec_driver_sql): per row, only the dialect's own value
+    conversions (SQLite's float coercion), none of SQLAlchemy's per-statement work."""
+
+    def __init__(self, statement: Insert, dialect: Dialect) -> None:
+        keys = [c.key for c in statement.table.columns if c is not events_table.c.seq]
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        self._sql = compiled.string
+        self._processors: list[tuple[str, Callable[[Any], Any]]] = []
+        for name, process in compiled._bind_processors.items():
+            if not callable(process):  # per-element processors: only for tuple types
+                raise TypeError(f"column {name} needs a conversion _BulkInsert does not do")
+            self._processors.append((name, process))
+        self._names = list(compiled.positiontup or []) if compiled.positional else None
+
+    def run(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        for name, process in self._processors:
+            for row in rows:
+                row[name] = process(row[name])
+        if self._names is None:
+            connection.exec_driver_sql(self._sql, rows)
+        else:
+            names = self._names
+            connection.exec_driver_sql(self._sql, [tuple(row[n] for n in names) for row in rows])
+
+
 _FINISH_UPLOAD = (
     update(uploads_table)
     .where(uploads_table.c.staging_key == bindparam("b_staging_key"))

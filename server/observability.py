@@ -182,6 +182,31 @@ async def _refuse_undecodable(context: Any, request: _Undecodable) -> None:
     )
 
 
+class _SecondCache(logging.Formatter):
+    """logging's default time format, with the date and time formatted once per second: each
+    stored item is logged, and strftime on every record cost as much as the rest of the line."""
+
+    _second = -1
+    _formatted = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:  # handlers format under their lock: no race here
+            self._formatted = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._formatted},{int(record.msecs):03d}"  # logging's default_msec_format
+
+
+class _Formatter(_SecondCache):
+    pass
+
+
+class _JsonFormatter(_SecondCache, JsonFormatter):
+    pass
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id()
@@ -199,14 +224,14 @@ def configure_logging(
     handler.addFilter(_RequestIdFilter())
     if json_output:
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            _Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

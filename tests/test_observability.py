@@ -118,3 +118,21 @@ def _token(handle: ServerHandle) -> str:
         handle.running.tokens.create("acme", Role.WRITE), handle.loop
     ).result(30)
     return created.secret
+
+
+def test_log_times_read_as_logging_formats_them() -> None:
+    """The server formats each second's date and time once; every line still reads as
+    logging's own default format would."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging(stream=io.StringIO(), json_output=False)
+        formatter = root.handlers[0].formatter
+    finally:
+        root.handlers[:], root.level = handlers, level
+    reference = logging.Formatter()
+    assert formatter is not None
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_600_000_000.25):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        assert formatter.formatTime(record) == reference.formatTime(record)
