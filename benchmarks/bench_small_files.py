@@ -15,6 +15,11 @@ a timing.
     python -m benchmarks small_files                              # 1,000 files a run, 3 runs
     METALAKE_BENCH_SCALE=0.2 python -m benchmarks small_files     # 200 files, 1 run: quick
     METALAKE_BENCH_BACKENDS=sqlite python -m benchmarks small_files   # the embedded default only
+    METALAKE_BENCH_COMPARE=../main python -m benchmarks small_files  # and another checkout's
+
+METALAKE_BENCH_COMPARE names another checkout of metalake (e.g. `git worktree add ../main
+main`): its server runs beside this one's and the bare one, interleaved, so a change is measured
+against what it changes in the same conditions, the only comparison that holds on a busy machine.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ SCALE = float(os.environ.get("METALAKE_BENCH_SCALE", "1"))
 FILES = max(50, round(1000 * SCALE))
 ROUNDS = 3 if SCALE >= 0.5 else 1  # runs per row and server; CPU: the median, files/s: the best
 BACKENDS = os.environ.get("METALAKE_BENCH_BACKENDS", "sqlite,postgresql").split(",")
+COMPARE = os.environ.get("METALAKE_BENCH_COMPARE")
 POSTGRES_URL = os.environ.get(
     "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -225,7 +231,7 @@ RUNS: list[tuple[str, Run]] = [
 
 @dataclass(frozen=True)
 class Measured:
-    """One row: metalake and the bare server on the same streams."""
+    """One row: metalake and the bare server (and another checkout's) on the same streams."""
 
     label: str
     fill: bool
@@ -233,10 +239,25 @@ class Measured:
     bare_rate: float
     cpu_ms: float  # server CPU per file, median run
     bare_cpu_ms: float
+    compared_rate: float | None = None
+    compared_cpu_ms: float | None = None
 
     @property
     def cpu_ratio(self) -> float:
         return self.cpu_ms / self.bare_cpu_ms
+
+
+class Checkout(ServerProcess):
+    """The server of another checkout: `python -m` imports the package of its working
+    directory first."""
+
+    def __init__(self, checkout: Path, data_dir: Path, log: Path, **env: str) -> None:
+        super().__init__(data_dir, log, **env)
+        self.checkout = checkout
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        with contextlib.chdir(self.checkout):
+            return super().start(timeout)
 
 
 def _measure_once(
@@ -250,18 +271,17 @@ def _measure_once(
     return rate, (samples[1] - samples[0]) * 1000 / len(files)
 
 
-def measure_row(
-    lake: ServerProcess, bare: ServerProcess, label: str, run: Run, fill: bool, tag: str
-) -> Measured:
+def measure_row(servers: dict[str, ServerProcess], label: str, run: Run, fill: bool) -> Measured:
     """ROUNDS runs on each server, alternating, each with files never sent before."""
-    rates: dict[str, list[float]] = {"lake": [], "bare": []}
-    cpus: dict[str, list[float]] = {"lake": [], "bare": []}
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+    cpus: dict[str, list[float]] = {name: [] for name in servers}
     for round_ in range(ROUNDS):
-        for name, server in (("lake", lake), ("bare", bare)):
-            files = jpegs(FILES, f"{tag} {label} {fill} {round_} {name} {uuid.uuid4().hex}")
+        for name, server in servers.items():
+            files = jpegs(FILES, f"{label} {fill} {round_} {name} {uuid.uuid4().hex}")
             rate, cpu = _measure_once(server, run, files, fill)
             rates[name].append(rate)
             cpus[name].append(cpu)
+    compared = "compared" in servers
     return Measured(
         label,
         fill,
@@ -269,6 +289,8 @@ def measure_row(
         max(rates["bare"]),
         statistics.median(cpus["lake"]),
         statistics.median(cpus["bare"]),
+        max(rates["compared"]) if compared else None,
+        statistics.median(cpus["compared"]) if compared else None,
     )
 
 
@@ -359,33 +381,50 @@ def _print(*lines: str) -> None:
 
 def small_files(scratch: Path, backend: str) -> list[Measured]:
     size = sum(map(len, jpegs(4, "size"))) / 4 / 1024
+    other = " | compared files/s | compared CPU ms/file | CPU / compared" if COMPARE else ""
     _print(
         "",
         f"| {_TITLES[backend]}: {FILES:,} JPEGs of {size:.0f} KiB | files/s | bare files/s "
-        "| server CPU ms/file | bare CPU ms/file | CPU / bare |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| server CPU ms/file | bare CPU ms/file | CPU / bare{other} |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if COMPARE else ""),
     )
     rows = []
-    with (
-        backend_env(backend, scratch) as env,
-        ServerProcess(scratch / backend, scratch / f"{backend}.log", **env) as lake,
-        ServerProcess(
-            scratch / f"{backend}-bare",
-            scratch / f"{backend}-bare.log",
-            module="benchmarks.bare_server",
-        ) as bare,
-    ):
-        for server in (lake, bare):  # first calls pay for imports and caches: not measured
+    with contextlib.ExitStack() as stack:
+        env = stack.enter_context(backend_env(backend, scratch))
+        servers: dict[str, ServerProcess] = {
+            "lake": ServerProcess(scratch / backend, scratch / f"{backend}.log", **env),
+            "bare": ServerProcess(
+                scratch / f"{backend}-bare",
+                scratch / f"{backend}-bare.log",
+                module="benchmarks.bare_server",
+            ),
+        }
+        if COMPARE:
+            servers["compared"] = Checkout(
+                Path(COMPARE).resolve(),
+                scratch / f"{backend}-compared",
+                scratch / f"{backend}-compared.log",
+                **env,
+            )
+        for server in servers.values():
+            stack.enter_context(server)
+            # First calls pay for imports and caches: not measured.
             _measure_once(server, streamed, jpegs(64, f"warm-up {uuid.uuid4().hex}"), True)
         for label, run in RUNS:
             for fill in (False, True):
-                row = measure_row(lake, bare, label, run, fill, backend)
+                row = measure_row(servers, label, run, fill)
                 rows.append(row)
-                _print(
+                line = (
                     f"| {label}{', fill_metadata' if fill else ''} | {row.rate:,.0f} "
                     f"| {row.bare_rate:,.0f} | {row.cpu_ms:.2f} | {row.bare_cpu_ms:.2f} "
                     f"| {row.cpu_ratio:.1f}x |"
                 )
+                if row.compared_cpu_ms is not None and row.compared_rate is not None:
+                    line += (
+                        f" {row.compared_rate:,.0f} | {row.compared_cpu_ms:.2f} "
+                        f"| {row.cpu_ms / row.compared_cpu_ms:.2f} |"
+                    )
+                _print(line)
     return rows
 
 
