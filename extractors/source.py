@@ -45,6 +45,11 @@ class Source:
         self._lock = threading.Lock()
 
     @property
+    def in_memory(self) -> bool:
+        """True when the file's bytes are held in memory and there is no file on disk."""
+        return self._data is not None
+
+    @property
     def path(self) -> Path:
         """The file on disk; raises FileNotFoundError for a file held in memory only."""
         if self._path is None:

@@ -2,8 +2,13 @@
 
 Exit codes: 0 all went well, 1 some files or items failed (or the server could not be
 reached), 2 the command was used wrongly (unknown option or field, bad value, missing file, a
-filter the server cannot parse). Every client command takes --target (METALAKE_TARGET), --token
-(METALAKE_TOKEN) and --json (one JSON object per line).
+filter the server cannot parse) or needs the server install that is not there. Every client
+command takes --target (METALAKE_TARGET), --token (METALAKE_TOKEN) and --json (one JSON object
+per line).
+
+Start-up is kept short: building the parser imports neither gRPC nor the server; a command
+imports what it needs when it runs (the server-side commands are declared in
+metalake.cli_server).
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metalake import metadata as md
-from metalake.client import DEFAULT_TARGET, Client, Data
-from metalake.errors import InvalidArgumentError, MetalakeError
+from metalake._version import __version__
+from metalake.cli_server import INSTALL_HINT, ServerNotInstalledError
+from metalake.cli_server import add_commands as add_server_commands
+
+if TYPE_CHECKING:
+    from metalake.client import Client, Data
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TARGET = "127.0.0.1:50051"  # metalake.client.DEFAULT_TARGET, without importing gRPC
 
 
 class UsageError(Exception):
@@ -34,9 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return int(exit_.code or 0)
+    # Imported here, not at the top: they load gRPC, which --help and --version do not need.
+    from metalake.errors import InvalidArgumentError, MetalakeError
+
     try:
         code: int = args.func(args)
         return code
+    except ServerNotInstalledError as error:
+        print(f"metalake {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as error:
         print(f"metalake {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,28 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalake",
         description="A datalake of files with typed metadata.",
-        epilog="Run `metalake COMMAND --help` for a command's options and examples.",
+        epilog="Run `metalake COMMAND --help` for a command's options and examples. "
+        "serve, migrate, gc, token, org, extract and plugins need the server install: "
+        f"{INSTALL_HINT}.",
     )
+    parser.add_argument("--version", action="version", version=f"metalake {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser(
-        "serve",
-        help="run a server",
-        description="Serve the datalake (embedded SQLite + local files unless configured).",
-        epilog="examples:\n  metalake serve\n  metalake serve --data-dir /srv/metalake "
-        "--listen 0.0.0.0:50051",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--data-dir", type=Path, help="METALAKE_DATA_DIR (./metalake-data)")
-    serve.add_argument("--listen", help="METALAKE_LISTEN (127.0.0.1:50051)")
-    serve.add_argument("--catalog-url", help="METALAKE_CATALOG_URL (embedded SQLite)")
-    serve.add_argument("--migrate", action="store_true", help="migrate the catalog at start-up")
-    serve.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="serve a non-loopback address although no API token exists",
-    )
-    serve.set_defaults(func=_serve)
 
     upload = _client_command(
         commands,
@@ -148,11 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--resume-token", default="", help="continue after this event")
     watch.set_defaults(func=_watch)
 
-    from metalake.extractors.cli import add_commands as add_extractor_commands
-    from metalake.server.admin import add_commands as add_admin_commands
-
-    add_extractor_commands(commands)
-    add_admin_commands(commands)
+    add_server_commands(commands, _serve)
     return parser
 
 
@@ -171,8 +167,7 @@ def _client_command(
     )
     parser.add_argument(
         "--target",
-        default=os.environ.get("METALAKE_TARGET", DEFAULT_TARGET),
-        help="server address (METALAKE_TARGET, default %(default)s)",
+        help=f"server address (METALAKE_TARGET, default {DEFAULT_TARGET})",
     )
     parser.add_argument("--token", help="API token (METALAKE_TOKEN)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -190,6 +185,9 @@ def _positive_int(text: str) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from metalake.client import Client
+
+    # Client falls back on METALAKE_TARGET, then on DEFAULT_TARGET.
     return Client(args.target, token=args.token)
 
 
@@ -322,7 +320,11 @@ class _ProgressBar:
             self._bar.write(line, file=sys.stdout)
 
     def close(self) -> None:
-        self._bar.close()
+        # Draw the final count and postfix now: tqdm draws at most every 0.1 s, and close alone
+        # has been seen to leave the last drawing (0%) on the screen.
+        with self._lock:
+            self._bar.refresh()
+            self._bar.close()
 
 
 def _progress_bar(total: int, files: int, args: argparse.Namespace) -> _ProgressBar | None:
@@ -364,6 +366,8 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
+    from metalake.errors import MetalakeError
+
     failed = 0
     with _client(args) as client:
         datalake = client.get_datalake()

@@ -13,6 +13,7 @@ left off. Temporary failures (server unavailable, load shedding) are retried wit
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar, cast, overload
+from typing import Any, BinaryIO, Generic, NoReturn, TypeVar, cast, overload
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -118,12 +119,18 @@ class Client:
             except MetalakeError as error:
                 if number == MAX_ATTEMPTS or not is_retryable(error):
                     raise
-                delay = min(30.0, 0.25 * 2**number) * random.uniform(0.5, 1.0)
-                if error.retry_after is not None:
-                    delay = max(delay, error.retry_after.total_seconds())
-                if (stopped or threading.Event()).wait(delay):
+                if (stopped or threading.Event()).wait(_retry_delay(number, error)):
                     raise
         raise AssertionError("unreachable")
+
+
+def _retry_delay(attempt: int, error: MetalakeError) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential backoff with jitter, and at
+    least the delay the server asked for (RetryInfo)."""
+    delay = min(30.0, 0.25 * 2.0**attempt) * random.uniform(0.5, 1.0)
+    if error.retry_after is not None:
+        delay = max(delay, error.retry_after.total_seconds())
+    return delay
 
 
 class _Batch:
@@ -168,21 +175,34 @@ class _Batch:
 
 class _FileProgress:
     """Reports each byte of one file to the caller's Progress once, even when a retry or a
-    resumed upload sends some of them again."""
+    resumed upload sends some of them again.
+
+    gRPC pulls the request iterator (which reports) from a thread of its own, and may resume it
+    for the last time only after the server has answered; `finish` reports what is left when the
+    result arrives, so that progress is complete before the caller sees the file done. The lock
+    keeps the two threads from reporting the same bytes twice.
+    """
 
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
         self._reported: int | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, start: int, end: int) -> None:
         if self._progress is None:
             return
-        if self._reported is None:
-            # Bytes before the first offset were sent by an earlier run, not by this one.
-            self._reported = start
-        if end > self._reported:
-            self._progress(end - self._reported)
-            self._reported = end
+        with self._lock:
+            if self._reported is None:
+                # Bytes before the first offset were sent by an earlier run, not by this one.
+                self._reported = start
+            if end <= self._reported:
+                return
+            sent, self._reported = end - self._reported, end
+        self._progress(sent)
+
+    def finish(self, size: int) -> None:
+        """The file is stored: every byte up to `size` has been sent."""
+        self(self._reported or 0, size)
 
 
 class Datalake:
@@ -357,15 +377,18 @@ class Datalake:
         report = _FileProgress(progress)
         if stat.st_size > RESUMABLE_THRESHOLD:
             upload_id = header.request_id if rerun_safe else uuid.uuid4().hex
-            return self._upload_resumable(batch, path, header, upload_id, report)
+            data = self._upload_resumable(batch, path, header, upload_id, report)
+        else:
 
-        def attempt() -> Data:
-            call = self._client.start(
-                self._client._stub.UploadData, _upload_requests(path, header, report)
-            )
-            return Data(self._client, batch.result(call).data)
+            def attempt() -> Data:
+                call = self._client.start(
+                    self._client._stub.UploadData, _upload_requests(path, header, report)
+                )
+                return Data(self._client, batch.result(call).data)
 
-        return self._client.with_retries(attempt, stopped=batch.stopped)
+            data = self._client.with_retries(attempt, stopped=batch.stopped)
+        report.finish(data.size)
+        return data
 
     def _upload_resumable(
         self,
@@ -395,8 +418,7 @@ class Datalake:
         return self._client.with_retries(attempt, stopped=batch.stopped)
 
     def get_data(self, data_id: str) -> Data:
-        response = self._client.call(self._client._stub.GetData, pb.GetDataRequest(id=data_id))
-        return Data(self._client, response.data)
+        return Data(self._client, _get(self._client, data_id))
 
     def delete_data(self, data_id: str) -> None:
         """Delete one item by id (NotFoundError if there is none)."""
@@ -415,7 +437,9 @@ class Datalake:
             request = pb.ListDataRequest(
                 filter=filter or "", order_by=order_by or "", page_size=page_size, page_token=token
             )
-            page = self._client.call(self._client._stub.ListData, request)
+            page = self._client.with_retries(
+                functools.partial(self._client.call, self._client._stub.ListData, request)
+            )
             for message in page.data:
                 yield Data(self._client, message)
             token = page.next_page_token
@@ -426,22 +450,36 @@ class Datalake:
         self, filter: str | None = None, *, resume_token: str = ""
     ) -> Iterator[dict[str, Any]]:
         """Changes as they happen: dicts with type (created, updated, deleted), data_id, data
-        (as Data.to_json), event_time and resume_token (pass it back to continue after it)."""
-        request = pb.WatchDataRequest(filter=filter or "", resume_token=resume_token)
-        stream = self._client.call(self._client._stub.WatchData, request)
-        try:
-            for event in stream:
-                yield {
-                    "type": _EVENT_TYPES.get(event.type, "unknown"),
-                    "data_id": event.data_id,
-                    "data": Data(self._client, event.data).to_json(),
-                    "event_time": md.format_datetime(
-                        event.event_time.ToDatetime().replace(tzinfo=UTC)
-                    ),
-                    "resume_token": event.resume_token,
-                }
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        (as Data.to_json), event_time and resume_token (pass it back to continue after it).
+
+        Once it has a resume token (given, or from an event), a broken stream (the server or its
+        catalog away) is reopened after it, with backoff: no event is missed or repeated."""
+        token, failures = resume_token, 0
+        while True:
+            request = pb.WatchDataRequest(filter=filter or "", resume_token=token)
+            try:
+                stream = self._client.call(self._client._stub.WatchData, request)
+                for event in stream:
+                    failures, token = 0, event.resume_token
+                    yield {
+                        "type": _EVENT_TYPES.get(event.type, "unknown"),
+                        "data_id": event.data_id,
+                        "data": Data(self._client, event.data).to_json(),
+                        "event_time": md.format_datetime(
+                            event.event_time.ToDatetime().replace(tzinfo=UTC)
+                        ),
+                        "resume_token": event.resume_token,
+                    }
+                return
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            except MetalakeError as error:
+                failure = error
+            failures += 1
+            # Without a token, reopening would watch from a new "now" and could miss events.
+            if not token or failures >= MAX_ATTEMPTS or not is_retryable(failure):
+                raise failure from None
+            threading.Event().wait(_retry_delay(failures, failure))
 
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""
@@ -452,7 +490,10 @@ class Datalake:
             for chunk in _chunks(path, 0, None):
                 yield pb.ExtractMetadataRequest(chunk=chunk)
 
-        response = self._client.call(self._client._stub.ExtractMetadata, requests())
+        # Nothing is stored: a retry after the server or its backends were away is safe.
+        response = self._client.with_retries(
+            lambda: self._client.call(self._client._stub.ExtractMetadata, requests())
+        )
         values, _ = md.from_proto(response.metadata)
         return values, dict(response.metadata_sources)
 
@@ -551,8 +592,7 @@ class Data:
         return hash(self.id)
 
     def refresh(self) -> Data:
-        response = self._client.call(self._client._stub.GetData, pb.GetDataRequest(id=self.id))
-        self._load(response.data)
+        self._load(_get(self._client, self.id))
         return self
 
     def update_metadata(
@@ -623,40 +663,91 @@ _EVENT_TYPES = {
 }
 
 
+def _get(client: Client, data_id: str) -> pb.Data:
+    """GetData, retried while the server or its backends are away (reads are safe to retry)."""
+    request = pb.GetDataRequest(id=data_id)
+    return client.with_retries(lambda: client.call(client._stub.GetData, request).data)
+
+
 def _download(client: Client, data_id: str, target: Path) -> Path:
     """DownloadData into `target` through a temporary file beside it, checked against the Data
-    of the stream's first message before it is renamed into place."""
-    stream = client.call(client._stub.DownloadData, pb.DownloadDataRequest(id=data_id))
+    of the stream's first message before it is renamed into place. A stream that breaks
+    (UNAVAILABLE: the server or its bucket away) is resumed from the bytes kept."""
+    download = _Download(client, data_id, target)
     try:
-        messages = iter(stream)
-        first = next(messages, None)
-        if first is None or not first.HasField("data"):
-            raise IntegrityError(f"the download of {data_id} did not start with the item")
-        expected = first.data
-        if target.is_dir():
-            target = target / _local_name(expected)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-        digest, size = hashlib.sha256(), 0
-        try:
-            with partial.open("wb") as handle:
-                for message in messages:
-                    digest.update(message.chunk)
-                    size += len(message.chunk)
-                    handle.write(message.chunk)
-            if size != expected.size or digest.hexdigest() != expected.sha256:
-                raise IntegrityError(
-                    f"the download of {data_id} does not match what the server announced: "
-                    f"got {size} bytes with sha256 {digest.hexdigest()}, expected "
-                    f"{expected.size} bytes with sha256 {expected.sha256}"
-                )
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
+        client.with_retries(download.attempt)
+        return download.finish()
     finally:
-        _cancel(stream)  # a no-op when complete; frees the stream when we stopped early
-    return target
+        download.discard()
+
+
+class _Download:
+    """One download's state across the attempts that resume it."""
+
+    def __init__(self, client: Client, data_id: str, target: Path) -> None:
+        self._client = client
+        self._data_id = data_id
+        self.target = target
+        self._expected: pb.Data | None = None
+        self._partial: Path | None = None
+        self._handle: BinaryIO | None = None
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def attempt(self) -> None:
+        client = self._client
+        request = pb.DownloadDataRequest(id=self._data_id, read_offset=self._size)
+        stream = client.call(client._stub.DownloadData, request)
+        try:
+            messages = iter(stream)
+            first = next(messages, None)
+            if first is None or not first.HasField("data"):
+                raise IntegrityError(f"the download of {self._data_id} did not start with the item")
+            handle = self._open(first.data)
+            for message in messages:
+                self._digest.update(message.chunk)
+                self._size += len(message.chunk)
+                handle.write(message.chunk)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            _cancel(stream)  # a no-op when complete; frees the stream when we stopped early
+
+    def _open(self, announced: pb.Data) -> BinaryIO:
+        if self._expected is None:
+            self._expected = announced
+            if self.target.is_dir():
+                self.target = self.target / _local_name(announced)
+            name = f".{self.target.name}.{uuid.uuid4().hex[:8]}.part"
+            self._partial = self.target.with_name(name)
+            self._handle = self._partial.open("wb")
+        elif (announced.size, announced.sha256) != (self._expected.size, self._expected.sha256):
+            raise IntegrityError(
+                f"the content of {self._data_id} changed while it was downloaded: download again"
+            )
+        assert self._handle is not None
+        return self._handle
+
+    def finish(self) -> Path:
+        assert self._expected is not None
+        assert self._handle is not None
+        assert self._partial is not None
+        self._handle.close()
+        expected, digest = self._expected, self._digest.hexdigest()
+        if self._size != expected.size or digest != expected.sha256:
+            raise IntegrityError(
+                f"the download of {self._data_id} does not match what the server announced: "
+                f"got {self._size} bytes with sha256 {digest}, expected "
+                f"{expected.size} bytes with sha256 {expected.sha256}"
+            )
+        self._partial.replace(self.target)
+        return self.target
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
 
 
 def _cancel(call: grpc.RpcContext) -> None:
@@ -676,6 +767,8 @@ def _chunks(path: Path, offset: int, report: Callable[[int, int], None] | None) 
     with path.open("rb") as handle:
         handle.seek(offset)
         position = offset
+        if report is not None:
+            report(offset, offset)  # where this run starts: bytes before it are not its own
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
             if report is not None:

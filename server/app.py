@@ -17,12 +17,15 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from metalake._version import __version__
 from metalake.extractors.registry import ExtractorRegistry
 from metalake.server.auth import AuthInterceptor, Tokens
 from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
+from metalake.server.datadir import DataDirectoryLock
 from metalake.server.datalake import Datalake, Limits
+from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
 from metalake.server.observability import (
     ObservabilityInterceptor,
@@ -46,6 +49,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    data_dir_lock: DataDirectoryLock | None = None  # held while serving
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -59,6 +63,8 @@ class RunningServer:
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
         await self.datalake.catalog.close()
+        if self.data_dir_lock is not None:
+            self.data_dir_lock.release()
 
 
 def build_datalake(settings: Settings) -> Datalake:
@@ -71,11 +77,6 @@ def build_datalake(settings: Settings) -> Datalake:
         blobs = S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
     else:
         blobs = LocalBlobStore(settings.data_dir)
-    # Each server has its own data directory (spool, staging), so whatever a previous process
-    # of this server left half-written there is garbage now.
-    discarded = blobs.discard_spooled()
-    if discarded:
-        log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
     return Datalake(
         catalog,
         blobs,
@@ -121,8 +122,10 @@ async def start(settings: Settings) -> RunningServer:
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
     )
     datalake = build_datalake(settings)
+    data_dir_lock = _discard_leftovers(settings, datalake)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+        data_dir_lock.release()
         await datalake.catalog.close()
         raise StartupError(
             f"refusing to serve {settings.listen} without authentication: no API token exists. "
@@ -151,7 +154,38 @@ async def start(settings: Settings) -> RunningServer:
     collector = asyncio.create_task(
         _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
+
+    async def set_serving(serving: bool) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, state)
+
+    prober = asyncio.create_task(
+        watch_catalog(datalake.catalog.ping, set_serving, interval=settings.health_interval)
+    )
+    return RunningServer(
+        server, port, datalake, health_servicer, tokens, [collector, prober], data_dir_lock
+    )
+
+
+def _discard_leftovers(settings: Settings, datalake: Datalake) -> DataDirectoryLock:
+    """Discard what a dead process left half-written in the data directory (spool, scratch,
+    S3 multipart uploads it began), unless another live process uses the directory. Not in
+    build_datalake: `metalake gc` builds one too, beside a server whose uploads are running."""
+    lock = DataDirectoryLock(settings.data_dir)
+    try:
+        if lock.alone:
+            discarded = datalake.blobs.discard_spooled()
+            if discarded:
+                log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+        else:
+            log.info("another live process uses %s: leaving its uploads", settings.data_dir)
+    finally:
+        lock.share()
+    return lock
+
+
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
@@ -212,7 +246,11 @@ async def _serve(settings: Settings) -> None:
     running = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
+        "metalake serving on %s:%d, data in %s, version %s",
+        host,
+        running.port,
+        settings.data_dir.resolve(),
+        __version__,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

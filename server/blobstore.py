@@ -8,12 +8,14 @@ visible under any key, so a reader never sees half a blob.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
+import shutil
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -115,19 +117,10 @@ class LocalBlobStore:
 
         Only safe while no upload is running on this directory, i.e. at start-up.
         """
-        count = 0
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+        return discard_leftovers(self._tmp)
 
     def discard_abandoned(self, older_than: datetime) -> int:
-        count = 0
-        for leftover in self._tmp.iterdir():
-            if datetime.fromtimestamp(leftover.stat().st_mtime, UTC) < older_than:
-                leftover.unlink(missing_ok=True)
-                count += 1
-        return count
+        return discard_leftovers(self._tmp, older_than=older_than)
 
     def path_for(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef" for c in key):
@@ -211,7 +204,7 @@ class LocalBlobStore:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
 
     def staged_upload_ids(self) -> list[str]:
-        return [p.name for p in self._uploads.iterdir()]
+        return staged_files(self._uploads)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(open, self.path_for(key), "rb")
@@ -296,8 +289,10 @@ class LocalBlobWriter:
         self._done = True
         # Synchronous on purpose: abort runs while the upload is being cancelled, and an await
         # here could be cancelled in turn, leaving the spool file behind. Close and unlink are
-        # quick metadata operations.
-        self._handle.close()
+        # quick metadata operations. Closing flushes what is buffered, which fails again after a
+        # write failed for want of space: the file goes all the same.
+        with contextlib.suppress(OSError):
+            self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
 
@@ -320,6 +315,40 @@ def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
     if not creating.cancelled() and creating.exception() is None:
         creating.result().close()
     path.unlink(missing_ok=True)
+
+
+def discard_leftovers(
+    directory: Path, *, older_than: datetime | None = None, keep: Collection[str] = ()
+) -> int:
+    """Blocking: remove what a directory of work in progress holds (every entry but those named
+    in `keep`, or those last changed before `older_than`), files and directories alike; returns
+    how many.
+
+    Whatever a crash left there (a spool file, an extraction's scratch directory, a file of
+    unknown origin) must not stop a server from starting.
+    """
+    count = 0
+    for leftover in list(directory.iterdir()):
+        if leftover.name in keep:
+            continue
+        try:
+            changed = leftover.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if older_than is not None and datetime.fromtimestamp(changed, UTC) >= older_than:
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def staged_files(directory: Path) -> list[str]:
+    """Blocking: the upload ids of the staging files in `directory`; anything else there (a
+    directory, a name that is no upload id) is not a staged upload and is left alone."""
+    return [p.name for p in directory.iterdir() if UPLOAD_ID.match(p.name) and p.is_file()]
 
 
 def hash_file(path: Path) -> tuple[Any, int]:

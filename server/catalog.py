@@ -32,6 +32,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    make_url,
     or_,
     select,
     text,
@@ -51,6 +52,7 @@ from metalake.server.errors import (
     ResourceExhaustedError,
     invalid_field,
 )
+from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.locks import KeyedLocks
 from metalake.server.paging import ListQuery
@@ -249,6 +251,8 @@ class Catalog(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None: ...
+
 
 class SqlCatalog:
     """A catalog on a SQLAlchemy engine."""
@@ -274,9 +278,13 @@ class SqlCatalog:
         With `migrate`, an older or empty schema is first brought up to date.
         """
         url = engine_url(url)
-        # A pre-ping per checkout guards against dropped server connections; a SQLite file has
-        # none to drop, and the ping would cost a round trip per query.
-        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        # A pre-ping per checkout guards against dropped server connections (the pool recovers
+        # by itself once the database is back); a SQLite file has none to drop, and the ping
+        # would cost a round trip per query.
+        server = not url.startswith("sqlite")
+        engine = create_engine(
+            url, pool_pre_ping=server, connect_args=_connect_defaults(url) if server else {}
+        )
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _configure_sqlite)
         try:
@@ -308,6 +316,10 @@ class SqlCatalog:
         if self._blob_locks is not None:
             await asyncio.to_thread(self._blob_locks.close)
         await asyncio.to_thread(self._engine.dispose)
+
+    async def ping(self) -> None:
+        """Raise unless the catalog answers a trivial query now (the health probe)."""
+        await asyncio.to_thread(self._scalar, text("SELECT 1"))
 
     async def add(
         self,
@@ -342,7 +354,10 @@ class SqlCatalog:
                         functools.partial(self._add_batch, batch), write=True
                     )
                 except Exception as error:
-                    outcomes = [error] * len(batch)
+                    # Every add of the batch fails with it: each as the backend fault it is
+                    # (UNAVAILABLE, RESOURCE_EXHAUSTED), each its own exception object, since
+                    # one object raised in many tasks would pile their tracebacks up.
+                    outcomes = [_each_waiter(error) for _ in batch]
                 for item, outcome in zip(batch, outcomes, strict=True):
                     if item.done.done():
                         continue  # its upload was cancelled meanwhile
@@ -1001,6 +1016,15 @@ _TRY_LOCK = text("SELECT pg_try_advisory_lock(:id)")
 _UNLOCK = text("SELECT pg_advisory_unlock(:id)")
 
 
+def _each_waiter(error: Exception) -> Exception:
+    """One waiter's exception for a batch that failed with `error`."""
+    fault = backend_fault(error)
+    if fault is None:
+        return error  # a bug, not the backend: every waiter reports the same one
+    fault.__cause__ = error
+    return fault
+
+
 class _AdvisoryLocks:
     """PostgreSQL session advisory locks, all on one connection of their own.
 
@@ -1030,11 +1054,17 @@ class _AdvisoryLocks:
 
     def _try_lock(self, lock_id: int) -> bool:
         with self._use:
-            try:
-                return bool(self._session().execute(_TRY_LOCK, {"id": lock_id}).scalar())
-            except DBAPIError:
-                self._drop()
-                raise
+            while True:
+                fresh = self._connection is None
+                try:
+                    return bool(self._session().execute(_TRY_LOCK, {"id": lock_id}).scalar())
+                except DBAPIError:
+                    self._drop()
+                    # The pool's pre-ping, for the one connection kept out of the pool: one
+                    # that died while it sat there (the catalog restarted, a proxy cut it) is
+                    # replaced once; a new one failing means the catalog is away.
+                    if fresh:
+                        raise
 
     def _unlock(self, lock_id: int) -> None:
         with self._use:
@@ -1076,6 +1106,23 @@ def _check_etag(row: RowMapping, etag: str) -> None:
             f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
             " get it again and reapply the change"
         )
+
+
+# libpq's defaults wait forever for a connection and never notice a peer that vanished: bound
+# the first, and probe idle connections (TCP keepalives) so a dead one fails within a minute.
+# Settings in the catalog URL's query win.
+_SERVER_CONNECT_DEFAULTS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def _connect_defaults(url: str) -> dict[str, Any]:
+    given = make_url(url).query
+    return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

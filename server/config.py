@@ -31,6 +31,8 @@ class Settings:
     upload_ttl: float = 24 * 3600.0
     # How often a server reclaims expired uploads and orphaned blobs.
     gc_interval: float = 600.0
+    # How often health checks that the catalog answers (NOT_SERVING while it does not).
+    health_interval: float = 5.0
     # Uploads one server runs at once; beyond, RESOURCE_EXHAUSTED with a retry delay.
     max_concurrent_uploads: int = 256
     # Largest file accepted, in bytes; None: no limit.

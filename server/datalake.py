@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import logging
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
+from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter, create_spool_file
 from metalake.server.catalog import (
     Catalog,
     DataRecord,
@@ -526,13 +526,22 @@ class Datalake:
             return await self._extract_spooled(filename, prepend(head.chunks, chunks))
 
     async def _extract_spooled(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
-        with _temporary_file(self._spool_dir) as spool:
-            with spool.open("wb") as handle:
+        # A file like an upload's spool file: whatever a crash leaves of it is discarded at the
+        # next start, like theirs.
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        spool = self._spool_dir / f"{uuid.uuid4().hex}.extract"
+        try:
+            handle = await create_spool_file(spool)
+            try:
                 size = 0
                 async for chunk in chunks:
                     size += len(chunk)
                     check_size(size, self._limits.max_file_size)
                     await asyncio.to_thread(handle.write, chunk)
+                await asyncio.to_thread(handle.flush)
+            finally:
+                with contextlib.suppress(OSError):  # a failed write fails the flush again
+                    handle.close()
             return await fill_metadata(
                 self.extractor,
                 spool,
@@ -540,6 +549,8 @@ class Datalake:
                 given={},
                 time_limit=self._extract_timeout,
             )
+        finally:
+            spool.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -634,10 +645,3 @@ def _check_header(header: UploadHeader) -> None:
 def _check_id(data_id: str) -> None:
     if not data_id:
         raise invalid_field("id", "must not be empty")
-
-
-@contextmanager
-def _temporary_file(directory: Path) -> Iterator[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        yield Path(scratch) / "spool"

@@ -13,7 +13,10 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; a plain-HTTP endpoint only with AWS_AL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import tempfile
 import threading
@@ -22,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import boto3
@@ -35,7 +38,13 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from metalake.server.blobstore import UPLOAD_ID, create_spool_file, hash_file
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    create_spool_file,
+    discard_leftovers,
+    hash_file,
+    staged_files,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,9 +61,16 @@ DEFAULT_COPY_PART_SIZE = 256 * 1024 * 1024
 # Each upload holds a connection while a part travels; botocore's default pool (10) would make
 # concurrent uploads open and discard connections.
 MAX_POOL_CONNECTIONS = 64
+# Tries of each S3 request (AWS_MAX_ATTEMPTS overrides), and seconds to connect.
+DEFAULT_MAX_ATTEMPTS = 5
+CONNECT_TIMEOUT = 5.0
 # How many times one download asks again for the rest after its connection to S3 broke.
 _READ_RESUMPTIONS = 3
 _BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
+# A spool-directory file naming a multipart upload this process began and has not finished.
+_MULTIPART_MARKER = ".multipart"
+
+log = logging.getLogger(__name__)
 
 
 class S3ConfigurationError(ValueError):
@@ -247,6 +263,7 @@ class S3BlobStore:
                             self.client.abort_multipart_upload(
                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                             )
+                        self._marker(upload["Key"]).unlink(missing_ok=True)  # if it was ours
                         discarded += 1
         objects = self.client.get_paginator("list_objects_v2")
         for listing in objects.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
@@ -257,11 +274,46 @@ class S3BlobStore:
         return discarded
 
     def discard_spooled(self) -> int:
-        count = 0
-        for leftover in self._spool.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+        """Blocking, at start-up: remove this server's spool files, and abort the multipart
+        uploads its previous process had begun (each left a marker in the spool directory), so
+        that a crash does not leave them billed until garbage collection's TTL sweep.
+
+        With the bucket unreachable their markers stay, for the next start (and the sweep)."""
+        aborted, kept = 0, set()
+        markers = sorted(self._spool.glob(f"*{_MULTIPART_MARKER}"))
+        for index, marker in enumerate(markers):
+            try:
+                self._abort_marked(marker)
+                aborted += 1
+            except ValueError:
+                marker.unlink(missing_ok=True)  # torn by the crash: the TTL sweep covers it
+            except Exception as error:
+                kept = {m.name for m in markers[index:]}
+                log.warning(
+                    "could not abort %d multipart upload(s) of a previous run (%s: %s); "
+                    "keeping them for the next start and garbage collection",
+                    len(kept),
+                    type(error).__name__,
+                    error,
+                )
+                break
+        return aborted + discard_leftovers(self._spool, keep=kept)
+
+    def _abort_marked(self, marker: Path) -> None:
+        try:
+            record = json.loads(marker.read_text())
+            key, upload_id = record["key"], record["upload_id"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"unreadable marker {marker.name}") from error
+        with _suppress_missing():
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        # Completed but not yet copied and deleted when the process died: the object goes too.
+        with _suppress_missing():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        marker.unlink(missing_ok=True)
+
+    def _marker(self, temporary_key: str) -> Path:
+        return self._spool / f"{temporary_key.rsplit('/', 1)[-1]}{_MULTIPART_MARKER}"
 
     # Resumable uploads stage on this server's disk, then go to S3 when finished.
 
@@ -279,7 +331,7 @@ class S3BlobStore:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
 
     def staged_upload_ids(self) -> list[str]:
-        return [p.name for p in self._uploads.iterdir()]
+        return staged_files(self._uploads)
 
     def store_file(self, path: Path, key: str) -> None:
         """Blocking: put a local file under a blob key, unless identical content is there."""
@@ -330,6 +382,7 @@ class S3BlobWriter:
         self._temporary_object = False  # a completed upload not yet deleted
         self._lock = threading.Lock()
         self._done = False  # committed or aborted: nothing more may reach S3
+        self._marker: Path | None = None  # while a multipart upload or its object may be left
 
     @property
     def size(self) -> int:
@@ -378,6 +431,12 @@ class S3BlobWriter:
         if self._upload_id is None:
             created = client.create_multipart_upload(Bucket=bucket, Key=self._temporary_key)
             self._upload_id = created["UploadId"]
+            # Remembered on local disk until aborted or completed: if this process dies, the
+            # next one aborts it at start-up (S3 keeps unfinished uploads, and bills them).
+            self._marker = self._store._marker(self._temporary_key)
+            self._marker.write_text(
+                json.dumps({"key": self._temporary_key, "upload_id": self._upload_id})
+            )
         number = len(self._parts) + 1
         uploaded = client.upload_part(
             Bucket=bucket,
@@ -429,6 +488,7 @@ class S3BlobWriter:
             self._buffer = bytearray()
             self._done = True
             self._close_spool()
+            self._forget_marker()
 
     async def abort(self) -> None:
         if self._done:
@@ -447,6 +507,12 @@ class S3BlobWriter:
             self._close_spool()
             self._abort_upload()
             self._delete_temporary_object()
+            self._forget_marker()
+
+    def _forget_marker(self) -> None:
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
 
     def _abort_upload(self) -> None:
         if self._upload_id is not None:
@@ -463,7 +529,9 @@ class S3BlobWriter:
 
     def _close_spool(self) -> None:
         if self._spool is not None:
-            self._spool.close()
+            # Closing flushes, which fails again after a spool write failed for want of space.
+            with contextlib.suppress(OSError):
+                self._spool.close()
             self._spool = None
         if self._spool_path is not None:
             self._spool_path.unlink(missing_ok=True)
@@ -505,14 +573,20 @@ class S3StagedWriter:
 
 def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
     """botocore settings for AWS itself, or for another S3-compatible server at `endpoint`."""
+    # botocore retries what fails transiently (AWS_MAX_ATTEMPTS tries in all); past them the
+    # client is told UNAVAILABLE and retries the call. Connecting gets CONNECT_TIMEOUT seconds:
+    # botocore's 60 would hold an upload a minute per try on an endpoint that went away.
+    retries: Any = {"max_attempts": _max_attempts(env), "mode": "standard"}
     if endpoint is None:
         return Config(
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries=retries,
             max_pool_connections=MAX_POOL_CONNECTIONS,
+            connect_timeout=CONNECT_TIMEOUT,
         )
     return Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries=retries,
         max_pool_connections=MAX_POOL_CONNECTIONS,
+        connect_timeout=CONNECT_TIMEOUT,
         # Path-style addressing works on every S3-compatible server, not only AWS.
         s3={"addressing_style": "path"},
         # botocore >= 1.36 sends CRC checksums (and trailers) by default, which MinIO, Ceph, GCS
@@ -521,6 +595,15 @@ def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
         request_checksum_calculation=_checksum_setting(env, "AWS_REQUEST_CHECKSUM_CALCULATION"),
         response_checksum_validation=_checksum_setting(env, "AWS_RESPONSE_CHECKSUM_VALIDATION"),
     )
+
+
+def _max_attempts(env: Mapping[str, str]) -> int:
+    value = env.get("AWS_MAX_ATTEMPTS", "")
+    if not value:
+        return DEFAULT_MAX_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise S3ConfigurationError(f"AWS_MAX_ATTEMPTS must be a whole number >= 1, not {value!r}")
+    return int(value)
 
 
 def _checksum_setting(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy
 
 from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
-from metalake.server.errors import ResourceExhaustedError
+from metalake.server.errors import ResourceExhaustedError, UnavailableError
+from tests.tcpproxy import TcpProxy
 from tests.test_catalog import ORG, record
 
 
@@ -132,3 +134,37 @@ async def test_batches_of_any_size_commit_everything(catalog: SqlCatalog, size: 
     for item in items[:: max(1, size // 10)]:
         assert await catalog.get(ORG, item.id) == item
     assert (await catalog.organization(ORG)).used_bytes == sum(i.size for i in items)
+
+
+async def test_a_batch_the_catalog_drops_fails_each_item_unavailable(postgres_url: str) -> None:
+    """A batch cut off from PostgreSQL mid-way: every add in it fails as the backend fault it is
+    (UNAVAILABLE with a retry delay, each its own error), nothing of it is kept, and the same
+    adds retried once the catalog is back store each item once."""
+    parts = urlsplit(postgres_url)
+    assert parts.hostname is not None
+    with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
+        url = postgres_url.replace(parts.netloc, f"{parts.username}@{proxy.address}", 1)
+        catalog = SqlCatalog.open(url, migrate=True)
+        try:
+            kept = record(request_id="r-kept")
+            await catalog.add(kept)
+            items = [record(request_id=f"r-{i}", tags=("t",)) for i in range(5)]
+            proxy.cut()
+            outcomes = await _outcomes(catalog, *items)
+            faults = [outcome for outcome in outcomes if isinstance(outcome, UnavailableError)]
+            assert len(faults) == len(items), outcomes
+            assert len({id(fault) for fault in faults}) == len(items)
+            assert all(fault.retry_after for fault in faults)
+            proxy.restore()
+            # Each retried twice in one batch: the first try stores it, the second gets it back.
+            retried = await _outcomes(catalog, *items, *items)
+            assert retried[: len(items)] == [None] * len(items)
+            duplicates = retried[len(items) :]
+            assert all(isinstance(d, DuplicateRequestError) for d in duplicates), duplicates
+            assert [d.existing for d in duplicates if isinstance(d, DuplicateRequestError)] == items
+            for item in items:
+                assert await catalog.find_request(ORG, item.request_id) == item
+            used = (await catalog.organization(ORG)).used_bytes
+            assert used == kept.size + sum(item.size for item in items)
+        finally:
+            await catalog.close()
