@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 from metalake._version import __version__
 
 if TYPE_CHECKING:
-    from metalake.client import Client, Data, Datalake
+    from metalake.client import (
+        Client,
+        Data,
+        Datalake,
+        Dataset,
+        DatasetChange,
+        Similar,
+        Webhook,
+        WebhookDelivery,
+    )
     from metalake.errors import (
         AuthenticationError,
         ConflictError,
@@ -36,6 +45,11 @@ _LAZY = {
     "Client": "metalake.client",
     "Data": "metalake.client",
     "Datalake": "metalake.client",
+    "Dataset": "metalake.client",
+    "DatasetChange": "metalake.client",
+    "Similar": "metalake.client",
+    "Webhook": "metalake.client",
+    "WebhookDelivery": "metalake.client",
     "AuthenticationError": "metalake.errors",
     "ConflictError": "metalake.errors",
     "DataLossError": "metalake.errors",
@@ -59,6 +73,8 @@ __all__ = [
     "Data",
     "DataLossError",
     "Datalake",
+    "Dataset",
+    "DatasetChange",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidMetadataError",
@@ -66,8 +82,11 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "Similar",
     "UnavailableError",
     "UploadError",
+    "Webhook",
+    "WebhookDelivery",
     "__version__",
 ]
 

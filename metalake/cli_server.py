@@ -112,6 +112,11 @@ def _add_serve(commands: Subparsers, serve: Command) -> None:
         action="store_true",
         help="serve a non-loopback address although no API token exists",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="METALAKE_WORKERS: server processes sharing the port (default 1)",
+    )
     parser.set_defaults(func=server_command(serve))
 
 

@@ -67,6 +67,19 @@ REQUIRED_ROLE: dict[str, Role] = {
     "WriteUpload": Role.WRITE,
     "UpdateMetadata": Role.WRITE,
     "DeleteData": Role.WRITE,
+    "CreateDataset": Role.WRITE,
+    "ListDatasets": Role.READ,
+    "GetDataset": Role.READ,
+    "ListDatasetItems": Role.READ,
+    "DiffDatasets": Role.READ,
+    "DownloadDatasetItem": Role.READ,
+    "FindSimilar": Role.READ,
+    # Webhooks send the organization's data elsewhere: admin only.
+    "CreateWebhook": Role.ADMIN,
+    "ListWebhooks": Role.ADMIN,
+    "DeleteWebhook": Role.ADMIN,
+    "ListWebhookDeliveries": Role.ADMIN,
+    "TestWebhook": Role.ADMIN,
 }
 
 

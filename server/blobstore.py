@@ -90,9 +90,10 @@ class BlobStore(Protocol):
     def staged_upload_ids(self) -> list[str]:
         """Blocking: the ids of every upload with a staging file."""
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking: remove what uploads of a previous process left half-written; only safe
-        while this server runs no upload, i.e. at start-up."""
+        while this server runs no upload, i.e. at start-up. With `owner`, only what the
+        process with that pid left (a dead worker of a running server)."""
 
     def discard_abandoned(self, older_than: datetime) -> int:
         """Blocking: remove bytes of uploads begun before `older_than` and never finished (by
@@ -112,12 +113,13 @@ class LocalBlobStore:
         self._directories: set[Path] = set()
         self._creating = threading.Lock()
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
 
-        Only safe while no upload is running on this directory, i.e. at start-up.
+        Only safe while no upload is running on this directory, i.e. at start-up, or, with
+        `owner`, for the files of a process that is dead (they are named after its pid).
         """
-        return discard_leftovers(self._tmp)
+        return discard_leftovers(self._tmp, owner=owner)
 
     def discard_abandoned(self, older_than: datetime) -> int:
         return discard_leftovers(self._tmp, older_than=older_than)
@@ -131,7 +133,7 @@ class LocalBlobStore:
 
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
-        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     async def put(self, key: str, data: bytes) -> None:
@@ -140,11 +142,14 @@ class LocalBlobStore:
     def _put(self, target: Path, data: bytes) -> None:
         """One thread hop: write, fsync, rename into place, fsync the directory."""
         if target.exists():
-            # Identical content, its bytes durable before they were renamed there; only the
-            # rename may not be durable yet (a commit finishing in another thread).
+            # Identical content, its bytes fsynced before they were renamed there (by every
+            # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
+            # yet: its writer may have died before fsyncing the directory, or be another thread
+            # finishing. The caller holds the blob's lock (Datalake._commit: across a server's
+            # worker processes too), so no other process is placing or deleting it meanwhile.
             _fsync_directory(target.parent)
             return
-        spool = self._tmp / f"{uuid.uuid4().hex}.part"
+        spool = self._tmp / spool_name()  # named after this process: see discard_spooled
         try:
             fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -174,13 +179,13 @@ class LocalBlobStore:
     def _make_directory(self, directory: Path) -> None:
         """Create a blob directory (and its parent), durably: a new directory's entry is
         durable only once its parent directory is fsynced. One thread at a time, so that a
-        directory another thread is creating is not taken for durable before it is."""
+        directory another thread is creating is not taken for durable before it is; and the
+        parent is fsynced even when the directory was there already, once per process: another
+        process (a worker of the same server) may have created it and died before its fsync."""
         with self._creating:
             for level in (directory.parent, directory):
-                try:
+                with contextlib.suppress(FileExistsError):
                     level.mkdir()
-                except FileExistsError:
-                    continue
                 _fsync_directory(level.parent)
             self._directories.add(directory)
 
@@ -277,9 +282,9 @@ class LocalBlobWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Identical content has an identical key: replacing it changes no byte a reader sees.
-        os.replace(self._path, target)
+        # Placed as a small file's is, its directories created durably.
+        self._store._place(self._path, target)
         _fsync_directory(target.parent)
         self._done = True
 
@@ -295,6 +300,17 @@ class LocalBlobWriter:
             self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
+
+
+def spool_name(suffix: str = ".part") -> str:
+    """A new spool file's name, starting with this process's pid: a server's worker processes
+    share its spool directory, and a dead worker's leftovers must be told from live uploads."""
+    return f"{owner_prefix(os.getpid())}{uuid.uuid4().hex}{suffix}"
+
+
+def owner_prefix(pid: int) -> str:
+    """How the names of the spool-directory entries the process `pid` created begin."""
+    return f"{pid}-"
 
 
 async def create_spool_file(path: Path) -> BinaryIO:
@@ -318,18 +334,24 @@ def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
 
 
 def discard_leftovers(
-    directory: Path, *, older_than: datetime | None = None, keep: Collection[str] = ()
+    directory: Path,
+    *,
+    older_than: datetime | None = None,
+    keep: Collection[str] = (),
+    owner: int | None = None,
 ) -> int:
     """Blocking: remove what a directory of work in progress holds (every entry but those named
-    in `keep`, or those last changed before `older_than`), files and directories alike; returns
-    how many.
+    in `keep`, or those last changed before `older_than`; with `owner`, only the entries the
+    process with that pid created, see spool_name), files and directories alike; returns how
+    many.
 
     Whatever a crash left there (a spool file, an extraction's scratch directory, a file of
     unknown origin) must not stop a server from starting.
     """
     count = 0
+    prefix = "" if owner is None else owner_prefix(owner)
     for leftover in list(directory.iterdir()):
-        if leftover.name in keep:
+        if leftover.name in keep or not leftover.name.startswith(prefix):
             continue
         try:
             changed = leftover.lstat().st_mtime

@@ -6,6 +6,7 @@ that puts the call's request id in the trailing metadata, so that every answer c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ else:
 Behaviour = Callable[..., Any]
 
 REQUEST_ID_KEY = "x-request-id"
+# Trailing metadata naming the worker process that answered, on servers with several.
+WORKER_KEY = "x-metalake-worker"
 _request_id: ContextVar[str] = ContextVar("metalake_request_id", default="-")
+_worker_trailer: tuple[tuple[str, str], ...] = ()
 
 
 def current_request_id() -> str:
@@ -34,8 +38,14 @@ def current_request_id() -> str:
     return _request_id.get()
 
 
+def name_worker_in_answers() -> None:
+    """Answer every call with this process's pid in WORKER_KEY (a worker of a supervisor)."""
+    global _worker_trailer
+    _worker_trailer = ((WORKER_KEY, str(os.getpid())),)
+
+
 def _request_id_trailer() -> tuple[tuple[str, str], ...]:
-    return ((REQUEST_ID_KEY, current_request_id()),)
+    return ((REQUEST_ID_KEY, current_request_id()), *_worker_trailer)
 
 
 def begin_call(context: Any, request_id: str) -> None:

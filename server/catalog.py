@@ -18,9 +18,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
+    URL,
     BigInteger,
     Connection,
     Engine,
@@ -42,6 +44,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -59,6 +62,7 @@ from metalake.server.paging import ListQuery
 from metalake.server.schema import (
     data_table,
     data_tags_table,
+    dataset_items_table,
     event_log_table,
     event_tags_table,
     events_table,
@@ -67,6 +71,7 @@ from metalake.server.schema import (
     uploads_table,
 )
 from metalake.server.schema_versions import check_schema, engine_url
+from metalake.server.sqlitelocks import BlobLocks, WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +265,14 @@ class SqlCatalog:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks.
-        self._write_lock: threading.Lock | None = (
-            threading.Lock() if engine.dialect.name == "sqlite" else None
-        )
+        # Across processes too: a server's worker processes share one SQLite file, and on
+        # it blob holds are file locks (see sqlitelocks).
+        self._write_lock: WriterLock | None = None
+        self._blob_file_locks: BlobLocks | None = None
+        if engine.dialect.name == "sqlite":
+            database = _sqlite_file(engine)
+            self._write_lock = WriterLock(database)
+            self._blob_file_locks = BlobLocks(database) if database else None
         # Concurrent adds share one transaction and one commit (see _flush_adds).
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
@@ -303,13 +313,16 @@ class SqlCatalog:
         """Exclusive use of a blob key across every server sharing this catalog: between
         deciding a blob is unused and deleting it, nobody may commit the same content.
 
-        On PostgreSQL, a session advisory lock (see _AdvisoryLocks). SQLite serves one
-        server: nothing to do.
+        On PostgreSQL, a session advisory lock (see _AdvisoryLocks). On a SQLite file, a file
+        lock (the processes sharing it are one server's workers; see sqlitelocks.BlobLocks).
         """
-        if self._blob_locks is None:
-            yield
-            return
-        async with self._blob_locks.hold(int(blob_key[:15], 16)):
+        if self._blob_locks is not None:
+            async with self._blob_locks.hold(int(blob_key[:15], 16)):
+                yield
+        elif self._blob_file_locks is not None:
+            async with self._blob_file_locks.hold(blob_key):
+                yield
+        else:
             yield
 
     async def close(self) -> None:
@@ -437,8 +450,14 @@ class SqlCatalog:
         return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
-        statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
-        return await self._run(lambda: self._scalar(statement) is not None)
+        """Whether an item, or an item frozen in a dataset version, refers to this blob."""
+        statements = [
+            select(table.c.id).where(table.c.blob_key == blob_key).limit(1)
+            for table in (data_table, dataset_items_table)
+        ]
+        return await self._run(
+            lambda: any(self._scalar(statement) is not None for statement in statements)
+        )
 
     async def start_upload(self, upload: UploadRecord) -> UploadRecord:
         """Record a new upload, or return the one that already has this id."""
@@ -576,6 +595,11 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             row = connection.execute(statement).mappings().first()
         return _upload_from_row(row) if row is not None else None
+
+    async def run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
+        """Run synchronous catalog work in a worker thread; `write` work takes SQLite's writer
+        lock. For modules that keep tables of their own in this catalog (datasets, ...)."""
+        return await self._run(work, write=write)
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
         if write and self._write_lock is not None:
@@ -1028,14 +1052,20 @@ def _each_waiter(error: Exception) -> Exception:
 class _AdvisoryLocks:
     """PostgreSQL session advisory locks, all on one connection of their own.
 
-    One connection for every lock this server holds, rather than a pooled connection per
-    upload held while it waits for its catalog commit (which ran the pool dry under 16
-    concurrent uploads). A session lock is re-entrant within its session, so holders of one
-    key in this process queue here first.
+    One connection for every lock this process holds, outside the catalog's pool, rather than
+    a connection per holder: a holder waits for its catalog commit, and holders each taking a
+    pooled connection ran the pool dry under 16 concurrent uploads (none left to commit with).
+    A pool of lock connections of their own would not deadlock, but would cost one PostgreSQL
+    connection per concurrent upload and worker (its 16th holder waiting for the pool), where
+    this costs one per process, whatever the concurrency. A session lock is re-entrant within
+    its session, so holders of one key in this process queue here first.
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        # Unpooled: the one connection is opened here on first use, closed when it broke.
+        self._engine = create_engine(
+            engine.url, poolclass=NullPool, connect_args=_connect_defaults(engine.url)
+        )
         self._connection: Connection | None = None
         self._use = threading.Lock()  # one statement at a time on the connection
         self._local = KeyedLocks()
@@ -1093,6 +1123,7 @@ class _AdvisoryLocks:
     def close(self) -> None:
         with self._use:
             self._drop()
+        self._engine.dispose()
 
 
 def _item(org: str, data_id: str) -> ColumnElement[bool]:
@@ -1108,6 +1139,13 @@ def _check_etag(row: RowMapping, etag: str) -> None:
         )
 
 
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 # libpq's defaults wait forever for a connection and never notice a peer that vanished: bound
 # the first, and probe idle connections (TCP keepalives) so a dead one fails within a minute.
 # Settings in the catalog URL's query win.
@@ -1120,7 +1158,7 @@ _SERVER_CONNECT_DEFAULTS = {
 }
 
 
-def _connect_defaults(url: str) -> dict[str, Any]:
+def _connect_defaults(url: str | URL) -> dict[str, Any]:
     given = make_url(url).query
     return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 

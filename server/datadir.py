@@ -18,17 +18,23 @@ LOCK_NAME = ".metalake-serving"
 
 
 class DataDirectoryLock:
-    """Held (shared) for the life of a server process; see `alone`."""
+    """Held (shared) for the life of a server process; see `alone`.
 
-    def __init__(self, data_dir: Path) -> None:
+    `shared`: take it shared at once, without asking whether this process is alone (a worker
+    of a supervisor, which holds it already and did the cleaning up)."""
+
+    def __init__(self, data_dir: Path, *, shared: bool = False) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.alone = False  # another live process uses this directory
+        if shared:
+            self.alone = False
         else:
-            self.alone = True  # nobody else: leftovers are a dead process's
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.alone = False  # another live process uses this directory
+            else:
+                self.alone = True  # nobody else: leftovers are a dead process's
         # Exclusive while the caller cleans up (others starting meanwhile wait here), then
         # shared with every other process using the directory.
         self._downgraded = not self.alone

@@ -17,7 +17,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter, create_spool_file
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    BlobStore,
+    BlobWriter,
+    create_spool_file,
+    spool_name,
+)
 from metalake.server.catalog import (
     Catalog,
     DataRecord,
@@ -527,9 +533,9 @@ class Datalake:
 
     async def _extract_spooled(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
         # A file like an upload's spool file: whatever a crash leaves of it is discarded at the
-        # next start, like theirs.
+        # next start, like theirs (or, named after this process, when a supervisor replaces it).
         self._spool_dir.mkdir(parents=True, exist_ok=True)
-        spool = self._spool_dir / f"{uuid.uuid4().hex}.extract"
+        spool = self._spool_dir / spool_name(".extract")
         try:
             handle = await create_spool_file(spool)
             try:

@@ -229,12 +229,17 @@ async def receive(
             check_size(received, max_size)
             if len(head) < _SNIFF_BYTES:
                 head += chunk[: _SNIFF_BYTES - len(head)]
-            batch += chunk
-            if len(batch) >= WRITE_BATCH:
-                if in_flight is not None:
-                    await in_flight
-                in_flight = asyncio.ensure_future(writer.write(bytes(batch)))
-                batch.clear()
+            if batch or len(chunk) < WRITE_BATCH:
+                batch += chunk
+                if len(batch) < WRITE_BATCH:
+                    continue
+                write, batch = bytes(batch), bytearray()
+            else:
+                write = chunk  # a whole batch already (the SDK's 1 MiB chunks): no copy
+            if in_flight is not None:
+                await in_flight
+            in_flight = asyncio.ensure_future(writer.write(write))
+            del write  # the writer holds it until written; nothing else should
         if in_flight is not None:
             await in_flight
             in_flight = None

@@ -1,6 +1,7 @@
 """What an operator sees: Prometheus metrics, structured logs, and a request id per call.
 
-Metrics are per server process, as Prometheus expects (it scrapes each instance). Logs never
+Metrics are per server, as Prometheus expects (it scrapes each instance); a server with several
+worker processes adds theirs up (metalake.server.workers). Logs never
 carry tokens or metadata values: handlers log ids, sizes, types and outcomes only.
 """
 
@@ -42,7 +43,10 @@ RPC_SECONDS = Histogram(
 )
 BYTES_RECEIVED = Counter("metalake_bytes_received_total", "File bytes received from clients.")
 BYTES_SENT = Counter("metalake_bytes_sent_total", "File bytes sent to clients.")
-UPLOADS_IN_FLIGHT = Gauge("metalake_uploads_in_flight", "Uploads being received right now.")
+# livesum: with several worker processes (PROMETHEUS_MULTIPROC_DIR), the sum over live ones.
+UPLOADS_IN_FLIGHT = Gauge(
+    "metalake_uploads_in_flight", "Uploads being received right now.", multiprocess_mode="livesum"
+)
 EXTRACTOR_RESULTS = Counter(
     "metalake_extractor_results_total",
     "Extractor runs by outcome: hit (filled a field), miss (filled none), error.",

@@ -43,6 +43,8 @@ from metalake.server.blobstore import (
     create_spool_file,
     discard_leftovers,
     hash_file,
+    owner_prefix,
+    spool_name,
     staged_files,
 )
 
@@ -157,7 +159,7 @@ class S3BlobStore:
     async def create_writer(self, *, spool: bool = True) -> S3BlobWriter:
         spool_file = None
         if spool:
-            spool_file = await create_spool_file(self._spool / f"{uuid.uuid4().hex}.part")
+            spool_file = await create_spool_file(self._spool / spool_name())
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def put(self, key: str, data: bytes) -> None:
@@ -263,7 +265,7 @@ class S3BlobStore:
                             self.client.abort_multipart_upload(
                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                             )
-                        self._marker(upload["Key"]).unlink(missing_ok=True)  # if it was ours
+                        self._forget_markers(upload["Key"])  # if it was ours
                         discarded += 1
         objects = self.client.get_paginator("list_objects_v2")
         for listing in objects.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
@@ -273,14 +275,16 @@ class S3BlobStore:
                     discarded += 1
         return discarded
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking, at start-up: remove this server's spool files, and abort the multipart
         uploads its previous process had begun (each left a marker in the spool directory), so
-        that a crash does not leave them billed until garbage collection's TTL sweep.
+        that a crash does not leave them billed until garbage collection's TTL sweep. With
+        `owner`, only those of the process with that pid (a dead worker of a running server).
 
         With the bucket unreachable their markers stay, for the next start (and the sweep)."""
         aborted, kept = 0, set()
-        markers = sorted(self._spool.glob(f"*{_MULTIPART_MARKER}"))
+        prefix = "" if owner is None else owner_prefix(owner)
+        markers = sorted(self._spool.glob(f"{prefix}*{_MULTIPART_MARKER}"))
         for index, marker in enumerate(markers):
             try:
                 self._abort_marked(marker)
@@ -297,7 +301,7 @@ class S3BlobStore:
                     error,
                 )
                 break
-        return aborted + discard_leftovers(self._spool, keep=kept)
+        return aborted + discard_leftovers(self._spool, keep=kept, owner=owner)
 
     def _abort_marked(self, marker: Path) -> None:
         try:
@@ -312,8 +316,17 @@ class S3BlobStore:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         marker.unlink(missing_ok=True)
 
-    def _marker(self, temporary_key: str) -> Path:
-        return self._spool / f"{temporary_key.rsplit('/', 1)[-1]}{_MULTIPART_MARKER}"
+    def _new_marker(self, temporary_key: str) -> Path:
+        """Where this process remembers the multipart upload of `temporary_key`: named after
+        its pid, like its spool files, so that a dead worker's are told from its siblings'."""
+        name = f"{owner_prefix(os.getpid())}{_key_name(temporary_key)}{_MULTIPART_MARKER}"
+        return self._spool / name
+
+    def _forget_markers(self, temporary_key: str) -> None:
+        """Remove the marker of `temporary_key`'s multipart upload, whichever process wrote it
+        (older versions named markers without a pid)."""
+        for marker in self._spool.glob(f"*{_key_name(temporary_key)}{_MULTIPART_MARKER}"):
+            marker.unlink(missing_ok=True)
 
     # Resumable uploads stage on this server's disk, then go to S3 when finished.
 
@@ -433,7 +446,7 @@ class S3BlobWriter:
             self._upload_id = created["UploadId"]
             # Remembered on local disk until aborted or completed: if this process dies, the
             # next one aborts it at start-up (S3 keeps unfinished uploads, and bills them).
-            self._marker = self._store._marker(self._temporary_key)
+            self._marker = self._store._new_marker(self._temporary_key)
             self._marker.write_text(
                 json.dumps({"key": self._temporary_key, "upload_id": self._upload_id})
             )
@@ -569,6 +582,10 @@ class S3StagedWriter:
 
     async def abort(self) -> None:
         """Keep the staged bytes: the client may still finish the upload."""
+
+
+def _key_name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
 
 
 def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:

@@ -15,8 +15,9 @@ from google.rpc import code_pb2
 from metalake import metadata as md
 from metalake.server.auth import current_caller
 from metalake.server.calls import abort, status
-from metalake.server.catalog import DataRecord
-from metalake.server.datalake import Datalake
+from metalake.server.catalog import DataRecord, EventType
+from metalake.server.datalake import Datalake, Download
+from metalake.server.datasets import Datasets, DatasetVersion, DiffEntry
 from metalake.server.errors import (
     ConflictError,
     DatalakeError,
@@ -33,6 +34,8 @@ from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 from metalake.server.observability import BYTES_RECEIVED, BYTES_SENT
 from metalake.server.resumable import UploadWrite
+from metalake.server.similarity import Similarity
+from metalake.server.webhooks import Delivery, Webhook, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
@@ -127,8 +130,17 @@ def _translating_stream_errors(
 
 
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
-    def __init__(self, datalake: Datalake) -> None:
+    def __init__(
+        self,
+        datalake: Datalake,
+        datasets: Datasets,
+        similarity: Similarity,
+        webhooks: Webhooks,
+    ) -> None:
         self._datalake = datalake
+        self._datasets = datasets
+        self._similarity = similarity
+        self._webhooks = webhooks
 
     @_translating_errors
     async def UploadData(
@@ -286,6 +298,221 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
                 event_time=_timestamp(event.time),
             )
 
+    # Dataset snapshots.
+
+    @_translating_errors
+    async def CreateDataset(
+        self, request: pb.CreateDatasetRequest, context: Context
+    ) -> pb.CreateDatasetResponse:
+        created = await self._datasets.create(
+            _org(), request.name, request.filter, request.description
+        )
+        return pb.CreateDatasetResponse(dataset=_dataset_to_proto(created))
+
+    @_translating_errors
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: Context
+    ) -> pb.ListDatasetsResponse:
+        found, token = await self._datasets.versions(
+            _org(), name=request.name, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListDatasetsResponse(
+            datasets=[_dataset_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def GetDataset(
+        self, request: pb.GetDatasetRequest, context: Context
+    ) -> pb.GetDatasetResponse:
+        found = await self._datasets.get(_org(), request.name, request.version)
+        return pb.GetDatasetResponse(dataset=_dataset_to_proto(found))
+
+    @_translating_errors
+    async def ListDatasetItems(
+        self, request: pb.ListDatasetItemsRequest, context: Context
+    ) -> pb.ListDatasetItemsResponse:
+        dataset, records, token = await self._datasets.items(
+            _org(),
+            request.name,
+            request.version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListDatasetItemsResponse(
+            data=[data_to_proto(r) for r in records],
+            next_page_token=token,
+            version=dataset.version,
+        )
+
+    @_translating_errors
+    async def DiffDatasets(
+        self, request: pb.DiffDatasetsRequest, context: Context
+    ) -> pb.DiffDatasetsResponse:
+        entries, token = await self._datasets.diff(
+            _org(),
+            request.name,
+            request.from_version,
+            request.to_version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.DiffDatasetsResponse(
+            entries=[_diff_to_proto(e) for e in entries], next_page_token=token
+        )
+
+    @_translating_stream_errors
+    async def DownloadDatasetItem(
+        self, request: pb.DownloadDatasetItemRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadDatasetItemResponse]:
+        download = await self._datasets.download(
+            _org(), request.name, request.version, request.data_id, offset=request.read_offset
+        )
+        async for message in _stream_download(download, context):
+            yield pb.DownloadDatasetItemResponse(**message)
+
+    @_translating_errors
+    async def FindSimilar(
+        self, request: pb.FindSimilarRequest, context: Context
+    ) -> pb.FindSimilarResponse:
+        found, token = await self._similarity.find(
+            _org(),
+            data_id=request.id,
+            image=request.image,
+            max_distance=request.max_distance if request.HasField("max_distance") else None,
+            filter=request.filter,
+            include_mirrored=not request.exclude_mirrored,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.FindSimilarResponse(
+            results=[
+                pb.SimilarData(
+                    data=data_to_proto(s.record), distance=s.distance, mirrored=s.mirrored
+                )
+                for s in found
+            ],
+            next_page_token=token,
+        )
+
+    # Webhooks.
+
+    @_translating_errors
+    async def CreateWebhook(
+        self, request: pb.CreateWebhookRequest, context: Context
+    ) -> pb.CreateWebhookResponse:
+        types = []
+        for value in request.event_types:
+            try:
+                types.append(EventType(value))
+            except ValueError:
+                raise invalid_field("event_types", f"{value} is not an event type") from None
+        created = await self._webhooks.create(_org(), request.url, types, request.filter)
+        return pb.CreateWebhookResponse(
+            webhook=_webhook_to_proto(created.webhook), secret=created.secret
+        )
+
+    @_translating_errors
+    async def ListWebhooks(
+        self, request: pb.ListWebhooksRequest, context: Context
+    ) -> pb.ListWebhooksResponse:
+        found = await self._webhooks.registered(_org())
+        return pb.ListWebhooksResponse(webhooks=[_webhook_to_proto(w) for w in found])
+
+    @_translating_errors
+    async def DeleteWebhook(
+        self, request: pb.DeleteWebhookRequest, context: Context
+    ) -> pb.DeleteWebhookResponse:
+        await self._webhooks.delete(_org(), request.id)
+        return pb.DeleteWebhookResponse()
+
+    @_translating_errors
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        found, token = await self._webhooks.deliveries(
+            _org(), request.webhook_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListWebhookDeliveriesResponse(
+            deliveries=[_delivery_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def TestWebhook(
+        self, request: pb.TestWebhookRequest, context: Context
+    ) -> pb.TestWebhookResponse:
+        delivery = await self._webhooks.test(_org(), request.id)
+        return pb.TestWebhookResponse(delivery=_delivery_to_proto(delivery))
+
+
+def _webhook_to_proto(webhook: Webhook) -> pb.Webhook:
+    return pb.Webhook(
+        id=webhook.id,
+        url=webhook.url,
+        event_types=[int(e) for e in webhook.events],  # type: ignore[misc]
+        filter=webhook.filter,
+        created_at=_timestamp(webhook.created_at),
+    )
+
+
+_DELIVERY_STATUSES = {
+    "pending": pb.DELIVERY_STATUS_PENDING,
+    "delivered": pb.DELIVERY_STATUS_DELIVERED,
+    "failed": pb.DELIVERY_STATUS_FAILED,
+}
+
+
+def _delivery_to_proto(delivery: Delivery) -> pb.WebhookDelivery:
+    message = pb.WebhookDelivery(
+        id=delivery.id,
+        webhook_id=delivery.webhook_id,
+        event_type=delivery.event_type,
+        data_id=delivery.data_id,
+        status=_DELIVERY_STATUSES[delivery.status],
+        attempts=delivery.attempts,
+        created_at=_timestamp(delivery.created_at),
+        error=delivery.error,
+    )
+    if delivery.next_attempt_at is not None:
+        message.next_attempt_at.CopyFrom(_timestamp(delivery.next_attempt_at))
+    if delivery.last_attempt_at is not None:
+        message.last_attempt_at.CopyFrom(_timestamp(delivery.last_attempt_at))
+    if delivery.response_status is not None:
+        message.response_status = delivery.response_status
+    return message
+
+
+async def _stream_download(download: Download, context: Context) -> AsyncIterator[dict[str, Any]]:
+    """The fields of a download's messages: the item first, then its chunks."""
+    yield {"data": data_to_proto(download.record)}
+    try:
+        async for chunk in download.chunks:
+            BYTES_SENT.inc(len(chunk))
+            yield {"chunk": chunk}
+    except FileNotFoundError:
+        log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
+        await abort(context, _unexpected_status())
+
+
+def _dataset_to_proto(dataset: DatasetVersion) -> pb.DatasetVersion:
+    return pb.DatasetVersion(
+        name=dataset.name,
+        version=dataset.version,
+        filter=dataset.filter,
+        created_at=_timestamp(dataset.created_at),
+        item_count=dataset.item_count,
+        total_size=dataset.total_size,
+        description=dataset.description,
+    )
+
+
+def _diff_to_proto(entry: DiffEntry) -> pb.DatasetDiffEntry:
+    return pb.DatasetDiffEntry(
+        change=entry.change,  # type: ignore[arg-type]
+        data_id=entry.data_id,
+        before=data_to_proto(entry.before) if entry.before else None,
+        after=data_to_proto(entry.after) if entry.after else None,
+    )
+
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.
 STREAM_WINDOW = 32
@@ -350,8 +577,9 @@ async def _chunks(
     async for message in request_iterator:
         if message.HasField("header"):
             raise invalid_field("header", "sent twice: only the first message carries it")
-        BYTES_RECEIVED.inc(len(message.chunk))
-        yield message.chunk
+        chunk = message.chunk  # each read of a bytes field copies it
+        BYTES_RECEIVED.inc(len(chunk))
+        yield chunk
 
 
 def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:

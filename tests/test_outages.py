@@ -46,6 +46,7 @@ from tests.conftest import S3_ENV, ServerHandle, serving
 from tests.tcpproxy import TcpProxy
 from tests.test_faults import retry_info
 from tests.test_service import requests, upload
+from tests.test_similar import hash_now, jpeg, photo
 
 Stub = pb_grpc.DatalakeServiceStub
 MiB = 1024 * 1024
@@ -386,6 +387,108 @@ def test_the_sdk_resumes_a_download_that_broke_mid_stream(
     assert broken == [256 * 1024]  # the stream did break, after one chunk
     assert target.read_bytes() == content
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["big.bin", "copy.bin"]
+
+
+def test_the_sdk_retries_dataset_similar_and_webhook_reads_through_a_short_outage(
+    tmp_path: Path, catalog_proxy: tuple[TcpProxy, str]
+) -> None:
+    proxy, url = catalog_proxy
+    methods = (
+        "ListDatasets",
+        "GetDataset",
+        "ListDatasetItems",
+        "DiffDatasets",
+        "FindSimilar",
+        "ListWebhooks",
+        "ListWebhookDeliveries",
+    )
+    before = {m: _rpcs(m, "UNAVAILABLE") for m in methods}
+    with (
+        serving(_catalog_settings(tmp_path / "data", url)) as handle,
+        Client(handle.target) as client,
+    ):
+        datalake = client.get_datalake()
+        (tmp_path / "original.jpg").write_bytes(jpeg(photo(1)))
+        (tmp_path / "copy.jpg").write_bytes(jpeg(photo(1), 60))
+        original = datalake.upload_data(tmp_path / "original.jpg")
+        datalake.create_dataset("train")
+        copy = datalake.upload_data(tmp_path / "copy.jpg")
+        datalake.create_dataset("train")
+        hash_now(handle)
+        webhook = datalake.add_webhook("http://127.0.0.1:9/nobody-listens", ["deleted"])
+        results: dict[str, Any] = {}
+
+        def run(name: str, call: Callable[[], object]) -> None:
+            try:
+                results[name] = call()
+            except Exception as error:  # reported by the test thread below
+                results[name] = error
+
+        calls: dict[str, Callable[[], object]] = {
+            "versions": lambda: [d.version for d in datalake.list_datasets("train")],
+            "latest": lambda: datalake.get_dataset("train").item_count,
+            "items": lambda: [d.id for d in datalake.dataset_items("train", 1)],
+            "diff": lambda: [(c.change, c.data_id) for c in datalake.diff_datasets("train", 1)],
+            "similar": lambda: [s.data.id for s in datalake.find_similar(original.id)],
+            "webhooks": lambda: [w.id for w in datalake.list_webhooks()],
+            "deliveries": lambda: list(datalake.webhook_deliveries(webhook.id)),
+        }
+        proxy.cut()
+        threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+        for thread in threads:
+            thread.start()
+        # Every call has failed at least once before the catalog comes back.
+        wait_until(
+            lambda: all(_rpcs(m, "UNAVAILABLE") > before[m] for m in methods), "calls refused"
+        )
+        proxy.restore()
+        for thread in threads:
+            thread.join(60)
+        errors = {k: v for k, v in results.items() if isinstance(v, Exception)}
+        assert errors == {}
+        assert results == {
+            "versions": [2, 1],
+            "latest": 2,
+            "items": [original.id],
+            "diff": [("added", copy.id)],
+            "similar": [copy.id],
+            "webhooks": [webhook.id],
+            "deliveries": [],
+        }
+
+
+def test_the_sdk_resumes_a_dataset_download_that_broke_mid_stream(
+    running_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = os.urandom(3 * 256 * 1024 + 5)
+    original = LocalBlobStore.read
+    broken: list[int] = []
+
+    async def breaks_once(
+        self: LocalBlobStore, key: str, *, offset: int = 0, chunk_size: int
+    ) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in original(self, key, offset=offset, chunk_size=chunk_size):
+            if not broken and sent >= chunk_size:
+                broken.append(offset + sent)
+                raise EndpointConnectionError(endpoint_url="http://bucket.invalid")
+            sent += len(chunk)
+            yield chunk
+
+    with Client(running_server.target) as client:
+        datalake = client.get_datalake()
+        source = tmp_path / "big.bin"
+        source.write_bytes(content)
+        stored = datalake.upload_data(source)
+        datalake.create_dataset("big")
+        monkeypatch.setattr(LocalBlobStore, "read", breaks_once)
+        written = datalake.download_dataset("big", tmp_path / "out")
+    assert broken == [256 * 1024]  # the stream did break, after one chunk
+    assert [(data.id, path.read_bytes()) for data, path in written] == [(stored.id, content)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"{stored.id}_big.bin",
+        "manifest.jsonl",
+    ]
 
 
 # The bucket: moto's S3 behind the proxy.
