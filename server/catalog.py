@@ -654,10 +654,11 @@ class SqlCatalog:
         """Insert items in the caller's transaction with a few statements, whatever their
         number; for each, None or the Exception (changing nothing) that refuses it.
 
-        Only one writer runs at a time on SQLite, so checking request ids before inserting is
-        race-free there; on PostgreSQL the unique index catches a race (see _add_batch). A
-        second item with the request id of a first one in the same batch is its retry: it
-        gets the first one's answer.
+        Only one writer runs at a time on SQLite, in every worker process of the server (the
+        WriterLock is an flock), so checking request ids before inserting is race-free there;
+        on PostgreSQL the unique index catches a race (see _add_batch). A second item with the
+        request id of a first one in the same batch is its retry: it gets the first one's
+        answer.
         """
         outcomes: list[Exception | None] = [None] * len(items)
         stored = self._stored_requests(connection, items)
