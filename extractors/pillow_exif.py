@@ -135,15 +135,23 @@ def _read_with_image_open(
     source: Source,
 ) -> tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]:
     try:
-        image = Image.open(source.path)
+        fp = source.open()
+    except OSError as error:
+        log.debug("cannot open %s: %r", source.filename or source, error)
+        return {}, {}, {}
+    try:
+        # Pillow leaves a handle it was given open: the `with` below closes both.
+        image = Image.open(fp)
     except Image.DecompressionBombError as error:
+        fp.close()
         # Pillow's guard did its job: the file claims too many pixels to be opened safely.
-        log.warning("not opening %s: %s", source.filename or source.path, error)
+        log.warning("not opening %s: %s", source.filename or source, error)
         return {}, {}, {}
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, NotImplementedError) as error:
-        log.debug("Pillow cannot open %s: %r", source.filename or source.path, error)
+        fp.close()
+        log.debug("Pillow cannot open %s: %r", source.filename or source, error)
         return {}, {}, {}
-    with image:
+    with fp, image:
         if image.format == "PNG":
             # Never reached (PNG has a walker), and must not be: getexif() on a PNG whose eXIf
             # chunk follows IDAT decodes the whole image.

@@ -276,11 +276,22 @@ class ExtractorRegistry:
         """Fill the fields in `missing` from the file at `path`; never raises for the file's
         content (only OSError when the file cannot be opened at all)."""
         wanted = frozenset(missing) & frozenset(FIELDS)
-        result = Extraction()
         if not wanted:
-            return result
-        source = Source(path, filename)
-        chain = _Chain(self._ordered_calls(), source, wanted, result, filename or Path(path).name)
+            return Extraction()
+        return self._extract(Source(path, filename), wanted, filename or Path(path).name)
+
+    def extract_data(
+        self, data: bytes, filename: str | None = None, missing: Iterable[str] = FIELDS
+    ) -> Extraction:
+        """`extract` for a file whose bytes are in memory already: nothing is read from disk."""
+        wanted = frozenset(missing) & frozenset(FIELDS)
+        if not wanted:
+            return Extraction()
+        return self._extract(Source(None, filename, data=data), wanted, filename or "<memory>")
+
+    def _extract(self, source: Source, wanted: frozenset[str], shown: str) -> Extraction:
+        result = Extraction()
+        chain = _Chain(self._ordered_calls(), source, wanted, result, shown)
         if self.timeout is None:
             chain.run(0)
         else:

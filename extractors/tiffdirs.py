@@ -82,7 +82,7 @@ def _located(source: Source) -> tuple[str | None, list[TiffBlock], list[TiffBloc
                 return (CORRUPT if blocks and not sound else container), sound, with_gps
             except Exception:
                 # A walker bug, not the file's fault: logged once, and no block is found.
-                log.exception("cannot walk %s", source.filename or source.path)
+                log.exception("cannot walk %s", source.filename or source)
                 return None, [], []
 
     return source.memo("containers.find_exif", walk)

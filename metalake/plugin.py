@@ -75,14 +75,27 @@ T = TypeVar("T")
 
 
 class Source(Protocol):
-    """The file a hook reads, on disk; one per file, shared by every extractor run on it.
+    """The file a hook reads; one per file, shared by every extractor run on it.
 
-    The file is never loaded whole: open your own handle and read only what you need.
+    A large file is a spooled copy on the server's disk; a small upload (up to 1 MiB) is held in
+    memory, the bytes the server received, and has no path (:attr:`in_memory`). Read either the
+    same way: open your own handle with :meth:`open` (or look at :attr:`head`) and read only
+    what you need.
     """
 
     @property
+    def in_memory(self) -> bool:
+        """True when the file's bytes are held in memory and there is no file on disk:
+        :attr:`path` raises, :meth:`open` returns a handle on those bytes."""
+
+    @property
     def path(self) -> Path:
-        """Where the file is, on the server's disk (a spooled copy: do not write to it)."""
+        """Where the file is, on the server's disk (a spooled copy: do not write to it).
+
+        Raises ``FileNotFoundError`` for a file held in memory (:attr:`in_memory`): a hook that
+        reads through :meth:`open` works for both, one that needs a path (to hand to a tool)
+        must check :attr:`in_memory` first.
+        """
 
     @property
     def filename(self) -> str | None:
@@ -154,9 +167,10 @@ def metalake_extract_metadata(
     implementation may be called concurrently for different files, so it must not keep per-file
     state outside ``source``.
 
-    :param source: the file, on disk (:class:`Source`). Open it with ``source.open()`` (a new
-        binary handle each call) and read only what you need; ``source.head`` holds its first
-        bytes, ``source.filename`` the client's file name (may be ``None``), and
+    :param source: the file, on disk or, for a small upload, in memory (:class:`Source`). Open
+        it with ``source.open()`` (a new binary handle each call) and read only what you need;
+        ``source.head`` holds its first bytes, ``source.filename`` the client's file name (may
+        be ``None``), and
         ``source.memo(key, compute)`` shares a parse between extractors for this one file.
     :param missing: the fields still unfilled when this extractor runs. Producing others is
         harmless (they are ignored) but wasted work.

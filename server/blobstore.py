@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
@@ -55,6 +56,10 @@ class BlobStore(Protocol):
     async def create_writer(self, *, spool: bool = True) -> BlobWriter:
         """Start a new blob; with `spool`, its bytes are also readable at `spool_path` (for the
         extractors) until commit or abort."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store a small blob held in memory, whose SHA-256 is `key`, durably and in one step:
+        what a writer's write and commit do, without a spool file."""
 
     def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
@@ -104,6 +109,9 @@ class LocalBlobStore:
         self._uploads = root / "uploads"
         for directory in (self._blobs, self._tmp, self._uploads):
             directory.mkdir(parents=True, exist_ok=True)
+        # Blob directories known to exist (none is ever removed): no mkdir per blob.
+        self._directories: set[Path] = set()
+        self._creating = threading.Lock()
 
     def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
@@ -127,6 +135,59 @@ class LocalBlobStore:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
         path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.path_for(key), data)
+
+    def _put(self, target: Path, data: bytes) -> None:
+        """One thread hop: write, fsync, rename into place, fsync the directory."""
+        if target.exists():
+            # Identical content, its bytes fsynced before they were renamed there (by every
+            # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
+            # yet: its writer may have died before fsyncing the directory, or be another thread
+            # finishing. The caller holds the blob's lock (Datalake._commit: across a server's
+            # worker processes too), so no other process is placing or deleting it meanwhile.
+            _fsync_directory(target.parent)
+            return
+        spool = self._tmp / spool_name()  # named after this process: see discard_spooled
+        try:
+            fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._place(spool, target)
+        except BaseException:
+            spool.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+    def _place(self, spool: Path, target: Path) -> None:
+        directory = target.parent
+        if directory not in self._directories:
+            self._make_directory(directory)
+        try:
+            os.replace(spool, target)
+        except FileNotFoundError:  # its directory was removed behind our back
+            self._directories.discard(directory)
+            self._make_directory(directory)
+            os.replace(spool, target)
+
+    def _make_directory(self, directory: Path) -> None:
+        """Create a blob directory (and its parent), durably: a new directory's entry is
+        durable only once its parent directory is fsynced. One thread at a time, so that a
+        directory another thread is creating is not taken for durable before it is; and the
+        parent is fsynced even when the directory was there already, once per process: another
+        process (a worker of the same server) may have created it and died before its fsync."""
+        with self._creating:
+            for level in (directory.parent, directory):
+                with contextlib.suppress(FileExistsError):
+                    level.mkdir()
+                _fsync_directory(level.parent)
+            self._directories.add(directory)
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         return [
@@ -221,9 +282,9 @@ class LocalBlobWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Identical content has an identical key: replacing it changes no byte a reader sees.
-        os.replace(self._path, target)
+        # Placed as a small file's is, its directories created durably.
+        self._store._place(self._path, target)
         _fsync_directory(target.parent)
         self._done = True
 

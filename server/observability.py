@@ -213,7 +213,32 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-class TextFormatter(logging.Formatter):
+class _SecondCache(logging.Formatter):
+    """logging's time formats, with the date and time formatted once per second: each stored
+    item is logged, and strftime on every record cost as much as the rest of the line."""
+
+    _second = -1
+    _datefmt: str | None = None
+    _formatted = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second or datefmt != self._datefmt:
+            # Handlers format under their lock: no race here.
+            self._formatted = time.strftime(
+                datefmt or self.default_time_format, self.converter(second)
+            )
+            self._second, self._datefmt = second, datefmt
+        if datefmt:
+            return self._formatted
+        return f"{self._formatted},{int(record.msecs):03d}"  # logging's default_msec_format
+
+
+class _JsonFormatter(_SecondCache, JsonFormatter):
+    pass
+
+
+class TextFormatter(_SecondCache):
     """One readable line: `2026-12-01 09:30:00 INFO  metalake.server.app: message [request id]`."""
 
     def __init__(self) -> None:
@@ -254,7 +279,7 @@ def configure_logging(
     handler.addFilter(_RequestIdFilter())
     if json_output:
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )

@@ -413,6 +413,21 @@ async def test_a_staged_resumable_upload_commits_into_the_store(store: BlobStore
         store.staging_path("../escape")
 
 
+async def test_put_stores_a_small_blob_in_one_step(store: BlobStore) -> None:
+    data = os.urandom(200_000)
+    await store.put(sha(data), data)
+    assert await store.exists(sha(data))
+    assert await get(store, sha(data)) == data
+    # The same content again (by put or by a writer) changes nothing and leaves nothing.
+    await store.put(sha(data), data)
+    assert await put(store, data) == sha(data)
+    assert await get(store, sha(data)) == data
+    await store.put(sha(b""), b"")
+    assert await get(store, sha(b"")) == b""
+    assert leftovers(store) == []
+    assert sorted(key for key, _ in store.blob_keys()) == sorted([sha(data), sha(b"")])
+
+
 def _restarted(store: BlobStore, tmp_path: Path) -> BlobStore:
     """The same store as a new process would open it, after this one was killed."""
     if isinstance(store, S3BlobStore):

@@ -19,6 +19,7 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from metalake import metadata as md
+from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import S3_ENV
@@ -50,6 +51,11 @@ class Running:
     data_dir: Path
 
 
+# Files past SMALL_FILE are spooled to disk as they arrive (smaller ones are gathered in memory
+# and leave nothing behind a kill): these tests kill a server with a spool file on disk.
+SPOOLED = SMALL_FILE + 100_000
+
+
 def spooling(data_dir: Path) -> Callable[[], bool]:
     return lambda: any((data_dir / "tmp").iterdir())
 
@@ -76,7 +82,7 @@ def during_upload_data(server: Running, crash: Crash) -> Callable[[], None]:
     stub, data_dir = server.stub, server.data_dir
     release = threading.Event()
     crash.half_sent.add("half")
-    call = stub.UploadData.future(held_upload(os.urandom(500_000), "half", release))
+    call = stub.UploadData.future(held_upload(os.urandom(SPOOLED + 500_000), "half", release))
     wait_until(spooling(data_dir), "the upload is spooling")
     return releasing(release, call)
 
@@ -123,7 +129,7 @@ def during_write_upload(server: Running, crash: Crash) -> Callable[[], None]:
 
 def during_upload_data_stream(server: Running, crash: Crash) -> Callable[[], None]:
     stub, data_dir = server.stub, server.data_dir
-    first, second = os.urandom(20_000), os.urandom(400_000)
+    first, second = os.urandom(20_000), os.urandom(SPOOLED + 400_000)
     release = threading.Event()
 
     def messages() -> Iterator[pb.UploadDataStreamRequest]:
@@ -131,7 +137,7 @@ def during_upload_data_stream(server: Running, crash: Crash) -> Callable[[], Non
         yield pb.UploadDataStreamRequest(chunk=first)
         yield pb.UploadDataStreamRequest(finish=True)
         yield pb.UploadDataStreamRequest(header=pb.UploadDataHeader(filename="second"))
-        yield pb.UploadDataStreamRequest(chunk=second[:200_000])
+        yield pb.UploadDataStreamRequest(chunk=second[: SPOOLED + 200_000])
         release.wait(60)
 
     answers = stub.UploadDataStream(messages())
@@ -144,12 +150,12 @@ def during_upload_data_stream(server: Running, crash: Crash) -> Callable[[], Non
 
 def during_extract_metadata(server: Running, crash: Crash) -> Callable[[], None]:
     stub, data_dir = server.stub, server.data_dir
-    content = exif_jpeg() + os.urandom(300_000)
+    content = exif_jpeg() + os.urandom(SPOOLED + 300_000)
     release = threading.Event()
 
     def messages() -> Iterator[pb.ExtractMetadataRequest]:
         yield pb.ExtractMetadataRequest(header=pb.ExtractMetadataHeader(filename="x.jpg"))
-        yield pb.ExtractMetadataRequest(chunk=content[:200_000])
+        yield pb.ExtractMetadataRequest(chunk=content[: SPOOLED + 200_000])
         release.wait(60)
 
     call = stub.ExtractMetadata.future(messages())
@@ -337,7 +343,7 @@ def test_a_second_process_on_the_same_data_directory_leaves_live_uploads_alone(
     live one on the same data directory (a worker, a restart while the old one drains) must not
     take the files of the uploads it is running."""
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
-    content = os.urandom(400_000)
+    content = os.urandom(SPOOLED + 400_000)
     release = threading.Event()
 
     def slow() -> Iterator[pb.UploadDataRequest]:

@@ -16,6 +16,7 @@ import pytest
 
 import metalake.server.blobstore
 import metalake.server.datalake
+from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import ServerHandle
@@ -47,7 +48,8 @@ class FillsUp:
 
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Spool files created from now on have 100 KB of room."""
+    """Spool files created from now on have 100 KB of room, and so has each file a small upload
+    is written to in one step (`LocalBlobStore.put`, through os.write)."""
     create = metalake.server.blobstore.create_spool_file
 
     async def create_on_a_full_disk(path: Path) -> Any:
@@ -55,6 +57,22 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for module in (metalake.server.blobstore, metalake.server.datalake):
         monkeypatch.setattr(module, "create_spool_file", create_on_a_full_disk)
+
+    written: dict[str, int] = {}
+    write = os.write
+
+    def write_on_a_full_disk(fd: int, data: bytes | memoryview) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if not (path.endswith(".part") and Path(path).parent.name == "tmp"):
+            return write(fd, data)
+        room = 100_000 - written.get(path, 0)
+        if room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        count = write(fd, memoryview(data)[:room])  # a short write, as Linux's at the limit
+        written[path] = written.get(path, 0) + count
+        return count
+
+    monkeypatch.setattr(os, "write", write_on_a_full_disk)
 
 
 @pytest.fixture
@@ -124,16 +142,40 @@ def test_a_full_disk_fails_one_file_of_a_stream(
 def test_a_full_disk_while_extracting(
     stub: Stub, running_server: ServerHandle, full_disk: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def messages() -> Iterator[pb.ExtractMetadataRequest]:
+    def messages(padding: int) -> Iterator[pb.ExtractMetadataRequest]:
         yield pb.ExtractMetadataRequest(header=pb.ExtractMetadataHeader(filename="x.jpg"))
-        yield pb.ExtractMetadataRequest(chunk=exif_jpeg() + os.urandom(200_000))
+        yield pb.ExtractMetadataRequest(chunk=exif_jpeg() + os.urandom(padding))
 
+    # A file larger than SMALL_FILE is spooled to disk to be read: the full disk fails it.
     with pytest.raises(grpc.RpcError) as caught:
-        stub.ExtractMetadata(messages())
+        stub.ExtractMetadata(messages(SMALL_FILE + 200_000))
     assert_disk_full(caught.value)
     assert leftovers(running_server.data_dir) == []
+    # A small one is read from memory: the full disk does not concern it.
+    assert stub.ExtractMetadata(messages(200_000)).metadata_sources
+    assert leftovers(running_server.data_dir) == []
     monkeypatch.undo()
-    assert stub.ExtractMetadata(messages()).metadata_sources
+    assert stub.ExtractMetadata(messages(SMALL_FILE + 200_000)).metadata_sources
+
+
+def test_a_full_disk_while_storing_a_small_upload(
+    stub: Stub, running_server: ServerHandle, full_disk: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small upload is written to disk in one step (LocalBlobStore.put): a short write, then
+    ENOSPC, fails it cleanly and its partial file goes; identical content stored earlier stays
+    readable, and stored again, needs no room."""
+    stored = os.urandom(50_000)
+    first = upload(stub, stored, "fits")
+    for content in (os.urandom(300_000), os.urandom(SMALL_FILE)):
+        with pytest.raises(grpc.RpcError) as caught:
+            upload(stub, content, "too-big-for-what-is-left")
+        assert_disk_full(caught.value)
+    assert [p.name for p in leftovers(running_server.data_dir)] == [first.sha256]
+    assert [d.filename for d in stub.ListData(pb.ListDataRequest()).data] == ["fits"]
+    assert upload(stub, stored, "same-bytes").sha256 == first.sha256
+    monkeypatch.undo()
+    again = os.urandom(300_000)
+    assert upload(stub, again, "after").sha256 == hashlib.sha256(again).hexdigest()
 
 
 def test_a_full_disk_keeps_a_resumable_upload_at_its_committed_size(

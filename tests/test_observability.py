@@ -266,3 +266,18 @@ def test_auth_and_observability_do_not_import_each_other(module: str, not_import
     check = f"import sys, {module}; assert {not_imported!r} not in sys.modules"
     completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_log_times_read_as_logging_formats_them(json_output: bool, restore_logging: None) -> None:
+    """The server formats each second's date and time once; every line's time still reads as
+    logging's own formatting of it would, in either format."""
+    configure_logging(stream=io.StringIO(), json_output=json_output)
+    formatter = logging.getLogger().handlers[0].formatter
+    assert formatter is not None
+    reference = logging.Formatter(datefmt=formatter.datefmt)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_600_000_000.25):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        for datefmt in (formatter.datefmt, None, "%H:%M:%S"):
+            assert formatter.formatTime(record, datefmt) == reference.formatTime(record, datefmt)

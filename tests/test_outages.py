@@ -111,8 +111,10 @@ def assert_intact(stub: Stub, sent: dict[str, bytes]) -> None:
         assert item.sha256 == hashlib.sha256(sent[item.filename]).hexdigest()
 
 
-def spooling(data_dir: Path, count: int) -> Callable[[], bool]:
-    return lambda: len(list((data_dir / "tmp").iterdir())) >= count
+def receiving(count: int) -> Callable[[], bool]:
+    """The in-process server is receiving `count` uploads (admitted, their bytes coming in: a
+    small file's in memory, a larger one's in a spool file)."""
+    return lambda: (REGISTRY.get_sample_value("metalake_uploads_in_flight") or 0) >= count
 
 
 # The catalog: PostgreSQL behind the proxy.
@@ -159,7 +161,7 @@ def test_a_catalog_outage_is_unavailable_and_the_same_server_recovers(
             stub.UploadData.future(held(content, name, request_id, release))
             for name, (content, request_id) in late.items()
         ]
-        wait_until(spooling(data_dir, 2), "both uploads are spooling")
+        wait_until(receiving(2), "both uploads are being received")
         watch = iter(stub.WatchData(pb.WatchDataRequest()))
         proxy.cut()
         release.set()

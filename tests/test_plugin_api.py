@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import get_type_hints
 
 import pluggy
+import pytest
 
 from metalake import metadata as md
 from metalake import plugin
@@ -98,3 +99,26 @@ def test_the_registry_s_source_satisfies_the_protocol(tmp_path: Path) -> None:
     assert source.memo("k", lambda: 1) == 1
     returned: Mapping[str, object] | None = _Typed().metalake_extract_metadata(source, frozenset())
     assert returned is None
+
+
+def test_a_small_upload_s_source_is_in_memory_and_read_through_open() -> None:
+    data = b"TYPED editor-3 7.25" + b" " * 100
+    source: plugin.Source = ConcreteSource(None, "a.typed", data=data)  # mypy: the protocol
+    assert source.in_memory
+    assert (source.size, source.head, source.filename) == (len(data), data[:64], "a.typed")
+    with source.open() as fp:
+        assert fp.read() == data
+    with pytest.raises(FileNotFoundError):
+        _ = source.path
+    registry = ExtractorRegistry([("typed", _Typed())])
+    result = registry.extract_data(data, filename="a.typed")
+    assert result.errors == []
+    assert result.values == {"software": "editor-3", "altitude": 7.25}
+
+
+def test_a_source_on_disk_is_not_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"abc")
+    source: plugin.Source = ConcreteSource(path, "a.bin")
+    assert not source.in_memory
+    assert source.path == path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from metalake.server.blobstore import LocalBlobStore
+from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import S3_ENV
@@ -233,7 +236,9 @@ def test_replacing_a_worker_leaves_the_other_workers_uploads_alone(
     release = threading.Event()
     channel = grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION)
     stub = pb_grpc.DatalakeServiceStub(channel)
-    in_flight = stub.UploadData.future(held_open(release))
+    # Past SMALL_FILE: spooled to disk as it arrives (a smaller file is gathered in memory).
+    content = os.urandom(SMALL_FILE + 100_000)
+    in_flight = stub.UploadData.future(held_until(release, content, "big"))
     deadline = time.monotonic() + 30
     while not list(spool.iterdir()):
         assert time.monotonic() < deadline, "the upload never reached a worker's spool"
@@ -248,7 +253,7 @@ def test_replacing_a_worker_leaves_the_other_workers_uploads_alone(
     assert spooled.exists()  # the replacement's start-up did not take it for a leftover
     release.set()
     stored = in_flight.result(timeout=30).data
-    assert stored.size == 1
+    assert stored.size == len(content)
     assert stored.id in listed_ids(two_workers.target)
     channel.close()
 
@@ -329,7 +334,7 @@ def test_a_server_started_beside_the_workers_leaves_their_uploads_alone(
     second server on the same directory must not take their uploads in flight for a dead
     run's leftovers."""
     spool = tmp_path / "data" / "tmp"
-    content = os.urandom(400_000)
+    content = os.urandom(SMALL_FILE + 400_000)  # spooled to disk as it arrives
     release = threading.Event()
     with grpc.insecure_channel(two_workers.target, options=OWN_CONNECTION) as channel:
         call = pb_grpc.DatalakeServiceStub(channel).UploadData.future(
@@ -430,3 +435,49 @@ def test_a_killed_workers_multipart_uploads_are_aborted_and_its_siblings_kept(
             release.set()
             for channel, _ in calls:
                 channel.close()
+
+
+def test_workers_storing_and_deleting_the_same_small_files_keep_every_blob_in_use(
+    two_workers: ServerProcess,
+) -> None:
+    """Small uploads are stored in one step, an existing blob of the same content taken as
+    stored: across the workers, the blob locks (file locks beside the SQLite catalog) must keep
+    a deletion that finds a blob unused from removing it under an upload of the same content.
+    Retries of one request sent to both workers at once store one item (batched commits)."""
+    target = two_workers.target
+    contents = [os.urandom(3_000 + n) for n in range(2)]
+
+    def store_and_maybe_delete(round_: int) -> str | None:
+        """Store, read back (the blob must be there once the upload is acknowledged), and
+        delete most: items of one content come and go on both workers at once."""
+        content = contents[round_ % len(contents)]
+        data_id, _ = upload_once(target, content, f"r{round_}.bin")
+        with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
+            stub = pb_grpc.DatalakeServiceStub(channel)
+            request = pb.DownloadDataRequest(id=data_id)
+            assert b"".join(m.chunk for m in stub.DownloadData(request, timeout=20)) == content
+            if round_ % 8 == 7:
+                return data_id
+            stub.DeleteData(pb.DeleteDataRequest(id=data_id), timeout=20)
+        return None
+
+    def retried(request: int) -> str:
+        return upload_once(target, os.urandom(500) + bytes([request]), "retry", f"req-{request}")[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        kept = {i for i in pool.map(store_and_maybe_delete, range(240)) if i is not None}
+        retries = list(pool.map(lambda r: retried(r // 2), range(20)))
+    assert all(retries[n] == retries[n + 1] for n in range(0, 20, 2)), retries
+    kept |= set(retries)
+    assert listed_ids(target) == kept
+    stored: set[str] = set()
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        for data_id in kept:
+            item = stub.GetData(pb.GetDataRequest(id=data_id), timeout=20)
+            request = pb.DownloadDataRequest(id=data_id)
+            body = b"".join(m.chunk for m in stub.DownloadData(request, timeout=20))
+            assert hashlib.sha256(body).hexdigest() == item.data.sha256
+            stored.add(item.data.sha256)
+    blobs = {p.name for p in (two_workers.data_dir / "blobs").rglob("*") if p.is_file()}
+    assert blobs == stored
