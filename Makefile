@@ -10,13 +10,20 @@ export METALAKE_LISTEN ?= 127.0.0.1:50051
 
 install: $(VENV)/.installed
 
-# exiftool is the oracle of the extraction tests (they skip, saying so, without it). Installed
-# from Debian's packages where we may; elsewhere install libimage-exiftool-perl yourself.
+# exiftool is the oracle of the extraction tests (they skip, saying so, without it). Chromium
+# runs the web console's browser tests (Playwright drives Debian's build; `playwright install`
+# is never used). Both come from Debian's packages where we may; elsewhere install
+# libimage-exiftool-perl and chromium yourself.
 system-deps:
 	@command -v exiftool >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		  apt-get install -y -qq libimage-exiftool-perl >/dev/null; } || \
 		echo "exiftool not installed: the tests that compare with it will skip" >&2
+	@command -v chromium >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		  { apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		    { apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null; }; }; } || \
+		echo "chromium not installed: the web console's browser tests will skip" >&2
 
 # Reinstall when the dependencies change. The editable install makes code edits live; the
 # server extra is what `make run` serves with, dev what the tests and linters need.
@@ -26,7 +33,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $@
 
+# The HTTP face and web console are on with `make run` (METALAKE_HTTP_LISTEN=off turns them off).
+run: export METALAKE_HTTP_LISTEN ?= 127.0.0.1:8080
 run: install
+	@case "$$METALAKE_HTTP_LISTEN" in ""|off|0|false|no) ;; \
+		*) echo "metalake console: open http://$$METALAKE_HTTP_LISTEN/" ;; esac
 	$(VENV)/bin/metalake serve
 
 test: install system-deps buf-if-npm

@@ -43,7 +43,10 @@ SERVER_IMPORTS = frozenset(
         "prometheus_client",
         "psycopg",
         "pythonjsonlogger",  # python-json-logger
+        "rawpy",
         "sqlalchemy",
+        "starlette",
+        "uvicorn",
     }
 )
 

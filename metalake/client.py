@@ -431,6 +431,13 @@ class Datalake:
         """Like Data.download, by id, in one call; returns the path written."""
         return _download(self._client, data_id, Path(path))
 
+    def get_thumbnail(self, data_id: str, size: int = 256) -> bytes:
+        """A JPEG preview of the item, `size` (256 or 1024) px on its long side, upright.
+        NotFoundError when the item does not exist or its content has no preview."""
+        request = pb.GetThumbnailRequest(id=data_id, size=size)
+        response = self._client.call(self._client._stub.GetThumbnail, request)
+        return response.content
+
     def list_data(
         self, filter: str | None = None, *, order_by: str | None = None, page_size: int = 100
     ) -> Iterator[Data]:
@@ -868,6 +875,10 @@ class Data:
 
     def delete(self) -> None:
         self._client.call(self._client._stub.DeleteData, pb.DeleteDataRequest(id=self.id))
+
+    def thumbnail(self, size: int = 256) -> bytes:
+        """A JPEG preview, `size` (256 or 1024) px on its long side; see Datalake.get_thumbnail."""
+        return Datalake(self._client).get_thumbnail(self.id, size)
 
     def download(self, path: PathLike) -> Path:
         """Write the content to `path` (a directory: under the filename), verified against the

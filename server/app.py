@@ -36,6 +36,7 @@ from metalake.server.observability import (
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
 from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.web import HttpFace, start_http
 from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
@@ -55,6 +56,7 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    http: HttpFace | None = None  # the HTTP face and console, when settings.http_listen is set
     data_dir_lock: DataDirectoryLock | None = None  # held while serving
     similarity: Similarity | None = None
     webhooks: Webhooks | None = None
@@ -71,6 +73,8 @@ class RunningServer:
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         if self.webhooks is not None:
             self.webhooks.close()
@@ -172,11 +176,12 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
         datalake = build_datalake(settings, migrate=False)
         data_dir_lock = DataDirectoryLock(settings.data_dir, shared=True)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
-    if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+    exposed = [a for a in (settings.listen, settings.http_listen) if a and not is_loopback(a)]
+    if exposed and not (settings.insecure_no_auth or await tokens.required()):
         data_dir_lock.release()
         await datalake.catalog.close()
         raise StartupError(
-            f"refusing to serve {settings.listen} without authentication: no API token exists. "
+            f"refusing to serve {exposed[0]} without authentication: no API token exists. "
             "Create one with `metalake token create --org ORG --role admin` (same catalog "
             "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
         )
@@ -244,6 +249,16 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
             background.append(asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL)))
         # Deliveries run beside the request path, on threads of their own (see server.webhooks).
         background.append(asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval)))
+    try:
+        http = await start_http(settings, datalake, tokens)
+    except BaseException:
+        for task in background:
+            task.cancel()
+        await server.stop(grace=None)
+        webhooks.close()
+        await datalake.catalog.close()
+        data_dir_lock.release()
+        raise
     return RunningServer(
         server,
         port,
@@ -251,9 +266,10 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
         health_servicer,
         tokens,
         background,
-        data_dir_lock,
-        similarity,
-        webhooks,
+        http=http,
+        data_dir_lock=data_dir_lock,
+        similarity=similarity,
+        webhooks=webhooks,
     )
 
 
@@ -354,6 +370,10 @@ async def _serve(settings: Settings) -> None:
         settings.data_dir.resolve(),
         __version__,
     )
+    if running.http is not None and settings.http_listen:
+        scheme = "https" if settings.tls_cert else "http"
+        http_host = settings.http_listen.rsplit(":", 1)[0]
+        log.info("web console on %s://%s:%d/", scheme, http_host, running.http.port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

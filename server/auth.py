@@ -59,6 +59,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "ListData": Role.READ,
     "DownloadData": Role.READ,
     "WatchData": Role.READ,
+    "GetThumbnail": Role.READ,
     "QueryUpload": Role.READ,
     "ExtractMetadata": Role.READ,
     "UploadData": Role.WRITE,

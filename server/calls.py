@@ -44,6 +44,11 @@ def name_worker_in_answers() -> None:
     _worker_trailer = ((WORKER_KEY, str(os.getpid())),)
 
 
+def worker_metadata() -> tuple[tuple[str, str], ...]:
+    """(WORKER_KEY, pid) on a supervisor's worker, else nothing: for the HTTP face's headers."""
+    return _worker_trailer
+
+
 def _request_id_trailer() -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, current_request_id()), *_worker_trailer)
 

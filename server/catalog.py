@@ -67,6 +67,7 @@ from metalake.server.schema import (
     event_tags_table,
     events_table,
     organizations_table,
+    thumbnails_table,
     tokens_table,
     uploads_table,
 )
@@ -169,6 +170,21 @@ class Event:
 
 
 @dataclass(frozen=True)
+class ThumbnailRecord:
+    """A preview of an item, or (blob_key None) the finding that its content has none."""
+
+    data_id: str
+    size: int
+    org: str
+    source_sha256: str
+    blob_key: str | None
+    bytes: int
+    width: int
+    height: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class _PendingAdd:
     record: DataRecord
     upload: UploadRecord | None
@@ -255,6 +271,16 @@ class Catalog(Protocol):
     def hold_blob(self, blob_key: str) -> AbstractAsyncContextManager[None]: ...
 
     async def close(self) -> None: ...
+
+    async def thumbnail(self, org: str, data_id: str, size: int) -> ThumbnailRecord | None: ...
+
+    async def shared_thumbnail(self, source_sha256: str, size: int) -> ThumbnailRecord | None: ...
+
+    async def add_thumbnail(self, record: ThumbnailRecord) -> ThumbnailRecord: ...
+
+    async def thumbnail_keys(self, org: str, data_id: str) -> list[str]: ...
+
+    async def distinct_values(self, org: str, field: str, limit: int) -> list[str]: ...
 
     async def ping(self) -> None: ...
 
@@ -450,14 +476,132 @@ class SqlCatalog:
         return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
-        """Whether an item, or an item frozen in a dataset version, refers to this blob."""
+        """Whether an item, an item frozen in a dataset version, or a preview is this blob."""
         statements = [
             select(table.c.id).where(table.c.blob_key == blob_key).limit(1)
             for table in (data_table, dataset_items_table)
         ]
+        statements.append(
+            select(thumbnails_table.c.data_id)
+            .where(thumbnails_table.c.blob_key == blob_key)
+            .limit(1)
+        )
         return await self._run(
             lambda: any(self._scalar(statement) is not None for statement in statements)
         )
+
+    # Previews (server/thumbnails.py).
+
+    async def thumbnail(self, org: str, data_id: str, size: int) -> ThumbnailRecord | None:
+        t = thumbnails_table.c
+        statement = select(thumbnails_table).where(
+            t.data_id == data_id, t.org == org, t.size == size
+        )
+        return await self._run(lambda: self._thumbnail(statement))
+
+    async def shared_thumbnail(self, source_sha256: str, size: int) -> ThumbnailRecord | None:
+        """A preview made for another item with the same content, if any."""
+        t = thumbnails_table.c
+        statement = (
+            select(thumbnails_table)
+            .where(t.source_sha256 == source_sha256, t.size == size)
+            .limit(1)
+        )
+        return await self._run(lambda: self._thumbnail(statement))
+
+    def _thumbnail(self, statement: Any) -> ThumbnailRecord | None:
+        with self._engine.connect() as connection:
+            row = connection.execute(statement).mappings().first()
+        return _thumbnail_from_row(row) if row is not None else None
+
+    async def add_thumbnail(self, record: ThumbnailRecord) -> ThumbnailRecord:
+        """Record a preview and count its bytes in the organization's usage; the one recorded
+        first wins. NotFoundError when the item is gone (deleted meanwhile)."""
+
+        def work() -> ThumbnailRecord:
+            t = thumbnails_table.c
+            with self._engine.begin() as connection:
+                item = connection.execute(
+                    select(data_table.c.id).where(_item(record.org, record.data_id))
+                ).first()
+                if item is None:
+                    raise NotFoundError(record.data_id)
+                dialect_insert = (
+                    postgresql_insert
+                    if self._engine.dialect.name == "postgresql"
+                    else sqlite_insert
+                )
+                row = {**record.__dict__, "created_at": _to_micros(record.created_at)}
+                # RETURNING, not rowcount: a driver may report -1 for an insert.
+                inserted = (
+                    connection.execute(
+                        dialect_insert(thumbnails_table)
+                        .values(row)
+                        .on_conflict_do_nothing()
+                        .returning(thumbnails_table.c.data_id)
+                    ).first()
+                    is not None
+                )
+                if inserted and record.bytes:
+                    self._ensure_organization(connection, record.org)
+                    connection.execute(
+                        update(organizations_table)
+                        .where(organizations_table.c.org == record.org)
+                        .values(used_bytes=organizations_table.c.used_bytes + record.bytes)
+                    )
+                stored = (
+                    connection.execute(
+                        select(thumbnails_table).where(
+                            t.data_id == record.data_id, t.size == record.size
+                        )
+                    )
+                    .mappings()
+                    .one()
+                )
+            return _thumbnail_from_row(stored)
+
+        return await self._run(work, write=True)
+
+    async def distinct_values(self, org: str, field: str, limit: int) -> list[str]:
+        """The first `limit` distinct values of an indexed text field, in order.
+
+        A loose index scan (one index seek per value, a recursive query both engines run), so
+        that it costs the number of values, not the number of items.
+        """
+        if field not in FACET_FIELDS:
+            raise ValueError(f"{field} has no index to read distinct values from")
+        # `field` is one of FACET_FIELDS (checked above), never user text.
+        statement = text(
+            f"""
+            WITH RECURSIVE found(value, n) AS (
+                SELECT (SELECT MIN({field}) FROM data WHERE org = :org), 1
+                UNION ALL
+                SELECT (SELECT MIN({field}) FROM data WHERE org = :org AND {field} > found.value),
+                       n + 1
+                FROM found WHERE found.value IS NOT NULL AND n < :limit
+            )
+            SELECT value FROM found WHERE value IS NOT NULL
+            """
+        )
+
+        def work() -> list[str]:
+            with self._engine.connect() as connection:
+                rows = connection.execute(statement, {"org": org, "limit": limit})
+                return [value for (value,) in rows]
+
+        return await self._run(work)
+
+    async def thumbnail_keys(self, org: str, data_id: str) -> list[str]:
+        t = thumbnails_table.c
+        statement = select(t.blob_key).where(
+            t.data_id == data_id, t.org == org, t.blob_key.is_not(None)
+        )
+
+        def work() -> list[str]:
+            with self._engine.connect() as connection:
+                return [key for (key,) in connection.execute(statement)]
+
+        return await self._run(work)
 
     async def start_upload(self, upload: UploadRecord) -> UploadRecord:
         """Record a new upload, or return the one that already has this id."""
@@ -854,10 +998,19 @@ class SqlCatalog:
                 raise NotFoundError(data_id)
             _check_etag(row, etag)
             record = self._records(connection, [row])[0]
+            # Its previews go with it, and their bytes with its own.
+            previews = connection.execute(
+                select(func.coalesce(func.sum(thumbnails_table.c.bytes), 0)).where(
+                    thumbnails_table.c.data_id == data_id
+                )
+            ).scalar_one()
+            connection.execute(
+                delete(thumbnails_table).where(thumbnails_table.c.data_id == data_id)
+            )
             connection.execute(
                 update(organizations_table)
                 .where(organizations_table.c.org == org)
-                .values(used_bytes=organizations_table.c.used_bytes - record.size)
+                .values(used_bytes=organizations_table.c.used_bytes - record.size - previews)
             )
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
@@ -971,6 +1124,9 @@ class SqlCatalog:
                 tags[data_id].append(tag)
         return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
 
+
+# Text fields with an index led by (org, field): their distinct values are cheap to list.
+FACET_FIELDS = frozenset({"manufacturer", "reference", "custom_id"})
 
 _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 _LOCK_EVENT_ORDER = text("SELECT pg_advisory_xact_lock(:key)")
@@ -1222,6 +1378,10 @@ def _record_to_row(record: DataRecord) -> dict[str, Any]:
     for name, value in record.metadata.items():
         row.update(_metadata_columns(name, value))
     return row
+
+
+def _thumbnail_from_row(row: RowMapping) -> ThumbnailRecord:
+    return ThumbnailRecord(**{**row, "created_at": _from_micros(row["created_at"])})
 
 
 def _upload_from_row(row: RowMapping) -> UploadRecord:

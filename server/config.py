@@ -56,6 +56,10 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # host:port of the HTTP face (JSON API, downloads, previews, web console); None: off.
+    http_listen: str | None = None
+    # A map tile URL template for the console ({z}/{x}/{y}); None: the bundled outline only.
+    console_tile_url: str | None = None
     # Server processes sharing the listen port (SO_REUSEPORT) under a supervisor; 1: the
     # server is this one process. See DEFAULT_WORKERS.
     workers: int = 1
@@ -123,6 +127,12 @@ class Settings:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_FILL_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
+        if "METALAKE_HTTP_LISTEN" in env:
+            http = env["METALAKE_HTTP_LISTEN"].strip()
+            off = http.lower() in ("", "0", "off", "false", "no")
+            settings = replace(settings, http_listen=None if off else http)
+        if env.get("METALAKE_CONSOLE_TILE_URL"):
+            settings = replace(settings, console_tile_url=env["METALAKE_CONSOLE_TILE_URL"])
         if env.get("METALAKE_WORKERS"):
             settings = replace(settings, workers=int(env["METALAKE_WORKERS"]))
         if "METALAKE_WEBHOOK_TIMEOUT" in env:

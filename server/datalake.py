@@ -8,29 +8,34 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
+from metalake.server import thumbnails
 from metalake.server.blobstore import (
     UPLOAD_ID,
     BlobStore,
     BlobWriter,
+    LocalBlobStore,
     create_spool_file,
     spool_name,
 )
 from metalake.server.catalog import (
+    FACET_FIELDS,
     Catalog,
     DataRecord,
     DuplicateRequestError,
     Event,
     Organization,
     Page,
+    ThumbnailRecord,
     UploadRecord,
 )
 from metalake.server.errors import (
@@ -69,6 +74,14 @@ class Download:
     chunks: AsyncIterator[bytes]
 
 
+@dataclass(frozen=True)
+class ThumbnailDownload:
+    """A preview (always a JPEG, thumbnails.CONTENT_TYPE) and its bytes."""
+
+    record: ThumbnailRecord
+    chunks: AsyncIterator[bytes]
+
+
 class Datalake:
     """Stateless over its catalog and blob store: any number of these can share them."""
 
@@ -103,6 +116,10 @@ class Datalake:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._thumbnail_locks = KeyedLocks()
+        # Previews are CPU work in worker threads: one per core at most, so that a page of
+        # 100 new thumbnails does not starve uploads (nor hold 100 decoded images at once).
+        self._render_slots = asyncio.Semaphore(os.cpu_count() or 1)
 
     async def upload(
         self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
@@ -156,6 +173,11 @@ class Datalake:
             _first_set(organization.max_file_size, self._limits.org_max_file_size),
         ]
         return min((s for s in sizes if s is not None), default=None)
+
+    @property
+    def draining(self) -> bool:
+        """Whether this server refuses new uploads because it is stopping."""
+        return self._draining
 
     def start_draining(self) -> None:
         """Refuse new uploads from now on; those in flight go on."""
@@ -464,8 +486,12 @@ class Datalake:
 
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> None:
         _check_id(data_id)
+        # A preview made between this read and the delete loses its blob to garbage collection
+        # (it is an orphan then) instead of here.
+        previews = await self.catalog.thumbnail_keys(org, data_id)
         record = await self.catalog.delete(org, data_id, etag=etag)
-        await self._release_blob(record.blob_key)
+        for key in {record.blob_key, *previews}:
+            await self._release_blob(key)
 
     async def _release_blob(self, blob_key: str) -> None:
         """Delete a blob no item refers to any more; identical content shares one blob."""
@@ -486,6 +512,121 @@ class Datalake:
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
         return Download(record, chunks)
+
+    async def facet(self, org: str, field: str, limit: int = 30) -> tuple[str, ...]:
+        """Distinct values of an indexed field (manufacturer, reference, custom_id), in order,
+        at most `limit`: what the console offers as quick filters. Never counts items."""
+        if field not in FACET_FIELDS:
+            raise invalid_field(
+                "field", f"must be one of {', '.join(sorted(FACET_FIELDS))}, got {field!r}"
+            )
+        if not 1 <= limit <= 1000:
+            raise invalid_field("limit", f"must be within [1, 1000], got {limit}")
+        return tuple(await self.catalog.distinct_values(org, field, limit))
+
+    async def thumbnail(self, org: str, data_id: str, size: int) -> ThumbnailDownload:
+        """The item's preview, `size` px on its long side: made on the first request, then kept
+        as a blob beside the item's (counted in the organization's usage, deleted with the item).
+
+        NotFoundError when the item does not exist or its content cannot be previewed. Uploads
+        never wait for previews: nothing is made until someone asks.
+        """
+        if size not in thumbnails.SIZES:
+            raise invalid_field(
+                "size", f"must be one of {', '.join(map(str, thumbnails.SIZES))}, got {size}"
+            )
+        _check_id(data_id)
+        # The common case, a preview made before: one catalog read (scoped to the org).
+        kept = await self.catalog.thumbnail(org, data_id, size)
+        if kept is None:
+            record = await self.catalog.get(org, data_id)
+            async with self._thumbnail_locks.hold(f"{record.id}/{size}"):
+                kept = await self.catalog.thumbnail(org, record.id, size)
+                if kept is None:
+                    kept = await self._make_thumbnail(record, size)
+        if kept.blob_key is None:
+            raise NotFoundError(data_id, kind="preview of data")
+        chunks = self.blobs.read(kept.blob_key, chunk_size=self._download_chunk_size)
+        return ThumbnailDownload(kept, chunks)
+
+    async def _make_thumbnail(self, record: DataRecord, size: int) -> ThumbnailRecord:
+        shared = await self.catalog.shared_thumbnail(record.sha256, size)
+        if shared is not None:
+            # Identical content was previewed for another item: share its blob (or its finding
+            # that there is no preview), counted for this item too.
+            adopted = replace(
+                shared, data_id=record.id, org=record.org, created_at=datetime.now(UTC)
+            )
+            kept = await self._keep_thumbnail(adopted, None)
+            if kept is not None:
+                return kept
+        preview = None
+        if thumbnails.can_preview(record.content_type, record.filename):
+            async with self._render_slots, self._local_copy(record) as path:
+                preview = await asyncio.to_thread(
+                    thumbnails.render, path, size, filename=record.filename
+                )
+        made = ThumbnailRecord(
+            data_id=record.id,
+            size=size,
+            org=record.org,
+            source_sha256=record.sha256,
+            blob_key=hashlib.sha256(preview.content).hexdigest() if preview else None,
+            bytes=len(preview.content) if preview else 0,
+            width=preview.width if preview else 0,
+            height=preview.height if preview else 0,
+            created_at=datetime.now(UTC),
+        )
+        kept = await self._keep_thumbnail(made, preview.content if preview else None)
+        assert kept is not None  # with the content at hand, it is always kept
+        return kept
+
+    async def _keep_thumbnail(
+        self, made: ThumbnailRecord, content: bytes | None
+    ) -> ThumbnailRecord | None:
+        """Store a preview's blob (when `content` is given), then its catalog row; None when
+        `content` is not given and the blob it names is gone."""
+        key = made.blob_key
+        if key is None:
+            return await self.catalog.add_thumbnail(made)
+        async with self._blob_locks.hold(key), self.catalog.hold_blob(key):
+            if content is None:
+                if not await self.blobs.exists(key):
+                    return None
+            else:
+                writer = await self.blobs.create_writer(spool=False)
+                try:
+                    await writer.write(content)
+                    await writer.commit(key)
+                except BaseException:
+                    await writer.abort()
+                    raise
+            try:
+                return await self.catalog.add_thumbnail(made)
+            except BaseException:
+                await self._delete_blob_if_unused(key)
+                raise
+
+    @asynccontextmanager
+    async def _local_copy(self, record: DataRecord) -> AsyncIterator[Path]:
+        """A local file with the item's bytes: the blob itself when stored locally."""
+        if isinstance(self.blobs, LocalBlobStore):
+            yield self.blobs.path_for(record.blob_key)
+            return
+        # A spool file like an upload's: whatever a crash leaves of it is discarded at the
+        # next start, like theirs.
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spool_dir / spool_name(".preview")
+        try:
+            handle = await create_spool_file(path)
+            try:
+                async for chunk in self.blobs.read(record.blob_key, chunk_size=1024 * 1024):
+                    await asyncio.to_thread(handle.write, chunk)
+            finally:
+                handle.close()
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
     async def watch(
         self, org: str, *, filter: str, resume_token: str

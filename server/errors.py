@@ -12,10 +12,20 @@ class DatalakeError(Exception):
 
 
 class InvalidArgumentError(DatalakeError):
-    """The request is at fault; `violations` name each field and what is wrong with it."""
+    """The request is at fault; `violations` name each field and what is wrong with it.
 
-    def __init__(self, message: str, violations: Iterable[FieldViolation] = ()) -> None:
+    `position`: for a filter, the 0-based offset of the problem in its text, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        violations: Iterable[FieldViolation] = (),
+        *,
+        position: int | None = None,
+    ) -> None:
         self.violations = list(violations)
+        self.position = position
         super().__init__(message)
 
 
@@ -60,6 +70,10 @@ class DataLossError(DatalakeError):
         super().__init__(message)
 
 
-def invalid_field(field: str, description: str) -> InvalidArgumentError:
+def invalid_field(
+    field: str, description: str, *, position: int | None = None
+) -> InvalidArgumentError:
     """The common case: one field is at fault."""
-    return InvalidArgumentError(f"{field}: {description}", [FieldViolation(field, description)])
+    return InvalidArgumentError(
+        f"{field}: {description}", [FieldViolation(field, description)], position=position
+    )

@@ -46,7 +46,7 @@ class ListQuery:
         try:
             where = compile_filter(filter)
         except FilterError as error:
-            raise invalid_field("filter", str(error)) from None
+            raise invalid_field("filter", str(error), position=error.position) from None
         try:
             order = parse_order_by(order_by) or [OrderKey("created_at", False)]
         except FilterError as error:

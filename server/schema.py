@@ -89,6 +89,27 @@ data_tags_table = Table(
     Index("ix_data_tags_tag", "tag", "data_id"),
 )
 
+# Previews of items (server/thumbnails.py), made on first request and kept: one row per item and
+# size. blob_key names a blob in the same store as the items' (the SHA-256 of the preview's bytes);
+# NULL records that the item's content cannot be previewed, so that nobody tries again. Their
+# bytes count in the organization's usage, and they go with their item.
+thumbnails_table = Table(
+    "thumbnails",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("size", Integer, primary_key=True),
+    Column("org", String(64), nullable=False),
+    # The item's content: items with identical content share their previews' blobs.
+    Column("source_sha256", String(64), nullable=False),
+    Column("blob_key", Text, nullable=True),
+    Column("bytes", BigInteger, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_thumbnails_source", "source_sha256", "size"),
+    Index("ix_thumbnails_blob_key", "blob_key"),
+)
+
 # API tokens: only a hash of each is kept. The token's id is public (listing, revoking).
 tokens_table = Table(
     "tokens",

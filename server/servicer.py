@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2
 
 from metalake import metadata as md
+from metalake.server import thumbnails
 from metalake.server.auth import current_caller
 from metalake.server.calls import abort, status
 from metalake.server.catalog import DataRecord, EventType
@@ -59,8 +60,14 @@ _CODES = {
 }
 
 
+def code_of(error: DatalakeError) -> int:
+    """The google.rpc.Code of a domain error (the HTTP face maps the same codes)."""
+    code: int = _CODES.get(type(error), code_pb2.INTERNAL)
+    return code
+
+
 def _status_of(error: DatalakeError) -> grpc.Status:
-    code = _CODES.get(type(error), code_pb2.INTERNAL)
+    code = code_of(error)
     violations = error.violations if isinstance(error, InvalidArgumentError | DataLossError) else []
     # RetryInfo marks a refusal as temporary: clients retry after the delay.
     retry_after = (
@@ -442,6 +449,23 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     ) -> pb.TestWebhookResponse:
         delivery = await self._webhooks.test(_org(), request.id)
         return pb.TestWebhookResponse(delivery=_delivery_to_proto(delivery))
+
+    @_translating_errors
+    async def GetThumbnail(
+        self, request: pb.GetThumbnailRequest, context: Context
+    ) -> pb.GetThumbnailResponse:
+        preview = await self._datalake.thumbnail(
+            _org(), request.id, request.size or thumbnails.DEFAULT_SIZE
+        )
+        content = b"".join([chunk async for chunk in preview.chunks])
+        BYTES_SENT.inc(len(content))
+        return pb.GetThumbnailResponse(
+            content=content,
+            content_type=thumbnails.CONTENT_TYPE,
+            width=preview.record.width,
+            height=preview.record.height,
+            sha256=preview.record.blob_key or "",
+        )
 
 
 def _webhook_to_proto(webhook: Webhook) -> pb.Webhook:

@@ -2,9 +2,10 @@
 
 One Python process runs on one core (the GIL). `metalake serve --workers N` starts a supervisor
 that does the once-only start-up work (migrations, discarding a previous run's half-written
-uploads), reserves the listen port, and starts N worker processes, each a complete server
-bound to that port with SO_REUSEPORT: the kernel spreads incoming connections over them. This
-is gRPC's documented pattern for Python (grpc/grpc examples/python/multiprocessing); workers are
+uploads), reserves the listen port (and the HTTP face's, METALAKE_HTTP_LISTEN, when set), and
+starts N worker processes, each a complete server bound to those ports with SO_REUSEPORT: the
+kernel spreads incoming connections over them. This is gRPC's documented pattern for Python
+(grpc/grpc examples/python/multiprocessing); workers are
 spawned, not forked, so that no gRPC or database state is ever copied into a child.
 
 The workers share everything through the catalog and the blob store, as separate servers do.
@@ -79,12 +80,18 @@ def supervise(settings: Settings) -> None:
     }
     workers: dict[int, _Worker] = {}
     try:
-        with _reserve_port(settings.listen) as (host, port):
+        with contextlib.ExitStack() as reserved:
+            host, port = reserved.enter_context(_reserve_port(settings.listen))
             if metrics_dir is not None and settings.metrics_listen:
                 _serve_metrics(settings.metrics_listen, metrics_dir)
                 log.info("metrics of every worker on http://%s/metrics", settings.metrics_listen)
             listen = f"{host}:{port}"
             worker_settings = replace(settings, listen=listen)
+            if settings.http_listen:
+                # The HTTP face too: port 0 becomes one free port that every worker binds.
+                http_host, http_port = reserved.enter_context(_reserve_port(settings.http_listen))
+                worker_settings = replace(worker_settings, http_listen=f"{http_host}:{http_port}")
+                log.info("HTTP face of every worker on %s", worker_settings.http_listen)
             try:
                 for worker in _start_workers(context, worker_settings, [*range(settings.workers)]):
                     workers[worker.process.pid or 0] = worker
@@ -302,6 +309,8 @@ async def _serve_worker(settings: Settings, index: int, ready: Connection) -> No
     ready.send("ready")
     ready.close()
     log.info("worker %d (pid %d) taking calls on %s", index, os.getpid(), settings.listen)
+    if running.http is not None:
+        log.info("worker %d (pid %d) serving HTTP on %s", index, os.getpid(), settings.http_listen)
     await stopping.wait()
     await running.stop(settings.shutdown_grace)
 

@@ -12,7 +12,7 @@ import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from metalake.server.catalog import DataRecord, SqlCatalog
+from metalake.server.catalog import DataRecord, SqlCatalog, ThumbnailRecord
 from metalake.server.errors import InvalidArgumentError, NotFoundError
 from metalake.server.schema import metadata_obj
 from metalake.server.schema_versions import SchemaError, engine_url
@@ -232,3 +232,51 @@ async def test_a_schema_from_a_newer_server_is_refused(catalog_url: str) -> None
     for migrate in (False, True):
         with pytest.raises(SchemaError, match="newer metalake"):
             SqlCatalog.open(catalog_url, migrate=migrate)
+
+
+async def test_previews_are_recorded_counted_shared_and_go_with_their_item(
+    catalog: SqlCatalog,
+) -> None:
+    item = record(size=1000, sha256="12" * 32, blob_key="12" * 32)
+    twin = record(size=1000, sha256="12" * 32, blob_key="12" * 32)
+    await catalog.add(item)
+    await catalog.add(twin)
+    preview = ThumbnailRecord(item.id, 256, ORG, item.sha256, "34" * 32, 70, 256, 171, _clock)
+    assert await catalog.add_thumbnail(preview) == preview
+    # The first one recorded wins; a second try counts nothing more.
+    other = ThumbnailRecord(item.id, 256, ORG, item.sha256, "56" * 32, 90, 256, 171, _clock)
+    assert await catalog.add_thumbnail(other) == preview
+    assert (await catalog.organization(ORG)).used_bytes == 2000 + 70
+    assert await catalog.thumbnail(ORG, item.id, 256) == preview
+    assert await catalog.thumbnail("other-org", item.id, 256) is None
+    assert await catalog.thumbnail(ORG, item.id, 1024) is None
+    assert await catalog.shared_thumbnail(item.sha256, 256) == preview
+    assert await catalog.blob_in_use("34" * 32)
+    nothing = ThumbnailRecord(item.id, 1024, ORG, item.sha256, None, 0, 0, 0, _clock)
+    await catalog.add_thumbnail(nothing)
+    assert await catalog.thumbnail_keys(ORG, item.id) == ["34" * 32]
+
+    await catalog.delete(ORG, item.id)
+    assert (await catalog.organization(ORG)).used_bytes == 1000
+    assert await catalog.thumbnail(ORG, item.id, 256) is None
+    assert not await catalog.blob_in_use("34" * 32)
+    assert await catalog.thumbnail_keys(ORG, item.id) == []
+    with pytest.raises(NotFoundError):
+        await catalog.add_thumbnail(preview)  # its item is gone
+    assert (await catalog.organization(ORG)).used_bytes == 1000
+
+
+async def test_distinct_values_walk_the_index_in_order(catalog: SqlCatalog) -> None:
+    for maker in ["Sony", "Canon", "Nikon", "Canon", None, "Apple"]:
+        await catalog.add(record(metadata={"manufacturer": maker} if maker else {}))
+    await catalog.add(record(org="other", metadata={"manufacturer": "Leica"}))
+    assert await catalog.distinct_values(ORG, "manufacturer", 30) == [
+        "Apple",
+        "Canon",
+        "Nikon",
+        "Sony",
+    ]
+    assert await catalog.distinct_values(ORG, "manufacturer", 2) == ["Apple", "Canon"]
+    assert await catalog.distinct_values("nobody", "manufacturer", 30) == []
+    with pytest.raises(ValueError, match="index"):
+        await catalog.distinct_values(ORG, "weather", 30)

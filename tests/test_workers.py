@@ -124,6 +124,37 @@ def test_two_workers_share_one_port_and_both_take_calls(two_workers: ServerProce
     assert re.search(r"^metalake_uploads_in_flight 0\.0$", metrics, re.MULTILINE), metrics
 
 
+def test_two_workers_share_one_http_port_picked_by_the_supervisor(tmp_path: Path) -> None:
+    # Port 0: the supervisor picks the HTTP port once, as it does for gRPC, and every worker
+    # binds it; a port per worker would leave the console unreachable through the logged one.
+    with ServerProcess(
+        tmp_path / "data",
+        tmp_path / "server.log",
+        METALAKE_WORKERS="2",
+        METALAKE_HTTP_LISTEN="127.0.0.1:0",
+    ) as server:
+        workers = workers_of(server)
+        assert len(workers) == 2
+        found = re.search(
+            r"HTTP face of every worker on (127\.0\.0\.1:\d+)", server.log.read_text()
+        )
+        assert found is not None, server.log.read_text()
+        http = found.group(1)
+        assert not http.endswith(":0")
+        data_id, _ = upload_once(server.target, b"shared by both", "shared.bin")
+        answered = set()
+        # Each request on a connection of its own: 40 leave a chance of 2**-39 of one idle.
+        for _ in range(40):
+            with urllib.request.urlopen(f"http://{http}/v1/data/{data_id}", timeout=10) as page:
+                assert page.status == 200
+                assert json.loads(page.read())["id"] == data_id
+                answered.add(int(page.headers[WORKER_KEY]))
+        assert answered == workers
+        with urllib.request.urlopen(f"http://{http}/", timeout=10) as console:
+            assert console.status == 200
+            assert "text/html" in console.headers["content-type"]
+
+
 def test_two_workers_on_postgresql_and_s3(
     tmp_path: Path, postgres_url: str, s3_url: str, s3_endpoint: str
 ) -> None:

@@ -2154,3 +2154,67 @@ class TestWebhookResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TestWebhookResponse: _TypeAlias = TestWebhookResponse  # noqa: Y015
+
+@_typing.final
+class GetThumbnailRequest(_message.Message):
+    """GetThumbnailRequest names an item and a preview size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The item's id."""
+    size: _builtins.int
+    """Pixels on the long side: 256 or 1024; 0 means 256. Smaller images are never enlarged."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThumbnailRequest: _TypeAlias = GetThumbnailRequest  # noqa: Y015
+
+@_typing.final
+class GetThumbnailResponse(_message.Message):
+    """GetThumbnailResponse carries the whole preview (at most a few hundred KiB)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """The preview's bytes."""
+    content_type: _builtins.str
+    """Always "image/jpeg"."""
+    width: _builtins.int
+    """The preview's width, in pixels."""
+    height: _builtins.int
+    """The preview's height, in pixels."""
+    sha256: _builtins.str
+    """Lowercase hex SHA-256 of content."""
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "height", b"height", "sha256", b"sha256", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThumbnailResponse: _TypeAlias = GetThumbnailResponse  # noqa: Y015

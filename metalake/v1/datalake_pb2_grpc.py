@@ -159,6 +159,11 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
                 _registered_method=True)
+        self.GetThumbnail = channel.unary_unary(
+                '/metalake.v1.DatalakeService/GetThumbnail',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.FromString,
+                _registered_method=True)
 
 
 class DatalakeServiceServicer:
@@ -357,6 +362,15 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThumbnail(self, request, context):
+        """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+        orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+        exist or its content cannot be previewed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatalakeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -479,6 +493,11 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.TestWebhook,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.SerializeToString,
+            ),
+            'GetThumbnail': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThumbnail,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1134,6 +1153,33 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/TestWebhook',
             metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThumbnail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/GetThumbnail',
+            metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.FromString,
             options,
             channel_credentials,
             insecure,

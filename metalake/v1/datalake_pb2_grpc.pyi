@@ -121,6 +121,11 @@ class DatalakeServiceStub:
     """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
     returns the delivery after the first attempt.
     """
+    GetThumbnail: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.GetThumbnailRequest, _datalake_pb2.GetThumbnailResponse]
+    """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+    orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+    exist or its content cannot be previewed.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -210,6 +215,11 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     TestWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.TestWebhookRequest, _datalake_pb2.TestWebhookResponse]  # type: ignore[assignment]
     """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
     returns the delivery after the first attempt.
+    """
+    GetThumbnail: _aio.UnaryUnaryMultiCallable[_datalake_pb2.GetThumbnailRequest, _datalake_pb2.GetThumbnailResponse]  # type: ignore[assignment]
+    """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+    orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+    exist or its content cannot be previewed.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -441,6 +451,17 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_datalake_pb2.TestWebhookResponse, _abc.Awaitable[_datalake_pb2.TestWebhookResponse]]:
         """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
         returns the delivery after the first attempt.
+        """
+
+    @_abc_1.abstractmethod
+    def GetThumbnail(
+        self,
+        request: _datalake_pb2.GetThumbnailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.GetThumbnailResponse, _abc.Awaitable[_datalake_pb2.GetThumbnailResponse]]:
+        """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
+        orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
+        exist or its content cannot be previewed.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
