@@ -14,11 +14,13 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from metalake import metadata as md
-from metalake.client import DEFAULT_TARGET, Client, Data
+from metalake.bulk import SelectionError, UploadFile, select_files
+from metalake.client import DEFAULT_TARGET, Client, Data, FileResult
 from metalake.errors import InvalidArgumentError, MetalakeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -90,10 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n  metalake upload a.jpg b.jpg --fill-metadata --tag field\n"
         "  metalake upload photo.jpg --meta reference=7NGOMI --meta latitude=43.6 --json\n"
         "  metalake upload photo.jpg --meta acquired_at=2024-05-01T12:00:00+02:00\n"
-        "  metalake upload *.jpg --quiet > ids.txt\n\n"
+        "  metalake upload *.jpg --quiet > ids.txt\n"
+        "  metalake upload photos/ --include '*.jpg' --exclude 'raw/*' --tag field\n\n"
+        "Folders are walked recursively (hidden files skipped); each file is stored under its\n"
+        "path relative to its folder. Rerunning an interrupted upload sends only what is\n"
+        "missing and stores nothing twice.\n\n"
         "exit codes: 0 all stored, 1 some files failed (each on stderr), 2 usage error",
     )
-    upload.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    upload.add_argument("files", nargs="+", type=Path, metavar="PATH", help="files and folders")
+    upload.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, send only files matching this (repeatable; '*.jpg', 'raw/*')",
+    )
+    upload.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, skip files matching this (repeatable)",
+    )
     upload.add_argument(
         "--meta",
         action="append",
@@ -256,37 +276,84 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     metadata = parse_meta(args.meta)
-    for path in args.files:
-        if not path.is_file():
-            raise UsageError(f"{'not a file' if path.exists() else 'no such file'}: {path}")
-    total = sum(f.stat().st_size for f in args.files)
-    bar = _progress_bar(total, len(args.files), args)
+    try:
+        selected = select_files(args.files, include=args.include, exclude=args.exclude)
+    except SelectionError as error:
+        raise UsageError(str(error)) from None
+    files = [UploadFile(path, name, metadata, tuple(args.tag)) for path, name in selected]
+    # A summary closes bulk uploads; single files keep their one line per file.
+    summarize = any(path.is_dir() for path in args.files) and not args.quiet
+    sizes = {file.path: _size(file.path) for file in files}
+    total = sum(sizes.values())
+    bar = _progress_bar(total, len(files), args)
     say: Callable[[str], None] = print if bar is None else bar.write
-    failed = 0
+    summary = _Summary()
     try:
         with _client(args) as client:
-            results = client.get_datalake().iter_upload(
-                list(args.files),
-                metadata,
+            results = client.get_datalake().iter_upload_files(
+                files,
                 fill_metadata=args.fill_metadata,
-                tags=args.tag,
                 progress=bar.advance if bar is not None else None,
                 rerun_safe=True,  # rerunning after an interruption finishes the job, no duplicates
             )
             # In input order, each as soon as it and the files before it are done.
-            for path, result in results:
-                if isinstance(result, Exception):
-                    failed += 1
-                    print(f"metalake upload: {path}: {result}", file=sys.stderr)
-                else:
-                    say(_format_data(result, args))
+            for file, result in results:
+                outcome = FileResult.of(file, result, summary.started)
+                summary.add(outcome)
+                if outcome.error is not None:
+                    print(f"metalake upload: {file.path}: {outcome.error}", file=sys.stderr)
+                elif outcome.data is not None:
+                    say(_format_data(outcome.data, args))
                     sys.stdout.flush()
                 if bar is not None:
-                    bar.file_done()
+                    bar.file_done(sizes[file.path])
     finally:
         if bar is not None:
             bar.close()
-    return EXIT_FAILED if failed else EXIT_OK
+    if summarize:
+        print(f"metalake upload: {summary}", file=sys.stderr)
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _size(path: Path) -> int:
+    # A file gone since it was selected fails when it is sent, where it is reported.
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Summary:
+    """Counts of a bulk upload, for its closing line."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(UTC)
+        self.uploaded = self.already = self.failed = self.bytes = 0
+
+    def add(self, result: FileResult) -> None:
+        if result.error is not None:
+            self.failed += 1
+        elif result.already_stored:
+            self.already += 1
+        else:
+            self.uploaded += 1
+            self.bytes += result.data.size if result.data is not None else 0
+
+    def __str__(self) -> str:
+        total = self.uploaded + self.already + self.failed
+        return (
+            f"{total} files: {self.uploaded} uploaded ({_human_bytes(self.bytes)}), "
+            f"{self.already} already stored, {self.failed} failed"
+        )
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 class _ProgressBar:
@@ -304,16 +371,27 @@ class _ProgressBar:
             postfix=f"0/{files} files",
         )
         self._files, self._done = files, 0
+        # Bytes streamed, and bytes of finished files: a file a rerun finds already stored is
+        # done without streaming all of itself, so the bar shows the larger of the two.
+        self._streamed = self._finished = 0
         # tqdm's own lock covers drawing, not its counter: uploads report from several threads.
         self._lock = threading.Lock()
 
+    def _show(self) -> None:
+        position = max(self._streamed, self._finished)
+        if position > self._bar.n:
+            self._bar.update(position - self._bar.n)
+
     def advance(self, sent: int) -> None:
         with self._lock:
-            self._bar.update(sent)
+            self._streamed += sent
+            self._show()
 
-    def file_done(self) -> None:
+    def file_done(self, size: int = 0) -> None:
         with self._lock:
             self._done += 1
+            self._finished += size
+            self._show()
             self._bar.set_postfix_str(f"{self._done}/{self._files} files")
 
     def write(self, line: str) -> None:

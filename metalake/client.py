@@ -19,6 +19,7 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, NoReturn, TypeVar, cast, overload
@@ -26,7 +27,9 @@ from typing import Any, Generic, NoReturn, TypeVar, cast, overload
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from metalake import bulk
 from metalake import metadata as md
+from metalake.bulk import UploadFile
 from metalake.errors import (
     IntegrityError,
     MetalakeError,
@@ -245,10 +248,15 @@ class Datalake:
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise ValueError("one file takes one metadata mapping, not a list")
             values = md.normalize(metadata or {})
+            path = Path(filepaths)
             batch = _Batch()
             try:
                 return self._upload_one(
-                    batch, Path(filepaths), values, fill_metadata, tuple(tags), progress, rerun_safe
+                    batch,
+                    UploadFile(path, path.name, values, tuple(tags)),
+                    fill_metadata,
+                    progress,
+                    rerun_safe,
                 )
             except BaseException:
                 batch.stop()
@@ -287,40 +295,74 @@ class Datalake:
         """
         paths = [Path(p) for p in filepaths]
         per_file = _per_file_metadata(paths, metadata)
-        return self._upload_many(paths, per_file, fill_metadata, tuple(tags), progress, rerun_safe)
+        files = [
+            UploadFile(path, path.name, values, tuple(tags))
+            for path, values in zip(paths, per_file, strict=True)
+        ]
+        return (
+            (file.path, result)
+            for file, result in self.iter_upload_files(
+                files, fill_metadata=fill_metadata, progress=progress, rerun_safe=rerun_safe
+            )
+        )
 
-    def _upload_many(
+    def upload_folder(
         self,
-        paths: list[Path],
-        per_file: list[md.MetadataDict],
-        fill_metadata: bool,
-        tags: tuple[str, ...],
-        progress: Progress | None,
-        rerun_safe: bool,
-    ) -> Generator[tuple[Path, Data | Exception], None, None]:
+        paths: PathLike | Sequence[PathLike],
+        metadata: MetadataInput | None = None,
+        *,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        tags: Iterable[str] = (),
+        fill_metadata: bool = False,
+        progress: Progress | None = None,
+    ) -> list[FileResult]:
+        """Upload every file of one folder (or of several folders and files), recursively.
+
+        Hidden files and folders are skipped; `include`/`exclude` are glob patterns (see
+        metalake.bulk). Each file is stored under its path relative to its folder. Files upload
+        in parallel; the result has one FileResult per file, in walking order, whether it was
+        stored, already stored by an earlier run, or failed. A rerun after an interruption
+        sends only what is missing and never stores a file twice: each file's request id is
+        derived from its absolute path, size, modification time and header (see rerun_safe).
+        """
+        given = [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
+        values = md.normalize(metadata or {})
+        files = [
+            UploadFile(path, name, values, tuple(tags))
+            for path, name in bulk.select_files(given, include=include, exclude=exclude)
+        ]
+        started = datetime.now(UTC)
+        return [
+            FileResult.of(file, result, started)
+            for file, result in self.iter_upload_files(
+                files, fill_metadata=fill_metadata, progress=progress, rerun_safe=True
+            )
+        ]
+
+    def iter_upload_files(
+        self,
+        files: Sequence[UploadFile],
+        *,
+        fill_metadata: bool = False,
+        progress: Progress | None = None,
+        rerun_safe: bool = False,
+    ) -> Generator[tuple[UploadFile, Data | Exception], None, None]:
+        """Like iter_upload, for files that each carry their own name, metadata and tags."""
         batch = _Batch()
-        workers = max(1, min(self._client._max_workers, len(paths)))
+        workers = max(1, min(self._client._max_workers, len(files)))
         pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-upload")
         try:
             futures = [
-                pool.submit(
-                    self._upload_one,
-                    batch,
-                    path,
-                    values,
-                    fill_metadata,
-                    tags,
-                    progress,
-                    rerun_safe,
-                )
-                for path, values in zip(paths, per_file, strict=True)
+                pool.submit(self._upload_one, batch, file, fill_metadata, progress, rerun_safe)
+                for file in files
             ]
-            for path, future in zip(paths, futures, strict=True):
+            for file, future in zip(files, futures, strict=True):
                 try:
                     result: Data | Exception = future.result()
                 except Exception as error:  # reported per file, in its place
                     result = error
-                yield path, result
+                yield file, result
         except BaseException:  # Ctrl-C, or the caller stopped iterating (GeneratorExit)
             batch.stop()
             raise
@@ -331,19 +373,18 @@ class Datalake:
     def _upload_one(
         self,
         batch: _Batch,
-        path: Path,
-        metadata: md.MetadataDict,
+        file: UploadFile,
         fill_metadata: bool,
-        tags: tuple[str, ...],
         progress: Progress | None,
         rerun_safe: bool = False,
     ) -> Data:
+        path = file.path
         stat = path.stat()  # a missing file fails here, before anything is sent
         header = pb.UploadDataHeader(
-            filename=path.name,
-            metadata=md.to_proto(metadata),
+            filename=file.filename,
+            metadata=md.to_proto(file.metadata),
             fill_metadata=fill_metadata,
-            tags=tags,
+            tags=file.tags,
         )
         if rerun_safe:
             # Derived from the file and the request, so that a rerun names the same upload.
@@ -479,6 +520,29 @@ def _per_file_metadata(
                 [md.FieldViolation(where + v.field, v.description) for v in error.violations]
             ) from None
     return checked
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What became of one file of a folder upload: `data` when it is stored (by this run, or by
+    an earlier one when `already_stored`), else `error`."""
+
+    path: Path
+    filename: str
+    data: Data | None
+    error: Exception | None
+    already_stored: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def of(cls, file: UploadFile, result: Data | Exception, started: datetime) -> FileResult:
+        if isinstance(result, Exception):
+            return cls(file.path, file.filename, None, result)
+        # A rerun gets back the item an earlier run stored: it was created before this run.
+        return cls(file.path, file.filename, result, None, result.created_at < started)
 
 
 class _Field(Generic[_V]):
