@@ -16,10 +16,13 @@ folder means the same thing to both:
 
 from __future__ import annotations
 
+import csv
 import fnmatch
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from metalake import metadata as md
@@ -98,3 +101,315 @@ def select_files(
     if problems:
         raise SelectionError("; ".join(problems))
     return selected
+
+
+# Manifests: per-file metadata for bulk uploads, from a CSV or JSON Lines file.
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+_MAX_REPORTED = 50
+
+
+@dataclass(frozen=True)
+class ManifestProblem:
+    """One thing wrong in a manifest, where it is: line (1-based) and column."""
+
+    file: Path
+    line: int
+    column: str  # for CSV `3 (latitude)`, for JSON Lines the key; "" for the whole line
+    message: str
+
+    def __str__(self) -> str:
+        where = f", column {self.column}" if self.column else ""
+        return f"{self.file}: line {self.line}{where}: {self.message}"
+
+
+class ManifestError(ValueError):
+    """Every problem of a manifest, found before anything was sent."""
+
+    def __init__(self, problems: list[ManifestProblem]) -> None:
+        self.problems = problems
+        shown = [str(p) for p in problems[:_MAX_REPORTED]]
+        if len(problems) > _MAX_REPORTED:
+            shown.append(f"... and {len(problems) - _MAX_REPORTED} more problems")
+        super().__init__("\n".join(shown))
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One file's entry: its path (absolute, resolved), name, metadata and tags."""
+
+    path: Path
+    filename: str
+    line: int
+    metadata: md.MetadataDict
+    tags: tuple[str, ...]
+
+
+class _Cell:
+    """A value of one row, with where it came from, for error messages."""
+
+    def __init__(self, column: str, value: object, *, text: bool = False) -> None:
+        self.column = column
+        self.value = value
+        self.text = text  # a CSV cell: text to be read as its column's type
+
+
+def read_manifest(manifest: Path) -> dict[Path, ManifestRow]:
+    """Read and check every row of a manifest; keyed by the file's resolved path.
+
+    Columns (CSV header, JSON Lines keys): `path` (required, relative to the manifest's
+    folder), any metadata field, and `tags` (`;`-separated in CSV, a list in JSON Lines). An
+    empty CSV cell or a JSON null is "not given". Raises ManifestError listing every problem.
+    """
+    suffix = manifest.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ManifestError(
+            [ManifestProblem(manifest, 0, "", "a manifest must be a .csv or a .jsonl file")]
+        )
+    try:
+        with manifest.open(encoding="utf-8-sig", newline="") as handle:
+            raw = list(
+                _csv_rows(manifest, handle) if suffix == ".csv" else _jsonl_rows(manifest, handle)
+            )
+    except OSError as error:
+        raise ManifestError(
+            [ManifestProblem(manifest, 0, "", f"cannot be read: {error}")]
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ManifestError(
+            [ManifestProblem(manifest, 0, "", f"is not UTF-8 text: {error}")]
+        ) from None
+    problems: list[ManifestProblem] = []
+    rows: dict[Path, ManifestRow] = {}
+    base = manifest.parent
+    for line, cells in raw:
+        if isinstance(cells, ManifestProblem):
+            problems.append(cells)
+            continue
+        row = _check_row(manifest, base, line, cells, problems)
+        if row is None:
+            continue
+        earlier = rows.get(row.path)
+        if earlier is not None:
+            problems.append(
+                ManifestProblem(
+                    manifest,
+                    line,
+                    cells["path"].column,
+                    f"{row.filename!r} is already described on line {earlier.line}",
+                )
+            )
+            continue
+        rows[row.path] = row
+    if problems:
+        raise ManifestError(problems)
+    return rows
+
+
+def _csv_rows(
+    manifest: Path, handle: Iterable[str]
+) -> Iterable[tuple[int, dict[str, _Cell] | ManifestProblem]]:
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None:
+        yield 1, ManifestProblem(manifest, 1, "", "is empty: the first line names the columns")
+        return
+    names = [name.strip() for name in header]
+    bad_header = False
+    for index, name in enumerate(names, 1):
+        problem = _column_problem(name, names[: index - 1])
+        if problem:
+            bad_header = True
+            yield 1, ManifestProblem(manifest, 1, f"{index} ({name})", problem)
+    if "path" not in names:
+        bad_header = True
+        yield 1, ManifestProblem(manifest, 1, "", "has no `path` column")
+    if bad_header:
+        return
+    line = reader.line_num + 1
+    for values in reader:
+        start, line = line, reader.line_num + 1
+        if not any(v.strip() for v in values):
+            continue  # a blank line
+        if len(values) != len(names):
+            yield (
+                start,
+                ManifestProblem(
+                    manifest, start, "", f"has {len(values)} cells; the header has {len(names)}"
+                ),
+            )
+            continue
+        yield (
+            start,
+            {
+                name: _Cell(f"{index} ({name})", value, text=True)
+                for index, (name, value) in enumerate(zip(names, values, strict=True), 1)
+                if value.strip()
+            },
+        )
+
+
+def _jsonl_rows(
+    manifest: Path, handle: Iterable[str]
+) -> Iterable[tuple[int, dict[str, _Cell] | ManifestProblem]]:
+    for line, text in enumerate(handle, 1):
+        if not text.strip():
+            continue
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield (
+                line,
+                ManifestProblem(manifest, line, "", f"is not JSON: {error}"),
+            )
+            continue
+        if not isinstance(item, dict):
+            yield (
+                line,
+                ManifestProblem(manifest, line, "", "must be a JSON object"),
+            )
+            continue
+        yield line, {key: _Cell(key, value) for key, value in item.items() if value is not None}
+
+
+def _column_problem(name: str, before: Sequence[str]) -> str | None:
+    if name in before:
+        return "is named twice"
+    if name == "path" or name == "tags" or name in md.FIELDS:
+        return None
+    return f"unknown column {name!r}; columns are path, tags and the fields {', '.join(md.FIELDS)}"
+
+
+def _check_row(
+    manifest: Path,
+    base: Path,
+    line: int,
+    cells: dict[str, _Cell],
+    problems: list[ManifestProblem],
+) -> ManifestRow | None:
+    found = len(problems)
+
+    def problem(cell: _Cell | None, message: str) -> None:
+        problems.append(ManifestProblem(manifest, line, cell.column if cell else "", message))
+
+    metadata: md.MetadataDict = {}
+    tags: tuple[str, ...] = ()
+    for name, cell in cells.items():
+        if name == "path":
+            continue
+        if name == "tags":
+            tags = _tags(cell, problem)
+        elif name in md.FIELDS:
+            value = _typed(name, cell, problem)
+            if value is not None:
+                metadata[name] = value
+        else:  # JSON Lines keys are not checked with a header
+            problem(cell, _column_problem(name, ()) or "")
+    path_cell = cells.get("path")
+    if path_cell is None or not isinstance(path_cell.value, str) or not path_cell.value.strip():
+        problem(path_cell, "`path` is required: the file this row describes")
+        return None
+    relative = path_cell.value.strip()
+    path = base / relative
+    if not path.is_file():
+        state = "is not a file" if path.exists() else "does not exist"
+        problem(path_cell, f"{relative!r} {state} (paths are relative to the manifest's folder)")
+    if len(problems) > found:
+        return None
+    resolved = path.resolve()
+    try:
+        filename = resolved.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        filename = resolved.name
+    return ManifestRow(resolved, filename, line, metadata, tags)
+
+
+def _typed(
+    name: str, cell: _Cell, problem: Callable[[_Cell, str], None]
+) -> md.MetadataValue | None:
+    value = cell.value
+    if isinstance(value, str) and (cell.text or name in md.TIMESTAMP_FIELDS):
+        text = value.strip()
+        if name in md.FLOAT_FIELDS:
+            try:
+                value = float(text)
+            except ValueError:
+                problem(cell, f"{name} must be a number, got {text!r}")
+                return None
+        elif name in md.TIMESTAMP_FIELDS:
+            try:
+                value = md.parse_datetime(text)
+            except ValueError as error:
+                problem(cell, str(error))
+                return None
+    elif name in md.FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    why = md.check_value(name, value)
+    if why is not None:
+        problem(cell, f"{name} {why}")
+        return None
+    assert isinstance(value, float | str | datetime)
+    return value
+
+
+def _tags(cell: _Cell, problem: Callable[[_Cell, str], None]) -> tuple[str, ...]:
+    value = cell.value
+    if cell.text and isinstance(value, str):
+        tags = [t.strip() for t in value.split(";") if t.strip()]
+    elif isinstance(value, list) and all(isinstance(t, str) for t in value):
+        tags = list(value)
+    else:
+        problem(cell, "tags must be a list of strings (';'-separated in CSV)")
+        return ()
+    for tag in tags:
+        why = "must not be empty" if not tag else md.check_string(tag)
+        if why:
+            problem(cell, f"tag {tag[:40]!r} {why}")
+            return ()
+    return tuple(tags)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a bulk upload sends, and the manifest rows that name no file of it."""
+
+    files: list[UploadFile]
+    unused_rows: list[ManifestRow]
+
+
+def plan_upload(
+    paths: Sequence[Path],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    metadata: md.MetadataDict | None = None,
+    tags: Sequence[str] = (),
+    manifest: Path | None = None,
+) -> Plan:
+    """The files to send with their names, metadata and tags, checked before anything is sent.
+
+    Without `paths`, the manifest's files are sent. A file the manifest describes gets
+    `metadata` overridden field by field by its row, and `tags` plus its row's tags; other files
+    get `metadata` and `tags` only. Raises SelectionError or ManifestError.
+    """
+    rows = read_manifest(manifest) if manifest is not None else {}
+    base = dict(metadata or {})
+    if paths:
+        selected = select_files(paths, include=include, exclude=exclude)
+        if manifest is not None:  # a manifest inside the folder it describes is not data
+            itself = manifest.resolve()
+            selected = [(p, name) for p, name in selected if p.resolve() != itself]
+    else:
+        selected = [(row.path, row.filename) for row in rows.values()]
+    files: list[UploadFile] = []
+    used: set[Path] = set()
+    for path, filename in selected:
+        row = rows.get(path.resolve()) if rows else None
+        if row is None:
+            files.append(UploadFile(path, filename, base, tuple(tags)))
+            continue
+        used.add(row.path)
+        merged_tags = tuple(dict.fromkeys([*tags, *row.tags]))
+        files.append(UploadFile(path, filename, {**base, **row.metadata}, merged_tags))
+    unused = [row for key, row in rows.items() if key not in used]
+    return Plan(files, unused)

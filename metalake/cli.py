@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from metalake import metadata as md
-from metalake.bulk import SelectionError, UploadFile, select_files
+from metalake.bulk import ManifestError, SelectionError, plan_upload
 from metalake.client import DEFAULT_TARGET, Client, Data, FileResult
 from metalake.errors import InvalidArgumentError, MetalakeError
 
@@ -93,13 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  metalake upload photo.jpg --meta reference=7NGOMI --meta latitude=43.6 --json\n"
         "  metalake upload photo.jpg --meta acquired_at=2024-05-01T12:00:00+02:00\n"
         "  metalake upload *.jpg --quiet > ids.txt\n"
-        "  metalake upload photos/ --include '*.jpg' --exclude 'raw/*' --tag field\n\n"
+        "  metalake upload photos/ --include '*.jpg' --exclude 'raw/*' --tag field\n"
+        "  metalake upload photos/ --manifest photos/manifest.csv --meta reference=M7\n\n"
         "Folders are walked recursively (hidden files skipped); each file is stored under its\n"
         "path relative to its folder. Rerunning an interrupted upload sends only what is\n"
         "missing and stores nothing twice.\n\n"
         "exit codes: 0 all stored, 1 some files failed (each on stderr), 2 usage error",
     )
-    upload.add_argument("files", nargs="+", type=Path, metavar="PATH", help="files and folders")
+    upload.add_argument("files", nargs="*", type=Path, metavar="PATH", help="files and folders")
+    upload.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="a .csv or .jsonl giving files their metadata and tags (column `path`, relative "
+        "to the manifest; the fields; `tags`); without PATH, its files are uploaded",
+    )
     upload.add_argument(
         "--include",
         action="append",
@@ -276,13 +284,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     metadata = parse_meta(args.meta)
+    if not args.files and args.manifest is None:
+        raise UsageError("give files or folders to upload, or --manifest")
     try:
-        selected = select_files(args.files, include=args.include, exclude=args.exclude)
+        plan = plan_upload(
+            args.files,
+            include=args.include,
+            exclude=args.exclude,
+            metadata=metadata,
+            tags=args.tag,
+            manifest=args.manifest,
+        )
     except SelectionError as error:
         raise UsageError(str(error)) from None
-    files = [UploadFile(path, name, metadata, tuple(args.tag)) for path, name in selected]
+    except ManifestError as error:
+        raise UsageError(f"the manifest is invalid; nothing was sent:\n{error}") from None
+    files = plan.files
+    for row in plan.unused_rows:
+        print(
+            f"metalake upload: {args.manifest}: line {row.line}: {row.filename} is not among "
+            "the files of this upload (hidden, excluded or outside the paths given): not sent",
+            file=sys.stderr,
+        )
     # A summary closes bulk uploads; single files keep their one line per file.
-    summarize = any(path.is_dir() for path in args.files) and not args.quiet
+    summarize = (
+        any(path.is_dir() for path in args.files) or args.manifest is not None
+    ) and not args.quiet
     sizes = {file.path: _size(file.path) for file in files}
     total = sum(sizes.values())
     bar = _progress_bar(total, len(files), args)

@@ -308,12 +308,13 @@ class Datalake:
 
     def upload_folder(
         self,
-        paths: PathLike | Sequence[PathLike],
+        paths: PathLike | Sequence[PathLike] = (),
         metadata: MetadataInput | None = None,
         *,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         tags: Iterable[str] = (),
+        manifest: PathLike | None = None,
         fill_metadata: bool = False,
         progress: Progress | None = None,
     ) -> list[FileResult]:
@@ -325,13 +326,22 @@ class Datalake:
         stored, already stored by an earlier run, or failed. A rerun after an interruption
         sends only what is missing and never stores a file twice: each file's request id is
         derived from its absolute path, size, modification time and header (see rerun_safe).
+
+        `manifest` (a .csv or .jsonl file) gives files their own metadata and tags; every row is
+        checked before anything is sent (bulk.ManifestError names the file, line and column of
+        each problem). Without `paths`, the manifest's files are uploaded.
         """
         given = [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
-        values = md.normalize(metadata or {})
-        files = [
-            UploadFile(path, name, values, tuple(tags))
-            for path, name in bulk.select_files(given, include=include, exclude=exclude)
-        ]
+        if not given and manifest is None:
+            raise ValueError("give folders or files to upload, or a manifest")
+        files = bulk.plan_upload(
+            given,
+            include=include,
+            exclude=exclude,
+            metadata=md.normalize(metadata or {}),
+            tags=list(tags),
+            manifest=Path(manifest) if manifest is not None else None,
+        ).files
         started = datetime.now(UTC)
         return [
             FileResult.of(file, result, started)

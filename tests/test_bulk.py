@@ -148,3 +148,102 @@ def test_cli_a_failed_file_in_a_folder_is_exit_code_1(
     assert len(out.split()) == 1
     assert f"{root / 'big.bin'}: " in err
     assert "maximum file size" in err
+
+
+def test_a_csv_manifest_gives_each_file_its_metadata(
+    server_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_tree(tmp_path / "photos")
+    (root / "manifest.csv").write_text(
+        "path,latitude,acquired_at,tags,reference\n"
+        'a.jpg,43.6,2021-04-11T15:47:53-05:00,"x; y",\n'
+        "sub/b.jpg,,,,R-b\n"
+    )
+    code, out, err = run(
+        capsys,
+        "upload",
+        str(root),
+        "--include",
+        "*.jpg",
+        "--manifest",
+        str(root / "manifest.csv"),
+        "--meta",
+        "weather=sun",
+        "--meta",
+        "reference=default",
+        "--tag",
+        "t",
+        "--json",
+        "--target",
+        server_target,
+    )
+    assert code == EXIT_OK, err
+    items = {item["filename"]: item for item in map(json.loads, out.splitlines())}
+    assert sorted(items) == ["a.jpg", "sub/b.jpg", "sub/deep/c.jpg", "sub/raw/d.jpg"]
+    assert items["a.jpg"]["metadata"] == {
+        "latitude": 43.6,
+        "acquired_at": "2021-04-11T15:47:53-05:00",
+        "weather": "sun",
+        "reference": "default",
+    }
+    assert items["a.jpg"]["tags"] == ["t", "x", "y"]
+    assert items["sub/b.jpg"]["metadata"] == {"weather": "sun", "reference": "R-b"}
+    # Files the manifest does not describe get only the command's --meta and --tag.
+    assert items["sub/deep/c.jpg"]["metadata"] == {"weather": "sun", "reference": "default"}
+    assert items["sub/deep/c.jpg"]["tags"] == ["t"]
+    assert "4 files: 4 uploaded" in err
+
+
+def test_a_jsonl_manifest_alone_names_the_files(client: Client, tmp_path: Path) -> None:
+    make_tree(tmp_path / "photos")
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(
+        json.dumps({"path": "photos/a.jpg", "tags": ["x", "y"], "latitude": 1, "weather": None})
+        + "\n\n"
+        + json.dumps({"path": "photos/sub/b.jpg", "acquired_at": "2024-05-01T12:00:00"})
+        + "\n"
+    )
+    results = client.get_datalake().upload_folder(manifest=manifest, tags=["t"])
+    assert [r.filename for r in results] == ["photos/a.jpg", "photos/sub/b.jpg"]
+    first, second = (r.data for r in results)
+    assert first is not None
+    assert second is not None
+    assert (first.latitude, first.weather, first.tags) == (1.0, None, ["t", "x", "y"])
+    assert second.acquired_at is not None
+    assert second.acquired_at.tzinfo is None
+
+
+def test_a_broken_manifest_is_refused_whole_naming_line_and_column(
+    server_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_tree(tmp_path / "photos")
+    manifest = root / "m.csv"
+    manifest.write_text(
+        "path,latitude,acquired_at,tags\n"
+        "a.jpg,43.6,,\n"  # line 2: fine
+        "sub/b.jpg,95,yesterday,\n"  # line 3: two bad cells
+        "gone.jpg,,,\n"  # line 4: no such file
+        "a.jpg,,,\n"  # line 5: described twice
+        '"sub/deep/c.jpg",1,\n'  # line 6: too few cells
+    )
+    code, out, err = run(capsys, "upload", "--manifest", str(manifest), "--target", server_target)
+    assert code == 2
+    assert out == ""
+    assert f"{manifest}: line 3, column 2 (latitude): latitude must be within [-90, 90]" in err
+    assert f"{manifest}: line 3, column 3 (acquired_at): 'yesterday' is not an RFC 3339" in err
+    assert f"{manifest}: line 4, column 1 (path): 'gone.jpg' does not exist" in err
+    assert f"{manifest}: line 5, column 1 (path): 'a.jpg' is already described on line 2" in err
+    assert f"{manifest}: line 6: has 3 cells; the header has 4" in err
+    manifest.write_text("path,colour\na.jpg,red\n")
+    code, _, err = run(capsys, "upload", str(root), "--manifest", str(manifest))
+    assert code == 2
+    assert f"{manifest}: line 1, column 2 (colour): unknown column 'colour'" in err
+    jsonl = root / "m.jsonl"
+    jsonl.write_text('{"path": "a.jpg", "tags": "x"}\n{"path": "a.jpg",\n{"path": 3}\n')
+    code, _, err = run(capsys, "upload", "--manifest", str(jsonl), "--target", server_target)
+    assert code == 2
+    assert f"{jsonl}: line 1, column tags: tags must be a list of strings" in err
+    assert f"{jsonl}: line 2: is not JSON" in err
+    assert f"{jsonl}: line 3, column path: `path` is required" in err
+    code, out, _ = run(capsys, "ls", "-q", "--target", server_target)
+    assert out == ""  # nothing was sent
