@@ -20,10 +20,11 @@ import csv
 import fnmatch
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from metalake import metadata as md
 
@@ -413,3 +414,100 @@ def plan_upload(
         files.append(UploadFile(path, filename, {**base, **row.metadata}, merged_tags))
     unused = [row for key, row in rows.items() if key not in used]
     return Plan(files, unused)
+
+
+# Downloads: a stored filename is a label from whoever uploaded it, never trusted as a path.
+
+# Names Windows gives to devices, with or without an extension (CON, con.jpg, LPT1.txt).
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
+)
+_UNPORTABLE = re.compile(r'[<>:"|?*]')
+# Bytes per path component: 255 is the limit of every common filesystem; the rest leaves room
+# for the "~<id>" a name collision adds.
+MAX_COMPONENT_BYTES = 200
+MAX_DEPTH = 16
+# Where unfinished downloads wait, inside the target, to be resumed by a rerun.
+PARTIAL_DIR = ".metalake-partial"
+
+
+def local_path(filename: str, fallback: str) -> PurePosixPath:
+    """The relative path a stored filename is written to, safe on every common filesystem.
+
+    The name is split at "/" and "\\"; empty, "." and ".." parts are dropped (so nothing climbs
+    out, and "/abs/x.jpg" is "abs/x.jpg"); control characters are removed; characters Windows
+    refuses (<>:"|?*) become "_"; trailing dots and spaces go; Windows device names (con.jpg)
+    get a "_" in front; each part is cut to MAX_COMPONENT_BYTES (keeping its extension), and
+    only the last MAX_DEPTH parts are kept. Nothing left: `fallback` (the item's id).
+    """
+    parts: list[str] = []
+    for raw in re.split(r"[/\\]", filename):
+        part = "".join(c for c in raw if c.isprintable() or c == " ")
+        part = _UNPORTABLE.sub("_", part).strip().rstrip(". ")
+        if part in ("", ".", ".."):
+            continue
+        if part.split(".", 1)[0].upper() in _RESERVED or (not parts and part == PARTIAL_DIR):
+            part = "_" + part
+        parts.append(_cut(part, MAX_COMPONENT_BYTES))
+    if not parts:
+        return PurePosixPath(_cut(_UNPORTABLE.sub("_", fallback), MAX_COMPONENT_BYTES) or "item")
+    return PurePosixPath(*parts[-MAX_DEPTH:])
+
+
+def _cut(part: str, limit: int) -> str:
+    """`part` within `limit` UTF-8 bytes, its extension (if short) kept."""
+    if len(part.encode()) <= limit:
+        return part
+    stem, dot, extension = part.rpartition(".")
+    if not dot or not stem or len(extension.encode()) > 16:
+        stem, extension = part, ""
+    keep = limit - len(extension.encode()) - (1 if extension else 0)
+    cut = stem.encode()[:keep].decode(errors="ignore")
+    return f"{cut}.{extension}" if extension else cut
+
+
+class Placement:
+    """Assigns each item of a bulk download its path, resolving collisions predictably.
+
+    Items are placed in the order they are listed (created_at, then id). The first item to
+    claim a path gets it; a later one whose path is taken (also when the names differ only by
+    case, or a folder and a file would share a name) is written as `stem~<id>.ext` in the same
+    folder, or, when one of its folders is a file already, as `<name>~<id>.ext` at the top.
+    """
+
+    def __init__(self) -> None:
+        self._files: set[str] = set()
+        self._folders: set[str] = set()
+
+    def place(self, filename: str, item_id: str) -> PurePosixPath:
+        wanted = local_path(filename, item_id)
+        path = wanted
+        if not self._free(path):
+            path = self._suffixed(wanted, item_id)
+            if not self._free(path):
+                path = self._suffixed(PurePosixPath(wanted.name), item_id)
+            count = 1
+            while not self._free(path):  # only if a stored name mimics this very suffix
+                count += 1
+                path = self._suffixed(PurePosixPath(wanted.name), f"{item_id}~{count}")
+        self._files.add(_key(path))
+        self._folders.update(_key(parent) for parent in path.parents if parent.parts)
+        return path
+
+    def _free(self, path: PurePosixPath) -> bool:
+        key = _key(path)
+        if key in self._files or key in self._folders:
+            return False
+        return not any(_key(parent) in self._files for parent in path.parents if parent.parts)
+
+    @staticmethod
+    def _suffixed(path: PurePosixPath, item_id: str) -> PurePosixPath:
+        tag = "~" + (local_path(item_id, "id").name)
+        stem, dot, extension = path.name.rpartition(".")
+        name = f"{stem}{tag}.{extension}" if dot and stem else f"{path.name}{tag}"
+        return path.with_name(name)
+
+
+def _key(path: PurePosixPath) -> str:
+    # Case-insensitive filesystems (macOS, Windows) see A.jpg and a.jpg as one file.
+    return path.as_posix().casefold()

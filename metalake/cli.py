@@ -156,10 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(func=_get)
 
     download = _client_command(
-        commands, "download", "download an item", "example:\n  metalake download ID -o copy.jpg"
+        commands,
+        "download",
+        "download an item, or every item a filter selects",
+        "examples:\n  metalake download ID -o copy.jpg\n"
+        '  metalake download --filter \'reference = "M7" AND tags:"field"\' -o mission7/\n\n'
+        "With --filter, files are written under the folder -o, verified by SHA-256; a rerun\n"
+        "skips complete files and resumes partial ones. Stored names are made safe: nothing\n"
+        "is written outside the folder; a name taken twice becomes NAME~ID.EXT.\n\n"
+        "exit codes: 0 all downloaded, 1 some items failed (each on stderr), 2 usage error",
     )
-    download.add_argument("id")
-    download.add_argument("-o", "--output", type=Path, required=True, help="file or directory")
+    download.add_argument("id", nargs="?", help="one item's id (or use --filter)")
+    download.add_argument(
+        "-o", "--output", type=Path, required=True, help="file or directory; with --filter a folder"
+    )
+    download.add_argument("--filter", help="AIP-160 filter: download every item it selects")
+    download.add_argument(
+        "--workers", type=_positive_int, default=8, help="items at once (default %(default)s)"
+    )
+    download.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the paths written; no progress bar"
+    )
     download.set_defaults(func=_download)
 
     rm = _client_command(commands, "rm", "delete items", "example:\n  metalake rm ID1 ID2")
@@ -386,7 +403,7 @@ def _human_bytes(count: int) -> str:
 class _ProgressBar:
     """A tqdm bar of bytes sent, fed from the upload threads."""
 
-    def __init__(self, total: int, files: int) -> None:
+    def __init__(self, total: int | None, files: int) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(
@@ -395,7 +412,7 @@ class _ProgressBar:
             unit_scale=True,
             unit_divisor=1024,
             file=sys.stderr,
-            postfix=f"0/{files} files",
+            postfix=f"0/{files} files" if files else "0 files",
         )
         self._files, self._done = files, 0
         # Bytes streamed, and bytes of finished files: a file a rerun finds already stored is
@@ -419,7 +436,9 @@ class _ProgressBar:
             self._done += 1
             self._finished += size
             self._show()
-            self._bar.set_postfix_str(f"{self._done}/{self._files} files")
+            # A download learns its files as it lists them: no total then.
+            of = f"/{self._files}" if self._files else ""
+            self._bar.set_postfix_str(f"{self._done}{of} files")
 
     def write(self, line: str) -> None:
         # Clears the bar, prints the line on stdout, then draws the bar again below it.
@@ -430,7 +449,7 @@ class _ProgressBar:
         self._bar.close()
 
 
-def _progress_bar(total: int, files: int, args: argparse.Namespace) -> _ProgressBar | None:
+def _progress_bar(total: int | None, files: int, args: argparse.Namespace) -> _ProgressBar | None:
     """A bar on a terminal only: not when stderr is piped or logged, nor when asked not to."""
     if args.quiet or os.environ.get("METALAKE_NO_PROGRESS") or not sys.stderr.isatty():
         return None
@@ -458,6 +477,10 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.filter is None):
+        raise UsageError("give an item's ID or --filter, not both")
+    if args.filter is not None:
+        return _download_many(args)
     with _client(args) as client:
         data = client.get_datalake().get_data(args.id)
         written = data.download(args.output)
@@ -466,6 +489,59 @@ def _download(args: argparse.Namespace) -> int:
     else:
         print(f"{data.id} -> {written} ({data.size} bytes, sha256 verified)")
     return EXIT_OK
+
+
+def _download_many(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"with --filter, -o must be a folder: {args.output} is a file")
+    bar = _progress_bar(None, 0, args)
+    say: Callable[[str], None] = print if bar is None else bar.write
+    counts = {"downloaded": 0, "complete": 0, "failed": 0}
+    received = 0
+    try:
+        with _client(args) as client:
+            results = client.get_datalake().iter_download(
+                args.filter,
+                args.output,
+                max_workers=args.workers,
+                progress=bar.advance if bar is not None else None,
+            )
+            for result in results:
+                counts[result.status] += 1
+                if bar is not None:
+                    bar.file_done()
+                if result.error is not None:
+                    print(f"metalake download: {result.data.id}: {result.error}", file=sys.stderr)
+                    continue
+                if result.status == "downloaded":
+                    received += result.data.size - result.resumed_from
+                if args.json:
+                    line = json.dumps(
+                        {
+                            **result.data.to_json(),
+                            "path": str(result.path),
+                            "status": result.status,
+                        },
+                        ensure_ascii=False,
+                    )
+                elif args.quiet:
+                    line = str(result.path)
+                else:
+                    line = f"{result.data.id} -> {result.path} ({result.status})"
+                say(line)
+                sys.stdout.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        total = sum(counts.values())
+        print(
+            f"metalake download: {total} items: {counts['downloaded']} downloaded "
+            f"({_human_bytes(received)}), {counts['complete']} already complete, "
+            f"{counts['failed']} failed",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
 def _rm(args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ left off. Temporary failures (server unavailable, load shedding) are retried wit
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import random
@@ -21,7 +23,7 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Generic, NoReturn, TypeVar, cast, overload
 
 import grpc
@@ -453,9 +455,86 @@ class Datalake:
         """Delete one item by id (NotFoundError if there is none)."""
         self._client.call(self._client._stub.DeleteData, pb.DeleteDataRequest(id=data_id))
 
-    def download_data(self, data_id: str, path: PathLike) -> Path:
-        """Like Data.download, by id, in one call; returns the path written."""
+    @overload
+    def download_data(self, data_id: str, path: PathLike) -> Path: ...
+
+    @overload
+    def download_data(
+        self,
+        *,
+        filter: str,
+        target: PathLike,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[DownloadResult]: ...
+
+    def download_data(
+        self,
+        data_id: str | None = None,
+        path: PathLike | None = None,
+        *,
+        filter: str | None = None,
+        target: PathLike | None = None,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> Path | list[DownloadResult]:
+        """One item by id into `path` (like Data.download; returns the path written), or every
+        item matching `filter` into the folder `target` (returns one DownloadResult per item).
+
+        A bulk download runs `max_workers` items at once (default: the client's). Each file is
+        verified against its size and SHA-256 before it is moved into place; a rerun skips the
+        files already complete and resumes the partial ones (kept in `target/.metalake-partial`).
+        Names are made safe and collisions resolved as metalake.bulk.local_path and Placement
+        describe: nothing is ever written outside `target`. A failed item does not stop the
+        others; check each result's `error`.
+        """
+        if filter is not None:
+            if data_id is not None or path is not None or target is None:
+                raise ValueError("a bulk download takes filter= and target=, not an id or path")
+            return list(
+                self.iter_download(filter, target, max_workers=max_workers, progress=progress)
+            )
+        if data_id is None or path is None:
+            raise ValueError("give an id and a path, or filter= and target=")
         return _download(self._client, data_id, Path(path))
+
+    def iter_download(
+        self,
+        filter: str,
+        target: PathLike,
+        *,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> Generator[DownloadResult, None, None]:
+        """download_data(filter=..., target=...), yielding each item's result in listing order
+        as soon as it and those before it are done. Lists page by page while downloading: at
+        most a few items per worker are held at once."""
+        root = Path(target)
+        root.mkdir(parents=True, exist_ok=True)
+        workers = max(1, max_workers or self._client._max_workers)
+        placement = bulk.Placement()
+        stopped = threading.Event()
+        pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-download")
+        window: collections.deque[concurrent.futures.Future[DownloadResult]] = collections.deque()
+        try:
+            for data in self.list_data(filter, page_size=1000):
+                relative = placement.place(data.filename, data.id)
+                window.append(
+                    pool.submit(
+                        _download_into, self._client, data, root, relative, progress, stopped
+                    )
+                )
+                while len(window) > 2 * workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        except BaseException:
+            stopped.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(OSError):
+                (root / bulk.PARTIAL_DIR).rmdir()  # only when no partial file is left
 
     def list_data(
         self, filter: str | None = None, *, order_by: str | None = None, page_size: int = 100
@@ -695,6 +774,137 @@ _EVENT_TYPES = {
     pb.EVENT_TYPE_UPDATED: "updated",
     pb.EVENT_TYPE_DELETED: "deleted",
 }
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """One item of a bulk download: `status` is "downloaded", "complete" (a rerun found it
+    already there, verified) or "failed" (then `error`); `resumed_from` is the byte offset a
+    partial file was resumed from."""
+
+    data: Data
+    path: Path
+    status: str
+    error: Exception | None = None
+    resumed_from: int = 0
+
+
+def _download_into(
+    client: Client,
+    data: Data,
+    root: Path,
+    relative: PurePosixPath,
+    progress: Progress | None,
+    stopped: threading.Event,
+) -> DownloadResult:
+    destination = root.joinpath(*relative.parts)
+    try:
+        return _fetch(client, data, root, destination, progress or _no_progress, stopped)
+    except Exception as error:
+        return DownloadResult(data, destination, "failed", error)
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+def _fetch(
+    client: Client,
+    data: Data,
+    root: Path,
+    destination: Path,
+    progress: Progress,
+    stopped: threading.Event,
+) -> DownloadResult:
+    # A link planted in the target must not carry the file, or even a folder, elsewhere.
+    folder = root
+    for part in destination.relative_to(root).parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink():
+            raise IntegrityError(
+                f"{destination} would be written outside {root} (a link is in the way)"
+            )
+        folder.mkdir(exist_ok=True)
+    if destination.is_symlink() or destination.exists():
+        if (
+            destination.is_file()
+            and not destination.is_symlink()
+            and destination.stat().st_size == data.size
+            and _file_sha256(destination, data.size)[0] == data.sha256
+        ):
+            progress(data.size)
+            return DownloadResult(data, destination, "complete")
+        raise FileExistsError(f"{destination} exists with other content: not overwritten")
+    partials = root / bulk.PARTIAL_DIR
+    partials.mkdir(exist_ok=True)
+    partial = partials / (hashlib.sha256(data.id.encode()).hexdigest()[:32] + ".part")
+    state = {"resumed_from": -1}
+
+    def attempt() -> None:
+        _resume(client, data, partial, progress, state)
+
+    client.with_retries(attempt, stopped=stopped)
+    partial.replace(destination)
+    return DownloadResult(data, destination, "downloaded", resumed_from=state["resumed_from"])
+
+
+def _resume(
+    client: Client, data: Data, partial: Path, progress: Progress, state: dict[str, int]
+) -> None:
+    """Continue `partial` from its size to the end, then verify it whole; a resumed file that
+    does not verify is downloaded once more from the start."""
+    for from_start in (False, True):
+        offset = partial.stat().st_size if partial.exists() else 0
+        if from_start or offset > data.size:
+            partial.unlink(missing_ok=True)
+            offset = 0
+        _, digest = _file_sha256(partial, offset) if offset else ("", hashlib.sha256())
+        if state["resumed_from"] < 0:
+            state["resumed_from"] = offset
+            progress(offset)
+        request = pb.DownloadDataRequest(id=data.id, read_offset=offset)
+        stream = client.call(client._stub.DownloadData, request)
+        size = offset
+        try:
+            messages = iter(stream)
+            first = next(messages, None)
+            if first is None or not first.HasField("data"):
+                raise IntegrityError(f"the download of {data.id} did not start with the item")
+            if (first.data.size, first.data.sha256) != (data.size, data.sha256):
+                raise IntegrityError(f"{data.id} changed while it was being downloaded")
+            with partial.open("ab") as handle:
+                for message in messages:
+                    handle.write(message.chunk)
+                    digest.update(message.chunk)
+                    size += len(message.chunk)
+                    progress(len(message.chunk))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            _cancel(stream)
+        if size == data.size and digest.hexdigest() == data.sha256:
+            return
+        if offset == 0:
+            partial.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"the download of {data.id} does not match what the server announced: got "
+                f"{size} bytes with sha256 {digest.hexdigest()}, expected {data.size} bytes "
+                f"with sha256 {data.sha256}"
+            )
+        # The bytes kept from an earlier run were not the item's: start over, once.
+
+
+def _file_sha256(path: Path, length: int) -> tuple[str, hashlib._Hash]:
+    """The SHA-256 of the first `length` bytes of a file, and the hash object to go on with."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        remaining = length
+        while remaining and (block := handle.read(min(CHUNK_SIZE, remaining))):
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest(), digest
 
 
 def _download(client: Client, data_id: str, target: Path) -> Path:

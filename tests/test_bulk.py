@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from metalake import Client
+from metalake import Client, Data
 from metalake.bulk import matches, walk_folder
 from metalake.cli import EXIT_FAILED, EXIT_OK
+from tests.conftest import ServerHandle
 from tests.test_cli import run
 from tests.test_sdk import write_jpeg
 
@@ -247,3 +253,172 @@ def test_a_broken_manifest_is_refused_whole_naming_line_and_column(
     assert f"{jsonl}: line 3, column path: `path` is required" in err
     code, out, _ = run(capsys, "ls", "-q", "--target", server_target)
     assert out == ""  # nothing was sent
+
+
+# Bulk downloads.
+
+HOSTILE_NAMES = {
+    # stored filename: where it lands, relative to the target
+    "../../etc/passwd": "etc/passwd",
+    "/abs/path.jpg": "abs/path.jpg",
+    "..": None,  # nothing usable: the item's id
+    "con.jpg": "_con.jpg",
+    "dir/sub/file.jpg": "dir/sub/file.jpg",
+    "ctl\x00nul\x07bel\x1b.jpg": "ctlnulbel.jpg",
+    "..\\..\\windows\\win.ini": "windows/win.ini",
+    "x" * 1000 + ".jpg": "x" * 196 + ".jpg",
+    "A.jpg": "A.jpg",
+    "a.jpg": "a~{id}.jpg",  # differs only by case: a collision on macOS and Windows
+}
+
+
+def store_with_names(handle: ServerHandle, client: Client, names: list[str]) -> list[Data]:
+    """Items with exactly these filenames, sharing one uploaded content. The server refuses
+    control characters in names today; older servers and other writers did not, so the test
+    writes the catalog rows itself."""
+    first = client.get_datalake().upload_data(
+        write_jpeg(handle.data_dir.parent / "content.jpg"), {"reference": "hostile"}
+    )
+    template = asyncio.run_coroutine_threadsafe(
+        handle.running.datalake.catalog.get("default", first.id), handle.loop
+    ).result()
+    for index, name in enumerate(names):
+        moment = template.created_at + timedelta(seconds=index + 1)
+        record = replace(
+            template,
+            id=str(uuid.uuid4()),
+            filename=name,
+            created_at=moment,
+            updated_at=moment,
+            request_id="",
+        )
+        asyncio.run_coroutine_threadsafe(
+            handle.running.datalake.catalog.add(record), handle.loop
+        ).result()
+    client.get_datalake().delete_data(first.id)
+    return list(client.get_datalake().list_data('reference = "hostile"'))
+
+
+def test_hostile_names_never_leave_the_target(running_server: ServerHandle, tmp_path: Path) -> None:
+    with Client(running_server.target) as client:
+        items = store_with_names(running_server, client, list(HOSTILE_NAMES))
+        assert [d.filename for d in items] == list(HOSTILE_NAMES)
+        outside = tmp_path / "out"
+        target = outside / "target"
+        before = _outside(tmp_path, outside, running_server.data_dir)
+        results = client.get_datalake().download_data(
+            filter='reference = "hostile"', target=target, max_workers=3
+        )
+    assert [r.status for r in results] == ["downloaded"] * len(HOSTILE_NAMES)
+    content = (tmp_path / "content.jpg").read_bytes()
+    expected = {
+        name: (where or items[i].id).replace("{id}", items[i].id)
+        for i, (name, where) in enumerate(HOSTILE_NAMES.items())
+    }
+    for result in results:
+        assert result.path == target / expected[result.data.filename]
+        assert result.path.resolve().is_relative_to(target.resolve())
+        assert result.path.read_bytes() == content
+    written = sorted(p for p in outside.rglob("*") if p.is_file())
+    assert written == sorted(r.path for r in results)  # and nothing else, anywhere
+    assert _outside(tmp_path, outside, running_server.data_dir) == before
+    assert not (target / ".metalake-partial").exists()
+
+
+def _outside(root: Path, *excluded: Path) -> list[tuple[Path, int]]:
+    """Every file under root but in the excluded folders, with its size."""
+    return sorted(
+        (p, p.stat().st_size)
+        for p in root.rglob("*")
+        if p.is_file() and not any(p.is_relative_to(e) for e in excluded)
+    )
+
+
+def test_a_bulk_download_rerun_skips_complete_files_and_resumes_partial_ones(
+    client: Client, tmp_path: Path
+) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.bin").write_bytes(os.urandom(300_000 + i))
+    client.get_datalake().upload_folder(root, {"reference": "dl"})
+    target = tmp_path / "target"
+    first = client.get_datalake().download_data(filter='reference = "dl"', target=target)
+    assert [r.status for r in first] == ["downloaded"] * 4
+    for result in first:
+        assert result.path.read_bytes() == (root / result.data.filename).read_bytes()
+
+    # An interrupted run: one file half there, one never written, one whose kept bytes rot.
+    half, missing, rotten = first[0], first[1], first[2]
+    partials = target / ".metalake-partial"
+    partials.mkdir()
+    for result, keep in ((half, 150_000), (rotten, 100_000)):
+        name = hashlib.sha256(result.data.id.encode()).hexdigest()[:32] + ".part"
+        body = result.path.read_bytes()[:keep]
+        (partials / name).write_bytes(body if result is half else bytes(len(body)))
+        result.path.unlink()
+    missing.path.unlink()
+    received: list[int] = []
+    rerun = client.get_datalake().download_data(
+        filter='reference = "dl"', target=target, progress=received.append
+    )
+    by_id = {r.data.id: r for r in rerun}
+    assert by_id[first[3].data.id].status == "complete"
+    assert by_id[half.data.id].status == "downloaded"
+    assert by_id[half.data.id].resumed_from == 150_000
+    assert by_id[missing.data.id].resumed_from == 0
+    for result in rerun:
+        assert result.path.read_bytes() == (root / result.data.filename).read_bytes()
+    assert not partials.exists()
+
+
+def test_cli_bulk_download_reports_and_fails_with_exit_code_1(
+    server_target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_tree(tmp_path / "photos")
+    t = ("--target", server_target)
+    assert run(capsys, "upload", str(root), "--include", "*.jpg", "-q", *t)[0] == EXIT_OK
+    target = tmp_path / "target"
+    argv = ("download", "--filter", 'filename = "sub/*"', "-o", str(target), *t)
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == EXIT_OK
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert sorted(line["path"] for line in lines) == [
+        str(target / "sub/b.jpg"),
+        str(target / "sub/deep/c.jpg"),
+        str(target / "sub/raw/d.jpg"),
+    ]
+    assert {line["status"] for line in lines} == {"downloaded"}
+    assert "3 items: 3 downloaded" in err
+    (target / "sub/b.jpg").write_bytes(b"someone else's file")
+    code, out, err = run(capsys, *argv)
+    assert code == EXIT_FAILED
+    assert "sub/b.jpg exists with other content: not overwritten" in err
+    assert "3 items: 0 downloaded (0 B), 2 already complete, 1 failed" in err
+    assert (target / "sub/b.jpg").read_bytes() == b"someone else's file"
+    code, _, err = run(capsys, "download", "ID", "--filter", "size > 1", "-o", str(target), *t)
+    assert code == 2
+    code, _, err = run(capsys, "download", "--filter", "colour = 1", "-o", str(target), *t)
+    assert code == 2
+    assert "unknown field 'colour'" in err
+
+
+def test_a_link_planted_in_the_target_does_not_carry_files_out(
+    client: Client, tmp_path: Path
+) -> None:
+    root = tmp_path / "photos"
+    (root / "dir/sub").mkdir(parents=True)
+    write_jpeg(root / "dir/sub/file.jpg")
+    write_jpeg(root / "top.jpg", color=3)
+    client.get_datalake().upload_folder(root, {"reference": "link"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "dir").symlink_to(elsewhere, target_is_directory=True)
+    results = client.get_datalake().download_data(filter='reference = "link"', target=target)
+    by_name = {r.data.filename: r for r in results}
+    assert by_name["top.jpg"].status == "downloaded"
+    assert by_name["dir/sub/file.jpg"].status == "failed"
+    assert "would be written outside" in str(by_name["dir/sub/file.jpg"].error)
+    assert list(elsewhere.rglob("*")) == []
