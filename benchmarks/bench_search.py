@@ -3,6 +3,8 @@
 Each query asks the catalog for one page of 100, as ListData does. The baseline is a full scan
 of the same table (a filter on `weather`, which no index covers), measured in the same run.
 Deep paging follows next_page_token 50 pages in, to show keyset pages stay as fast as the first.
+Labels: every item has `rig` (one of 10 values), 30% a `site` (one of 200), 1% `review`; the
+label filters run over the data_labels table and its (key, value, data_id) index.
 
     METALAKE_BENCH_SCALE=0.1 python -m benchmarks search     # 100,000 items, for a quick look
 """
@@ -34,15 +36,19 @@ MAKERS = ["Canon", "NIKON", "SONY", "FUJIFILM", "Apple", "DJI", "Parrot", "Olymp
     f"Maker{i}" for i in range(12)
 ]
 TAGS = [f"tag{i}" for i in range(50)]
+RIGS = [chr(ord("A") + i) for i in range(10)]
+SITES = [f"S{i:03d}" for i in range(200)]
+Rows = list[dict[str, object]]
 SCALE_COUNT = int(1_000_000 * float(os.environ.get("METALAKE_BENCH_SCALE", "1")))
 EPOCH_2023 = int(datetime(2023, 1, 1, tzinfo=UTC).timestamp() * 1e6)
 TWO_YEARS = int(2 * 365 * 24 * 3600 * 1e6)
 
 
-def rows(count: int, seed: int = 7) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def rows(count: int, seed: int = 7) -> tuple[Rows, Rows, Rows]:
     rng = random.Random(seed)
-    items: list[dict[str, object]] = []
-    tags: list[dict[str, object]] = []
+    items: Rows = []
+    tags: Rows = []
+    labels: Rows = []
     start = int(time.time() * 1e6) - count * 1000
     for i in range(count):
         item_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -73,10 +79,15 @@ def rows(count: int, seed: int = 7) -> tuple[list[dict[str, object]], list[dict[
         )
         for tag in rng.sample(TAGS, rng.choice([1, 2])):
             tags.append({"data_id": item_id, "tag": tag})
-    return items, tags
+        labels.append({"data_id": item_id, "key": "rig", "value": rng.choice(RIGS)})
+        if rng.random() < 0.3:
+            labels.append({"data_id": item_id, "key": "site", "value": rng.choice(SITES)})
+        if rng.random() < 0.01:
+            labels.append({"data_id": item_id, "key": "review", "value": "needed"})
+    return items, tags, labels
 
 
-def load(url: str, items: list[dict[str, object]], tags: list[dict[str, object]]) -> None:
+def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
     engine = sqlalchemy.create_engine(engine_url(url))
     columns = [c.name for c in data_table.columns]
     with engine.begin() as connection:
@@ -90,13 +101,21 @@ def load(url: str, items: list[dict[str, object]], tags: list[dict[str, object]]
                 with cursor.copy("COPY data_tags (data_id, tag) FROM STDIN") as copy:
                     for tag in tags:
                         copy.write_row([tag["data_id"], tag["tag"]])
-            connection.execute(sqlalchemy.text("ANALYZE data; ANALYZE data_tags"))
+                with cursor.copy("COPY data_labels (data_id, key, value) FROM STDIN") as copy:
+                    for label in labels:
+                        copy.write_row([label["data_id"], label["key"], label["value"]])
+            connection.execute(
+                sqlalchemy.text("ANALYZE data; ANALYZE data_tags; ANALYZE data_labels")
+            )
         else:
             full = [{c: item.get(c) for c in columns} for item in items]
             for start in range(0, len(full), 50_000):
                 connection.execute(data_table.insert(), full[start : start + 50_000])
             connection.execute(
                 sqlalchemy.text("INSERT INTO data_tags VALUES (:data_id, :tag)"), tags
+            )
+            connection.execute(
+                sqlalchemy.text("INSERT INTO data_labels VALUES (:data_id, :key, :value)"), labels
             )
             connection.execute(sqlalchemy.text("ANALYZE"))
     engine.dispose()
@@ -121,6 +140,14 @@ QUERIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
         "acquired_at",
     ),
     "bounding box AND tag": lambda r: (f'{_box(r)} AND tags:"{r.choice(TAGS)}"', ""),
+    'labels.rig = "X" (10%)': lambda r: (f'labels.rig = "{r.choice(RIGS)}"', ""),
+    'labels.site = "S…" (0.15%)': lambda r: (f'labels.site = "{r.choice(SITES)}"', ""),
+    "labels.review:* (1%)": lambda r: ("labels.review:*", ""),
+    "labels.rig AND time range": lambda r: (
+        f'labels.rig = "{r.choice(RIGS)}" AND acquired_at >= "{_day(r)}T00:00:00Z" '
+        f'AND acquired_at < "{_day(r, 30)}T00:00:00Z"',
+        "acquired_at",
+    ),
 }
 
 
@@ -199,8 +226,11 @@ def _postgres_url() -> tuple[str, Callable[[], None]] | None:
 def main() -> None:
     count = SCALE_COUNT
     started = time.perf_counter()
-    items, tags = rows(count)
-    print(f"{count:,} items, {len(tags):,} tags generated in {time.perf_counter() - started:.0f}s")
+    items, tags, labels = rows(count)
+    print(
+        f"{count:,} items, {len(tags):,} tags, {len(labels):,} labels generated in "
+        f"{time.perf_counter() - started:.0f}s"
+    )
     engines: list[tuple[str, str, Callable[[], None]]] = []
     scratch = tempfile.TemporaryDirectory()
     engines.append(("SQLite", f"sqlite:///{Path(scratch.name) / 'bench.sqlite3'}", lambda: None))
@@ -214,7 +244,7 @@ def main() -> None:
         for name, url, _ in engines:
             catalog = SqlCatalog.open(url, migrate=True)
             started = time.perf_counter()
-            load(url, items, tags)
+            load(url, items, tags, labels)
             print(f"{name}: loaded in {time.perf_counter() - started:.0f}s", flush=True)
             table[name] = asyncio.run(measure(catalog))
             asyncio.run(catalog.close())

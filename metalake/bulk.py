@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
+from metalake import labels as label_rules
 from metalake import metadata as md
 
 
@@ -37,6 +38,7 @@ class UploadFile:
     filename: str
     metadata: md.MetadataDict = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def matches(relative: str, patterns: Iterable[str]) -> bool:
@@ -144,6 +146,7 @@ class ManifestRow:
     line: int
     metadata: md.MetadataDict
     tags: tuple[str, ...]
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class _Cell:
@@ -159,8 +162,9 @@ def read_manifest(manifest: Path) -> dict[Path, ManifestRow]:
     """Read and check every row of a manifest; keyed by the file's resolved path.
 
     Columns (CSV header, JSON Lines keys): `path` (required, relative to the manifest's
-    folder), any metadata field, and `tags` (`;`-separated in CSV, a list in JSON Lines). An
-    empty CSV cell or a JSON null is "not given". Raises ManifestError listing every problem.
+    folder), any metadata field, `tags` (`;`-separated in CSV, a list in JSON Lines) and
+    `labels.KEY` (in JSON Lines also `labels`, an object). An empty CSV cell or a JSON null is
+    "not given". Raises ManifestError listing every problem.
     """
     suffix = manifest.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
@@ -278,7 +282,12 @@ def _column_problem(name: str, before: Sequence[str]) -> str | None:
         return "is named twice"
     if name == "path" or name == "tags" or name in md.FIELDS:
         return None
-    return f"unknown column {name!r}; columns are path, tags and the fields {', '.join(md.FIELDS)}"
+    if name.startswith("labels."):
+        return label_rules.check_key(name.removeprefix("labels."))
+    return (
+        f"unknown column {name!r}; columns are path, tags, labels.KEY and the fields "
+        f"{', '.join(md.FIELDS)}"
+    )
 
 
 def _check_row(
@@ -295,11 +304,30 @@ def _check_row(
 
     metadata: md.MetadataDict = {}
     tags: tuple[str, ...] = ()
+    labels: dict[str, str] = {}
     for name, cell in cells.items():
         if name == "path":
             continue
         if name == "tags":
             tags = _tags(cell, problem)
+        elif name == "labels" and not cell.text:
+            if not isinstance(cell.value, dict):
+                problem(cell, "labels must be an object of KEY: value")
+                continue
+            for key, value in cell.value.items():
+                why = label_rules.check_key(key) or label_rules.check_value(value)
+                if why:
+                    problem(cell, why)
+                else:
+                    labels[key] = value
+        elif name.startswith("labels."):
+            key = name.removeprefix("labels.")
+            why = label_rules.check_key(key) or label_rules.check_value(cell.value)
+            if why:
+                problem(cell, why)
+            else:
+                assert isinstance(cell.value, str)
+                labels[key] = cell.value
         elif name in md.FIELDS:
             value = _typed(name, cell, problem)
             if value is not None:
@@ -322,7 +350,10 @@ def _check_row(
         filename = resolved.relative_to(base.resolve()).as_posix()
     except ValueError:
         filename = resolved.name
-    return ManifestRow(resolved, filename, line, metadata, tags)
+    if len(labels) > label_rules.MAX_LABELS:
+        problem(None, f"at most {label_rules.MAX_LABELS} labels, got {len(labels)}")
+        return None
+    return ManifestRow(resolved, filename, line, metadata, tags, labels)
 
 
 def _typed(
@@ -385,13 +416,15 @@ def plan_upload(
     exclude: Sequence[str] = (),
     metadata: md.MetadataDict | None = None,
     tags: Sequence[str] = (),
+    labels: dict[str, str] | None = None,
     manifest: Path | None = None,
 ) -> Plan:
     """The files to send with their names, metadata and tags, checked before anything is sent.
 
     Without `paths`, the manifest's files are sent. A file the manifest describes gets
     `metadata` overridden field by field by its row, and `tags` plus its row's tags; other files
-    get `metadata` and `tags` only. Raises SelectionError or ManifestError.
+    get `metadata` and `tags` only; labels go as metadata does. Raises SelectionError or
+    ManifestError.
     """
     rows = read_manifest(manifest) if manifest is not None else {}
     base = dict(metadata or {})
@@ -407,11 +440,14 @@ def plan_upload(
     for path, filename in selected:
         row = rows.get(path.resolve()) if rows else None
         if row is None:
-            files.append(UploadFile(path, filename, base, tuple(tags)))
+            files.append(UploadFile(path, filename, base, tuple(tags), dict(labels or {})))
             continue
         used.add(row.path)
         merged_tags = tuple(dict.fromkeys([*tags, *row.tags]))
-        files.append(UploadFile(path, filename, {**base, **row.metadata}, merged_tags))
+        merged_labels = {**(labels or {}), **row.labels}
+        files.append(
+            UploadFile(path, filename, {**base, **row.metadata}, merged_tags, merged_labels)
+        )
     unused = [row for key, row in rows.items() if key not in used]
     return Plan(files, unused)
 

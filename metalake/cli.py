@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from metalake import labels as label_rules
 from metalake import metadata as md
 from metalake.bulk import ManifestError, SelectionError, plan_upload
 from metalake.client import DEFAULT_TARGET, Client, Data, FileResult
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--fill-metadata", action="store_true", help="fill the rest from files")
     upload.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
     upload.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label for every file (repeatable); keys: letters, digits, '_'",
+    )
+    upload.add_argument(
         "-q", "--quiet", action="store_true", help="print only the ids; no progress bar"
     )
     upload.set_defaults(func=_upload)
@@ -244,7 +252,10 @@ def _format_data(data: Data, args: argparse.Namespace) -> str:
     if getattr(args, "quiet", False):
         return data.id
     fields = ", ".join(f"{k}={v}" for k, v in md.to_jsonable(data.metadata).items())
-    return f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}"
+    line = f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}"
+    if data.labels:
+        line += "  labels: " + ", ".join(f"{k}={v}" for k, v in data.labels.items())
+    return line
 
 
 def _print_data(data: Data, args: argparse.Namespace) -> None:
@@ -279,6 +290,22 @@ def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
         raise UsageError(f"--meta: {error}") from None
 
 
+def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    """`key=value` pairs to labels, checked as the server checks them."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--label {pair!r}: expected KEY=VALUE")
+        if key in labels:
+            raise UsageError(f"--label {key} is given twice")
+        labels[key] = value
+    violations = label_rules.validate(labels, prefix="--label")
+    if violations:
+        raise UsageError("; ".join(f"{v.field}: {v.description}" for v in violations))
+    return labels
+
+
 def _serve(args: argparse.Namespace) -> int:
     from metalake.server.app import StartupError, serve_forever
     from metalake.server.config import Settings
@@ -301,6 +328,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     metadata = parse_meta(args.meta)
+    labels = parse_labels(args.label)
     if not args.files and args.manifest is None:
         raise UsageError("give files or folders to upload, or --manifest")
     try:
@@ -310,6 +338,7 @@ def _upload(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             metadata=metadata,
             tags=args.tag,
+            labels=labels,
             manifest=args.manifest,
         )
     except SelectionError as error:

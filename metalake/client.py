@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from metalake import bulk
+from metalake import labels as label_rules
 from metalake import metadata as md
 from metalake.bulk import UploadFile
 from metalake.errors import (
@@ -204,6 +205,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -217,6 +219,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -229,6 +232,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -250,12 +254,13 @@ class Datalake:
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise ValueError("one file takes one metadata mapping, not a list")
             values = md.normalize(metadata or {})
+            checked_labels = _checked_labels(labels)
             path = Path(filepaths)
             batch = _Batch()
             try:
                 return self._upload_one(
                     batch,
-                    UploadFile(path, path.name, values, tuple(tags)),
+                    UploadFile(path, path.name, values, tuple(tags), checked_labels),
                     fill_metadata,
                     progress,
                     rerun_safe,
@@ -271,6 +276,7 @@ class Datalake:
                 metadata,
                 fill_metadata=fill_metadata,
                 tags=tags,
+                labels=labels,
                 progress=progress,
                 rerun_safe=rerun_safe,
             )
@@ -286,6 +292,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         rerun_safe: bool = False,
     ) -> Generator[tuple[Path, Data | Exception], None, None]:
@@ -297,8 +304,9 @@ class Datalake:
         """
         paths = [Path(p) for p in filepaths]
         per_file = _per_file_metadata(paths, metadata)
+        checked_labels = _checked_labels(labels)
         files = [
-            UploadFile(path, path.name, values, tuple(tags))
+            UploadFile(path, path.name, values, tuple(tags), checked_labels)
             for path, values in zip(paths, per_file, strict=True)
         ]
         return (
@@ -316,6 +324,7 @@ class Datalake:
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         manifest: PathLike | None = None,
         fill_metadata: bool = False,
         progress: Progress | None = None,
@@ -342,6 +351,7 @@ class Datalake:
             exclude=exclude,
             metadata=md.normalize(metadata or {}),
             tags=list(tags),
+            labels=_checked_labels(labels),
             manifest=Path(manifest) if manifest is not None else None,
         ).files
         started = datetime.now(UTC)
@@ -397,6 +407,7 @@ class Datalake:
             metadata=md.to_proto(file.metadata),
             fill_metadata=fill_metadata,
             tags=file.tags,
+            labels=file.labels,
         )
         if rerun_safe:
             # Derived from the file and the request, so that a rerun names the same upload.
@@ -587,6 +598,15 @@ class Datalake:
         return values, dict(response.metadata_sources)
 
 
+def _checked_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The labels as a dict, or InvalidMetadataError (before anything is sent)."""
+    given = dict(labels or {})
+    violations = label_rules.validate(given)
+    if violations:
+        raise md.InvalidMetadataError(violations)
+    return given
+
+
 def _per_file_metadata(
     paths: list[Path], metadata: MetadataInput | Sequence[MetadataInput] | None
 ) -> list[md.MetadataDict]:
@@ -693,6 +713,7 @@ class Data:
         self.updated_at: datetime = message.updated_at.ToDatetime().replace(tzinfo=UTC)
         self.metadata: md.MetadataDict = md.from_proto(message.metadata)[0]
         self.metadata_sources: dict[str, str] = dict(message.metadata_sources)
+        self.labels: dict[str, str] = dict(sorted(message.labels.items()))
 
     def __repr__(self) -> str:
         return f"<Data {self.id} {self.filename!r} {self.size} bytes>"
@@ -715,10 +736,15 @@ class Data:
         *,
         clear: Iterable[str] = (),
         if_unchanged: bool = False,
+        labels: Mapping[str, str | None] | None = None,
+        replace_labels: bool = False,
         **fields: Any,
     ) -> Data:
         """Set the given fields and clear those in `clear` (or given as None); others stay as
         they are. Only the fields named travel, in the request's field mask.
+
+        `labels` sets labels (a None value removes that label), the others stay; with
+        replace_labels=True the item's labels become exactly `labels`.
 
         With if_unchanged=True the update applies only if nobody changed the item since this
         object was read (ConflictError otherwise).
@@ -734,11 +760,23 @@ class Data:
         both = sorted(set(to_set) & set(to_clear))
         if both:
             raise ValueError(f"{', '.join(both)}: both set and cleared")
+        label_values = {k: v for k, v in (labels or {}).items() if v is not None}
+        _checked_labels(label_values)
+        removed = [k for k, v in (labels or {}).items() if v is None]
+        problems = [
+            md.FieldViolation(f"labels.{k}", why)
+            for k in removed
+            if (why := label_rules.check_key(k)) is not None
+        ]
+        if problems:
+            raise md.InvalidMetadataError(problems)
+        label_paths = ["labels"] if replace_labels else [f"labels.{k}" for k in labels or {}]
         request = pb.UpdateMetadataRequest(
             id=self.id,
             metadata=md.to_proto(to_set),
-            update_mask=FieldMask(paths=[*to_set, *to_clear]),
+            update_mask=FieldMask(paths=[*to_set, *to_clear, *label_paths]),
             etag=self.etag if if_unchanged else "",
+            labels=label_values,
         )
         response = self._client.call(self._client._stub.UpdateMetadata, request)
         self._load(response.data)
@@ -766,6 +804,7 @@ class Data:
             "etag": self.etag,
             "metadata": md.to_jsonable(self.metadata),
             "metadata_sources": self.metadata_sources,
+            "labels": self.labels,
         }
 
 

@@ -18,9 +18,11 @@ from enum import IntEnum
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
+    Column,
     Connection,
     Engine,
     RowMapping,
+    Table,
     and_,
     create_engine,
     delete,
@@ -35,8 +37,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ColumnElement
 
+from metalake.labels import MAX_LABELS
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from metalake.server.errors import (
     ConflictError,
@@ -44,11 +48,13 @@ from metalake.server.errors import (
     ResourceExhaustedError,
     invalid_field,
 )
-from metalake.server.filtering import EVENTS, FilterError, compile_filter
+from metalake.server.filtering import EVENTS, FilterError, LabelMatch, compile_filter
 from metalake.server.paging import ListQuery
 from metalake.server.schema import (
+    data_labels_table,
     data_table,
     data_tags_table,
+    event_labels_table,
     event_log_table,
     event_tags_table,
     events_table,
@@ -81,11 +87,22 @@ class DataRecord:
     tags: tuple[str, ...] = ()
     revision: int = 1
     request_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:
         """Opaque to clients (AIP-154); changes with every change of the item."""
         return f'"{self.revision}"'
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """What an update does to an item's labels: with `replace`, the labels become `set`;
+    otherwise the keys in `set` are set and those in `remove` removed, the others kept."""
+
+    set: dict[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+    replace: bool = False
 
 
 class DuplicateRequestError(Exception):
@@ -199,6 +216,7 @@ class Catalog(Protocol):
         updated_at: datetime,
         *,
         etag: str = "",
+        labels: LabelChange | None = None,
     ) -> DataRecord: ...
 
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> DataRecord: ...
@@ -412,9 +430,10 @@ class SqlCatalog:
         updated_at: datetime,
         *,
         etag: str = "",
+        labels: LabelChange | None = None,
     ) -> DataRecord:
         return await self._run(
-            lambda: self._update_metadata(org, data_id, values, clear, updated_at, etag),
+            lambda: self._update_metadata(org, data_id, values, clear, updated_at, etag, labels),
             write=True,
         )
 
@@ -655,6 +674,7 @@ class SqlCatalog:
                 insert(data_tags_table),
                 [{"data_id": record.id, "tag": tag} for tag in record.tags],
             )
+        _insert_labels(connection, data_labels_table, {"data_id": record.id}, record.labels)
         if upload is not None:
             connection.execute(
                 update(uploads_table)
@@ -682,6 +702,8 @@ class SqlCatalog:
             return self._records(connection, [row])[0]
 
     def _list(self, org: str, query: ListQuery) -> Page:
+        if query.where is not None and self._engine.dialect.name == "sqlite":
+            self._choose_label_plans(query.where)
         conditions = [data_table.c.org == org]
         conditions += [c for c in (query.where, query.after()) if c is not None]
         statement = select(data_table).where(and_(*conditions))
@@ -694,6 +716,26 @@ class SqlCatalog:
         token = query.token_after(rows[-1]) if more else ""
         return Page(records, token)
 
+    def _choose_label_plans(self, where: ColumnElement[bool]) -> None:
+        """SQLite: read few matching labels from their index, walk the page order for many.
+
+        Up to _FEW_LABELS matches, reading and sorting them costs less than walking the items
+        in order until a page is found; beyond, the walk finds a page sooner.
+        """
+        matches = [e for e in visitors.iterate(where) if isinstance(e, LabelMatch)]
+        if not matches:
+            return
+        with self._engine.connect() as connection:
+            for match in matches:
+                selected = [data_labels_table.c.key == match.key]
+                if match.value is not None:
+                    selected.append(data_labels_table.c.value == match.value)
+                found = select(data_labels_table.c.data_id).where(*selected).limit(_FEW_LABELS)
+                count = connection.execute(
+                    select(func.count()).select_from(found.subquery())
+                ).scalar_one()
+                match.drive_from_labels = count < _FEW_LABELS
+
     def _update_metadata(
         self,
         org: str,
@@ -702,6 +744,7 @@ class SqlCatalog:
         clear: Collection[str],
         updated_at: datetime,
         etag: str,
+        labels: LabelChange | None = None,
     ) -> DataRecord:
         with self._engine.begin() as connection:
             row = (
@@ -723,6 +766,8 @@ class SqlCatalog:
             changes["metadata_sources"] = json.dumps(sources, sort_keys=True)
             changes["updated_at"] = _to_micros(updated_at)
             changes["revision"] = row["revision"] + 1
+            if labels is not None:
+                _change_labels(connection, data_id, labels)
             connection.execute(update(data_table).where(data_table.c.id == data_id).values(changes))
             new_row = (
                 connection.execute(select(data_table).where(data_table.c.id == data_id))
@@ -750,6 +795,9 @@ class SqlCatalog:
                 .values(used_bytes=organizations_table.c.used_bytes - record.size)
             )
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
+            connection.execute(
+                delete(data_labels_table).where(data_labels_table.c.data_id == data_id)
+            )
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
             self._record_event(connection, EventType.DELETED, record, datetime.now(UTC))
             return record
@@ -773,6 +821,7 @@ class SqlCatalog:
             connection.execute(
                 insert(event_tags_table), [{"seq": seq, "tag": tag} for tag in record.tags]
             )
+        _insert_labels(connection, event_labels_table, {"seq": seq}, record.labels)
 
     async def events_after(self, org: str, seq: int, *, filter: str, limit: int) -> list[Event]:
         """The organization's events after `seq` that match `filter`, oldest first."""
@@ -798,12 +847,13 @@ class SqlCatalog:
                         .order_by(event_tags_table.c.seq, event_tags_table.c.tag)
                     ):
                         tags[event_seq].append(tag)
+                labels = _labels_of(connection, event_labels_table.c.seq, list(tags))
             return [
                 Event(
                     seq=row["seq"],
                     type=EventType(row["event_type"]),
                     time=_from_micros(row["event_time"]),
-                    record=_row_to_record(row, tuple(tags[row["seq"]])),
+                    record=_row_to_record(row, tuple(tags[row["seq"]]), labels.get(row["seq"])),
                 )
                 for row in rows
             ]
@@ -831,6 +881,9 @@ class SqlCatalog:
                 if last is None:
                     return 0
                 connection.execute(delete(event_tags_table).where(event_tags_table.c.seq <= last))
+                connection.execute(
+                    delete(event_labels_table).where(event_labels_table.c.seq <= last)
+                )
                 pruned = connection.execute(
                     delete(events_table).where(events_table.c.seq <= last)
                 ).rowcount
@@ -856,15 +909,61 @@ class SqlCatalog:
             )
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
-        return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+        labels = _labels_of(connection, data_labels_table.c.data_id, list(tags)) if rows else {}
+        return [_row_to_record(row, tuple(tags[row["id"]]), labels.get(row["id"])) for row in rows]
 
 
+# See _choose_label_plans: about where the two plans cost the same on a million items.
+_FEW_LABELS = 5000
 _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 
 
 def _item(org: str, data_id: str) -> ColumnElement[bool]:
     """One item, as seen from one organization: another's items do not exist for it."""
     return and_(data_table.c.id == data_id, data_table.c.org == org)
+
+
+def _insert_labels(
+    connection: Connection, table: Table, owner: dict[str, Any], labels: dict[str, str]
+) -> None:
+    if labels:
+        connection.execute(
+            insert(table), [{**owner, "key": k, "value": v} for k, v in labels.items()]
+        )
+
+
+def _labels_of(
+    connection: Connection, owner: Column[Any], owners: list[Any]
+) -> dict[Any, dict[str, str]]:
+    """The labels of each of `owners` (items or events), keys in order."""
+    found: dict[Any, dict[str, str]] = {}
+    table = owner.table
+    statement = (
+        select(owner, table.c.key, table.c.value)
+        .where(owner.in_(owners))
+        .order_by(owner, table.c.key)
+    )
+    for who, key, value in connection.execute(statement):
+        found.setdefault(who, {})[key] = value
+    return found
+
+
+def _change_labels(connection: Connection, data_id: str, change: LabelChange) -> None:
+    """Apply a label update in the caller's transaction; refuse one that leaves too many."""
+    table = data_labels_table
+    mine = table.c.data_id == data_id
+    if change.replace:
+        connection.execute(delete(table).where(mine))
+    else:
+        gone = [*change.remove, *change.set]
+        if gone:
+            connection.execute(delete(table).where(mine, table.c.key.in_(gone)))
+    _insert_labels(connection, table, {"data_id": data_id}, change.set)
+    count = connection.execute(select(func.count()).select_from(table).where(mine)).scalar_one()
+    if count > MAX_LABELS:
+        raise invalid_field(
+            "labels", f"an item has at most {MAX_LABELS} labels; this makes {count}"
+        )
 
 
 def _check_etag(row: RowMapping, etag: str) -> None:
@@ -948,7 +1047,9 @@ def _upload_from_row(row: RowMapping) -> UploadRecord:
     )
 
 
-def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
+def _row_to_record(
+    row: RowMapping, tags: tuple[str, ...], labels: dict[str, str] | None = None
+) -> DataRecord:
     metadata: MetadataDict = {}
     for name in FIELDS:
         if name == "acquired_at":
@@ -979,4 +1080,5 @@ def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
         tags=tags,
         revision=row["revision"],
         request_id=row["request_id"] or "",
+        labels=labels or {},
     )

@@ -9,12 +9,13 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
 from metalake.server.catalog import (
@@ -22,6 +23,7 @@ from metalake.server.catalog import (
     DataRecord,
     DuplicateRequestError,
     Event,
+    LabelChange,
     Organization,
     Page,
     UploadRecord,
@@ -211,6 +213,7 @@ class Datalake:
             metadata_sources=filled.sources,
             tags=tuple(sorted(set(header.tags))),
             request_id=header.request_id,
+            labels=dict(sorted(header.labels.items())),
         )
         async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
             await writer.commit(record.blob_key)
@@ -403,12 +406,34 @@ class Datalake:
         mask: Collection[str],
         *,
         etag: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> DataRecord:
         """Set the fields in `mask` to their value in `values`, or clear them when absent.
 
-        An empty mask means every field present in `values`; "*" means every field.
+        An empty mask means every field present in `values` (and every label in `labels`); "*"
+        means every metadata field. Path "labels" replaces all labels with `labels`;
+        "labels.KEY" sets KEY to labels[KEY], or removes it when absent.
         """
         _check_id(data_id)
+        given_labels = dict(labels or {})
+        violations = label_rules.validate(given_labels)
+        if violations:
+            raise InvalidArgumentError("labels are invalid", violations)
+        label_paths = [p for p in mask if p == "labels" or p.startswith("labels.")]
+        field_paths = [p for p in mask if p not in label_paths]
+        change: LabelChange | None = None
+        if label_paths:
+            change = _label_change(label_paths, given_labels)
+        elif given_labels and not mask:
+            change = LabelChange(set=given_labels)
+        elif given_labels:
+            raise invalid_field("labels", "given but update_mask names no label (labels.KEY)")
+        if change is not None and not field_paths and (label_paths or not values):
+            # Only labels change.
+            return await self.catalog.update_metadata(
+                org, data_id, {}, [], updated_at=datetime.now(UTC), etag=etag, labels=change
+            )
+        mask = field_paths
         paths = list(mask) or list(values)
         if "*" in paths:
             if len(paths) > 1:
@@ -430,7 +455,7 @@ class Datalake:
         to_set = {p: values[p] for p in paths if p in values}
         to_clear = [p for p in paths if p not in values]
         return await self.catalog.update_metadata(
-            org, data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag
+            org, data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag, labels=change
         )
 
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> None:
@@ -543,6 +568,31 @@ def _decode_resume_token(token: str) -> int:
         return int(seq)
     except (ValueError, UnicodeDecodeError):
         raise invalid_field("resume_token", "is not a token this service issued") from None
+
+
+def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
+    """The label update that mask paths "labels" / "labels.KEY" ask for."""
+    if "labels" in paths:
+        if len(paths) > 1:
+            raise invalid_field("update_mask", "'labels' replaces every label: name no label too")
+        return LabelChange(set=given, replace=True)
+    keys = [p.removeprefix("labels.") for p in paths]
+    problems = [
+        FieldViolation("update_mask", f"{p!r}: {why}")
+        for p, key in zip(paths, keys, strict=True)
+        if (why := label_rules.check_key(key)) is not None
+    ]
+    if problems:
+        raise InvalidArgumentError("update_mask names invalid labels", problems)
+    unnamed = sorted(set(given) - set(keys))
+    if unnamed:
+        raise invalid_field(
+            "labels", f"{', '.join(unnamed)}: given but not named in update_mask (labels.KEY)"
+        )
+    return LabelChange(
+        set={k: given[k] for k in keys if k in given},
+        remove=tuple(k for k in keys if k not in given),
+    )
 
 
 def _first_set(*values: int | None) -> int | None:

@@ -88,6 +88,17 @@ data_tags_table = Table(
     Index("ix_data_tags_tag", "tag", "data_id"),
 )
 
+# Labels (free key/value pairs) of each item. (key, value, data_id) answers `labels.k = "v"`
+# from the index alone; the primary key answers `labels.k:*` per item and loads an item's labels.
+data_labels_table = Table(
+    "data_labels",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", Text, nullable=False),
+    Index("ix_data_labels_key_value", "key", "value", "data_id"),
+)
+
 # API tokens: only a hash of each is kept. The token's id is public (listing, revoking).
 tokens_table = Table(
     "tokens",
@@ -132,6 +143,15 @@ event_tags_table = Table(
     metadata_obj,
     Column("seq", BigInteger, ForeignKey("events.seq", ondelete="CASCADE"), primary_key=True),
     Column("tag", Text, primary_key=True),
+)
+
+# The labels of each event's snapshot, as event_tags are its tags.
+event_labels_table = Table(
+    "event_labels",
+    metadata_obj,
+    Column("seq", BigInteger, ForeignKey("events.seq", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 # Events up to `pruned_through` were deleted: a watcher resuming from before it missed some.

@@ -170,7 +170,12 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if violations:
             raise InvalidArgumentError("metadata is invalid", violations)
         record = await self._datalake.update_metadata(
-            _org(), request.id, values, list(request.update_mask.paths), etag=request.etag
+            _org(),
+            request.id,
+            values,
+            list(request.update_mask.paths),
+            etag=request.etag,
+            labels=dict(request.labels),
         )
         return pb.UpdateMetadataResponse(data=data_to_proto(record))
 
@@ -366,6 +371,7 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
         content_type=message.content_type,
         request_id=message.request_id,
         expected_sha256=message.expected_sha256,
+        labels=dict(message.labels),
     )
     if violations:
         violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
@@ -388,4 +394,5 @@ def data_to_proto(record: DataRecord) -> pb.Data:
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
         etag=record.etag,
+        labels=record.labels,
     )

@@ -1,0 +1,48 @@
+"""Labels: free key/value pairs of items (data_labels) and of the change log's snapshots
+(event_labels).
+
+Revision ID: 0002_labels
+Revises: 0001
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002_labels"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "data_labels",
+        sa.Column(
+            "data_id",
+            sa.String(36),
+            sa.ForeignKey("data.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("key", sa.String(63), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    op.create_index("ix_data_labels_key_value", "data_labels", ["key", "value", "data_id"])
+    op.create_table(
+        "event_labels",
+        sa.Column(
+            "seq",
+            sa.BigInteger,
+            sa.ForeignKey("events.seq", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("key", sa.String(63), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("event_labels")
+    op.drop_table("data_labels")
