@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from metalake import export
 from metalake import labels as label_rules
 from metalake import metadata as md
 from metalake.bulk import ManifestError, SelectionError, plan_upload
@@ -186,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="print only the paths written; no progress bar"
     )
     download.set_defaults(func=_download)
+
+    export_ = _client_command(
+        commands,
+        "export",
+        "export the metadata of the items a filter selects",
+        "examples:\n  metalake export --filter 'tags:\"field\"' -o field.csv\n"
+        "  metalake export --filter 'labels.rig = \"A\"' --format parquet -o rig-a.parquet\n"
+        "  metalake export -o everything.jsonl --provenance\n\n"
+        "One row per item: id, filename, size, sha256, content_type, created_at, updated_at,\n"
+        "the 15 metadata fields, acquired_at_utc_offset, tags, labels (metadata_sources with\n"
+        "--provenance). Parquet needs pip install 'metalake[export]'.",
+    )
+    export_.add_argument("--filter", default="", help="AIP-160 filter (default: every item)")
+    export_.add_argument("--format", choices=export.FORMATS, help="default: from -o's suffix")
+    export_.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    export_.add_argument(
+        "--provenance", action="store_true", help="add metadata_sources (who set each field)"
+    )
+    export_.set_defaults(func=_export)
 
     rm = _client_command(commands, "rm", "delete items", "example:\n  metalake rm ID1 ID2")
     rm.add_argument("ids", nargs="+", metavar="ID")
@@ -571,6 +591,24 @@ def _download_many(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        chosen = export.format_of(args.output, args.format)
+        if chosen == "parquet":
+            export.require_pyarrow()
+    except export.ExportError as error:
+        raise UsageError(str(error)) from None
+    with _client(args) as client:
+        count = client.get_datalake().export(
+            args.output, args.filter, format=chosen, provenance=args.provenance
+        )
+    if args.json:
+        print(json.dumps({"path": str(args.output), "items": count, "format": chosen}))
+    else:
+        print(f"exported {count} items to {args.output} ({chosen})", file=sys.stderr)
+    return EXIT_OK
 
 
 def _rm(args: argparse.Namespace) -> int:

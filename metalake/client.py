@@ -29,7 +29,7 @@ from typing import Any, Generic, NoReturn, TypeVar, cast, overload
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from metalake import bulk
+from metalake import bulk, export
 from metalake import labels as label_rules
 from metalake import metadata as md
 from metalake.bulk import UploadFile
@@ -562,6 +562,36 @@ class Datalake:
             token = page.next_page_token
             if not token:
                 return
+
+    def export_records(
+        self, filter: str | None = None, *, provenance: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """One record per item matching `filter`, fetched page by page as you iterate: id,
+        filename, size, sha256, content_type, created_at, updated_at, every metadata field
+        (None when absent; acquired_at keeps its offset), acquired_at_utc_offset (seconds, or
+        None), tags, labels and, with provenance=True, metadata_sources."""
+        for data in self.list_data(filter, page_size=1000):
+            yield export.record(data, provenance=provenance)
+
+    def export(
+        self,
+        path: PathLike,
+        filter: str | None = None,
+        *,
+        format: str | None = None,
+        provenance: bool = False,
+    ) -> int:
+        """Write export_records(filter) to `path` as csv, jsonl or parquet (by default from
+        its suffix), streaming; returns how many items were written. Parquet needs the
+        `export` extra (pyarrow). The file appears only once complete."""
+        target = Path(path)
+        chosen = export.format_of(target, format)
+        return export.write(
+            self.export_records(filter, provenance=provenance),
+            target,
+            chosen,
+            provenance=provenance,
+        )
 
     def watch(
         self, filter: str | None = None, *, resume_token: str = ""
