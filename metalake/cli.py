@@ -207,6 +207,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export_.set_defaults(func=_export)
 
+    import_ = _client_command(
+        commands,
+        "import",
+        "register a bucket's objects in place",
+        "examples:\n  metalake import s3://acme-photos/2024/ --filter-ext jpg --filter-ext png\n"
+        "  metalake import s3://acme-photos --fill-metadata --json\n\n"
+        "Every object under the prefix becomes an item that references it; its bytes are not\n"
+        "copied. Run it again to add new objects, update changed ones (ETag) and label vanished\n"
+        "ones import_state=vanished. Deleting an item never deletes the object. The server\n"
+        "reads the bucket with its own credentials (admin role; IAM policy in operations.md).",
+    )
+    import_.add_argument("source", metavar="s3://BUCKET/PREFIX")
+    import_.add_argument(
+        "--filter-ext", action="append", default=[], metavar="EXT", help="only these extensions"
+    )
+    import_.add_argument(
+        "--fill-metadata",
+        action="store_true",
+        help="fill metadata from each object's first bytes (one bounded ranged GET)",
+    )
+    import_.set_defaults(func=_import)
+
     rm = _client_command(commands, "rm", "delete items", "example:\n  metalake rm ID1 ID2")
     rm.add_argument("ids", nargs="+", metavar="ID")
     rm.set_defaults(func=_rm)
@@ -609,6 +631,27 @@ def _export(args: argparse.Namespace) -> int:
     else:
         print(f"exported {count} items to {args.output} ({chosen})", file=sys.stderr)
     return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    if not args.source.startswith("s3://"):
+        raise UsageError(f"{args.source!r} is not an s3://bucket/prefix URL")
+    with _client(args) as client:
+        report = client.get_datalake().import_objects(
+            args.source, extensions=args.filter_ext, fill_metadata=args.fill_metadata
+        )
+    for where, why in report["failures"]:
+        print(f"metalake import: {where}: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**report, "failures": [list(f) for f in report["failures"]]}))
+    else:
+        print(
+            f"{report['listed']} objects: {report['added']} added, {report['updated']} updated, "
+            f"{report['unchanged']} unchanged, {report['vanished']} vanished, "
+            f"{len(report['failures'])} failed; {report['bytes_read']} bytes read "
+            f"(at most {report['header_bytes_limit']} per object)"
+        )
+    return EXIT_FAILED if report["failures"] else EXIT_OK
 
 
 def _rm(args: argparse.Namespace) -> int:

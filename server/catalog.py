@@ -257,6 +257,10 @@ class Catalog(Protocol):
 
     async def close(self) -> None: ...
 
+    async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]: ...
+
+    async def replace_content(self, org: str, record: DataRecord) -> DataRecord: ...
+
 
 class SqlCatalog:
     """A catalog on a SQLAlchemy engine."""
@@ -328,6 +332,57 @@ class SqlCatalog:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.dispose)
+
+    async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]:
+        """(id, request_id) of the items whose request id starts with `request_prefix`."""
+        column = data_table.c.request_id
+        pattern = request_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        statement = select(data_table.c.id, column).where(
+            data_table.c.org == org, column.like(pattern + "%", escape="\\")
+        )
+
+        def work() -> list[tuple[str, str]]:
+            with self._engine.connect() as connection:
+                return [(row[0], row[1]) for row in connection.execute(statement)]
+
+        return await self._run(work)
+
+    async def replace_content(self, org: str, record: DataRecord) -> DataRecord:
+        """Point an item at other content (a referenced object that changed): its size, sha256,
+        blob key, content type, metadata and sources become `record`'s; an UPDATED event."""
+
+        def work() -> DataRecord:
+            with self._engine.begin() as connection:
+                row = (
+                    connection.execute(
+                        select(data_table).where(_item(org, record.id)).with_for_update()
+                    )
+                    .mappings()
+                    .first()
+                )
+                if row is None:
+                    raise NotFoundError(record.id)
+                changes = {
+                    k: v
+                    for k, v in _record_to_row(record).items()
+                    if k not in ("id", "org", "created_at", "revision", "request_id")
+                }
+                for name in FIELDS:
+                    changes.update(_metadata_columns(name, record.metadata.get(name)))
+                changes["revision"] = row["revision"] + 1
+                connection.execute(
+                    update(data_table).where(data_table.c.id == record.id).values(changes)
+                )
+                new_row = (
+                    connection.execute(select(data_table).where(data_table.c.id == record.id))
+                    .mappings()
+                    .one()
+                )
+                updated = self._records(connection, [new_row])[0]
+                self._record_event(connection, EventType.UPDATED, updated, record.updated_at)
+                return updated
+
+        return await self._run(work, write=True)
 
     async def add(
         self,

@@ -9,7 +9,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
+from metalake.server import importing
 from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
 from metalake.server.catalog import (
     Catalog,
@@ -29,6 +30,7 @@ from metalake.server.catalog import (
     UploadRecord,
 )
 from metalake.server.errors import (
+    DatalakeError,
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
@@ -94,6 +96,7 @@ class Datalake:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._reader: importing.BucketReader | None = None
 
     async def upload(
         self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
@@ -461,6 +464,8 @@ class Datalake:
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> None:
         _check_id(data_id)
         record = await self.catalog.delete(org, data_id, etag=etag)
+        if importing.is_reference(record.blob_key):
+            return  # the customer's object: never ours to delete
         await self._release_blob(record.blob_key)
 
     async def _release_blob(self, blob_key: str) -> None:
@@ -478,10 +483,126 @@ class Datalake:
         record = await self.catalog.get(org, data_id)
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")
+        if importing.is_reference(record.blob_key):
+            etag, bucket, key = importing.parse_reference(record.blob_key)
+            stream = self._bucket_reader().stream(
+                bucket, key, etag, offset, self._download_chunk_size
+            )
+            # The first read answers whether the object is still there, before the item is sent.
+            first = await asyncio.to_thread(next, stream, b"")
+            return Download(record, _then(first, stream))
         chunks = self.blobs.read(
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
         return Download(record, chunks)
+
+    def _bucket_reader(self) -> importing.BucketReader:
+        if self._reader is None:
+            self._reader = importing.BucketReader()
+        return self._reader
+
+    async def import_objects(
+        self, org: str, source: str, *, extensions: Sequence[str], fill_metadata: bool
+    ) -> importing.ImportReport:
+        """Register every object under `source` (s3://bucket/prefix) as an item referencing it;
+        on a rerun add new objects, update changed ones (ETag), label vanished ones."""
+        bucket, prefix = importing.parse_source(source)
+        reader = self._bucket_reader()
+        report = importing.ImportReport()
+        seen: set[str] = set()
+        pages = reader.pages(bucket, prefix)
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            for obj in page:
+                if not importing.wanted(obj.key, extensions):
+                    continue
+                report.listed += 1
+                seen.add(importing.request_id(bucket, obj.key))
+                try:
+                    await self._register(org, reader, bucket, obj, fill_metadata, report)
+                except DatalakeError as error:
+                    report.failures.append((f"s3://{bucket}/{obj.key}", str(error)))
+        everything = importing.request_id(bucket, prefix)
+        for data_id, request in await self.catalog.imported_under(org, everything):
+            if request in seen:
+                continue
+            record = await self.catalog.get(org, data_id)
+            if record.labels.get("import_state") != "vanished":
+                await self.catalog.update_metadata(
+                    org,
+                    data_id,
+                    {},
+                    [],
+                    datetime.now(UTC),
+                    labels=LabelChange(set=dict(importing.VANISHED)),
+                )
+                report.vanished += 1
+        return report
+
+    async def _register(
+        self,
+        org: str,
+        reader: importing.BucketReader,
+        bucket: str,
+        obj: importing.ListedObject,
+        fill: bool,
+        report: importing.ImportReport,
+    ) -> None:
+        request = importing.request_id(bucket, obj.key)
+        reference = importing.reference(obj, bucket)
+        existing = await self.catalog.find_request(org, request)
+        if existing is not None and existing.blob_key == reference:
+            report.unchanged += 1
+            if existing.labels.get("import_state") == "vanished":  # it came back
+                await self.catalog.update_metadata(
+                    org,
+                    existing.id,
+                    {},
+                    [],
+                    datetime.now(UTC),
+                    labels=LabelChange(remove=("import_state",)),
+                )
+            return
+        limit = min(obj.size, importing.HEADER_BYTES)
+        head = b""
+        if fill and limit:
+            head = await asyncio.to_thread(reader.head, bucket, obj.key, obj.etag, limit)
+            report.bytes_read += len(head)
+        filename = obj.key.rsplit("/", 1)[-1] or obj.key
+        if len(filename) > 1024 or any(ord(c) < 32 or ord(c) == 127 for c in filename):
+            raise invalid_field("filename", "the object's name is not a usable filename")
+        filled = Filled({}, {})
+        if fill:
+            with _temporary_file(self._spool_dir) as spool:
+                await asyncio.to_thread(spool.write_bytes, head)
+                filled = await fill_metadata(
+                    self.extractor,
+                    spool,
+                    filename=filename,
+                    given={},
+                    time_limit=self._extract_timeout,
+                )
+        now = datetime.now(UTC)
+        record = DataRecord(
+            id=existing.id if existing is not None else str(uuid.uuid4()),
+            org=org,
+            filename=filename,
+            size=obj.size,
+            sha256="",  # never read whole: unknown
+            content_type=detect_content_type(head, filename),
+            blob_key=reference,
+            created_at=existing.created_at if existing is not None else now,
+            updated_at=now,
+            metadata=filled.metadata,
+            metadata_sources=filled.sources,
+            request_id=request,
+            labels={**(existing.labels if existing is not None else {})},
+        )
+        if existing is None:
+            await self.catalog.add(record)
+            report.added += 1
+        else:
+            await self.catalog.replace_content(org, record)
+            report.updated += 1
 
     async def watch(
         self, org: str, *, filter: str, resume_token: str
@@ -593,6 +714,13 @@ def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
         set={k: given[k] for k in keys if k in given},
         remove=tuple(k for k in keys if k not in given),
     )
+
+
+async def _then(first: bytes, rest: Iterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    while (chunk := await asyncio.to_thread(next, rest, b"")) != b"":
+        yield chunk
 
 
 def _first_set(*values: int | None) -> int | None:

@@ -30,6 +30,7 @@ from metalake.server.errors import (
     UnavailableError,
     invalid_field,
 )
+from metalake.server.importing import HEADER_BYTES, BucketAccessError
 from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 from metalake.server.observability import (
@@ -58,6 +59,7 @@ _CODES = {
     OutOfRangeError: code_pb2.OUT_OF_RANGE,
     ResourceExhaustedError: code_pb2.RESOURCE_EXHAUSTED,
     UnavailableError: code_pb2.UNAVAILABLE,
+    BucketAccessError: code_pb2.FAILED_PRECONDITION,
 }
 
 
@@ -292,6 +294,27 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
                 )
         except DatalakeError as error:
             await _abort(context, _status_of(error))
+
+    @_translating_errors
+    async def ImportObjects(
+        self, request: pb.ImportObjectsRequest, context: Context
+    ) -> pb.ImportObjectsResponse:
+        report = await self._datalake.import_objects(
+            _org(),
+            request.source,
+            extensions=list(request.extensions),
+            fill_metadata=request.fill_metadata,
+        )
+        return pb.ImportObjectsResponse(
+            listed=report.listed,
+            added=report.added,
+            updated=report.updated,
+            unchanged=report.unchanged,
+            vanished=report.vanished,
+            bytes_read=report.bytes_read,
+            header_bytes_limit=HEADER_BYTES,
+            failures=[pb.FieldViolation(field=f, description=d) for f, d in report.failures],
+        )
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.

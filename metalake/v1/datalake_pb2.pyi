@@ -1267,3 +1267,91 @@ class WatchDataResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchDataResponse: _TypeAlias = WatchDataResponse  # noqa: Y015
+
+@_typing.final
+class ImportObjectsRequest(_message.Message):
+    """ImportObjectsRequest names the objects to register in place."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXTENSIONS_FIELD_NUMBER: _builtins.int
+    FILL_METADATA_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """s3://bucket/prefix (the prefix may be empty: the whole bucket)."""
+    fill_metadata: _builtins.bool
+    """Fill metadata from each object's first bytes (EXIF, GPS, plugins), read with a ranged GET
+    of at most header_bytes_limit bytes.
+    """
+    @_builtins.property
+    def extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only keys ending with one of these extensions (case-insensitive, with or without the dot);
+        empty: every object.
+        """
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        extensions: _abc.Iterable[_builtins.str] | None = ...,
+        fill_metadata: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extensions", b"extensions", "fill_metadata", b"fill_metadata", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportObjectsRequest: _TypeAlias = ImportObjectsRequest  # noqa: Y015
+
+@_typing.final
+class ImportObjectsResponse(_message.Message):
+    """ImportObjectsResponse reports what one import did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LISTED_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    VANISHED_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    HEADER_BYTES_LIMIT_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    listed: _builtins.int
+    """Objects listed under the prefix that passed the extension filter."""
+    added: _builtins.int
+    """Items created for new objects."""
+    updated: _builtins.int
+    """Items updated because their object changed (another ETag)."""
+    unchanged: _builtins.int
+    """Items whose object is unchanged."""
+    vanished: _builtins.int
+    """Items whose object is gone, now labelled import_state=vanished."""
+    bytes_read: _builtins.int
+    """Bytes read from the bucket (ranged GETs for fill_metadata only)."""
+    header_bytes_limit: _builtins.int
+    """The most bytes read from one object."""
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """Objects that could not be registered, each with why."""
+
+    def __init__(
+        self,
+        *,
+        listed: _builtins.int = ...,
+        added: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        vanished: _builtins.int = ...,
+        bytes_read: _builtins.int = ...,
+        header_bytes_limit: _builtins.int = ...,
+        failures: _abc.Iterable[Global___FieldViolation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "bytes_read", b"bytes_read", "failures", b"failures", "header_bytes_limit", b"header_bytes_limit", "listed", b"listed", "unchanged", b"unchanged", "updated", b"updated", "vanished", b"vanished"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportObjectsResponse: _TypeAlias = ImportObjectsResponse  # noqa: Y015

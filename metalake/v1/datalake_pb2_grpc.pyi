@@ -84,6 +84,13 @@ class DatalakeServiceStub:
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
     """
+    ImportObjects: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]
+    """Registers every object under an s3:// prefix as an item that references the object in
+    place: its bytes are not copied (the server needs read access to the bucket). Running it
+    again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+    vanished ones import_state=vanished. Deleting such an item never deletes the object.
+    Requires the admin role: the server reads with its own credentials.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -136,6 +143,13 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+    """
+    ImportObjects: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]  # type: ignore[assignment]
+    """Registers every object under an s3:// prefix as an item that references the object in
+    place: its bytes are not copied (the server needs read access to the bucket). Running it
+    again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+    vanished ones import_state=vanished. Deleting such an item never deletes the object.
+    Requires the admin role: the server reads with its own credentials.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -258,6 +272,19 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
         filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
         and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportObjects(
+        self,
+        request: _datalake_pb2.ImportObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ImportObjectsResponse, _abc.Awaitable[_datalake_pb2.ImportObjectsResponse]]:
+        """Registers every object under an s3:// prefix as an item that references the object in
+        place: its bytes are not copied (the server needs read access to the bucket). Running it
+        again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+        vanished ones import_state=vanished. Deleting such an item never deletes the object.
+        Requires the admin role: the server reads with its own credentials.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
