@@ -422,3 +422,12 @@ def test_a_link_planted_in_the_target_does_not_carry_files_out(
     assert by_name["dir/sub/file.jpg"].status == "failed"
     assert "would be written outside" in str(by_name["dir/sub/file.jpg"].error)
     assert list(elsewhere.rglob("*")) == []
+
+
+def test_download_data_takes_an_id_and_path_or_a_filter_and_target(tmp_path: Path) -> None:
+    with Client("127.0.0.1:1") as client:
+        datalake = client.get_datalake()
+        with pytest.raises(ValueError, match="filter= and target="):
+            datalake.download_data("ID", tmp_path, filter="size > 1")  # type: ignore[call-overload]
+        with pytest.raises(ValueError, match="filter= and target="):
+            datalake.download_data(filter="size > 1")  # type: ignore[call-overload]

@@ -132,3 +132,12 @@ def test_bad_exports_are_refused_and_leave_nothing(
     assert code == EXIT_USAGE
     assert "pip install 'metalake[export]'" in err
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_new_commands_have_help_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("export", "import", "download"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == EXIT_OK
+        assert "example" in out
+        assert f"metalake {command}" in out
+        assert "--target" in out
