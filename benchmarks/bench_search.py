@@ -79,11 +79,12 @@ def rows(count: int, seed: int = 7) -> tuple[Rows, Rows, Rows]:
         )
         for tag in rng.sample(TAGS, rng.choice([1, 2])):
             tags.append({"data_id": item_id, "tag": tag})
-        labels.append({"data_id": item_id, "key": "rig", "value": rng.choice(RIGS)})
+        owner = {"data_id": item_id, "org": ORG, "created_at": start + i * 1000}
+        labels.append({**owner, "key": "rig", "value": rng.choice(RIGS)})
         if rng.random() < 0.3:
-            labels.append({"data_id": item_id, "key": "site", "value": rng.choice(SITES)})
+            labels.append({**owner, "key": "site", "value": rng.choice(SITES)})
         if rng.random() < 0.01:
-            labels.append({"data_id": item_id, "key": "review", "value": "needed"})
+            labels.append({**owner, "key": "review", "value": "needed"})
     return items, tags, labels
 
 
@@ -101,9 +102,10 @@ def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
                 with cursor.copy("COPY data_tags (data_id, tag) FROM STDIN") as copy:
                     for tag in tags:
                         copy.write_row([tag["data_id"], tag["tag"]])
-                with cursor.copy("COPY data_labels (data_id, key, value) FROM STDIN") as copy:
+                names = ("data_id", "key", "value", "org", "created_at")
+                with cursor.copy(f"COPY data_labels ({', '.join(names)}) FROM STDIN") as copy:
                     for label in labels:
-                        copy.write_row([label["data_id"], label["key"], label["value"]])
+                        copy.write_row([label[n] for n in names])
             connection.execute(
                 sqlalchemy.text("ANALYZE data; ANALYZE data_tags; ANALYZE data_labels")
             )
@@ -115,7 +117,11 @@ def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
                 sqlalchemy.text("INSERT INTO data_tags VALUES (:data_id, :tag)"), tags
             )
             connection.execute(
-                sqlalchemy.text("INSERT INTO data_labels VALUES (:data_id, :key, :value)"), labels
+                sqlalchemy.text(
+                    "INSERT INTO data_labels (data_id, key, value, org, created_at) "
+                    "VALUES (:data_id, :key, :value, :org, :created_at)"
+                ),
+                labels,
             )
             connection.execute(sqlalchemy.text("ANALYZE"))
     engine.dispose()

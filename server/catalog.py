@@ -32,13 +32,14 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement
 
 from metalake.labels import MAX_LABELS
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
@@ -729,7 +730,12 @@ class SqlCatalog:
                 insert(data_tags_table),
                 [{"data_id": record.id, "tag": tag} for tag in record.tags],
             )
-        _insert_labels(connection, data_labels_table, {"data_id": record.id}, record.labels)
+        _insert_labels(
+            connection,
+            data_labels_table,
+            {"data_id": record.id, "org": record.org, "created_at": _to_micros(record.created_at)},
+            record.labels,
+        )
         if upload is not None:
             connection.execute(
                 update(uploads_table)
@@ -757,12 +763,16 @@ class SqlCatalog:
             return self._records(connection, [row])[0]
 
     def _list(self, org: str, query: ListQuery) -> Page:
-        if query.where is not None and self._engine.dialect.name == "sqlite":
+        driver = _driving_label(query)
+        if driver is None and query.where is not None and self._engine.dialect.name == "sqlite":
             self._choose_label_plans(query.where)
-        conditions = [data_table.c.org == org]
-        conditions += [c for c in (query.where, query.after()) if c is not None]
-        statement = select(data_table).where(and_(*conditions))
-        statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
+        if driver is not None:
+            statement = _pages_by_label(org, query, driver)
+        else:
+            conditions = [data_table.c.org == org]
+            conditions += [c for c in (query.where, query.after()) if c is not None]
+            statement = select(data_table).where(and_(*conditions))
+            statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
         with self._engine.connect() as connection:
             rows = list(connection.execute(statement).mappings())
             more = len(rows) > query.page_size
@@ -822,7 +832,7 @@ class SqlCatalog:
             changes["updated_at"] = _to_micros(updated_at)
             changes["revision"] = row["revision"] + 1
             if labels is not None:
-                _change_labels(connection, data_id, labels)
+                _change_labels(connection, row, labels)
             connection.execute(update(data_table).where(data_table.c.id == data_id).values(changes))
             new_row = (
                 connection.execute(select(data_table).where(data_table.c.id == data_id))
@@ -978,6 +988,50 @@ def _item(org: str, data_id: str) -> ColumnElement[bool]:
     return and_(data_table.c.id == data_id, data_table.c.org == org)
 
 
+def _driving_label(query: ListQuery) -> LabelMatch | None:
+    """A `labels.k = "v"` the whole filter requires, when the page is in the default order."""
+    if [(k.field, k.descending) for k in query.order] != [("created_at", False), ("id", False)]:
+        return None
+    where = query.where
+    terms = list(where.clauses) if isinstance(where, BooleanClauseList) else [where]
+    if isinstance(where, BooleanClauseList) and where.operator is not operators.and_:
+        return None
+    for term in terms:
+        # and_() wraps a condition of its own kind in AsBoolean (is_true); NOT wraps it too
+        # (is_false), and must not drive.
+        inner = term
+        if isinstance(term, AsBoolean):
+            inner = term.element if term.operator is operators.is_true else None
+        if isinstance(inner, LabelMatch) and inner.value is not None:
+            return inner
+    return None
+
+
+def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
+    """The page, read from the labels' (org, key, value, created_at, data_id) index in order:
+    the label's items arrive already sorted, so only a page's worth is read, whether the label
+    is on 90% of the items or on 0.01%. The full filter still applies to each row."""
+    labels = data_labels_table.c
+    conditions: list[ColumnElement[bool]] = [
+        labels.org == org,
+        labels.key == driver.key,
+        labels.value == driver.value,
+        data_table.c.org == org,
+    ]
+    if query.where is not None:
+        conditions.append(query.where)
+    if query.cursor is not None:
+        created_at, data_id = query.cursor
+        conditions.append(tuple_(labels.created_at, labels.data_id) > tuple_(created_at, data_id))
+    return (
+        select(data_table)
+        .join(data_labels_table, labels.data_id == data_table.c.id)
+        .where(*conditions)
+        .order_by(labels.created_at, labels.data_id)
+        .limit(query.page_size + 1)
+    )
+
+
 def _insert_labels(
     connection: Connection, table: Table, owner: dict[str, Any], labels: dict[str, str]
 ) -> None:
@@ -1003,9 +1057,11 @@ def _labels_of(
     return found
 
 
-def _change_labels(connection: Connection, data_id: str, change: LabelChange) -> None:
-    """Apply a label update in the caller's transaction; refuse one that leaves too many."""
+def _change_labels(connection: Connection, row: RowMapping, change: LabelChange) -> None:
+    """Apply a label update to the item of `row` in the caller's transaction; refuse one that
+    leaves too many."""
     table = data_labels_table
+    data_id = row["id"]
     mine = table.c.data_id == data_id
     if change.replace:
         connection.execute(delete(table).where(mine))
@@ -1013,7 +1069,8 @@ def _change_labels(connection: Connection, data_id: str, change: LabelChange) ->
         gone = [*change.remove, *change.set]
         if gone:
             connection.execute(delete(table).where(mine, table.c.key.in_(gone)))
-    _insert_labels(connection, table, {"data_id": data_id}, change.set)
+    owner = {"data_id": data_id, "org": row["org"], "created_at": row["created_at"]}
+    _insert_labels(connection, table, owner, change.set)
     count = connection.execute(select(func.count()).select_from(table).where(mine)).scalar_one()
     if count > MAX_LABELS:
         raise invalid_field(

@@ -88,15 +88,20 @@ data_tags_table = Table(
     Index("ix_data_tags_tag", "tag", "data_id"),
 )
 
-# Labels (free key/value pairs) of each item. (key, value, data_id) answers `labels.k = "v"`
-# from the index alone; the primary key answers `labels.k:*` per item and loads an item's labels.
+# Labels (free key/value pairs) of each item. The item's org and created_at are copied here (an
+# item's created_at never changes) so that (org, key, value, created_at, data_id) yields the
+# items with `labels.k = "v"` already in ListData's default order: a page costs the same however
+# many or few items have the label. The primary key answers `labels.k:*` per item and loads an
+# item's labels.
 data_labels_table = Table(
     "data_labels",
     metadata_obj,
     Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
     Column("key", String(63), primary_key=True),
     Column("value", Text, nullable=False),
-    Index("ix_data_labels_key_value", "key", "value", "data_id"),
+    Column("org", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_data_labels_key_value", "org", "key", "value", "created_at", "data_id"),
 )
 
 # API tokens: only a hash of each is kept. The token's id is public (listing, revoking).

@@ -244,3 +244,29 @@ def test_manifest_label_columns(server_target: str, tmp_path: Path) -> None:
 
     with pytest.raises(ManifestError, match=r"line 1, column 2 \(labels.bad-key\): label key"):
         read_manifest(root / "m.csv")
+
+
+def test_label_pages_are_in_order_through_page_tokens(
+    any_catalog_target: str, tmp_path: Path
+) -> None:
+    with Client(any_catalog_target) as client:
+        datalake = client.get_datalake()
+        paths = [write_jpeg(tmp_path / f"{i}.jpg", color=i) for i in range(9)]
+        stored = [
+            datalake.upload_data(
+                path,
+                {"reference": "odd" if i % 2 else "even"},
+                labels={"rig": "A" if i < 7 else "B"},
+            )
+            for i, path in enumerate(paths)
+        ]
+        in_order = [d.id for d in sorted(stored, key=lambda d: (d.created_at, d.id))]
+        rig_a = [i for i in in_order if i in {d.id for d in stored[:7]}]
+        listed = [d.id for d in datalake.list_data('labels.rig = "A"', page_size=2)]
+        assert listed == rig_a  # every page in created_at order, nothing twice
+        both = 'labels.rig = "A" AND reference = "odd"'
+        assert [d.id for d in datalake.list_data(both, page_size=1)] == [
+            i for i in rig_a if i in {d.id for d in stored if d.reference == "odd"}
+        ]
+        newest_first = list(datalake.list_data('labels.rig = "A"', order_by="created_at desc"))
+        assert [d.id for d in newest_first] == rig_a[::-1]

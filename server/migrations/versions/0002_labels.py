@@ -28,8 +28,14 @@ def upgrade() -> None:
         ),
         sa.Column("key", sa.String(63), primary_key=True),
         sa.Column("value", sa.Text, nullable=False),
+        sa.Column("org", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
     )
-    op.create_index("ix_data_labels_key_value", "data_labels", ["key", "value", "data_id"])
+    op.create_index(
+        "ix_data_labels_key_value",
+        "data_labels",
+        ["org", "key", "value", "created_at", "data_id"],
+    )
     op.create_table(
         "event_labels",
         sa.Column(
