@@ -1010,7 +1010,8 @@ def _driving_label(query: ListQuery) -> LabelMatch | None:
 def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
     """The page, read from the labels' (org, key, value, created_at, data_id) index in order:
     the label's items arrive already sorted, so only a page's worth is read, whether the label
-    is on 90% of the items or on 0.01%. The full filter still applies to each row."""
+    is on 90% of the items or on 0.01%. The filter's other terms apply to each row; the label
+    term itself is the join (repeating it would only mislead the planner's row estimates)."""
     labels = data_labels_table.c
     conditions: list[ColumnElement[bool]] = [
         labels.org == org,
@@ -1018,8 +1019,13 @@ def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
         labels.value == driver.value,
         data_table.c.org == org,
     ]
-    if query.where is not None:
-        conditions.append(query.where)
+    where = query.where
+    if isinstance(where, BooleanClauseList):
+        conditions += [
+            term
+            for term in where.clauses
+            if not (isinstance(term, AsBoolean) and term.element is driver)
+        ]
     if query.cursor is not None:
         created_at, data_id = query.cursor
         conditions.append(tuple_(labels.created_at, labels.data_id) > tuple_(created_at, data_id))
