@@ -989,22 +989,25 @@ def _item(org: str, data_id: str) -> ColumnElement[bool]:
 
 
 def _driving_label(query: ListQuery) -> LabelMatch | None:
-    """A `labels.k = "v"` the whole filter requires, when the page is in the default order."""
+    """A `labels.k = "v"` (or `labels.k:*`) the whole filter requires, when the page is in the
+    default order. An equality is preferred: it selects fewer rows."""
     if [(k.field, k.descending) for k in query.order] != [("created_at", False), ("id", False)]:
         return None
     where = query.where
     terms = list(where.clauses) if isinstance(where, BooleanClauseList) else [where]
     if isinstance(where, BooleanClauseList) and where.operator is not operators.and_:
         return None
+    found: list[LabelMatch] = []
     for term in terms:
         # and_() wraps a condition of its own kind in AsBoolean (is_true); NOT wraps it too
         # (is_false), and must not drive.
         inner = term
         if isinstance(term, AsBoolean):
             inner = term.element if term.operator is operators.is_true else None
-        if isinstance(inner, LabelMatch) and inner.value is not None:
-            return inner
-    return None
+        if isinstance(inner, LabelMatch):
+            found.append(inner)
+    found.sort(key=lambda match: match.value is None)
+    return found[0] if found else None
 
 
 def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
@@ -1016,9 +1019,10 @@ def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
     conditions: list[ColumnElement[bool]] = [
         labels.org == org,
         labels.key == driver.key,
-        labels.value == driver.value,
         data_table.c.org == org,
     ]
+    if driver.value is not None:
+        conditions.append(labels.value == driver.value)
     where = query.where
     if isinstance(where, BooleanClauseList):
         conditions += [

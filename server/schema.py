@@ -91,7 +91,7 @@ data_tags_table = Table(
 # Labels (free key/value pairs) of each item. The item's org and created_at are copied here (an
 # item's created_at never changes) so that (org, key, value, created_at, data_id) yields the
 # items with `labels.k = "v"` already in ListData's default order: a page costs the same however
-# many or few items have the label. The primary key answers `labels.k:*` per item and loads an
+# many or few items have the label. The primary key answers a label per item and loads an
 # item's labels.
 data_labels_table = Table(
     "data_labels",
@@ -102,6 +102,8 @@ data_labels_table = Table(
     Column("org", String(64), nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Index("ix_data_labels_key_value", "org", "key", "value", "created_at", "data_id"),
+    # The same for `labels.k:*`, whatever the value.
+    Index("ix_data_labels_key", "org", "key", "created_at", "data_id"),
 )
 
 # API tokens: only a hash of each is kept. The token's id is public (listing, revoking).

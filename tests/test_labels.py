@@ -270,3 +270,26 @@ def test_label_pages_are_in_order_through_page_tokens(
         ]
         newest_first = list(datalake.list_data('labels.rig = "A"', order_by="created_at desc"))
         assert [d.id for d in newest_first] == rig_a[::-1]
+
+
+def test_label_presence_pages_and_combinations(any_catalog_target: str, tmp_path: Path) -> None:
+    with Client(any_catalog_target) as client:
+        datalake = client.get_datalake()
+        stored = [
+            datalake.upload_data(
+                write_jpeg(tmp_path / f"{i}.jpg", color=i),
+                labels={"rig": "AB"[i % 2], **({"site": "S1"} if i % 3 == 0 else {})},
+            )
+            for i in range(8)
+        ]
+        stored.append(datalake.upload_data(write_jpeg(tmp_path / "none.jpg", color=99)))
+        in_order = [d.id for d in sorted(stored, key=lambda d: (d.created_at, d.id))]
+
+        def ids(expression: str) -> list[str]:
+            return [d.id for d in datalake.list_data(expression, page_size=2)]
+
+        with_rig = {d.id for d in stored if "rig" in d.labels}
+        assert ids("labels.rig:*") == [i for i in in_order if i in with_rig]
+        both = {d.id for d in stored if "site" in d.labels and d.labels.get("rig") == "A"}
+        assert ids('labels.site:* AND labels.rig = "A"') == [i for i in in_order if i in both]
+        assert ids("NOT labels.rig:*") == [stored[-1].id]

@@ -36,6 +36,7 @@ def upgrade() -> None:
         "data_labels",
         ["org", "key", "value", "created_at", "data_id"],
     )
+    op.create_index("ix_data_labels_key", "data_labels", ["org", "key", "created_at", "data_id"])
     op.create_table(
         "event_labels",
         sa.Column(
