@@ -6,7 +6,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 export METALAKE_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install system-deps run test lint bench generate check-generated buf buf-if-npm node-test clean
+.PHONY: install system-deps run test lint bench accuracy generate check-generated buf buf-if-npm node-test clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +18,12 @@ system-deps:
 		  apt-get install -y -qq libimage-exiftool-perl >/dev/null; } || \
 		echo "exiftool not installed: the tests that compare with it will skip" >&2
 
-# Reinstall when the dependencies change. The editable install makes code edits live.
+# Reinstall when the dependencies change. The editable install makes code edits live; the
+# server extra is what `make run` serves with, dev what the tests and linters need.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $@
 
 run: install
@@ -58,7 +59,7 @@ buf-if-npm:
 lint: install $(BUF)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy metalake tests benchmarks examples/metalake-xmp
+	$(VENV)/bin/mypy metalake tests benchmarks examples/metalake-filename
 	$(BUF) lint
 	BUF=$(BUF) scripts/buf-breaking.sh
 	$(MAKE) check-generated
@@ -70,6 +71,27 @@ node-test: install
 bench: install
 	$(PY) -m benchmarks
 
+# Agreement of the built-in extractors with exiftool on third-party test images, never committed:
+# the shared corpus, Pillow's Tests/images (from its sdist on PyPI, the installed version) and
+# exiftool's t/images (from Debian's source package; needs deb-src, else set EXIFTOOL_IMAGES).
+ACCURACY := .accuracy
+EXIFTOOL_IMAGES ?= $(wildcard $(ACCURACY)/Image-ExifTool-*/t/images)
+accuracy: install system-deps
+	mkdir -p $(ACCURACY)
+	@version=$$($(PY) -c 'import PIL; print(PIL.__version__)'); \
+	test -d $(ACCURACY)/pillow-$$version || { \
+		$(PY) -m pip download --quiet --no-binary :all: --no-deps --dest $(ACCURACY) \
+			pillow==$$version && \
+		tar xzf $(ACCURACY)/pillow-$$version.tar.gz -C $(ACCURACY) pillow-$$version/Tests/images; }
+	@test -n "$(EXIFTOOL_IMAGES)" || (cd $(ACCURACY) && \
+		apt-get source --download-only libimage-exiftool-perl >/dev/null 2>&1 && \
+		tar xJf libimage-exiftool-perl_*.orig.tar.* --wildcards '*/t/images') || \
+		echo "exiftool's test images: no Debian source packages here; set EXIFTOOL_IMAGES" >&2
+	$(PY) -m benchmarks.extraction_accuracy corpus --quiet
+	$(PY) -m benchmarks.extraction_accuracy pillow $(ACCURACY)/pillow-*/Tests/images --quiet
+	@images="$(EXIFTOOL_IMAGES)"; images=$${images:-$$(ls -d $(ACCURACY)/Image-ExifTool-*/t/images 2>/dev/null)}; \
+	test -z "$$images" || $(PY) -m benchmarks.extraction_accuracy exiftool $$images --quiet
+
 clean:
-	rm -rf $(VENV) .tools build *.egg-info .mypy_cache .ruff_cache .pytest_cache \
+	rm -rf $(VENV) .tools build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(ACCURACY) \
 		clients/node/node_modules clients/node/dist

@@ -1,42 +1,19 @@
-"""`metalake extract` and `metalake plugins`: the registry, locally, without a server."""
+"""`metalake extract` and `metalake plugins`: the registry, locally, without a server.
+
+Their arguments are declared in metalake.cli_server; the functions here run them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from metalake.extractors.registry import ExtractorRegistry
 from metalake.metadata import to_jsonable
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1  # some files could not be read; the others were reported
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `extract` and `plugins` commands to a `metalake` command line."""
-    extract = subparsers.add_parser(
-        "extract",
-        help="show what fill_metadata would fill from files, and which extractor fills it",
-        description=(
-            "Run the extractor registry on local files, as the server's fill_metadata does. "
-            "Example: metalake extract photo.jpg scan.tiff --json"
-        ),
-    )
-    extract.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    extract.add_argument(
-        "--json", action="store_true", help="one JSON object per file, one per line"
-    )
-    extract.set_defaults(func=run_extract)
-
-    plugins = subparsers.add_parser(
-        "plugins",
-        help="list the loaded extractors with their versions, in the order they run",
-        description="Extractors honour METALAKE_PLUGINS and METALAKE_DISABLE_PLUGINS.",
-    )
-    plugins.add_argument("--json", action="store_true", help="a JSON array of objects")
-    plugins.set_defaults(func=run_plugins)
 
 
 def run_extract(args: argparse.Namespace) -> int:

@@ -8,23 +8,38 @@ The blocks are then parsed by Pillow's or exifread's TIFF directory readers.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
+
+from metalake.extractors.tiffread import read_tiff
 
 # Loops over segments, chunks and boxes stop here: real files have a few dozen.
 MAX_ITEMS = 4096
 # EXIF carried as text (PNG "Raw profile" chunks) or split over extents is read into memory.
 MAX_INLINE_EXIF = 4 * 1024 * 1024
 
-Role = Literal["tiff", "exif", "gps"]
+Role = Literal["tiff", "exif", "gps", "rw2"]
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Canon CR3: EXIF directories live as TIFF files in CMT boxes of this uuid box inside moov.
 CR3_UUID = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
 # JPEG 2000: EXIF in a uuid box with this id (exiftool's "JpgTiffExif->JP2").
 JP2_EXIF_UUID = b"JpgTiffExif->JP2"
+# GeoJP2: a (degenerate) GeoTIFF in a uuid box, whose IFD0 exiftool reads as well.
+GEOJP2_UUID = bytes.fromhex("b14bf8bd083d4b43a5ae8cd7d5a6ce03")
+RW2_JPG_FROM_RAW = 0x002E
 PSD_EXIF_RESOURCE = 0x0422
+# Formats without a walker are scanned for a TIFF signature in their first SCAN_LIMIT bytes (the
+# header, where every format that carries EXIF puts it); each candidate must read as a real TIFF
+# directory structure, and at most MAX_CANDIDATES are tried.
+SCAN_LIMIT = 256 * 1024
+MAX_CANDIDATES = 32
+# Containers of other files, not of one image's metadata: a TIFF inside one is a file of its own
+# (an OLE2 compound document such as Microsoft Image Composer's, a ZIP, a PDF).
+NOT_SCANNED = (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", b"PK\x03\x04", b"%PDF")
+_TIFF_SIGNATURE = re.compile(rb"II\*\x00|MM\x00\*")
 
 
 @dataclass(frozen=True)
@@ -32,7 +47,8 @@ class TiffBlock:
     """A TIFF structure (header, then directories) holding EXIF, located in a file.
 
     `role` names what the block's first directory is: IFD0 with its Exif and GPS pointers
-    ("tiff"), or, as in CR3, the Exif ("exif") or GPS ("gps") directory itself. Offsets inside the
+    ("tiff"), or, as in CR3, the Exif ("exif") or GPS ("gps") directory itself, or a Panasonic
+    RW2 IFD0 ("rw2"), whose tags mostly mean other things than TIFF's. Offsets inside the
     block are relative to `offset`. `header` replaces the first four bytes when the container uses
     its own magic (ORF "IIRO", RW2 "IIU\\0"). `data` holds the block when it is not a contiguous
     run of the file.
@@ -112,16 +128,51 @@ def sniff(head: bytes) -> str | None:
         return "bmff"
     if head[:4] == b"8BPS":
         return "psd"
+    if head[:4] == b"\xc5\xd0\xd3\xc6" or head[:4] == b"%!PS":
+        return "eps"
+    if head[:4] == b"FLIF":
+        return "flif"
+    if head.startswith(b"Paint Shop Pro Image File"):
+        return "psp"
+    if head[:4] == b"FOVb":
+        return "x3f"
     return None
 
 
 def find_exif(fp: BinaryIO, head: bytes, size: int) -> tuple[str | None, list[TiffBlock]]:
-    """The container family and the EXIF blocks found in it, in the order a reader should use."""
+    """The container family and the EXIF blocks found in it, in the order a reader should use.
+
+    A container with a walker is walked; any other file is scanned (`scan_for_tiff`)."""
     container = sniff(head)
     walker = _WALKERS.get(container or "")
     if walker is None:
-        return container, []
+        if head.startswith(NOT_SCANNED):
+            return container, []
+        return container, scan_for_tiff(fp, size)
     return container, walker(fp, head, size)
+
+
+def is_tiff_structure(fp: BinaryIO, block: TiffBlock) -> bool:
+    """Whether `block` reads as a TIFF header and a plausible IFD0 (see `extractors.tiffread`)."""
+    return read_tiff(open_block(fp, block), block.length) is not None
+
+
+def scan_for_tiff(fp: BinaryIO, size: int, container: str = "scan") -> list[TiffBlock]:
+    """The first TIFF structure in the file's first SCAN_LIMIT bytes that validates as one.
+
+    For formats that embed an EXIF block (with or without JPEG's "Exif\\0\\0" before it) in a
+    container of their own (MIFF, GIMP XCF, BPG, Minolta MRW, Paint Shop Pro, Sigma X3F, ...).
+    The signature alone proves nothing: random bytes contain "II*\\0" once every 4 GB, files
+    carry unrelated TIFF previews deep inside, so a candidate must have a plausible IFD0.
+    """
+    data = _read_at(fp, 0, min(size, SCAN_LIMIT))
+    for index, match in enumerate(_TIFF_SIGNATURE.finditer(data)):
+        if index >= MAX_CANDIDATES:
+            break
+        block = TiffBlock(container, match.start(), size - match.start())
+        if is_tiff_structure(fp, block):
+            return [block]
+    return []
 
 
 def _read_at(fp: BinaryIO, offset: int, count: int) -> bytes:
@@ -192,7 +243,32 @@ def _walk_tiff(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     if head[:4] in TIFF_MAGIC:
         return [TiffBlock("tiff", 0, size)]
     standard = b"II*\x00" if order == b"II" else b"MM\x00*"
+    if head[2:4] == (b"U\x00" if order == b"II" else b"\x00U"):
+        return _walk_rw2(fp, size, standard)
     return [TiffBlock("tiff", 0, size, header=standard)]
+
+
+def _walk_rw2(fp: BinaryIO, size: int, standard: bytes) -> list[TiffBlock]:
+    # Panasonic RW2: IFD0 in Panasonic's own table (Make, compression, Exif and GPS pointers),
+    # and a JPEG (JpgFromRaw, tag 0x2E) whose EXIF gives the usual IFD0 tags after it.
+    blocks = [TiffBlock("tiff", 0, size, role="rw2", header=standard)]
+    order = "<" if standard[:2] == b"II" else ">"
+    header = _read_at(fp, 4, 4)
+    if len(header) < 4:
+        return blocks
+    ifd = struct.unpack(order + "I", header)[0]
+    count_bytes = _read_at(fp, ifd, 2)
+    if len(count_bytes) < 2:
+        return blocks
+    count = min(struct.unpack(order + "H", count_bytes)[0], MAX_ITEMS)
+    entries = _read_at(fp, ifd + 2, 12 * count)
+    for index in range(len(entries) // 12):
+        tag, _, length, offset = struct.unpack_from(order + "HHII", entries, 12 * index)
+        if tag == RW2_JPG_FROM_RAW and length > 4 and offset + length <= size:
+            if _read_at(fp, offset, 2) == b"\xff\xd8":
+                blocks += _jpeg_blocks(fp, offset, offset + length, "rw2")
+            break
+    return blocks
 
 
 def _walk_png(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
@@ -248,8 +324,8 @@ def _png_raw_profile(kind: bytes, data: bytes) -> bytes | None:
     return raw if _looks_like_tiff(raw) else None
 
 
-def _inflate(data: bytes) -> bytes | None:
-    inflater = zlib.decompressobj()
+def _inflate(data: bytes, *, raw: bool = False) -> bytes | None:
+    inflater = zlib.decompressobj(-15 if raw else 15)
     try:
         # Bounded: a small compressed chunk must not expand into gigabytes.
         out = inflater.decompress(data, MAX_INLINE_EXIF * 2)
@@ -285,7 +361,11 @@ def _walk_psd(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     if len(section) < 4:
         return []
     end = min(size, pos + 4 + struct.unpack(">I", section)[0])
-    pos += 4
+    return _psd_resources(fp, pos + 4, end, "psd")
+
+
+def _psd_resources(fp: BinaryIO, pos: int, end: int, container: str) -> list[TiffBlock]:
+    """The EXIF block (resource 0x0422) among Photoshop image resources ("8BIM" blocks)."""
     for _ in range(MAX_ITEMS):
         header = _read_at(fp, pos, 7)
         if len(header) < 7 or header[:4] != b"8BIM":
@@ -301,7 +381,7 @@ def _walk_psd(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
         if data_start + length > end:
             return []
         if resource == PSD_EXIF_RESOURCE:
-            block = _tiff_at(fp, "psd", data_start, data_start + length)
+            block = _tiff_at(fp, container, data_start, data_start + length)
             return [block] if block else []
         pos = data_start + length + (length & 1)
     return []
@@ -336,18 +416,25 @@ def _walk_bmff(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     # box) and JPEG 2000 (Exif uuid box).
     blocks: list[TiffBlock] = []
     for kind, start, end in _boxes(fp, 0, size):
+        found: list[TiffBlock] = []
         if kind == b"meta":
-            blocks += _heif_exif(fp, start + 4, end, size)  # a full box: version, flags first
+            found = _heif_exif(fp, start + 4, end, size)  # a full box: version, flags first
         elif kind == b"moov":
-            blocks += _cr3_exif(fp, start, end)
+            found = _cr3_exif(fp, start, end)
         elif kind == b"Exif":
             block = _exif_with_offset(fp, "jxl", start, end)
-            blocks += [block] if block else []
-        elif kind == b"uuid" and _read_at(fp, start, 16) == JP2_EXIF_UUID:
-            block = _tiff_at(fp, "jp2", start + 16, end)
-            blocks += [block] if block else []
-        if blocks:
-            return blocks
+            found = [block] if block else []
+        elif kind == b"uuid":
+            # JPEG 2000 may have an EXIF and a GeoJP2 box, anywhere among the others.
+            uuid = _read_at(fp, start, 16)
+            if uuid == JP2_EXIF_UUID:
+                block = _tiff_at(fp, "jp2", start + 16, end)
+                blocks[:0] = [block] if block else []  # before any GeoJP2 block
+            elif uuid == GEOJP2_UUID:
+                block = _tiff_at(fp, "jp2", start + 16, end)
+                blocks += [block] if block and is_tiff_structure(fp, block) else []
+        if found:
+            return blocks + found
     return blocks
 
 
@@ -408,27 +495,66 @@ def _heif_exif(fp: BinaryIO, start: int, end: int, size: int) -> list[TiffBlock]
 
 
 def _heif_exif_items(fp: BinaryIO, start: int, end: int) -> set[int]:
+    return {item for item, (kind, _) in _heif_items(fp, start, end).items() if kind == b"Exif"}
+
+
+def _heif_items(fp: BinaryIO, start: int, end: int) -> dict[int, tuple[bytes, bytes]]:
+    """Item id -> (item type, content type) from an iinf box (infe version 2 or 3)."""
     header = _read_at(fp, start, 8)
     if len(header) < 6:
-        return set()
+        return {}
     version = header[0]
     first_child = start + (6 if version == 0 else 8)
-    ids: set[int] = set()
+    items: dict[int, tuple[bytes, bytes]] = {}
     for kind, box_start, box_end in _boxes(fp, first_child, end):
         if kind != b"infe":
             continue
-        info = _read_at(fp, box_start, min(box_end - box_start, 16))
+        info = _read_at(fp, box_start, min(box_end - box_start, 256))
         if len(info) < 12 or info[0] < 2:
             continue
         if info[0] == 2:
-            item_id, item_type = struct.unpack(">H", info[4:6])[0], info[8:12]
+            item_id, item_type, rest = struct.unpack(">H", info[4:6])[0], info[8:12], info[12:]
         else:
             if len(info) < 14:
                 continue
-            item_id, item_type = struct.unpack(">I", info[4:8])[0], info[10:14]
-        if item_type == b"Exif":
-            ids.add(item_id)
-    return ids
+            item_id, item_type, rest = struct.unpack(">I", info[4:8])[0], info[10:14], info[14:]
+        # Then the item name and, for "mime" items, the content type, both NUL-terminated.
+        names = rest.split(b"\x00")
+        items[item_id] = (item_type, names[1] if item_type == b"mime" and len(names) > 1 else b"")
+    return items
+
+
+def heif_item(fp: BinaryIO, size: int, item_type: bytes, content_type: bytes = b"") -> bytes | None:
+    """The content (at most MAX_INLINE_EXIF bytes) of the first item of a HEIF file's meta box
+    with this item type (and content type, for "mime" items), or None."""
+    for kind, start, end in _boxes(fp, 0, size):
+        if kind != b"meta":
+            continue
+        children = {k: (s, e) for k, s, e in _boxes(fp, start + 4, end)}
+        if b"iinf" not in children or b"iloc" not in children:
+            return None
+        wanted = {
+            item
+            for item, (kind_of, content) in _heif_items(fp, *children[b"iinf"]).items()
+            if kind_of == item_type and (not content_type or content == content_type)
+        }
+        idat_start = children[b"idat"][0] if b"idat" in children else None
+        for item_id, extents in _heif_locations(fp, *children[b"iloc"], idat_start):
+            if item_id in wanted and extents:
+                data = b""
+                for offset, length in extents:
+                    length = length or size - offset  # zero: to the end of the file
+                    if len(data) + length > MAX_INLINE_EXIF:
+                        return None
+                    data += _read_at(fp, offset, length)
+                return data
+        return None
+    return None
+
+
+def bmff_boxes(fp: BinaryIO, size: int) -> list[tuple[bytes, int, int]]:
+    """The top-level boxes of an ISO-BMFF file: (type, payload start, payload end)."""
+    return _boxes(fp, 0, size)
 
 
 def _heif_locations(
@@ -478,6 +604,128 @@ def _parse_iloc(data: bytes, idat_start: int | None) -> list[tuple[int, list[tup
     return items
 
 
+def _walk_eps(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # EPS: the EXIF of a Photoshop EPS is in its PostScript, as hex digits after
+    # "%BeginPhotoshop: <length>" (Photoshop image resources); a DOS EPS binary header may point
+    # to a TIFF preview as well, whose IFD0 exiftool reads too (after the Photoshop EXIF).
+    ps_start, ps_end = 0, size
+    blocks: list[TiffBlock] = []
+    if head[:4] == b"\xc5\xd0\xd3\xc6":
+        fields = struct.unpack("<6I", _read_at(fp, 4, 24).ljust(24, b"\x00"))
+        ps_start, ps_end = fields[0], min(size, fields[0] + fields[1])
+        tiff_start, tiff_length = fields[4], fields[5]
+        if tiff_start and tiff_start + tiff_length <= size:
+            preview = TiffBlock("eps", tiff_start, tiff_length)
+            if is_tiff_structure(fp, preview):
+                blocks.append(preview)
+    text = _read_at(fp, ps_start, min(ps_end - ps_start, SCAN_LIMIT))
+    if not text.startswith((b"%!PS", b"%!Adobe")):
+        return []  # exiftool: "PostScript format error (invalid header)", nothing read
+    match = re.search(rb"%BeginPhotoshop:\s*(\d+)", text)
+    if match is not None and int(match.group(1)) <= MAX_INLINE_EXIF:
+        hex_start = ps_start + match.end()
+        hex_text = _read_at(fp, hex_start, min(ps_end - hex_start, 3 * int(match.group(1)) + 4096))
+        hex_text = hex_text.split(b"%EndPhotoshop", 1)[0]
+        try:
+            resources = bytes.fromhex(re.sub(rb"[%\s]", b"", hex_text).decode("ascii"))
+        except ValueError:
+            resources = b""
+        inner = io.BytesIO(resources)
+        found = _psd_resources(inner, 0, len(resources), "eps")
+        blocks[:0] = [
+            TiffBlock("eps", 0, block.length, data=resources[block.offset :]) for block in found
+        ]
+    return blocks
+
+
+def _walk_flif(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # FLIF: after the header (magic, format byte, bytes per channel, width, height and, when
+    # animated, a frame count, as varints), optional chunks: a 4-letter name, a varint length and
+    # DEFLATE-compressed content. "eXif" holds "Exif\0\0" and the TIFF structure.
+    data = _read_at(fp, 0, min(size, SCAN_LIMIT))
+    if len(data) < 6:
+        return []
+    pos = 6
+    try:
+        # The format byte's high nibble: 3, 4 still (non-interlaced, interlaced); 5, 6 animated,
+        # which have a frame count after width and height.
+        for _ in range(3 if data[4] >> 4 in (5, 6) else 2):
+            _, pos = _varint(data, pos)
+        for _ in range(MAX_ITEMS):
+            name = data[pos : pos + 4]
+            if len(name) < 4 or name[0] < 32:  # the image data begins
+                return []
+            length, pos = _varint(data, pos + 4)
+            content = data[pos : pos + length]
+            pos += length
+            if name == b"eXif":
+                raw = _inflate(content, raw=True)
+                if raw is None:
+                    return []
+                raw = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+                block = TiffBlock("flif", 0, len(raw), data=raw)
+                return [block] if is_tiff_structure(io.BytesIO(raw), block) else []
+    except IndexError:
+        return []
+    return []
+
+
+def _walk_psp(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # Paint Shop Pro: EXIF in a "~FL\0" sub-block of the extended data block, as "Exif\0\0" and
+    # a TIFF structure whose offsets, after the first, count from IFD0 instead of the TIFF
+    # header (exiftool's PSP.pm). Rebased here into a standard TIFF structure.
+    data = _read_at(fp, 0, min(size, SCAN_LIMIT))
+    at = data.find(b"Exif\x00\x00")
+    if at < 10 or data[at - 10 : at - 6] != b"~FL\x00":
+        return []
+    length = struct.unpack("<I", data[at - 4 : at])[0]
+    tiff = data[at + 6 : at + length]
+    if len(tiff) < 16 or tiff[:4] not in TIFF_MAGIC[:2]:
+        return []
+    order = "<" if tiff[:2] == b"II" else ">"
+    count = struct.unpack(order + "H", tiff[8:10])[0]
+    ifd0 = tiff[8 : 8 + 2 + 12 * count + 4]
+    # N[p] == tiff[8 + p] for every offset p >= 8, and IFD0 copied to the end.
+    rebased = tiff[:4] + struct.pack(order + "I", len(tiff) - 8) + tiff[16:] + ifd0
+    block = TiffBlock("psp", 0, len(rebased), data=rebased)
+    return [block] if is_tiff_structure(io.BytesIO(rebased), block) else []
+
+
+def _walk_x3f(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
+    # Sigma X3F: the last 4 bytes point to a "SECd" directory of (offset, length, type) entries;
+    # an IMA2 section whose header says JPEG (format 18) is the preview, whose EXIF exiftool
+    # reads as the file's (SigmaRaw.pm). Real files put it anywhere, often after the raw data.
+    pointer = _read_at(fp, size - 4, 4)
+    if len(pointer) < 4:
+        return []
+    directory = struct.unpack("<I", pointer)[0]
+    header = _read_at(fp, directory, 12)
+    if len(header) < 12 or header[:4] != b"SECd":
+        return scan_for_tiff(fp, size, "x3f")
+    count = min(struct.unpack("<I", header[8:12])[0], MAX_ITEMS)
+    entries = _read_at(fp, directory + 12, 12 * count)
+    for index in range(len(entries) // 12):
+        offset, length, kind = struct.unpack_from("<II4s", entries, 12 * index)
+        if kind != b"IMA2" or length <= 28 or offset + length > size:
+            continue
+        if _read_at(fp, offset, 16) == b"SECi\x00\x00\x02\x00\x02\x00\x00\x00\x12\x00\x00\x00":
+            blocks = _jpeg_blocks(fp, offset + 28, offset + length, "x3f")
+            if blocks:
+                return blocks
+    return []
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for _ in range(8):
+        byte = data[pos]
+        pos += 1
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, pos
+    raise IndexError("varint too long")
+
+
 _WALKERS = {
     "jpeg": _walk_jpeg,
     "raf": _walk_raf,
@@ -486,4 +734,8 @@ _WALKERS = {
     "webp": _walk_webp,
     "bmff": _walk_bmff,
     "psd": _walk_psd,
+    "eps": _walk_eps,
+    "flif": _walk_flif,
+    "psp": _walk_psp,
+    "x3f": _walk_x3f,
 }

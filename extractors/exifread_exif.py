@@ -1,9 +1,10 @@
 """Built-in extractor `exifread`: a second, independent TIFF directory reader, as fallback.
 
-Runs for the fields Pillow's reader left empty, and only when Pillow could not read every
-directory the file has (otherwise the same tags, read again, would add nothing): on the EXIF
-blocks `extractors.containers` located, and on JPEG and HEIF files in which it located none
-(exifread searches them its own way).
+Runs for the fields the extractors before it left empty, unless one of them recorded (in the
+source's memo, `tiffdirs.READ_COMPLETE`) that it read every directory of the file completely:
+the same tags, read again, would add nothing. Reads the EXIF blocks `extractors.containers`
+located, and JPEG and HEIF files in which it located none (exifread searches them its own way).
+It imports no other extractor: with `pillow` disabled it reads everything itself.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Any, BinaryIO
 
 import exifread
 
-from metalake.extractors import pillow_exif
 from metalake.extractors.containers import open_block
 from metalake.extractors.fields import EXIF_FIELDS, Rational, Raw, exif_fields
 from metalake.extractors.hookspecs import hookimpl
 from metalake.extractors.source import Source
-from metalake.extractors.tiffdirs import ExifDirectories, locate
+from metalake.extractors.tiffdirs import READ_COMPLETE, ExifDirectories, locate
 
 NAME = "exifread"
 log = logging.getLogger(__name__)
@@ -35,11 +35,11 @@ _DIRECTORY_OF_PREFIX = {"Image": "ifd0", "EXIF": "exif", "GPS": "gps"}
 def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mapping[str, object]:
     if not missing & EXIF_FIELDS:
         return {}
-    if pillow_exif.read_directories(source).complete:
-        # Pillow read every directory there is: the same tags, read again, would add nothing.
+    if source.memo(READ_COMPLETE, lambda: False):
+        # An earlier reader read every directory there is: the same tags would add nothing.
         return {}
     directories = read_directories(source)
-    return exif_fields(directories.ifd0, directories.exif)
+    return exif_fields(directories.ifd0, directories.exif, directories.gps)
 
 
 def read_directories(source: Source) -> ExifDirectories:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TypeAlias
 
 from metalake.metadata import MetadataDict, check_value
+from metalake.plugin import Derived
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ EXIF_IFD, GPS_IFD = 0x8769, 0x8825
 DATETIME_ORIGINAL, OFFSET_TIME, OFFSET_TIME_ORIGINAL, COLOR_SPACE = 0x9003, 0x9010, 0x9011, 0xA001
 GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 GPS_ALTITUDE_REF, GPS_ALTITUDE = 5, 6
+GPS_TIME_STAMP, GPS_DATE_STAMP = 7, 29
+# Panasonic RW2 keeps its compression in IFD0 tag 0x0B (exiftool's PanasonicRaw table); readers
+# hand it over under this pseudo tag, outside TIFF's 16-bit range, so it meets no real tag.
+PANASONIC_COMPRESSION, RW2_COMPRESSION = 0x000B, 0x1000B
 
 # Every tag the mapping reads (GPS tags 1-6 do not occur in IFD0 or the Exif IFD): readers
 # decode only these, not the dozens of others a camera writes.
@@ -59,9 +64,13 @@ MAPPED_TAGS = frozenset(
         GPS_LONGITUDE,
         GPS_ALTITUDE_REF,
         GPS_ALTITUDE,
+        GPS_TIME_STAMP,
+        GPS_DATE_STAMP,
+        PANASONIC_COMPRESSION,
     }
 )
 
+TEXT_TAGS = (MAKE, SOFTWARE, DATETIME, ARTIST)
 GPS_FIELDS = frozenset({"latitude", "longitude", "altitude"})
 EXIF_FIELDS = frozenset(
     {
@@ -138,6 +147,16 @@ COMPRESSIONS = {
     65535: "Pentax PEF Compressed",
 }
 
+PANASONIC_COMPRESSIONS = {
+    34316: "Panasonic RAW 1",
+    34826: "Panasonic RAW 2",
+    34828: "Panasonic RAW 3",
+    34830: "Panasonic RAW 4",
+}
+# The IFD0 tags exiftool's PanasonicRaw table reads as the standard ones; an RW2's IFD0 has
+# others at the standard ids (its XResolution is no resolution).
+RW2_IFD0_TAGS = frozenset({MAKE, EXIF_IFD, GPS_IFD})
+
 _DATETIME = re.compile(r"\s*(\d{4}):(\d{2}):(\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
 _OFFSET = re.compile(r"\s*([+-])(\d{2}):(\d{2})\s*$")
 
@@ -157,12 +176,8 @@ def to_text(value: Raw | None) -> str | None:
     if not isinstance(value, bytes):
         return None
     raw = value.split(b"\x00", 1)[0]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        # exiftool passes other bytes through; Latin-1 keeps every byte as one character.
-        text = raw.decode("latin-1")
-    text = text.strip()
+    # exiftool (-charset exif=utf8, the oracle's setting) shows a byte that is not UTF-8 as "?".
+    text = raw.decode("utf-8", "replace").replace("\ufffd", "?").strip()
     return text or None
 
 
@@ -224,31 +239,84 @@ def dms_to_degrees(value: Raw | None) -> float | None:
     return degrees
 
 
-def _named(table: Mapping[int, str], value: Raw | None, *, hex_unknown: bool = False) -> str | None:
+def _named(table: Mapping[int, str], value: Raw | None) -> str | None:
+    """exiftool's name for an enumerated value; an unknown one is 'Unknown (N)', in decimal
+    (the field rules: exiftool itself writes some in hex, e.g. ColorSpace 'Unknown (0x0)')."""
     number = to_int(value)
     if number is None:
         return None
     if number in table:
         return table[number]
-    return f"Unknown (0x{number:x})" if hex_unknown else f"Unknown ({number})"
+    return f"Unknown ({number})"
 
 
-def exif_fields(ifd0: Directory, exif: Directory) -> MetadataDict:
-    """Every non-GPS field the two directories give, valid values only."""
+def exif_fields(
+    ifd0: Directory, exif: Directory, gps: Directory | None = None
+) -> dict[str, object]:
+    """Every non-GPS field the directories give, valid values only. A capture time without a
+    recorded offset gets one from the GPS clock when `gps` allows (see `offset_from_gps_clock`):
+    then it is `Derived(value, "gps-clock")`."""
+    acquired_at = parse_datetime(
+        exif.get(DATETIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL)
+    ) or parse_datetime(ifd0.get(DATETIME), exif.get(OFFSET_TIME))
     values: dict[str, object] = {
-        "acquired_at": parse_datetime(exif.get(DATETIME_ORIGINAL), exif.get(OFFSET_TIME_ORIGINAL))
-        or parse_datetime(ifd0.get(DATETIME), exif.get(OFFSET_TIME)),
+        "acquired_at": acquired_at,
         "acquired_by": to_text(ifd0.get(ARTIST)),
         "manufacturer": to_text(ifd0.get(MAKE)),
         "software": to_text(ifd0.get(SOFTWARE)),
         "resolution_x": to_float(ifd0.get(XRESOLUTION)),
         "resolution_y": to_float(ifd0.get(YRESOLUTION)),
         "resolution_unit": _named(RESOLUTION_UNITS, ifd0.get(RESOLUTION_UNIT)),
-        "compression": _named(COMPRESSIONS, ifd0.get(COMPRESSION)),
-        # exiftool prints unknown ColorSpace values in hex (PrintHex).
-        "color_space": _named(COLOR_SPACES, exif.get(COLOR_SPACE), hex_unknown=True),
+        "compression": _named(COMPRESSIONS, ifd0.get(COMPRESSION))
+        or _named(PANASONIC_COMPRESSIONS, ifd0.get(RW2_COMPRESSION)),
+        "color_space": _named(COLOR_SPACES, exif.get(COLOR_SPACE)),
     }
-    return valid(values)
+    out: dict[str, object] = dict(valid(values))
+    if "acquired_at" in out and acquired_at is not None and acquired_at.tzinfo is None and gps:
+        offset = offset_from_gps_clock(acquired_at, gps)
+        if offset is not None:
+            out["acquired_at"] = Derived(acquired_at.replace(tzinfo=offset), "gps-clock")
+    return out
+
+
+# The offsets in use on Earth, and how far a camera's clock may stray from GPS time and still
+# be read as a whole quarter-hour offset.
+MIN_OFFSET, MAX_OFFSET = timedelta(hours=-12), timedelta(hours=14)
+OFFSET_STEP, OFFSET_SLACK = 15 * 60, 5 * 60
+
+
+def gps_utc(gps: Directory) -> datetime | None:
+    """GPSDateStamp and GPSTimeStamp (UTC) as a naive datetime, or None."""
+    date = to_text(gps.get(GPS_DATE_STAMP))
+    stamp = gps.get(GPS_TIME_STAMP)
+    if date is None or not isinstance(stamp, tuple) or len(stamp) != 3:
+        return None
+    match = re.match(r"(\d{4})[:-](\d{2})[:-](\d{2})$", date)
+    parts = [to_float(part) for part in stamp]
+    if match is None or any(part is None or not 0 <= part < 61 for part in parts):
+        return None
+    hours, minutes, seconds = (float(part) for part in parts if part is not None)
+    try:
+        year, month, day_of_month = (int(group) for group in match.groups())
+        day = datetime(year, month, day_of_month)
+    except ValueError:
+        return None
+    return day + timedelta(hours=hours, minutes=minutes, seconds=int(seconds))
+
+
+def offset_from_gps_clock(local: datetime, gps: Directory) -> timezone | None:
+    """The UTC offset of a naive local time, from the GPS clock (UTC) recorded beside it:
+    local - UTC rounded to 15 minutes, kept only within -12:00..+14:00 and when rounding moves
+    it by at most 5 minutes (a GPS date a day off, or a clock far adrift, gives None)."""
+    utc = gps_utc(gps)
+    if utc is None:
+        return None
+    seconds = (local - utc).total_seconds()
+    rounded = round(seconds / OFFSET_STEP) * OFFSET_STEP
+    offset = timedelta(seconds=rounded)
+    if abs(seconds - rounded) > OFFSET_SLACK or not MIN_OFFSET <= offset <= MAX_OFFSET:
+        return None
+    return timezone(offset)
 
 
 def gps_fields(gps: Directory) -> MetadataDict:

@@ -21,13 +21,14 @@ from metalake.extractors.fields import (
     EXIF_IFD,
     GPS_IFD,
     MAPPED_TAGS,
+    TEXT_TAGS,
     Rational,
     Raw,
     exif_fields,
 )
 from metalake.extractors.hookspecs import hookimpl
 from metalake.extractors.source import Source
-from metalake.extractors.tiffdirs import ExifDirectories, locate
+from metalake.extractors.tiffdirs import READ_COMPLETE, ExifDirectories, locate
 
 NAME = "pillow"
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mappin
     if not missing & EXIF_FIELDS:
         return {}
     directories = read_directories(source)
-    return exif_fields(directories.ifd0, directories.exif)
+    # Tells the `exifread` extractor, without either importing the other, that a second reading
+    # of the same blocks would add nothing (see exifread_exif).
+    source.memo(READ_COMPLETE, lambda: directories.complete)
+    return exif_fields(directories.ifd0, directories.exif, directories.gps)
 
 
 def read_directories(source: Source) -> ExifDirectories:
@@ -66,7 +70,11 @@ def _read(source: Source) -> ExifDirectories:
                         for tag, found in ((EXIF_IFD, exif), (GPS_IFD, gps))
                     )
                 )
-        directories.complete = complete
+        # A text tag read as a number (a duplicate tag of another type, which Pillow keeps in
+        # place of the text exiftool shows) is no complete reading: let another reader try.
+        directories.complete = complete and all(
+            isinstance(directories.ifd0.get(tag, b""), bytes) for tag in TEXT_TAGS
+        )
     elif container is None or (container == "bmff" and _is_heif(source.head)):
         directories.merge("tiff", *_read_with_image_open(source))
     return directories
@@ -127,15 +135,23 @@ def _read_with_image_open(
     source: Source,
 ) -> tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]:
     try:
-        image = Image.open(source.path)
+        fp = source.open()
+    except OSError as error:
+        log.debug("cannot open %s: %r", source.filename or source, error)
+        return {}, {}, {}
+    try:
+        # Pillow leaves a handle it was given open: the `with` below closes both.
+        image = Image.open(fp)
     except Image.DecompressionBombError as error:
+        fp.close()
         # Pillow's guard did its job: the file claims too many pixels to be opened safely.
-        log.warning("not opening %s: %s", source.filename or source.path, error)
+        log.warning("not opening %s: %s", source.filename or source, error)
         return {}, {}, {}
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        log.debug("Pillow cannot open %s: %r", source.filename or source.path, error)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, NotImplementedError) as error:
+        fp.close()
+        log.debug("Pillow cannot open %s: %r", source.filename or source, error)
         return {}, {}, {}
-    with image:
+    with fp, image:
         if image.format == "PNG":
             # Never reached (PNG has a walker), and must not be: getexif() on a PNG whose eXIf
             # chunk follows IDAT decodes the whole image.

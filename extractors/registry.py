@@ -23,18 +23,20 @@ from typing import Any, NamedTuple
 
 import pluggy
 
-from metalake.extractors import hookspecs
+from metalake import plugin as hookspecs  # the hooks are specified in the plugin API
 from metalake.extractors.source import Source
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict, check_value
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "metalake.extractors"
+HOOK = "metalake_extract_metadata"
 # Module names of the built-in extractors, in the order they run.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "metalake.extractors.pillow_exif",
     "metalake.extractors.exifread_exif",
     "metalake.extractors.gps",
+    "metalake.extractors.xmp",
 )
 ALLOW_ENV = "METALAKE_PLUGINS"
 BLOCK_ENV = "METALAKE_DISABLE_PLUGINS"
@@ -60,11 +62,20 @@ class Extraction:
 
 
 class PluginInfo(NamedTuple):
-    """One loaded extractor, as `metalake plugins` lists it."""
+    """One loaded plugin, as `metalake plugins` lists it: an extractor (numbered in run order
+    from 1) or a wrapper around every extractor call (order 0)."""
 
     name: str
     version: str | None
     order: int
+    kind: str = "extractor"
+
+
+class _Call(NamedTuple):
+    """One extractor, called through pluggy with every wrapper around it."""
+
+    name: str
+    hook: Callable[..., Any]
 
 
 class ExtractorTimeoutError(TimeoutError):
@@ -138,6 +149,7 @@ class ExtractorRegistry:
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self._loaded: list[_Loaded] = []
+        self._calls: list[_Call] | None = None
         self._runner = _Runner()
         for entry in plugins:
             name, plugin = entry if isinstance(entry, tuple) else (plugin_name(entry), entry)
@@ -186,6 +198,7 @@ class ExtractorRegistry:
                 if self._pm.has_plugin(name):
                     self._pm.unregister(name=name)
                     self._loaded = [loaded for loaded in self._loaded if loaded.name != name]
+                    self._calls = None
 
     def _enabled(self, name: str) -> bool:
         return (self._allow is None or name in self._allow) and name not in self._block
@@ -195,35 +208,64 @@ class ExtractorRegistry:
             return
         self._pm.register(plugin, name=name)
         self._loaded.append(_Loaded(name, plugin, version))
+        self._calls = None
 
-    def _ordered_calls(self) -> list[tuple[str, Callable[..., Any], list[str]]]:
-        """Implementations in run order: tryfirst ones, the others, trylast ones; each group in
-        registration order (pluggy's own order is the reverse)."""
+    def _impls(self) -> tuple[list[pluggy.HookImpl], list[pluggy.HookImpl]]:
+        """(extractors in run order, wrappers). Run order: tryfirst ones, the others, trylast
+        ones; each group in registration order (pluggy's own order is the reverse)."""
         rank = {loaded.name: index for index, loaded in enumerate(self._loaded)}
-        impls = [
-            impl
-            for impl in self._pm.hook.metalake_extract_metadata.get_hookimpls()
-            if not (impl.hookwrapper or impl.wrapper)
-        ]
-        impls.sort(
+        impls = self._pm.hook.metalake_extract_metadata.get_hookimpls()
+        wrappers = [impl for impl in impls if impl.hookwrapper or impl.wrapper]
+        extractors = [impl for impl in impls if not (impl.hookwrapper or impl.wrapper)]
+        extractors.sort(
             key=lambda impl: (
                 0 if impl.tryfirst else 2 if impl.trylast else 1,
                 rank[impl.plugin_name],
             )
         )
-        return [(impl.plugin_name, impl.function, list(impl.argnames)) for impl in impls]
+        return extractors, wrappers
+
+    def _ordered_calls(self) -> list[_Call]:
+        """One pluggy hook caller per extractor, in run order.
+
+        Each holds that one extractor and every wrapper (new-style `wrapper=True` and old-style
+        `hookwrapper=True`), so pluggy runs the wrappers around each extractor call as it would
+        around a whole hook call, while the registry keeps what pluggy's single call cannot: a
+        time limit and a `metadata_sources` name per extractor.
+        """
+        calls = self._calls
+        if calls is None:
+            extractors, _ = self._impls()
+            plugins = {impl.plugin_name: impl.plugin for impl in extractors}
+            calls = [
+                _Call(
+                    impl.plugin_name,
+                    self._pm.subset_hook_caller(
+                        HOOK,
+                        remove_plugins=[p for n, p in plugins.items() if n != impl.plugin_name],
+                    ),
+                )
+                for impl in extractors
+            ]
+            self._calls = calls
+        return calls
 
     def describe(self) -> list[PluginInfo]:
-        """Loaded extractors in run order, numbered from 1."""
+        """Loaded wrappers (order 0), then extractors in run order, numbered from 1."""
         versions = {loaded.name: loaded.version for loaded in self._loaded}
+        extractors, wrappers = self._impls()
         return [
-            PluginInfo(name, versions.get(name), order)
-            for order, (name, _, _) in enumerate(self._ordered_calls(), start=1)
+            PluginInfo(impl.plugin_name, versions.get(impl.plugin_name), 0, "wrapper")
+            for impl in wrappers
+        ] + [
+            PluginInfo(impl.plugin_name, versions.get(impl.plugin_name), order)
+            for order, impl in enumerate(extractors, start=1)
         ]
 
     @property
     def names(self) -> list[str]:
-        return [info.name for info in self.describe()]
+        """The extractors' names, in run order."""
+        return [info.name for info in self.describe() if info.kind == "extractor"]
 
     def extract(
         self,
@@ -234,11 +276,22 @@ class ExtractorRegistry:
         """Fill the fields in `missing` from the file at `path`; never raises for the file's
         content (only OSError when the file cannot be opened at all)."""
         wanted = frozenset(missing) & frozenset(FIELDS)
-        result = Extraction()
         if not wanted:
-            return result
-        source = Source(path, filename)
-        chain = _Chain(self._ordered_calls(), source, wanted, result, filename or Path(path).name)
+            return Extraction()
+        return self._extract(Source(path, filename), wanted, filename or Path(path).name)
+
+    def extract_data(
+        self, data: bytes, filename: str | None = None, missing: Iterable[str] = FIELDS
+    ) -> Extraction:
+        """`extract` for a file whose bytes are in memory already: nothing is read from disk."""
+        wanted = frozenset(missing) & frozenset(FIELDS)
+        if not wanted:
+            return Extraction()
+        return self._extract(Source(None, filename, data=data), wanted, filename or "<memory>")
+
+    def _extract(self, source: Source, wanted: frozenset[str], shown: str) -> Extraction:
+        result = Extraction()
+        chain = _Chain(self._ordered_calls(), source, wanted, result, shown)
         if self.timeout is None:
             chain.run(0)
         else:
@@ -256,7 +309,7 @@ class _Chain:
 
     def __init__(
         self,
-        calls: list[tuple[str, Callable[..., Any], list[str]]],
+        calls: list[_Call],
         source: Source,
         wanted: frozenset[str],
         result: Extraction,
@@ -280,7 +333,7 @@ class _Chain:
 
     def run(self, start: int) -> None:
         for index in range(start, len(self.calls)):
-            name, function, argnames = self.calls[index]
+            name, hook = self.calls[index]
             with self.condition:
                 if self.abandoned:
                     return
@@ -294,9 +347,10 @@ class _Chain:
                 # No notify: the watcher re-reads the start time when its wait for the last
                 # deadline ends, so the common case costs one wake-up per file, not one per call.
                 self.current, self.started_at = index, time.monotonic()
-            arguments = {"source": self.source, "missing": remaining}
             try:
-                produced = function(*[arguments[arg] for arg in argnames])
+                # pluggy's call: wrappers run around the extractor, and its result (if not None)
+                # comes back as the one item of a list, which wrappers may have replaced.
+                produced = hook(source=self.source, missing=remaining)
                 error: Exception | None = None
             except Exception as caught:
                 produced, error = None, caught
@@ -319,15 +373,23 @@ class _Chain:
         self.result.errors.append((name, message))
 
 
-def _bind(function: Callable[..., Any], arguments: list[object]) -> Callable[[], Any]:
-    return lambda: function(*arguments)
-
-
 def _merge(
     name: str, produced: object, remaining: frozenset[str], result: Extraction
 ) -> str | None:
-    """Take the valid values for still-missing fields; say what was wrong with the result, if
-    anything was wrong with the result as a whole."""
+    """Take the valid values for still-missing fields from what pluggy's call returned (a list
+    of the extractor's results); say what was wrong with a result, if anything was."""
+    if not isinstance(produced, list):
+        return f"a wrapper returned {type(produced).__name__}, not a list of results"
+    for item in produced:
+        problem = _merge_one(name, item, remaining, result)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _merge_one(
+    name: str, produced: object, remaining: frozenset[str], result: Extraction
+) -> str | None:
     if produced is None:
         return None
     if not isinstance(produced, Mapping):
@@ -339,11 +401,14 @@ def _merge(
     for key, value in items:
         if key not in remaining or key in result.values:
             continue
+        source = name
+        if isinstance(value, hookspecs.Derived):
+            source, value = f"{name}+{value.how}", value.value
         if key in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if check_value(key, value) is None:
             result.values[key] = value
-            result.sources[key] = name
+            result.sources[key] = source
         else:
             log.debug("extractor %r: invalid %s dropped: %r", name, key, value)
     return None

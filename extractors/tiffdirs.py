@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
-from metalake.extractors.containers import TiffBlock, find_exif
-from metalake.extractors.fields import Raw
+from metalake.extractors.containers import TiffBlock, find_exif, open_block
+from metalake.extractors.fields import (
+    GPS_IFD,
+    PANASONIC_COMPRESSION,
+    RW2_COMPRESSION,
+    RW2_IFD0_TAGS,
+    Raw,
+)
 from metalake.extractors.source import Source
+from metalake.extractors.tiffread import read_tiff
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +35,12 @@ class ExifDirectories:
         self, role: str, ifd0: dict[int, Raw], exif: dict[int, Raw], gps: dict[int, Raw]
     ) -> None:
         """Add one block's directories; a tag already known from an earlier block is kept."""
-        if role == "exif":
+        if role == "rw2":
+            panasonic = {tag: ifd0[tag] for tag in RW2_IFD0_TAGS if tag in ifd0}
+            if PANASONIC_COMPRESSION in ifd0:
+                panasonic[RW2_COMPRESSION] = ifd0[PANASONIC_COMPRESSION]
+            ifd0 = panasonic
+        elif role == "exif":
             ifd0, exif = {}, ifd0
         elif role == "gps":
             ifd0, gps = {}, ifd0
@@ -36,16 +49,88 @@ class ExifDirectories:
                 mine.setdefault(tag, value)
 
 
-def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
-    """The container family and EXIF blocks of `source`, found once and shared by extractors."""
+CORRUPT = "corrupt"
+# Source memo key: True when an extractor has read every EXIF directory of the file completely.
+READ_COMPLETE = "tiffdirs.read-complete"
 
-    def walk() -> tuple[str | None, list[TiffBlock]]:
+
+def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
+    """The container family and EXIF blocks of `source`, found once and shared by extractors.
+
+    The family is `CORRUPT` when every block found was corrupt: then there is nothing to read."""
+    container, blocks, _ = _located(source)
+    return container, blocks
+
+
+def _located(source: Source) -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
+    """(family, sound blocks, the blocks among them that may lead to a GPS directory)."""
+
+    def walk() -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
         with source.open() as fp:
             try:
-                return find_exif(fp, source.head, source.size)
+                container, blocks = find_exif(fp, source.head, source.size)
+                # A block without a TIFF header, or whose first directory runs past its end, is
+                # corrupt: exiftool reads nothing from it ("Bad IFD0 directory", "Malformed APP1
+                # EXIF segment"), and no reader may guess from it or search the file on its own.
+                sound, with_gps = [], []
+                for block in blocks:
+                    ok, gps = _check(fp, block)
+                    if ok:
+                        sound.append(block)
+                    if ok and gps:
+                        with_gps.append(block)
+                return (CORRUPT if blocks and not sound else container), sound, with_gps
             except Exception:
                 # A walker bug, not the file's fault: logged once, and no block is found.
-                log.exception("cannot walk %s", source.filename or source.path)
-                return None, []
+                log.exception("cannot walk %s", source.filename or source)
+                return None, [], []
 
     return source.memo("containers.find_exif", walk)
+
+
+def read_gps(source: Source) -> dict[int, Raw]:
+    """The file's GPS directory as the neutral reader (`extractors.tiffread`) reads it, once per
+    file: the `gps` extractor's own reading, so that no built-in extractor depends on another
+    one's parser. Reads only the blocks whose IFD0 points to a GPS directory (noted while
+    locating them), and only that directory: a file without GPS costs nothing more."""
+
+    def read() -> dict[int, Raw]:
+        directories = ExifDirectories()
+        _, _, blocks = _located(source)
+        if not blocks:
+            return {}
+        with source.open() as fp:
+            for block in blocks:
+                stream = open_block(fp, block)
+                if block.role == "gps":  # its first directory is the GPS directory
+                    found = read_tiff(stream, block.length, strict=False, sub_directories=())
+                else:
+                    found = read_tiff(
+                        stream,
+                        block.length,
+                        strict=False,
+                        ifd0_tags=frozenset({GPS_IFD}),
+                        sub_directories=(GPS_IFD,),
+                    )
+                if found is not None:
+                    directories.merge(block.role, *found)
+        return directories.gps
+
+    return source.memo("tiffdirs.gps", read)
+
+
+_GPS_POINTER = frozenset({GPS_IFD})
+
+
+def _check(fp: BinaryIO, block: TiffBlock) -> tuple[bool, bool]:
+    """(whether a block has a TIFF header and an IFD0 within it, whether it may lead to a GPS
+    directory), decoding no tag but IFD0's GPS pointer."""
+    stream = open_block(fp, block)
+    if stream.read(4) in (b"II+\x00", b"MM\x00+"):
+        return True, False  # BigTIFF: left to Pillow, which reads it
+    found = read_tiff(
+        stream, block.length, strict=False, ifd0_tags=_GPS_POINTER, sub_directories=()
+    )
+    if found is None:
+        return False, False
+    return True, block.role == "gps" or (block.role != "exif" and GPS_IFD in found[0])

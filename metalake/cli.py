@@ -2,8 +2,13 @@
 
 Exit codes: 0 all went well, 1 some files or items failed (or the server could not be
 reached), 2 the command was used wrongly (unknown option or field, bad value, missing file, a
-filter the server cannot parse). Every client command takes --target (METALAKE_TARGET), --token
-(METALAKE_TOKEN) and --json (one JSON object per line).
+filter the server cannot parse) or needs the server install that is not there. Every client
+command takes --target (METALAKE_TARGET), --token (METALAKE_TOKEN) and --json (one JSON object
+per line).
+
+Start-up is kept short: building the parser imports neither gRPC nor the server; a command
+imports what it needs when it runs (the server-side commands are declared in
+metalake.cli_server).
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metalake import export
 from metalake import labels as label_rules
 from metalake import metadata as md
+from metalake._version import __version__
 from metalake.bulk import ManifestError, SelectionError, plan_upload
-from metalake.client import DEFAULT_TARGET, Client, Data, FileResult
-from metalake.errors import InvalidArgumentError, MetalakeError
+from metalake.cli_server import INSTALL_HINT, ServerNotInstalledError
+from metalake.cli_server import add_commands as add_server_commands
+
+if TYPE_CHECKING:
+    from metalake.client import Client, Data, Dataset, FileResult, WebhookDelivery
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TARGET = "127.0.0.1:50051"  # metalake.client.DEFAULT_TARGET, without importing gRPC
 
 
 class UsageError(Exception):
@@ -38,9 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return int(exit_.code or 0)
+    # Imported here, not at the top: they load gRPC, which --help and --version do not need.
+    from metalake.errors import InvalidArgumentError, MetalakeError
+
     try:
         code: int = args.func(args)
         return code
+    except ServerNotInstalledError as error:
+        print(f"metalake {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as error:
         print(f"metalake {args.command}: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -64,28 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalake",
         description="A datalake of files with typed metadata.",
-        epilog="Run `metalake COMMAND --help` for a command's options and examples.",
+        epilog="Run `metalake COMMAND --help` for a command's options and examples. "
+        "serve, migrate, gc, token, org, extract and plugins need the server install: "
+        f"{INSTALL_HINT}.",
     )
+    parser.add_argument("--version", action="version", version=f"metalake {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser(
-        "serve",
-        help="run a server",
-        description="Serve the datalake (embedded SQLite + local files unless configured).",
-        epilog="examples:\n  metalake serve\n  metalake serve --data-dir /srv/metalake "
-        "--listen 0.0.0.0:50051",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--data-dir", type=Path, help="METALAKE_DATA_DIR (./metalake-data)")
-    serve.add_argument("--listen", help="METALAKE_LISTEN (127.0.0.1:50051)")
-    serve.add_argument("--catalog-url", help="METALAKE_CATALOG_URL (embedded SQLite)")
-    serve.add_argument("--migrate", action="store_true", help="migrate the catalog at start-up")
-    serve.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="serve a non-loopback address although no API token exists",
-    )
-    serve.set_defaults(func=_serve)
 
     upload = _client_command(
         commands,
@@ -243,11 +243,42 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--resume-token", default="", help="continue after this event")
     watch.set_defaults(func=_watch)
 
-    from metalake.extractors.cli import add_commands as add_extractor_commands
-    from metalake.server.admin import add_commands as add_admin_commands
+    _add_dataset_commands(commands)
 
-    add_extractor_commands(commands)
-    add_admin_commands(commands)
+    similar = _client_command(
+        commands,
+        "similar",
+        "find images that look like an item or an image file",
+        "examples:\n  metalake similar ID\n  metalake similar ID --max-distance 4 --json\n"
+        "  metalake similar --image photo.jpg --filter 'reference = \"7NGOMI\"'",
+    )
+    similar.add_argument("id", nargs="?", help="a stored image's id")
+    similar.add_argument("--image", type=Path, help="a local image instead of an id (<= 4 MiB)")
+    similar.add_argument(
+        "--max-distance", type=int, help="largest Hamming distance, 0 to 11 (server default 8)"
+    )
+    similar.add_argument("--filter", default="", help="AIP-160 filter the results must match")
+    similar.add_argument("--no-mirrored", action="store_true", help="do not match flipped copies")
+    similar.add_argument("--limit", type=_positive_int, help="at most this many results")
+    similar.add_argument("-q", "--quiet", action="store_true", help="print only the ids")
+    similar.set_defaults(func=_similar)
+
+    dedup = _client_command(
+        commands,
+        "dedup",
+        "report groups of near-duplicate images",
+        "examples:\n  metalake dedup\n  metalake dedup --filter 'tags:\"field\"' "
+        "--max-distance 6 --json",
+    )
+    dedup.add_argument("--filter", default="", help="AIP-160 filter: only these items")
+    dedup.add_argument(
+        "--max-distance", type=int, help="largest Hamming distance, 0 to 11 (server default 8)"
+    )
+    dedup.set_defaults(func=_dedup)
+
+    _add_webhook_commands(commands)
+
+    add_server_commands(commands, _serve)
     return parser
 
 
@@ -266,12 +297,308 @@ def _client_command(
     )
     parser.add_argument(
         "--target",
-        default=os.environ.get("METALAKE_TARGET", DEFAULT_TARGET),
-        help="server address (METALAKE_TARGET, default %(default)s)",
+        help=f"server address (METALAKE_TARGET, default {DEFAULT_TARGET})",
     )
     parser.add_argument("--token", help="API token (METALAKE_TOKEN)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def _add_dataset_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dataset = commands.add_parser(
+        "dataset",
+        help="freeze, list, compare and download dataset versions",
+        description="Dataset snapshots: a version freezes the ids, content hashes and metadata "
+        "of the items a filter matches; later changes never alter it.",
+    )
+    actions = dataset.add_subparsers(dest="dataset_action", required=True, metavar="ACTION")
+    create = _client_command(
+        actions,
+        "create",
+        "freeze the items matching a filter as the next version of a dataset",
+        "example:\n  metalake dataset create train --filter 'tags:\"labelled\"' "
+        "--description 'first cut'",
+    )
+    create.add_argument("name")
+    create.add_argument("--filter", default="", help="AIP-160 filter (default: every item)")
+    create.add_argument("--description", default="", help="free text")
+    create.set_defaults(func=_dataset_create)
+
+    ls = _client_command(
+        actions, "ls", "list dataset versions", "example:\n  metalake dataset ls train --json"
+    )
+    ls.add_argument("name", nargs="?", default="", help="only this dataset's versions")
+    ls.set_defaults(func=_dataset_ls)
+
+    show = _client_command(
+        actions,
+        "show",
+        "show a dataset version, its items or its manifest",
+        "examples:\n  metalake dataset show train\n  metalake dataset show train --version 2 "
+        "--items --json\n  metalake dataset show train --version 2 --manifest > train-v2.jsonl",
+    )
+    show.add_argument("name")
+    show.add_argument("--version", type=_positive_int, help="default: the latest")
+    what = show.add_mutually_exclusive_group()
+    what.add_argument("--items", action="store_true", help="list the version's items")
+    what.add_argument(
+        "--manifest", action="store_true", help="print the version's manifest (JSON Lines)"
+    )
+    show.set_defaults(func=_dataset_show)
+
+    diff = _client_command(
+        actions,
+        "diff",
+        "list the items added, removed and changed between two versions",
+        "example:\n  metalake dataset diff train 1 2",
+    )
+    diff.add_argument("name")
+    diff.add_argument("from_version", type=_positive_int, metavar="FROM")
+    diff.add_argument("to_version", type=_positive_int, nargs="?", metavar="TO", help="latest")
+    diff.set_defaults(func=_dataset_diff)
+
+    download = _client_command(
+        actions,
+        "download",
+        "download every item of a version, with its manifest",
+        "example:\n  metalake dataset download train --version 2 -o ./train-v2",
+    )
+    download.add_argument("name")
+    download.add_argument("--version", type=_positive_int, help="default: the latest")
+    download.add_argument("-o", "--output", type=Path, required=True, help="a directory")
+    download.set_defaults(func=_dataset_download)
+
+
+def _print_dataset(dataset: Dataset, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(dataset.to_json(), ensure_ascii=False), flush=True)
+        return
+    print(
+        f"{dataset.name} v{dataset.version}  {dataset.item_count} items  "
+        f"{dataset.total_size} bytes  {md.format_datetime(dataset.created_at)}  "
+        f"filter: {dataset.filter or '(all)'}"
+        + (f"  {dataset.description}" if dataset.description else ""),
+        flush=True,
+    )
+
+
+def _dataset_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        created = client.get_datalake().create_dataset(
+            args.name, args.filter, description=args.description
+        )
+    _print_dataset(created, args)
+    return EXIT_OK
+
+
+def _dataset_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for dataset in client.get_datalake().list_datasets(args.name or None):
+            _print_dataset(dataset, args)
+    return EXIT_OK
+
+
+def _dataset_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        datalake = client.get_datalake()
+        if args.manifest:
+            sys.stdout.buffer.write(datalake.dataset_manifest(args.name, args.version or 0))
+            sys.stdout.flush()
+        elif args.items:
+            for data in datalake.dataset_items(args.name, args.version or 0):
+                _print_data(data, args)
+        else:
+            _print_dataset(datalake.get_dataset(args.name, args.version or 0), args)
+    return EXIT_OK
+
+
+def _dataset_diff(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        changes = client.get_datalake().diff_datasets(
+            args.name, args.from_version, args.to_version or 0
+        )
+        for change in changes:
+            if args.json:
+                print(json.dumps(change.to_json(), ensure_ascii=False), flush=True)
+            else:
+                shown = change.after or change.before
+                name = shown.filename if shown else ""
+                print(f"{change.change:<8} {change.data_id}  {name}", flush=True)
+    return EXIT_OK
+
+
+def _dataset_download(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"not a directory: {args.output}")
+    with _client(args) as client:
+        written = client.get_datalake().download_dataset(args.name, args.output, args.version or 0)
+    for data, path in written:
+        if args.json:
+            print(json.dumps({**data.to_json(), "path": str(path)}, ensure_ascii=False))
+        else:
+            print(f"{data.id} -> {path}")
+    return EXIT_OK
+
+
+def _similar(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.image is None):
+        raise UsageError("give an ID or --image FILE (one of them)")
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"no such file: {args.image}")
+    with _client(args) as client:
+        results = client.get_datalake().find_similar(
+            args.id,
+            image=args.image,
+            max_distance=args.max_distance,
+            filter=args.filter,
+            include_mirrored=not args.no_mirrored,
+        )
+        for count, result in enumerate(results):
+            if args.limit is not None and count >= args.limit:
+                break
+            if args.json:
+                print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+            elif args.quiet:
+                print(result.data.id, flush=True)
+            else:
+                flipped = "  (mirror image)" if result.mirrored else ""
+                print(
+                    f"{result.distance:>2}  {result.data.id}  {result.data.filename}{flipped}",
+                    flush=True,
+                )
+    return EXIT_OK
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        groups = client.get_datalake().find_duplicates(
+            args.filter or None, max_distance=args.max_distance
+        )
+    for number, group in enumerate(groups, 1):
+        if args.json:
+            print(json.dumps({"group": number, "items": [d.to_json() for d in group]}))
+            continue
+        print(f"group {number}: {len(group)} items")
+        for data in group:
+            print(f"  {data.id}  {data.filename}  {data.size} bytes")
+    if not args.json:
+        print(f"{len(groups)} group(s), {sum(len(g) for g in groups)} items", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_webhook_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    webhook = commands.add_parser(
+        "webhook",
+        help="send the organization's changes to HTTP endpoints (admin token)",
+        description="Webhooks: every change of the organization's items is POSTed as JSON to "
+        "each registered URL, signed the Standard Webhooks way, retried for a day.",
+    )
+    actions = webhook.add_subparsers(dest="webhook_action", required=True, metavar="ACTION")
+    add = _client_command(
+        actions,
+        "add",
+        "register an endpoint and print its signing secret (shown once)",
+        "example:\n  metalake webhook add https://hooks.example.com/metalake "
+        "--events created,deleted --filter 'tags:\"field\"' --json",
+    )
+    add.add_argument("url")
+    add.add_argument(
+        "--events",
+        default="created,updated,deleted",
+        help="comma-separated: created, updated, deleted (default: all three)",
+    )
+    add.add_argument("--filter", default="", help="AIP-160 filter the item must match")
+    add.set_defaults(func=_webhook_add)
+    ls = _client_command(
+        actions, "ls", "list the organization's webhooks", "example:\n  metalake webhook ls"
+    )
+    ls.set_defaults(func=_webhook_ls)
+    rm = _client_command(
+        actions, "rm", "remove a webhook", "example:\n  metalake webhook rm wh_123"
+    )
+    rm.add_argument("id")
+    rm.set_defaults(func=_webhook_rm)
+    deliveries = _client_command(
+        actions,
+        "deliveries",
+        "show a webhook's delivery log, newest first",
+        "example:\n  metalake webhook deliveries wh_123 --limit 20 --json",
+    )
+    deliveries.add_argument("id")
+    deliveries.add_argument("--limit", type=_positive_int, help="at most this many")
+    deliveries.set_defaults(func=_webhook_deliveries)
+    test = _client_command(
+        actions, "test", "send a test event now", "example:\n  metalake webhook test wh_123"
+    )
+    test.add_argument("id")
+    test.set_defaults(func=_webhook_test)
+
+
+def _print_delivery(delivery: WebhookDelivery, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(delivery.to_json()), flush=True)
+        return
+    answer = delivery.response_status if delivery.response_status is not None else "-"
+    print(
+        f"{delivery.id}  {delivery.event_type:<13} {delivery.status:<9} "
+        f"attempts {delivery.attempts}  answer {answer}  {delivery.data_id}  {delivery.error}",
+        flush=True,
+    )
+
+
+def _webhook_add(args: argparse.Namespace) -> int:
+    events = [e.strip() for e in args.events.split(",") if e.strip()]
+    with _client(args) as client:
+        try:
+            created = client.get_datalake().add_webhook(args.url, events, filter=args.filter)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    if args.json:
+        print(json.dumps(created.to_json()))
+    else:
+        print(created.secret)
+        print(
+            f"(webhook {created.id} -> {created.url}, events {','.join(created.events)}: this "
+            "signing secret is shown once; give it to the receiver)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _webhook_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for webhook in client.get_datalake().list_webhooks():
+            if args.json:
+                print(json.dumps(webhook.to_json()))
+            else:
+                print(
+                    f"{webhook.id}  {webhook.url}  {','.join(webhook.events)}  "
+                    f"{webhook.filter or '(all items)'}"
+                )
+    return EXIT_OK
+
+
+def _webhook_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.get_datalake().delete_webhook(args.id)
+    print(json.dumps({"id": args.id, "deleted": True}) if args.json else f"removed {args.id}")
+    return EXIT_OK
+
+
+def _webhook_deliveries(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for count, delivery in enumerate(client.get_datalake().webhook_deliveries(args.id)):
+            if args.limit is not None and count >= args.limit:
+                break
+            _print_delivery(delivery, args)
+    return EXIT_OK
+
+
+def _webhook_test(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        delivery = client.get_datalake().test_webhook(args.id)
+    _print_delivery(delivery, args)
+    return EXIT_OK if delivery.status == "delivered" else EXIT_FAILED
 
 
 def _positive_int(text: str) -> int:
@@ -285,6 +612,9 @@ def _positive_int(text: str) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from metalake.client import Client
+
+    # Client falls back on METALAKE_TARGET, then on DEFAULT_TARGET.
     return Client(args.target, token=args.token)
 
 
@@ -353,13 +683,18 @@ def _serve(args: argparse.Namespace) -> int:
     from metalake.server.config import Settings
     from metalake.server.schema_versions import SchemaError
 
-    settings = Settings.from_env(
-        data_dir=args.data_dir,
-        listen=args.listen,
-        catalog_url=args.catalog_url,
-        migrate=args.migrate or None,
-        insecure_no_auth=args.insecure_no_auth,
-    )
+    try:
+        settings = Settings.from_env(
+            data_dir=args.data_dir,
+            listen=args.listen,
+            catalog_url=args.catalog_url,
+            migrate=args.migrate or None,
+            insecure_no_auth=args.insecure_no_auth,
+            workers=args.workers,
+        )
+    except ValueError as error:
+        print(f"metalake serve: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         serve_forever(settings)
     except (StartupError, SchemaError, OSError) as error:
@@ -369,6 +704,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    from metalake.client import FileResult
+
     metadata = parse_meta(args.meta)
     labels = parse_labels(args.label)
     if not args.files and args.manifest is None:
@@ -517,7 +854,11 @@ class _ProgressBar:
             self._bar.write(line, file=sys.stdout)
 
     def close(self) -> None:
-        self._bar.close()
+        # Draw the final count and postfix now: tqdm draws at most every 0.1 s, and close alone
+        # has been seen to leave the last drawing (0%) on the screen.
+        with self._lock:
+            self._bar.refresh()
+            self._bar.close()
 
 
 def _progress_bar(total: int | None, files: int, args: argparse.Namespace) -> _ProgressBar | None:
@@ -655,6 +996,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
+    from metalake.errors import MetalakeError
+
     failed = 0
     with _client(args) as client:
         datalake = client.get_datalake()

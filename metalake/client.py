@@ -15,7 +15,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
+import json
 import os
 import random
 import threading
@@ -24,7 +26,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Generic, NoReturn, TypeVar, cast, overload
+from typing import Any, BinaryIO, Generic, NoReturn, TypeVar, cast, overload
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -35,6 +37,7 @@ from metalake import metadata as md
 from metalake.bulk import UploadFile
 from metalake.errors import (
     IntegrityError,
+    InvalidArgumentError,
     MetalakeError,
     UploadError,
     from_rpc_error,
@@ -124,12 +127,18 @@ class Client:
             except MetalakeError as error:
                 if number == MAX_ATTEMPTS or not is_retryable(error):
                     raise
-                delay = min(30.0, 0.25 * 2**number) * random.uniform(0.5, 1.0)
-                if error.retry_after is not None:
-                    delay = max(delay, error.retry_after.total_seconds())
-                if (stopped or threading.Event()).wait(delay):
+                if (stopped or threading.Event()).wait(_retry_delay(number, error)):
                     raise
         raise AssertionError("unreachable")
+
+
+def _retry_delay(attempt: int, error: MetalakeError) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential backoff with jitter, and at
+    least the delay the server asked for (RetryInfo)."""
+    delay = min(30.0, 0.25 * 2.0**attempt) * random.uniform(0.5, 1.0)
+    if error.retry_after is not None:
+        delay = max(delay, error.retry_after.total_seconds())
+    return delay
 
 
 class _Batch:
@@ -174,21 +183,34 @@ class _Batch:
 
 class _FileProgress:
     """Reports each byte of one file to the caller's Progress once, even when a retry or a
-    resumed upload sends some of them again."""
+    resumed upload sends some of them again.
+
+    gRPC pulls the request iterator (which reports) from a thread of its own, and may resume it
+    for the last time only after the server has answered; `finish` reports what is left when the
+    result arrives, so that progress is complete before the caller sees the file done. The lock
+    keeps the two threads from reporting the same bytes twice.
+    """
 
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
         self._reported: int | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, start: int, end: int) -> None:
         if self._progress is None:
             return
-        if self._reported is None:
-            # Bytes before the first offset were sent by an earlier run, not by this one.
-            self._reported = start
-        if end > self._reported:
-            self._progress(end - self._reported)
-            self._reported = end
+        with self._lock:
+            if self._reported is None:
+                # Bytes before the first offset were sent by an earlier run, not by this one.
+                self._reported = start
+            if end <= self._reported:
+                return
+            sent, self._reported = end - self._reported, end
+        self._progress(sent)
+
+    def finish(self, size: int) -> None:
+        """The file is stored: every byte up to `size` has been sent."""
+        self(self._reported or 0, size)
 
 
 class Datalake:
@@ -421,15 +443,18 @@ class Datalake:
         report = _FileProgress(progress)
         if stat.st_size > RESUMABLE_THRESHOLD:
             upload_id = header.request_id if rerun_safe else uuid.uuid4().hex
-            return self._upload_resumable(batch, path, header, upload_id, report)
+            data = self._upload_resumable(batch, path, header, upload_id, report)
+        else:
 
-        def attempt() -> Data:
-            call = self._client.start(
-                self._client._stub.UploadData, _upload_requests(path, header, report)
-            )
-            return Data(self._client, batch.result(call).data)
+            def attempt() -> Data:
+                call = self._client.start(
+                    self._client._stub.UploadData, _upload_requests(path, header, report)
+                )
+                return Data(self._client, batch.result(call).data)
 
-        return self._client.with_retries(attempt, stopped=batch.stopped)
+            data = self._client.with_retries(attempt, stopped=batch.stopped)
+        report.finish(data.size)
+        return data
 
     def _upload_resumable(
         self,
@@ -459,8 +484,7 @@ class Datalake:
         return self._client.with_retries(attempt, stopped=batch.stopped)
 
     def get_data(self, data_id: str) -> Data:
-        response = self._client.call(self._client._stub.GetData, pb.GetDataRequest(id=data_id))
-        return Data(self._client, response.data)
+        return Data(self._client, _get(self._client, data_id))
 
     def delete_data(self, data_id: str) -> None:
         """Delete one item by id (NotFoundError if there is none)."""
@@ -556,7 +580,9 @@ class Datalake:
             request = pb.ListDataRequest(
                 filter=filter or "", order_by=order_by or "", page_size=page_size, page_token=token
             )
-            page = self._client.call(self._client._stub.ListData, request)
+            page = self._client.with_retries(
+                functools.partial(self._client.call, self._client._stub.ListData, request)
+            )
             for message in page.data:
                 yield Data(self._client, message)
             token = page.next_page_token
@@ -619,22 +645,268 @@ class Datalake:
         self, filter: str | None = None, *, resume_token: str = ""
     ) -> Iterator[dict[str, Any]]:
         """Changes as they happen: dicts with type (created, updated, deleted), data_id, data
-        (as Data.to_json), event_time and resume_token (pass it back to continue after it)."""
-        request = pb.WatchDataRequest(filter=filter or "", resume_token=resume_token)
-        stream = self._client.call(self._client._stub.WatchData, request)
-        try:
-            for event in stream:
-                yield {
-                    "type": _EVENT_TYPES.get(event.type, "unknown"),
-                    "data_id": event.data_id,
-                    "data": Data(self._client, event.data).to_json(),
-                    "event_time": md.format_datetime(
-                        event.event_time.ToDatetime().replace(tzinfo=UTC)
-                    ),
-                    "resume_token": event.resume_token,
-                }
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        (as Data.to_json), event_time and resume_token (pass it back to continue after it).
+
+        Once it has a resume token (given, or from an event), a broken stream (the server or its
+        catalog away) is reopened after it, with backoff: no event is missed or repeated."""
+        token, failures = resume_token, 0
+        while True:
+            request = pb.WatchDataRequest(filter=filter or "", resume_token=token)
+            try:
+                stream = self._client.call(self._client._stub.WatchData, request)
+                for event in stream:
+                    failures, token = 0, event.resume_token
+                    yield {
+                        "type": _EVENT_TYPES.get(event.type, "unknown"),
+                        "data_id": event.data_id,
+                        "data": Data(self._client, event.data).to_json(),
+                        "event_time": md.format_datetime(
+                            event.event_time.ToDatetime().replace(tzinfo=UTC)
+                        ),
+                        "resume_token": event.resume_token,
+                    }
+                return
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+            except MetalakeError as error:
+                failure = error
+            failures += 1
+            # Without a token, reopening would watch from a new "now" and could miss events.
+            if not token or failures >= MAX_ATTEMPTS or not is_retryable(failure):
+                raise failure from None
+            threading.Event().wait(_retry_delay(failures, failure))
+
+    def _read(self, method: Callable[..., _T], request: Any) -> _T:
+        """A unary call that stores nothing, retried while the server or its backends are away."""
+        return self._client.with_retries(functools.partial(self._client.call, method, request))
+
+    # Dataset snapshots.
+
+    def create_dataset(
+        self, name: str, filter: str | None = None, *, description: str = ""
+    ) -> Dataset:
+        """Freeze the items matching `filter` (every item when None) as the next version of
+        the dataset `name`; returns that version."""
+        request = pb.CreateDatasetRequest(name=name, filter=filter or "", description=description)
+        return Dataset(self._client.call(self._client._stub.CreateDataset, request).dataset)
+
+    def list_datasets(self, name: str | None = None) -> Iterator[Dataset]:
+        """Every dataset version (only those of `name` if given), by name, newest first."""
+        token = ""
+        while True:
+            request = pb.ListDatasetsRequest(name=name or "", page_size=1000, page_token=token)
+            page = self._read(self._client._stub.ListDatasets, request)
+            yield from (Dataset(message) for message in page.datasets)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_dataset(self, name: str, version: int = 0) -> Dataset:
+        """One version of a dataset; the latest when `version` is 0."""
+        request = pb.GetDatasetRequest(name=name, version=version)
+        return Dataset(self._read(self._client._stub.GetDataset, request).dataset)
+
+    def dataset_items(
+        self, name: str, version: int = 0, *, page_size: int = 1000
+    ) -> Iterator[Data]:
+        """The items of a version as they were frozen, in id order, page by page."""
+        token = ""
+        while True:
+            request = pb.ListDatasetItemsRequest(
+                name=name, version=version, page_size=page_size, page_token=token
+            )
+            page = self._read(self._client._stub.ListDatasetItems, request)
+            # Later pages must come from the version the first page resolved "latest" to.
+            version = page.version
+            yield from (Data(self._client, message) for message in page.data)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def diff_datasets(
+        self, name: str, from_version: int, to_version: int = 0
+    ) -> Iterator[DatasetChange]:
+        """What changed between two versions: added, removed and changed items, in id order."""
+        token = ""
+        while True:
+            request = pb.DiffDatasetsRequest(
+                name=name,
+                from_version=from_version,
+                to_version=to_version,
+                page_size=1000,
+                page_token=token,
+            )
+            page = self._read(self._client._stub.DiffDatasets, request)
+            for entry in page.entries:
+                yield DatasetChange(
+                    _CHANGES.get(entry.change, "unknown"),
+                    entry.data_id,
+                    Data(self._client, entry.before) if entry.HasField("before") else None,
+                    Data(self._client, entry.after) if entry.HasField("after") else None,
+                )
+            token = page.next_page_token
+            if not token:
+                return
+
+    def dataset_manifest(self, name: str, version: int = 0) -> bytes:
+        """A version's manifest: JSON Lines, UTF-8, keys sorted. The first line describes the
+        version, then one line per item (as Data.to_json) in id order. A version never changes,
+        so neither do these bytes: keep them beside a model to say what it was trained on."""
+        dataset = self.get_dataset(name, version)
+        lines = [_canonical_json({"format": MANIFEST_FORMAT, **dataset.to_json()})]
+        lines += [
+            _canonical_json(data.to_json()) for data in self.dataset_items(name, dataset.version)
+        ]
+        return "".join(line + "\n" for line in lines).encode()
+
+    def download_dataset(
+        self, name: str, directory: PathLike, version: int = 0
+    ) -> list[tuple[Data, Path]]:
+        """Download every item of a version into `directory`, each as `<id>_<filename>`,
+        verified like Data.download, in parallel; files already there with the right SHA-256
+        are kept (a rerun finishes an interrupted download). Writes `manifest.jsonl` beside
+        them. Returns each item with its path, in id order."""
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        dataset = self.get_dataset(name, version)
+        items = list(self.dataset_items(name, dataset.version))
+        stub = self._client._stub
+
+        def fetch(data: Data) -> tuple[Data, Path]:
+            path = target / f"{data.id}_{_local_name(data._message)}"
+            if path.is_file() and _file_sha256(path, path.stat().st_size)[0] == data.sha256:
+                return data, path
+
+            def opening(offset: int) -> Iterable[Any]:
+                request = pb.DownloadDatasetItemRequest(
+                    name=name, version=dataset.version, data_id=data.id, read_offset=offset
+                )
+                return self._client.call(stub.DownloadDatasetItem, request)
+
+            return data, _download(self._client, data.id, path, opening)
+
+        workers = max(1, min(self._client._max_workers, len(items)))
+        with concurrent.futures.ThreadPoolExecutor(workers, "metalake-download") as pool:
+            written = list(pool.map(fetch, items))
+        manifest = self.dataset_manifest(name, dataset.version)
+        (target / "manifest.jsonl").write_bytes(manifest)
+        return written
+
+    # Near-duplicates.
+
+    def find_similar(
+        self,
+        data_id: str | None = None,
+        *,
+        image: PathLike | bytes | None = None,
+        max_distance: int | None = None,
+        filter: str | None = None,
+        include_mirrored: bool = True,
+        page_size: int = 100,
+    ) -> Iterator[Similar]:
+        """Images that look like the item `data_id`, or like `image` (a path or bytes, at most
+        4 MiB): within `max_distance` bits of its perceptual hash (the server's default, 8,
+        when None), closest first; mirror images match unless include_mirrored=False."""
+        if (data_id is None) == (image is None):
+            raise ValueError("give exactly one of data_id and image")
+        request = pb.FindSimilarRequest(
+            filter=filter or "", page_size=page_size, exclude_mirrored=not include_mirrored
+        )
+        if data_id is not None:
+            request.id = data_id
+        else:
+            assert image is not None
+            request.image = image if isinstance(image, bytes) else Path(image).read_bytes()
+        if max_distance is not None:
+            request.max_distance = max_distance
+        while True:
+            page = self._read(self._client._stub.FindSimilar, request)
+            for result in page.results:
+                yield Similar(Data(self._client, result.data), result.distance, result.mirrored)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def find_duplicates(
+        self, filter: str | None = None, *, max_distance: int | None = None
+    ) -> list[list[Data]]:
+        """Groups of near-duplicate images among the items matching `filter`: each group is
+        every item linked to another of the group by a distance within `max_distance`, in id
+        order; groups by their first id. One FindSimilar call per image."""
+        images = (
+            f'({filter}) AND content_type = "image/*"' if filter else 'content_type = "image/*"'
+        )
+        items = {data.id: data for data in self.list_data(images, page_size=1000)}
+        parent = {data_id: data_id for data_id in items}
+
+        def root(data_id: str) -> str:
+            while parent[data_id] != data_id:
+                parent[data_id] = parent[parent[data_id]]
+                data_id = parent[data_id]
+            return data_id
+
+        for data_id in items:
+            try:
+                similar = list(self.find_similar(data_id, max_distance=max_distance, filter=filter))
+            except InvalidArgumentError:
+                continue  # not an image the server can read
+            for other in similar:
+                if other.data.id in parent:
+                    parent[root(other.data.id)] = root(data_id)
+        groups: dict[str, list[Data]] = {}
+        for data_id in sorted(items):
+            groups.setdefault(root(data_id), []).append(items[data_id])
+        return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0].id)
+
+    # Webhooks (admin tokens).
+
+    def add_webhook(
+        self,
+        url: str,
+        events: Iterable[str] = ("created", "updated", "deleted"),
+        *,
+        filter: str | None = None,
+    ) -> Webhook:
+        """Register an endpoint for the organization's changes; the returned Webhook's `secret`
+        (whsec_...) is shown this once: receivers verify signatures with it."""
+        names = list(events)
+        unknown = [name for name in names if name not in _EVENT_NUMBERS]
+        if unknown or not names:
+            raise ValueError(
+                f"events must be some of {', '.join(_EVENT_NUMBERS)}; got {', '.join(names)}"
+            )
+        request = pb.CreateWebhookRequest(
+            url=url, event_types=[_EVENT_NUMBERS[n] for n in names], filter=filter or ""
+        )
+        response = self._client.call(self._client._stub.CreateWebhook, request)
+        return Webhook(response.webhook, secret=response.secret)
+
+    def list_webhooks(self) -> list[Webhook]:
+        response = self._read(self._client._stub.ListWebhooks, pb.ListWebhooksRequest())
+        return [Webhook(message) for message in response.webhooks]
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._client.call(self._client._stub.DeleteWebhook, pb.DeleteWebhookRequest(id=webhook_id))
+
+    def webhook_deliveries(self, webhook_id: str) -> Iterator[WebhookDelivery]:
+        """A webhook's delivery log, newest first, page by page."""
+        token = ""
+        while True:
+            request = pb.ListWebhookDeliveriesRequest(
+                webhook_id=webhook_id, page_size=100, page_token=token
+            )
+            page = self._read(self._client._stub.ListWebhookDeliveries, request)
+            yield from (WebhookDelivery(message) for message in page.deliveries)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def test_webhook(self, webhook_id: str) -> WebhookDelivery:
+        """Send a test event now; the delivery after its first attempt."""
+        response = self._client.call(
+            self._client._stub.TestWebhook, pb.TestWebhookRequest(id=webhook_id)
+        )
+        return WebhookDelivery(response.delivery)
 
     def extract_metadata(self, path: PathLike) -> tuple[md.MetadataDict, dict[str, str]]:
         """What fill_metadata would fill for this file, and which extractor found each value."""
@@ -645,7 +917,10 @@ class Datalake:
             for chunk in _chunks(path, 0, None):
                 yield pb.ExtractMetadataRequest(chunk=chunk)
 
-        response = self._client.call(self._client._stub.ExtractMetadata, requests())
+        # Nothing is stored: a retry after the server or its backends were away is safe.
+        response = self._client.with_retries(
+            lambda: self._client.call(self._client._stub.ExtractMetadata, requests())
+        )
         values, _ = md.from_proto(response.metadata)
         return values, dict(response.metadata_sources)
 
@@ -777,8 +1052,7 @@ class Data:
         return hash(self.id)
 
     def refresh(self) -> Data:
-        response = self._client.call(self._client._stub.GetData, pb.GetDataRequest(id=self.id))
-        self._load(response.data)
+        self._load(_get(self._client, self.id))
         return self
 
     def update_metadata(
@@ -860,11 +1134,175 @@ class Data:
         }
 
 
+@dataclass(frozen=True)
+class Similar:
+    """An image close to a query: its Data, the Hamming distance between the perceptual
+    hashes, and whether it is closest to the query's mirror image (a flipped copy)."""
+
+    data: Data
+    distance: int
+    mirrored: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"distance": self.distance, "mirrored": self.mirrored, **self.data.to_json()}
+
+
+class Webhook:
+    """An HTTP endpoint receiving the organization's changes. `secret` is set only on the
+    object add_webhook returns."""
+
+    def __init__(self, message: pb.Webhook, *, secret: str = "") -> None:
+        self.id: str = message.id
+        self.url: str = message.url
+        self.events: list[str] = [_EVENT_TYPES.get(e, "unknown") for e in message.event_types]
+        self.filter: str = message.filter
+        self.created_at: datetime = message.created_at.ToDatetime().replace(tzinfo=UTC)
+        self.secret: str = secret
+
+    def __repr__(self) -> str:
+        return f"<Webhook {self.id} {self.url} {','.join(self.events)}>"
+
+    def to_json(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "url": self.url,
+            "events": self.events,
+            "filter": self.filter,
+            "created_at": md.format_datetime(self.created_at),
+        }
+        if self.secret:
+            payload["secret"] = self.secret
+        return payload
+
+
+class WebhookDelivery:
+    """One event for one webhook: `status` is pending, delivered or failed."""
+
+    def __init__(self, message: pb.WebhookDelivery) -> None:
+        def when(field: str) -> datetime | None:
+            if not message.HasField(field):  # type: ignore[arg-type]
+                return None
+            value: datetime = getattr(message, field).ToDatetime().replace(tzinfo=UTC)
+            return value
+
+        self.id: str = message.id
+        self.webhook_id: str = message.webhook_id
+        self.event_type: str = message.event_type
+        self.data_id: str = message.data_id
+        self.status: str = _DELIVERY_STATUSES.get(message.status, "unknown")
+        self.attempts: int = message.attempts
+        self.created_at: datetime | None = when("created_at")
+        self.next_attempt_at: datetime | None = when("next_attempt_at")
+        self.last_attempt_at: datetime | None = when("last_attempt_at")
+        self.response_status: int | None = (
+            message.response_status if message.HasField("response_status") else None
+        )
+        self.error: str = message.error
+
+    def __repr__(self) -> str:
+        return f"<WebhookDelivery {self.id} {self.event_type} {self.status}>"
+
+    def to_json(self) -> dict[str, Any]:
+        def text(value: datetime | None) -> str | None:
+            return md.format_datetime(value) if value is not None else None
+
+        return {
+            "id": self.id,
+            "webhook_id": self.webhook_id,
+            "event_type": self.event_type,
+            "data_id": self.data_id,
+            "status": self.status,
+            "attempts": self.attempts,
+            "created_at": text(self.created_at),
+            "next_attempt_at": text(self.next_attempt_at),
+            "last_attempt_at": text(self.last_attempt_at),
+            "response_status": self.response_status,
+            "error": self.error,
+        }
+
+
+_DELIVERY_STATUSES = {
+    pb.DELIVERY_STATUS_PENDING: "pending",
+    pb.DELIVERY_STATUS_DELIVERED: "delivered",
+    pb.DELIVERY_STATUS_FAILED: "failed",
+}
+
+
+MANIFEST_FORMAT = "metalake-dataset-manifest/1"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One immutable version of a named dataset."""
+
+    name: str
+    version: int
+    filter: str
+    description: str
+    created_at: datetime
+    item_count: int
+    total_size: int
+
+    def __init__(self, message: pb.DatasetVersion) -> None:
+        values = {
+            "name": message.name,
+            "version": message.version,
+            "filter": message.filter,
+            "description": message.description,
+            "created_at": message.created_at.ToDatetime().replace(tzinfo=UTC),
+            "item_count": message.item_count,
+            "total_size": message.total_size,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "filter": self.filter,
+            "description": self.description,
+            "created_at": md.format_datetime(self.created_at),
+            "item_count": self.item_count,
+            "total_size": self.total_size,
+        }
+
+
+@dataclass(frozen=True)
+class DatasetChange:
+    """One item that differs between two versions: `change` is added, removed or changed."""
+
+    change: str
+    data_id: str
+    before: Data | None
+    after: Data | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "change": self.change,
+            "data_id": self.data_id,
+            "before": self.before.to_json() if self.before else None,
+            "after": self.after.to_json() if self.after else None,
+        }
+
+
+_CHANGES = {
+    pb.DATASET_CHANGE_ADDED: "added",
+    pb.DATASET_CHANGE_REMOVED: "removed",
+    pb.DATASET_CHANGE_CHANGED: "changed",
+}
+
+
+def _canonical_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 _EVENT_TYPES = {
     pb.EVENT_TYPE_CREATED: "created",
     pb.EVENT_TYPE_UPDATED: "updated",
     pb.EVENT_TYPE_DELETED: "deleted",
 }
+_EVENT_NUMBERS = {name: number for number, name in _EVENT_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -998,43 +1436,109 @@ def _file_sha256(path: Path, length: int) -> tuple[str, hashlib._Hash]:
     return digest.hexdigest(), digest
 
 
-def _download(client: Client, data_id: str, target: Path) -> Path:
-    """DownloadData into `target` through a temporary file beside it, checked against the Data
-    of the stream's first message before it is renamed into place."""
-    stream = client.call(client._stub.DownloadData, pb.DownloadDataRequest(id=data_id))
+def _get(client: Client, data_id: str) -> pb.Data:
+    """GetData, retried while the server or its backends are away (reads are safe to retry)."""
+    request = pb.GetDataRequest(id=data_id)
+    return client.with_retries(lambda: client.call(client._stub.GetData, request).data)
+
+
+def _download(
+    client: Client,
+    data_id: str,
+    target: Path,
+    opening: Callable[[int], Iterable[Any]] | None = None,
+) -> Path:
+    """DownloadData (or the stream `opening` starts from a byte offset: DownloadDatasetItem)
+    into `target` through a temporary file beside it, checked against the Data of the stream's
+    first message before it is renamed into place. A stream that breaks (UNAVAILABLE: the
+    server or its bucket away) is resumed from the bytes kept."""
+    download = _Download(client, data_id, target, opening)
     try:
-        messages = iter(stream)
-        first = next(messages, None)
-        if first is None or not first.HasField("data"):
-            raise IntegrityError(f"the download of {data_id} did not start with the item")
-        expected = first.data
-        if target.is_dir():
-            target = target / _local_name(expected)
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-        digest, size = hashlib.sha256(), 0
-        try:
-            with partial.open("wb") as handle:
-                for message in messages:
-                    digest.update(message.chunk)
-                    size += len(message.chunk)
-                    handle.write(message.chunk)
-            # An empty sha256: an object registered in place, never read whole by the server.
-            if size != expected.size or digest.hexdigest() != (
-                expected.sha256 or digest.hexdigest()
-            ):
-                raise IntegrityError(
-                    f"the download of {data_id} does not match what the server announced: "
-                    f"got {size} bytes with sha256 {digest.hexdigest()}, expected "
-                    f"{expected.size} bytes with sha256 {expected.sha256}"
-                )
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
+        client.with_retries(download.attempt)
+        return download.finish()
     finally:
-        _cancel(stream)  # a no-op when complete; frees the stream when we stopped early
-    return target
+        download.discard()
+
+
+class _Download:
+    """One download's state across the attempts that resume it."""
+
+    def __init__(
+        self,
+        client: Client,
+        data_id: str,
+        target: Path,
+        opening: Callable[[int], Iterable[Any]] | None = None,
+    ) -> None:
+        self._client = client
+        self._data_id = data_id
+        self._opening = opening
+        self.target = target
+        self._expected: pb.Data | None = None
+        self._partial: Path | None = None
+        self._handle: BinaryIO | None = None
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def attempt(self) -> None:
+        client = self._client
+        stream: Any
+        if self._opening is not None:
+            stream = self._opening(self._size)
+        else:
+            request = pb.DownloadDataRequest(id=self._data_id, read_offset=self._size)
+            stream = client.call(client._stub.DownloadData, request)
+        try:
+            messages = iter(stream)
+            first = next(messages, None)
+            if first is None or not first.HasField("data"):
+                raise IntegrityError(f"the download of {self._data_id} did not start with the item")
+            handle = self._open(first.data)
+            for message in messages:
+                self._digest.update(message.chunk)
+                self._size += len(message.chunk)
+                handle.write(message.chunk)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            _cancel(stream)  # a no-op when complete; frees the stream when we stopped early
+
+    def _open(self, announced: pb.Data) -> BinaryIO:
+        if self._expected is None:
+            self._expected = announced
+            if self.target.is_dir():
+                self.target = self.target / _local_name(announced)
+            name = f".{self.target.name}.{uuid.uuid4().hex[:8]}.part"
+            self._partial = self.target.with_name(name)
+            self._handle = self._partial.open("wb")
+        elif (announced.size, announced.sha256) != (self._expected.size, self._expected.sha256):
+            raise IntegrityError(
+                f"the content of {self._data_id} changed while it was downloaded: download again"
+            )
+        assert self._handle is not None
+        return self._handle
+
+    def finish(self) -> Path:
+        assert self._expected is not None
+        assert self._handle is not None
+        assert self._partial is not None
+        self._handle.close()
+        expected, digest = self._expected, self._digest.hexdigest()
+        # An empty sha256: an object registered in place, never read whole by the server.
+        if self._size != expected.size or digest != (expected.sha256 or digest):
+            raise IntegrityError(
+                f"the download of {self._data_id} does not match what the server announced: "
+                f"got {self._size} bytes with sha256 {digest}, expected "
+                f"{expected.size} bytes with sha256 {expected.sha256}"
+            )
+        self._partial.replace(self.target)
+        return self.target
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
 
 
 def _cancel(call: grpc.RpcContext) -> None:
@@ -1054,6 +1558,8 @@ def _chunks(path: Path, offset: int, report: Callable[[int, int], None] | None) 
     with path.open("rb") as handle:
         handle.seek(offset)
         position = offset
+        if report is not None:
+            report(offset, offset)  # where this run starts: bytes before it are not its own
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
             if report is not None:

@@ -17,12 +17,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
+if TYPE_CHECKING:
+    # Only to_proto/from_proto need protobuf, and import it when called: the model itself (and
+    # metalake.plugin, built on it) imports no protobuf and no gRPC.
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.timestamp_pb2 import Timestamp
 
-from metalake.v1 import datalake_pb2 as pb
+    from metalake.v1 import datalake_pb2 as pb
 
 FIELDS: tuple[str, ...] = (
     "latitude",
@@ -191,6 +194,8 @@ def to_jsonable(values: Mapping[str, MetadataValue]) -> dict[str, float | str]:
 
 def to_proto(values: Mapping[str, MetadataValue]) -> pb.Metadata:
     """Build the protobuf message; the values must already be valid."""
+    from metalake.v1 import datalake_pb2 as pb
+
     message = pb.Metadata()
     for field, value in values.items():
         if isinstance(value, datetime):

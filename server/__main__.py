@@ -1,7 +1,27 @@
 """`python -m metalake.server`: serve with settings from the environment, like `metalake serve`."""
 
-from metalake.server.app import serve_forever
-from metalake.server.config import Settings
+import argparse
+import sys
+
+
+def serve(_: argparse.Namespace) -> int:
+    from metalake.server.app import serve_forever
+    from metalake.server.config import Settings
+
+    serve_forever(Settings.from_env())
+    return 0
+
+
+def main() -> int:
+    # Like `metalake serve`: without the server extra, one line saying what to install.
+    from metalake.cli_server import ServerNotInstalledError, server_command
+
+    try:
+        return server_command(serve)(argparse.Namespace())
+    except ServerNotInstalledError as error:
+        print(f"python -m metalake.server: {error}", file=sys.stderr)
+        return 2
+
 
 if __name__ == "__main__":
-    serve_forever(Settings.from_env())
+    sys.exit(main())

@@ -1,7 +1,8 @@
-"""Operator commands that act on the datalake a server uses: migrate, gc, token.
+"""Operator commands that act on the datalake a server uses: migrate, gc, token, org.
 
 They read the same settings as `metalake serve` (METALAKE_DATA_DIR, METALAKE_CATALOG_URL, ...,
-or --data-dir / --catalog-url), so they reach the catalog the servers share.
+or --data-dir / --catalog-url), so they reach the catalog the servers share. Their arguments are
+declared in metalake.cli_server, so that the command line is built without importing the server.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import json
 from dataclasses import asdict
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from metalake.metadata import format_datetime
@@ -21,82 +21,6 @@ from metalake.server.config import Settings
 from metalake.server.schema_versions import schema_revision
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    migrate = subparsers.add_parser(
-        "migrate",
-        help="bring the catalog's schema up to date",
-        description="Apply the catalog migrations this metalake ships (idempotent).",
-        epilog="example: METALAKE_CATALOG_URL=postgresql://metalake@db/metalake metalake migrate",
-    )
-    _storage_options(migrate)
-    migrate.set_defaults(func=_migrate)
-
-    gc = subparsers.add_parser(
-        "gc",
-        help="reclaim expired uploads and orphaned bytes",
-        description="Delete expired resumable uploads and blobs no item refers to. Servers "
-        "also do this at start-up and every 10 minutes.",
-        epilog="example: metalake gc --orphan-age 3600",
-    )
-    _storage_options(gc)
-    gc.add_argument(
-        "--orphan-age",
-        type=float,
-        default=3600.0,
-        help="seconds a blob without an item must have existed to be deleted (default 3600)",
-    )
-    gc.set_defaults(func=_gc)
-
-    token = subparsers.add_parser(
-        "token",
-        help="create, list and revoke API tokens",
-        description="API tokens, stored (as hashes) in the catalog the servers use. Once any "
-        "token exists, every call needs one.",
-    )
-    actions = token.add_subparsers(dest="token_action", required=True)
-    create = actions.add_parser(
-        "create",
-        help="create a token and print it (once)",
-        epilog="example: metalake token create --org acme --role write --description drone-7",
-    )
-    create.add_argument("--org", required=True, help="organization the token acts for")
-    create.add_argument("--role", required=True, choices=["read", "write", "admin"])
-    create.add_argument("--description", default="", help="a note to recognise it by")
-    create.set_defaults(func=_token_create)
-    listing = actions.add_parser("list", help="list tokens (never their secrets)")
-    listing.set_defaults(func=_token_list)
-    revoke = actions.add_parser("revoke", help="revoke a token by id")
-    revoke.add_argument("token_id")
-    revoke.set_defaults(func=_token_revoke)
-    for parser in (create, listing, revoke):
-        _storage_options(parser)
-    add_org_commands(subparsers)
-
-
-def add_org_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    org = subparsers.add_parser(
-        "org",
-        help="an organization's usage and limits",
-        description="Show or set an organization's storage quota and maximum file size.",
-    )
-    actions = org.add_subparsers(dest="org_action", required=True)
-    show = actions.add_parser("show", help="usage and limits of an organization")
-    show.add_argument("org")
-    show.set_defaults(func=_org_show)
-    limits = actions.add_parser(
-        "limits",
-        help="set an organization's limits (omitted: the server's defaults)",
-        epilog="example: metalake org limits acme --storage-quota 500000000000 "
-        "--max-file-size 2000000000",
-    )
-    limits.add_argument("org")
-    limits.add_argument("--max-file-size", type=int, help="bytes")
-    limits.add_argument("--storage-quota", type=int, help="bytes")
-    limits.set_defaults(func=_org_limits)
-    for parser in (show, limits):
-        _storage_options(parser)
 
 
 def _org_show(args: argparse.Namespace) -> int:
@@ -132,13 +56,6 @@ def _with_catalog(args: argparse.Namespace, action: Any) -> Any:
             await catalog.close()
 
     return asyncio.run(run())
-
-
-def _storage_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help="embedded data directory (METALAKE_DATA_DIR)")
-    parser.add_argument("--catalog-url", help="catalog URL (METALAKE_CATALOG_URL)")
-    if not any(a.dest == "json" for a in parser._actions):
-        parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -17,12 +17,16 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from metalake._version import __version__
 from metalake.extractors.registry import ExtractorRegistry
 from metalake.server.auth import AuthInterceptor, Tokens
 from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
+from metalake.server.datadir import DataDirectoryLock
 from metalake.server.datalake import Datalake, Limits
+from metalake.server.datasets import Datasets
+from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
 from metalake.server.observability import (
     ObservabilityInterceptor,
@@ -31,9 +35,14 @@ from metalake.server.observability import (
 )
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
+from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds between looks for new images to hash when there were none (near-duplicate search).
+HASH_INTERVAL = 1.0
 
 SERVICE_NAME = datalake_pb2.DESCRIPTOR.services_by_name["DatalakeService"].full_name
 
@@ -46,6 +55,9 @@ class RunningServer:
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    data_dir_lock: DataDirectoryLock | None = None  # held while serving
+    similarity: Similarity | None = None
+    webhooks: Webhooks | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Drain, then stop: health turns NOT_SERVING and new uploads are refused (UNAVAILABLE)
@@ -54,31 +66,50 @@ class RunningServer:
         self.datalake.start_draining()
         for task in self.background:
             task.cancel()
+        # Let them finish cancelling on this loop, not be destroyed half-way when it closes.
+        await asyncio.gather(*self.background, return_exceptions=True)
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
         await self.server.stop(grace=1.0)
+        if self.webhooks is not None:
+            self.webhooks.close()
         await self.datalake.catalog.close()
+        if self.data_dir_lock is not None:
+            self.data_dir_lock.release()
 
 
-def build_datalake(settings: Settings) -> Datalake:
+def prepare(settings: Settings) -> DataDirectoryLock:
+    """What a supervisor (metalake.server.workers) does once before starting its workers:
+    migrate the catalog (when asked, or the embedded default) and discard what a dead process
+    left half-written in the data directory, unless another live process uses it. Returns the
+    data directory's lock, held shared: the supervisor keeps it for its life, and its workers
+    take theirs beside it (a server with one process does all this in `start`)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     catalog_url, migrate = settings.catalog()
     catalog = SqlCatalog.open(catalog_url, migrate=migrate)
-    blobs: BlobStore
+    asyncio.run(catalog.close())
+    return _discard_leftovers(settings, open_blob_store(settings))
+
+
+def open_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_url:
         # data_dir still holds this server's spool and resumable staging.
-        blobs = S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
-    else:
-        blobs = LocalBlobStore(settings.data_dir)
-    # Each server has its own data directory (spool, staging), so whatever a previous process
-    # of this server left half-written there is garbage now.
-    discarded = blobs.discard_spooled()
-    if discarded:
-        log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+        return S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
+    return LocalBlobStore(settings.data_dir)
+
+
+def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datalake:
+    """The datalake on the configured catalog and blob store; `migrate` overrides the
+    settings' choice (workers do not migrate: their supervisor did)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog_url, migrate_by_default = settings.catalog()
+    catalog = SqlCatalog.open(
+        catalog_url, migrate=migrate_by_default if migrate is None else migrate
+    )
     return Datalake(
         catalog,
-        blobs,
+        open_blob_store(settings),
         extractor=load_extractor(),
         spool_dir=settings.data_dir / "tmp",
         extract_timeout=settings.extract_timeout,
@@ -101,6 +132,15 @@ def load_extractor() -> MetadataExtractor:
     return registry
 
 
+# HTTP/2 flow control: a fixed window of 4 MiB per stream instead of gRPC's default, which
+# starts at 64 KiB and grows with its bandwidth-delay estimate. Growing, the window let a
+# server whose disk stalled for a moment buffer more the longer an upload ran: the peak memory
+# of one 1 GiB upload varied from 114 to 130 MiB over six runs, 113 to 116 MiB with this fixed
+# window, at no cost in throughput here. The cost is on long, fast links: one upload's stream
+# moves at most 4 MiB per round trip (40 MiB/s at 100 ms); concurrent uploads each have theirs.
+TRANSPORT_OPTIONS = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024))
+
+
 class StartupError(RuntimeError):
     """The server refuses to start as configured; the message says why and what to do."""
 
@@ -113,16 +153,27 @@ def is_loopback(listen: str) -> bool:
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
-async def start(settings: Settings) -> RunningServer:
-    """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port)."""
+async def start(settings: Settings, *, worker: int | None = None) -> RunningServer:
+    """Start serving `settings.listen` (port 0 picks a free port, see RunningServer.port).
+
+    As `worker` i of a supervisor (metalake.server.workers), the supervisor has done the
+    start-up work (`prepare`), and only worker 0 collects garbage. Every server process binds
+    its port with SO_REUSEPORT, so that a supervisor's workers share one port.
+    """
     # Catalog and blob calls run in worker threads; asyncio's default pool (a handful of
     # threads on a small machine) would make concurrent uploads queue behind each other.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
     )
-    datalake = build_datalake(settings)
+    if worker is None:
+        datalake = build_datalake(settings)
+        data_dir_lock = _discard_leftovers(settings, datalake.blobs)
+    else:  # the supervisor migrated and discarded leftovers; its lock stands beside this one
+        datalake = build_datalake(settings, migrate=False)
+        data_dir_lock = DataDirectoryLock(settings.data_dir, shared=True)
     tokens = Tokens(datalake.catalog, cache_seconds=settings.auth_cache_seconds)
     if not (is_loopback(settings.listen) or settings.insecure_no_auth or await tokens.required()):
+        data_dir_lock.release()
         await datalake.catalog.close()
         raise StartupError(
             f"refusing to serve {settings.listen} without authentication: no API token exists. "
@@ -130,8 +181,27 @@ async def start(settings: Settings) -> RunningServer:
             "settings), listen on loopback, or pass --insecure-no-auth to serve anyone."
         )
     # Outermost first: every call, refused ones included, gets a request id and is counted.
-    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)])
-    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(DatalakeServicer(datalake), server)
+    server = grpc.aio.server(
+        interceptors=[ObservabilityInterceptor(), AuthInterceptor(tokens)],
+        options=[("grpc.so_reuseport", 1), *TRANSPORT_OPTIONS],
+    )
+    assert isinstance(datalake.catalog, SqlCatalog)
+    datasets = Datasets(
+        datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
+    )
+    similarity = Similarity(datalake.catalog, datalake.blobs, spool_dir=settings.data_dir / "tmp")
+    webhooks = Webhooks(
+        datalake.catalog,
+        DeliverySettings(
+            timeout=settings.webhook_timeout,
+            retry_base=settings.webhook_retry_base,
+            retry_for=settings.webhook_retry_for,
+            keep_for=settings.event_retention,
+        ),
+    )
+    datalake_pb2_grpc.add_DatalakeServiceServicer_to_server(
+        DatalakeServicer(datalake, datasets, similarity, webhooks), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -148,10 +218,63 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    collector = asyncio.create_task(
-        _collect_garbage(datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age))
+    background = []
+    if not worker:  # one collector per server is enough; several would race for the same work
+        background.append(
+            asyncio.create_task(
+                _collect_garbage(
+                    datalake, settings.gc_interval, timedelta(seconds=settings.orphan_age)
+                )
+            )
+        )
+
+    async def set_serving(serving: bool) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, state)
+
+    # Every worker probes: each answers health checks for the connections it was given.
+    background.append(
+        asyncio.create_task(
+            watch_catalog(datalake.catalog.ping, set_serving, interval=settings.health_interval)
+        )
     )
-    return RunningServer(server, port, datalake, health_servicer, tokens, [collector])
+    if not worker:  # per server, like the collector: workers would each do the same work
+        if settings.hash_images:
+            background.append(asyncio.create_task(keep_hashing(similarity, HASH_INTERVAL)))
+        # Deliveries run beside the request path, on threads of their own (see server.webhooks).
+        background.append(asyncio.create_task(keep_delivering(webhooks, settings.webhook_interval)))
+    return RunningServer(
+        server,
+        port,
+        datalake,
+        health_servicer,
+        tokens,
+        background,
+        data_dir_lock,
+        similarity,
+        webhooks,
+    )
+
+
+def _discard_leftovers(settings: Settings, blobs: BlobStore) -> DataDirectoryLock:
+    """Discard what a dead process left half-written in the data directory (spool, scratch,
+    S3 multipart uploads it began), unless another live process uses the directory. Not in
+    build_datalake: `metalake gc` builds one too, beside a server whose uploads are running."""
+    lock = DataDirectoryLock(settings.data_dir)
+    try:
+        if lock.alone:
+            discarded = blobs.discard_spooled()
+            if discarded:
+                log.info("discarded %d unfinished upload(s) left by a previous run", discarded)
+        else:
+            log.info("another live process uses %s: leaving its uploads", settings.data_dir)
+    finally:
+        lock.share()
+    return lock
+
+
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
@@ -193,15 +316,28 @@ def tune_malloc() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # from glibc's malloc.h
     mallopt(m_mmap_threshold, 64 * 1024 * 1024)
     mallopt(m_trim_threshold, 256 * 1024 * 1024)
+    # glibc gives threads arenas of their own (up to 8 per core): a freed buffer stays in the
+    # arena of the thread that allocated it, and with dozens of threads (gRPC's, the I/O pool)
+    # the kept buffers multiplied, more the longer an upload ran. One arena keeps the peak of
+    # a 4 GiB upload at that of a 1 GiB one (1.21-1.33x with the default, 0.96-0.99x with one
+    # arena, 0.95-1.12x with two; docs/operations.md). Python's own small objects do not use
+    # malloc's arenas, so threads contend only for large buffers, a few thousand a second.
+    mallopt(m_arena_max, 1)
 
 
 def serve_forever(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM, then drain in-flight calls."""
-    tune_malloc()
+    """Serve until SIGINT or SIGTERM, then drain in-flight calls: in this process, or with
+    `settings.workers` > 1 in that many worker processes under a supervisor (this one)."""
     configure_logging()
+    if settings.workers > 1:
+        from metalake.server.workers import supervise
+
+        supervise(settings)
+        return
+    tune_malloc()
     if settings.metrics_listen:
         start_metrics_server(settings.metrics_listen)
         log.info("metrics on http://%s/metrics", settings.metrics_listen)
@@ -212,7 +348,11 @@ async def _serve(settings: Settings) -> None:
     running = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "metalake serving on %s:%d, data in %s", host, running.port, settings.data_dir.resolve()
+        "metalake serving on %s:%d, data in %s, version %s",
+        host,
+        running.port,
+        settings.data_dir.resolve(),
+        __version__,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import time
@@ -18,11 +19,16 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from metalake.server.calls import Behaviour, Handler, abort, rebuild_handler, status
 from metalake.server.catalog import Catalog, TokenRecord
+from metalake.server.errors import UnavailableError
+from metalake.server.faults import backend_fault
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ORG = "default"
 SERVICE_PREFIX = "/metalake.v1.DatalakeService/"
@@ -30,13 +36,6 @@ ORG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # How long a token check, or the answer to "are there tokens at all", is reused. A revoked token
 # stops working on every server within this time; no server keeps anything else.
 CACHE_SECONDS = 5.0
-
-
-if TYPE_CHECKING:  # grpc-stubs makes it generic; the runtime class is not subscriptable
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-Behaviour = Callable[..., Any]
 
 
 class Role(IntEnum):
@@ -68,6 +67,19 @@ REQUIRED_ROLE: dict[str, Role] = {
     "WriteUpload": Role.WRITE,
     "UpdateMetadata": Role.WRITE,
     "DeleteData": Role.WRITE,
+    "CreateDataset": Role.WRITE,
+    "ListDatasets": Role.READ,
+    "GetDataset": Role.READ,
+    "ListDatasetItems": Role.READ,
+    "DiffDatasets": Role.READ,
+    "DownloadDatasetItem": Role.READ,
+    "FindSimilar": Role.READ,
+    # Webhooks send the organization's data elsewhere: admin only.
+    "CreateWebhook": Role.ADMIN,
+    "ListWebhooks": Role.ADMIN,
+    "DeleteWebhook": Role.ADMIN,
+    "ListWebhookDeliveries": Role.ADMIN,
+    "TestWebhook": Role.ADMIN,
 }
 
 
@@ -187,10 +199,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = details.method or ""
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        if not await self._tokens.required():
-            return handler
-        token = bearer_token(details.invocation_metadata)
-        caller = await self._tokens.check(token) if token else None
+        try:
+            if not await self._tokens.required():
+                return handler
+            token = bearer_token(details.invocation_metadata)
+            caller = await self._tokens.check(token) if token else None
+        except Exception as error:
+            fault = backend_fault(error)
+            if fault is None:
+                raise
+            # The catalog holds the tokens: without it no call can be authenticated, for now.
+            log.warning("%s: %s (%s: %s)", method, fault, type(error).__name__, error)
+            code = (
+                grpc.StatusCode.UNAVAILABLE
+                if isinstance(fault, UnavailableError)
+                else grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            return _refusal(handler, code, str(fault), retry_after=fault.retry_after)
         if caller is None:
             return _refusal(
                 handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API token is required"
@@ -227,54 +252,22 @@ def _as_caller(handler: Handler, caller: Caller) -> Handler:
     return rebuild_handler(handler, unary, streaming)
 
 
-def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
-    def refuse(_: Callable[..., Any]) -> Callable[..., Any]:
+def _refusal(
+    handler: Handler, code: grpc.StatusCode, message: str, *, retry_after: float | None = None
+) -> Handler:
+    refusal = status(code, message, retry_after=retry_after)
+
+    def refuse(_: Behaviour) -> Behaviour:
         async def run(request: Any, context: Any) -> Any:
-            await context.abort(code, message, _trailing())
+            await abort(context, refusal)
 
         return run
 
-    def refuse_streaming(_: Callable[..., Any]) -> Callable[..., Any]:
+    def refuse_streaming(_: Behaviour) -> Behaviour:
         async def run(request: Any, context: Any) -> Any:
-            await context.abort(code, message, _trailing())
+            await abort(context, refusal)
             yield  # pragma: no cover - abort raises; this makes a generator
 
         return run
 
     return rebuild_handler(handler, refuse, refuse_streaming)
-
-
-def _trailing() -> tuple[tuple[str, str], ...]:
-    # Aborting replaces the trailing metadata: keep the request id the observability
-    # interceptor put there. Imported here because observability builds on this module.
-    from metalake.server.observability import REQUEST_ID_KEY, current_request_id
-
-    return ((REQUEST_ID_KEY, current_request_id()),)
-
-
-def rebuild_handler(
-    handler: Handler,
-    unary_response: Callable[[Behaviour], Behaviour],
-    stream_response: Callable[[Behaviour], Behaviour],
-    wrap_deserializer: Callable[[Any], Any] | None = None,
-) -> Handler:
-    # grpc-stubs types the behaviours as synchronous; on an aio server they are coroutines.
-    h: Any = handler
-    deserialize, serialize = h.request_deserializer, h.response_serializer
-    if wrap_deserializer is not None:
-        deserialize = wrap_deserializer(deserialize)
-    if h.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary_response(h.unary_unary), deserialize, serialize
-        )
-    if h.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary_response(h.stream_unary), deserialize, serialize
-        )
-    if h.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            stream_response(h.unary_stream), deserialize, serialize
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        stream_response(h.stream_stream), deserialize, serialize
-    )

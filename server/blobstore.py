@@ -8,11 +8,14 @@ visible under any key, so a reader never sees half a blob.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
+import shutil
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -54,6 +57,10 @@ class BlobStore(Protocol):
         """Start a new blob; with `spool`, its bytes are also readable at `spool_path` (for the
         extractors) until commit or abort."""
 
+    async def put(self, key: str, data: bytes) -> None:
+        """Store a small blob held in memory, whose SHA-256 is `key`, durably and in one step:
+        what a writer's write and commit do, without a spool file."""
+
     def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
 
@@ -83,9 +90,10 @@ class BlobStore(Protocol):
     def staged_upload_ids(self) -> list[str]:
         """Blocking: the ids of every upload with a staging file."""
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking: remove what uploads of a previous process left half-written; only safe
-        while this server runs no upload, i.e. at start-up."""
+        while this server runs no upload, i.e. at start-up. With `owner`, only what the
+        process with that pid left (a dead worker of a running server)."""
 
     def discard_abandoned(self, older_than: datetime) -> int:
         """Blocking: remove bytes of uploads begun before `older_than` and never finished (by
@@ -101,25 +109,20 @@ class LocalBlobStore:
         self._uploads = root / "uploads"
         for directory in (self._blobs, self._tmp, self._uploads):
             directory.mkdir(parents=True, exist_ok=True)
+        # Blob directories known to exist (none is ever removed): no mkdir per blob.
+        self._directories: set[Path] = set()
+        self._creating = threading.Lock()
 
-    def discard_spooled(self) -> int:
+    def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
 
-        Only safe while no upload is running on this directory, i.e. at start-up.
+        Only safe while no upload is running on this directory, i.e. at start-up, or, with
+        `owner`, for the files of a process that is dead (they are named after its pid).
         """
-        count = 0
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+        return discard_leftovers(self._tmp, owner=owner)
 
     def discard_abandoned(self, older_than: datetime) -> int:
-        count = 0
-        for leftover in self._tmp.iterdir():
-            if datetime.fromtimestamp(leftover.stat().st_mtime, UTC) < older_than:
-                leftover.unlink(missing_ok=True)
-                count += 1
-        return count
+        return discard_leftovers(self._tmp, older_than=older_than)
 
     def path_for(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef" for c in key):
@@ -130,8 +133,61 @@ class LocalBlobStore:
 
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
-        path = self._tmp / f"{uuid.uuid4().hex}.part"
+        path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.path_for(key), data)
+
+    def _put(self, target: Path, data: bytes) -> None:
+        """One thread hop: write, fsync, rename into place, fsync the directory."""
+        if target.exists():
+            # Identical content, its bytes fsynced before they were renamed there (by every
+            # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
+            # yet: its writer may have died before fsyncing the directory, or be another thread
+            # finishing. The caller holds the blob's lock (Datalake._commit: across a server's
+            # worker processes too), so no other process is placing or deleting it meanwhile.
+            _fsync_directory(target.parent)
+            return
+        spool = self._tmp / spool_name()  # named after this process: see discard_spooled
+        try:
+            fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._place(spool, target)
+        except BaseException:
+            spool.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+    def _place(self, spool: Path, target: Path) -> None:
+        directory = target.parent
+        if directory not in self._directories:
+            self._make_directory(directory)
+        try:
+            os.replace(spool, target)
+        except FileNotFoundError:  # its directory was removed behind our back
+            self._directories.discard(directory)
+            self._make_directory(directory)
+            os.replace(spool, target)
+
+    def _make_directory(self, directory: Path) -> None:
+        """Create a blob directory (and its parent), durably: a new directory's entry is
+        durable only once its parent directory is fsynced. One thread at a time, so that a
+        directory another thread is creating is not taken for durable before it is; and the
+        parent is fsynced even when the directory was there already, once per process: another
+        process (a worker of the same server) may have created it and died before its fsync."""
+        with self._creating:
+            for level in (directory.parent, directory):
+                with contextlib.suppress(FileExistsError):
+                    level.mkdir()
+                _fsync_directory(level.parent)
+            self._directories.add(directory)
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         return [
@@ -153,7 +209,7 @@ class LocalBlobStore:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
 
     def staged_upload_ids(self) -> list[str]:
-        return [p.name for p in self._uploads.iterdir()]
+        return staged_files(self._uploads)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(open, self.path_for(key), "rb")
@@ -226,9 +282,9 @@ class LocalBlobWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        target.parent.mkdir(parents=True, exist_ok=True)
         # Identical content has an identical key: replacing it changes no byte a reader sees.
-        os.replace(self._path, target)
+        # Placed as a small file's is, its directories created durably.
+        self._store._place(self._path, target)
         _fsync_directory(target.parent)
         self._done = True
 
@@ -238,10 +294,23 @@ class LocalBlobWriter:
         self._done = True
         # Synchronous on purpose: abort runs while the upload is being cancelled, and an await
         # here could be cancelled in turn, leaving the spool file behind. Close and unlink are
-        # quick metadata operations.
-        self._handle.close()
+        # quick metadata operations. Closing flushes what is buffered, which fails again after a
+        # write failed for want of space: the file goes all the same.
+        with contextlib.suppress(OSError):
+            self._handle.close()
         if not self._keep_on_abort:
             self._path.unlink(missing_ok=True)
+
+
+def spool_name(suffix: str = ".part") -> str:
+    """A new spool file's name, starting with this process's pid: a server's worker processes
+    share its spool directory, and a dead worker's leftovers must be told from live uploads."""
+    return f"{owner_prefix(os.getpid())}{uuid.uuid4().hex}{suffix}"
+
+
+def owner_prefix(pid: int) -> str:
+    """How the names of the spool-directory entries the process `pid` created begin."""
+    return f"{pid}-"
 
 
 async def create_spool_file(path: Path) -> BinaryIO:
@@ -262,6 +331,46 @@ def _discard(path: Path, creating: asyncio.Future[Any]) -> None:
     if not creating.cancelled() and creating.exception() is None:
         creating.result().close()
     path.unlink(missing_ok=True)
+
+
+def discard_leftovers(
+    directory: Path,
+    *,
+    older_than: datetime | None = None,
+    keep: Collection[str] = (),
+    owner: int | None = None,
+) -> int:
+    """Blocking: remove what a directory of work in progress holds (every entry but those named
+    in `keep`, or those last changed before `older_than`; with `owner`, only the entries the
+    process with that pid created, see spool_name), files and directories alike; returns how
+    many.
+
+    Whatever a crash left there (a spool file, an extraction's scratch directory, a file of
+    unknown origin) must not stop a server from starting.
+    """
+    count = 0
+    prefix = "" if owner is None else owner_prefix(owner)
+    for leftover in list(directory.iterdir()):
+        if leftover.name in keep or not leftover.name.startswith(prefix):
+            continue
+        try:
+            changed = leftover.lstat().st_mtime
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if older_than is not None and datetime.fromtimestamp(changed, UTC) >= older_than:
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def staged_files(directory: Path) -> list[str]:
+    """Blocking: the upload ids of the staging files in `directory`; anything else there (a
+    directory, a name that is no upload id) is not a staged upload and is left alone."""
+    return [p.name for p in directory.iterdir() if UPLOAD_ID.match(p.name) and p.is_file()]
 
 
 def hash_file(path: Path) -> tuple[Any, int]:

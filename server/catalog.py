@@ -7,28 +7,36 @@ synchronous SQLAlchemy Core run in worker threads, so the event loop never waits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import threading
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
+    URL,
+    BigInteger,
     Column,
     Connection,
     Engine,
     RowMapping,
     Table,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
+    make_url,
     or_,
     select,
     text,
@@ -37,8 +45,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement
 
 from metalake.labels import MAX_LABELS
@@ -49,12 +60,15 @@ from metalake.server.errors import (
     ResourceExhaustedError,
     invalid_field,
 )
+from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, LabelMatch, compile_filter
+from metalake.server.locks import KeyedLocks
 from metalake.server.paging import ListQuery
 from metalake.server.schema import (
     data_labels_table,
     data_table,
     data_tags_table,
+    dataset_items_table,
     event_labels_table,
     event_log_table,
     event_tags_table,
@@ -64,6 +78,9 @@ from metalake.server.schema import (
     uploads_table,
 )
 from metalake.server.schema_versions import check_schema, engine_url
+from metalake.server.sqlitelocks import BlobLocks, WriterLock
+
+log = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1)
 _ONE_MICROSECOND = timedelta(microseconds=1)
@@ -258,6 +275,8 @@ class Catalog(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None: ...
+
     async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]: ...
 
     async def replace_content(self, org: str, record: DataRecord) -> DataRecord: ...
@@ -268,15 +287,22 @@ class SqlCatalog:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks,
-        # and lets concurrent adds share one commit (see _flush_adds).
-        self._write_lock: threading.Lock | None = (
-            threading.Lock() if engine.dialect.name == "sqlite" else None
-        )
+        # SQLite allows one writer; serialising writes here avoids its lock-upgrade deadlocks.
+        # Across processes too: a server's worker processes share one SQLite file, and on
+        # it blob holds are file locks (see sqlitelocks).
+        self._write_lock: WriterLock | None = None
+        self._blob_file_locks: BlobLocks | None = None
+        if engine.dialect.name == "sqlite":
+            database = _sqlite_file(engine)
+            self._write_lock = WriterLock(database)
+            self._blob_file_locks = BlobLocks(database) if database else None
+        # Concurrent adds share one transaction and one commit (see _flush_adds).
         self._pending_adds: list[_PendingAdd] = []
         self._known_organizations: set[str] = set()
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
+        self._blob_locks = _AdvisoryLocks(engine) if engine.dialect.name == "postgresql" else None
+        self._bulk_inserts: dict[Insert, _BulkInsert] = {}
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = False) -> SqlCatalog:
@@ -285,9 +311,13 @@ class SqlCatalog:
         With `migrate`, an older or empty schema is first brought up to date.
         """
         url = engine_url(url)
-        # A pre-ping per checkout guards against dropped server connections; a SQLite file has
-        # none to drop, and the ping would cost a round trip per query.
-        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        # A pre-ping per checkout guards against dropped server connections (the pool recovers
+        # by itself once the database is back); a SQLite file has none to drop, and the ping
+        # would cost a round trip per query.
+        server = not url.startswith("sqlite")
+        engine = create_engine(
+            url, pool_pre_ping=server, connect_args=_connect_defaults(url) if server else {}
+        )
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _configure_sqlite)
         try:
@@ -306,33 +336,26 @@ class SqlCatalog:
         """Exclusive use of a blob key across every server sharing this catalog: between
         deciding a blob is unused and deleting it, nobody may commit the same content.
 
-        On PostgreSQL, a session advisory lock, taken with polling rather than a blocking call
-        so that waiters do not pin worker threads. SQLite serves one server: nothing to do.
+        On PostgreSQL, a session advisory lock (see _AdvisoryLocks). On a SQLite file, a file
+        lock (the processes sharing it are one server's workers; see sqlitelocks.BlobLocks).
         """
-        if self._engine.dialect.name != "postgresql":
-            yield
-            return
-        lock_id = int(blob_key[:15], 16)
-        connection = await asyncio.to_thread(self._engine.connect)
-        try:
-            # The lock lives in PostgreSQL, so there is no local event to wait on: poll it.
-            while not await asyncio.to_thread(  # noqa: ASYNC110
-                lambda: connection.execute(select(func.pg_try_advisory_lock(lock_id))).scalar()
-            ):
-                await asyncio.sleep(0.01)
-            try:
+        if self._blob_locks is not None:
+            async with self._blob_locks.hold(int(blob_key[:15], 16)):
                 yield
-            finally:
-                await asyncio.shield(
-                    asyncio.to_thread(
-                        lambda: connection.execute(select(func.pg_advisory_unlock(lock_id)))
-                    )
-                )
-        finally:
-            await asyncio.shield(asyncio.to_thread(connection.close))
+        elif self._blob_file_locks is not None:
+            async with self._blob_file_locks.hold(blob_key):
+                yield
+        else:
+            yield
 
     async def close(self) -> None:
+        if self._blob_locks is not None:
+            await asyncio.to_thread(self._blob_locks.close)
         await asyncio.to_thread(self._engine.dispose)
+
+    async def ping(self) -> None:
+        """Raise unless the catalog answers a trivial query now (the health probe)."""
+        await asyncio.to_thread(self._scalar, text("SELECT 1"))
 
     async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]:
         """(id, request_id) of the items whose request id starts with `request_prefix`."""
@@ -393,10 +416,11 @@ class SqlCatalog:
         default_quota: int | None = None,
     ) -> None:
         """Store an item, counting its bytes against its organization's storage quota (its own,
-        else `default_quota`); with `upload`, also mark that resumable upload finished by it."""
-        if self._write_lock is None:
-            await self._run(lambda: self._add(record, upload, default_quota), write=True)
-            return
+        else `default_quota`); with `upload`, also mark that resumable upload finished by it.
+
+        Returns once the item is committed. Concurrent adds are committed together (one
+        transaction, one fsync), each still accepted or refused on its own.
+        """
         pending = _PendingAdd(
             record, upload, default_quota, asyncio.get_running_loop().create_future()
         )
@@ -410,13 +434,17 @@ class SqlCatalog:
         """Commit queued adds in batches: while one batch commits, the next one gathers."""
         try:
             while self._pending_adds:
-                batch, self._pending_adds = self._pending_adds[:256], self._pending_adds[256:]
+                batch = self._pending_adds[:_MAX_BATCH]
+                self._pending_adds = self._pending_adds[_MAX_BATCH:]
                 try:
                     outcomes = await self._run(
                         functools.partial(self._add_batch, batch), write=True
                     )
                 except Exception as error:
-                    outcomes = [error] * len(batch)
+                    # Every add of the batch fails with it: each as the backend fault it is
+                    # (UNAVAILABLE, RESOURCE_EXHAUSTED), each its own exception object, since
+                    # one object raised in many tasks would pile their tracebacks up.
+                    outcomes = [_each_waiter(error) for _ in batch]
                 for item, outcome in zip(batch, outcomes, strict=True):
                     if item.done.done():
                         continue  # its upload was cancelled meanwhile
@@ -497,8 +525,14 @@ class SqlCatalog:
         return await self._run(lambda: self._delete(org, data_id, etag), write=True)
 
     async def blob_in_use(self, blob_key: str) -> bool:
-        statement = select(data_table.c.id).where(data_table.c.blob_key == blob_key).limit(1)
-        return await self._run(lambda: self._scalar(statement) is not None)
+        """Whether an item, or an item frozen in a dataset version, refers to this blob."""
+        statements = [
+            select(table.c.id).where(table.c.blob_key == blob_key).limit(1)
+            for table in (data_table, dataset_items_table)
+        ]
+        return await self._run(
+            lambda: any(self._scalar(statement) is not None for statement in statements)
+        )
 
     async def start_upload(self, upload: UploadRecord) -> UploadRecord:
         """Record a new upload, or return the one that already has this id."""
@@ -637,6 +671,11 @@ class SqlCatalog:
             row = connection.execute(statement).mappings().first()
         return _upload_from_row(row) if row is not None else None
 
+    async def run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
+        """Run synchronous catalog work in a worker thread; `write` work takes SQLite's writer
+        lock. For modules that keep tables of their own in this catalog (datasets, ...)."""
+        return await self._run(work, write=write)
+
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
         if write and self._write_lock is not None:
             lock = self._write_lock
@@ -652,98 +691,186 @@ class SqlCatalog:
         with self._engine.connect() as connection:
             return connection.execute(statement).scalar()
 
-    def _add(
-        self, record: DataRecord, upload: UploadRecord | None, default_quota: int | None
-    ) -> None:
+    def _add_batch(self, items: list[_PendingAdd]) -> list[Exception | None]:
+        """Many items in one transaction, so one commit (one fsync) covers them all.
+
+        An item refused for its request id or its quota changes nothing, so the others commit.
+        If the database rejects the batch (a constraint one item violates, or a request id
+        another server stored meanwhile), each item is tried again in a transaction of its
+        own: only the item at fault fails.
+        """
         try:
             with self._engine.begin() as connection:
-                refused = self._insert_item(connection, record, upload, default_quota)
-                if refused is not None:
-                    raise refused
-            self._known_organizations.add(record.org)
-        except IntegrityError:
+                outcomes = self._insert_batch(connection, items)
+        except (IntegrityError, DataError):
+            return [self._add_alone(item) for item in items]
+        self._known_organizations.update(item.record.org for item in items)
+        return outcomes
+
+    def _add_alone(self, item: _PendingAdd) -> Exception | None:
+        record = item.record
+        try:
+            with self._engine.begin() as connection:
+                [outcome] = self._insert_batch(connection, [item])
+        except IntegrityError as error:
             # The unique request id is the arbiter between concurrent retries of one upload.
             existing = (
                 self._find_request(record.org, record.request_id) if record.request_id else None
             )
-            if existing is None:
-                raise
-            raise DuplicateRequestError(existing) from None
+            return DuplicateRequestError(existing) if existing is not None else error
+        except DataError as error:
+            return error
+        self._known_organizations.add(record.org)
+        return outcome
 
-    def _add_batch(self, items: list[_PendingAdd]) -> list[Exception | None]:
-        """SQLite: many items in one transaction, so one fsync covers them all (group commit).
+    def _insert_batch(
+        self, connection: Connection, items: Sequence[_PendingAdd]
+    ) -> list[Exception | None]:
+        """Insert items in the caller's transaction with a few statements, whatever their
+        number; for each, None or the Exception (changing nothing) that refuses it.
 
-        Only one writer runs at a time here, so checking a request id before inserting is
-        race-free, and a refused item changes nothing: the batch needs no savepoints.
+        Only one writer runs at a time on SQLite, in every worker process of the server (the
+        WriterLock is an flock), so checking request ids before inserting is race-free there;
+        on PostgreSQL the unique index catches a race (see _add_batch). A second item with the
+        request id of a first one in the same batch is its retry: it gets the first one's
+        answer.
         """
-        with self._engine.begin() as connection:
-            outcomes = [
-                self._insert_item(connection, item.record, item.upload, item.default_quota)
-                for item in items
-            ]
-        self._known_organizations.update(item.record.org for item in items)
+        outcomes: list[Exception | None] = [None] * len(items)
+        stored = self._stored_requests(connection, items)
+        first_tries: dict[tuple[str, str], int] = {}
+        retries: list[tuple[int, int]] = []
+        candidates: defaultdict[tuple[str, int | None], list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            record = item.record
+            if record.request_id:
+                key = (record.org, record.request_id)
+                if key in stored:
+                    outcomes[index] = DuplicateRequestError(stored[key])
+                    continue
+                if key in first_tries:
+                    retries.append((index, first_tries[key]))
+                    continue
+                first_tries[key] = index
+            candidates[(record.org, item.default_quota)].append(index)
+        for (org, default_quota), indexes in candidates.items():
+            self._ensure_organization(connection, org)
+            self._count_bytes(connection, org, default_quota, items, indexes, outcomes)
+        for index, first in retries:
+            outcomes[index] = outcomes[first] or DuplicateRequestError(items[first].record)
+        accepted = [item for item, outcome in zip(items, outcomes, strict=True) if outcome is None]
+        if accepted:
+            self._insert_records(connection, accepted)
         return outcomes
 
-    def _insert_item(
+    def _bulk(self, statement: Insert) -> _BulkInsert:
+        bulk = self._bulk_inserts.get(statement)
+        if bulk is None:
+            bulk = self._bulk_inserts[statement] = _BulkInsert(statement, self._engine.dialect)
+        return bulk
+
+    def _stored_requests(
+        self, connection: Connection, items: Sequence[_PendingAdd]
+    ) -> dict[tuple[str, str], DataRecord]:
+        """The items already stored under the request ids of `items`: one query per org."""
+        wanted: defaultdict[str, set[str]] = defaultdict(set)
+        for item in items:
+            if item.record.request_id:
+                wanted[item.record.org].add(item.record.request_id)
+        stored = {}
+        for org, request_ids in wanted.items():
+            rows = list(
+                connection.execute(
+                    _FIND_REQUESTS, {"org": org, "request_ids": sorted(request_ids)}
+                ).mappings()
+            )
+            for found in self._records(connection, rows):
+                stored[(found.org, found.request_id)] = found
+        return stored
+
+    def _count_bytes(
         self,
         connection: Connection,
-        record: DataRecord,
-        upload: UploadRecord | None,
+        org: str,
         default_quota: int | None,
-    ) -> Exception | None:
-        """Insert one item in the caller's transaction; an Exception (changing nothing) when
-        it must be refused."""
-        if record.request_id:
-            row = (
-                connection.execute(
-                    select(data_table).where(
-                        data_table.c.org == record.org,
-                        data_table.c.request_id == record.request_id,
-                    )
+        items: Sequence[_PendingAdd],
+        indexes: list[int],
+        outcomes: list[Exception | None],
+    ) -> None:
+        """Count the items' bytes against the organization's quota, refusing those that do
+        not fit. One conditional UPDATE for all of them: concurrent uploads (even through
+        other servers) cannot overshoot the quota together. When they do not all fit, each is
+        counted in turn, in order, as if it had come alone."""
+
+        def count(size: int) -> bool:
+            parameters = {"b_org": org, "b_quota": default_quota, "b_size": size}
+            return bool(connection.execute(_COUNT_BYTES, parameters).rowcount == 1)
+
+        if count(sum(items[i].record.size for i in indexes)):
+            return
+        for index in indexes:
+            record = items[index].record
+            if len(indexes) == 1 or not count(record.size):
+                outcomes[index] = ResourceExhaustedError(
+                    f"storing {record.size} bytes would exceed the storage quota of "
+                    f"organization {record.org!r}"
                 )
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                return DuplicateRequestError(self._records(connection, [row])[0])
-        self._ensure_organization(connection, record.org)
-        organizations = organizations_table.c
-        quota = func.coalesce(organizations.storage_quota, default_quota)
-        # One conditional UPDATE: concurrent uploads of one organization (even through other
-        # servers) cannot overshoot its quota together.
-        counted = connection.execute(
-            update(organizations_table)
-            .where(
-                organizations.org == record.org,
-                or_(quota.is_(None), organizations.used_bytes + record.size <= quota),
-            )
-            .values(used_bytes=organizations.used_bytes + record.size)
-        )
-        if counted.rowcount == 0:
-            return ResourceExhaustedError(
-                f"storing {record.size} bytes would exceed the storage quota of "
-                f"organization {record.org!r}"
-            )
-        connection.execute(insert(data_table).values(**_record_to_row(record)))
-        if record.tags:
+
+    def _insert_records(self, connection: Connection, items: Sequence[_PendingAdd]) -> None:
+        """The rows of accepted items: data, tags, labels, finished uploads and the change log
+        (with the events' tags and labels), each table in one executemany."""
+        records = [item.record for item in items]
+        # executemany needs every row to name the same columns.
+        rows = [_DATA_ROW | _record_to_row(record) for record in records]
+        self._bulk(_INSERT_DATA).run(connection, rows)
+        tags = [{"data_id": r.id, "tag": tag} for r in records for tag in r.tags]
+        if tags:
+            self._bulk(_INSERT_TAGS).run(connection, tags)
+        labels = [
+            {
+                "data_id": r.id,
+                "key": key,
+                "value": value,
+                "org": r.org,
+                "created_at": _to_micros(r.created_at),
+            }
+            for r in records
+            for key, value in r.labels.items()
+        ]
+        if labels:
+            self._bulk(_INSERT_LABELS).run(connection, labels)
+        uploads = [
+            {"b_staging_key": item.upload.staging_key, "b_data_id": item.record.id}
+            for item in items
+            if item.upload is not None
+        ]
+        if uploads:
+            connection.execute(_FINISH_UPLOAD, uploads)
+        self._lock_event_order(connection)
+        for row in rows:
+            row["event_type"] = int(EventType.CREATED)
+            row["event_time"] = row["created_at"]
+        if not tags and not labels:
+            self._bulk(_INSERT_EVENTS).run(connection, rows)
+            return
+        seqs = connection.execute(_INSERT_EVENTS_RETURNING, rows).scalars().all()
+        if tags:
             connection.execute(
-                insert(data_tags_table),
-                [{"data_id": record.id, "tag": tag} for tag in record.tags],
+                _INSERT_EVENT_TAGS,
+                [
+                    {"seq": seq, "tag": tag}
+                    for seq, record in zip(seqs, records, strict=True)
+                    for tag in record.tags
+                ],
             )
-        _insert_labels(
-            connection,
-            data_labels_table,
-            {"data_id": record.id, "org": record.org, "created_at": _to_micros(record.created_at)},
-            record.labels,
-        )
-        if upload is not None:
+        if labels:
             connection.execute(
-                update(uploads_table)
-                .where(uploads_table.c.staging_key == upload.staging_key)
-                .values(data_id=record.id)
+                _INSERT_EVENT_LABELS,
+                [
+                    {"seq": seq, "key": key, "value": value}
+                    for seq, record in zip(seqs, records, strict=True)
+                    for key, value in record.labels.items()
+                ],
             )
-        self._record_event(connection, EventType.CREATED, record, record.created_at)
-        return None
 
     def _find_request(self, org: str, request_id: str) -> DataRecord | None:
         statement = select(data_table).where(
@@ -870,11 +997,7 @@ class SqlCatalog:
     def _record_event(
         self, connection: Connection, event_type: EventType, record: DataRecord, at: datetime
     ) -> None:
-        if self._engine.dialect.name == "postgresql":
-            # Sequence numbers are handed out at insert but become visible at commit; holding
-            # this lock to the commit makes them visible in order, so a watcher that read up
-            # to seq N never later finds a smaller one. SQLite serialises writes anyway.
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENTS_LOCK})
+        self._lock_event_order(connection)
         row = _record_to_row(record) | {
             "event_type": int(event_type),
             "event_time": _to_micros(at),
@@ -887,6 +1010,13 @@ class SqlCatalog:
                 insert(event_tags_table), [{"seq": seq, "tag": tag} for tag in record.tags]
             )
         _insert_labels(connection, event_labels_table, {"seq": seq}, record.labels)
+
+    def _lock_event_order(self, connection: Connection) -> None:
+        if self._engine.dialect.name == "postgresql":
+            # Sequence numbers are handed out at insert but become visible at commit; holding
+            # this lock to the commit makes them visible in order, so a watcher that read up
+            # to seq N never later finds a smaller one. SQLite serialises writes anyway.
+            connection.execute(_LOCK_EVENT_ORDER, {"key": _EVENTS_LOCK})
 
     async def events_after(self, org: str, seq: int, *, filter: str, limit: int) -> list[Event]:
         """The organization's events after `seq` that match `filter`, oldest first."""
@@ -981,6 +1111,160 @@ class SqlCatalog:
 # See _choose_label_plans: about where the two plans cost the same on a million items.
 _FEW_LABELS = 5000
 _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
+_LOCK_EVENT_ORDER = text("SELECT pg_advisory_xact_lock(:key)")
+# Concurrent adds committed together at most; bounded so that one transaction stays short.
+_MAX_BATCH = 256
+
+# The write path's statements, built once: SQLAlchemy compiles each once and reuses it, and
+# executemany sends every row of a batch through it.
+_DATA_ROW: dict[str, Any] = dict.fromkeys(c.name for c in data_table.columns)
+_INSERT_DATA = insert(data_table)
+_INSERT_TAGS = insert(data_tags_table)
+_INSERT_EVENTS = insert(events_table)
+_INSERT_EVENTS_RETURNING = insert(events_table).returning(
+    events_table.c.seq, sort_by_parameter_order=True
+)
+_INSERT_EVENT_TAGS = insert(event_tags_table)
+_INSERT_LABELS = insert(data_labels_table)
+_INSERT_EVENT_LABELS = insert(event_labels_table)
+
+
+class _BulkInsert:
+    """An INSERT of every row of a batch, compiled once for the engine's dialect and sent with
+    the driver's own executemany (exec_driver_sql): per row, only the dialect's own value
+    conversions (SQLite's float coercion), none of SQLAlchemy's per-statement work."""
+
+    def __init__(self, statement: Insert, dialect: Dialect) -> None:
+        keys = [c.key for c in statement.table.columns if c is not events_table.c.seq]
+        compiled = statement.compile(dialect=dialect, column_keys=keys)
+        self._sql = compiled.string
+        self._processors: list[tuple[str, Callable[[Any], Any]]] = []
+        for name, process in compiled._bind_processors.items():
+            if not callable(process):  # per-element processors: only for tuple types
+                raise TypeError(f"column {name} needs a conversion _BulkInsert does not do")
+            self._processors.append((name, process))
+        self._names = list(compiled.positiontup or []) if compiled.positional else None
+
+    def run(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        for name, process in self._processors:
+            for row in rows:
+                row[name] = process(row[name])
+        if self._names is None:
+            connection.exec_driver_sql(self._sql, rows)
+        else:
+            names = self._names
+            connection.exec_driver_sql(self._sql, [tuple(row[n] for n in names) for row in rows])
+
+
+_FINISH_UPLOAD = (
+    update(uploads_table)
+    .where(uploads_table.c.staging_key == bindparam("b_staging_key"))
+    .values(data_id=bindparam("b_data_id"))
+)
+_FIND_REQUESTS = select(data_table).where(
+    data_table.c.org == bindparam("org"),
+    data_table.c.request_id.in_(bindparam("request_ids", expanding=True)),
+)
+_QUOTA = func.coalesce(organizations_table.c.storage_quota, bindparam("b_quota", type_=BigInteger))
+_COUNT_BYTES = (
+    update(organizations_table)
+    .where(
+        organizations_table.c.org == bindparam("b_org"),
+        or_(
+            _QUOTA.is_(None),
+            organizations_table.c.used_bytes + bindparam("b_size", type_=BigInteger) <= _QUOTA,
+        ),
+    )
+    .values(used_bytes=organizations_table.c.used_bytes + bindparam("b_size", type_=BigInteger))
+)
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:id)")
+_UNLOCK = text("SELECT pg_advisory_unlock(:id)")
+
+
+def _each_waiter(error: Exception) -> Exception:
+    """One waiter's exception for a batch that failed with `error`."""
+    fault = backend_fault(error)
+    if fault is None:
+        return error  # a bug, not the backend: every waiter reports the same one
+    fault.__cause__ = error
+    return fault
+
+
+class _AdvisoryLocks:
+    """PostgreSQL session advisory locks, all on one connection of their own.
+
+    One connection for every lock this process holds, outside the catalog's pool, rather than
+    a connection per holder: a holder waits for its catalog commit, and holders each taking a
+    pooled connection ran the pool dry under 16 concurrent uploads (none left to commit with).
+    A pool of lock connections of their own would not deadlock, but would cost one PostgreSQL
+    connection per concurrent upload and worker (its 16th holder waiting for the pool), where
+    this costs one per process, whatever the concurrency. A session lock is re-entrant within
+    its session, so holders of one key in this process queue here first.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        # Unpooled: the one connection is opened here on first use, closed when it broke.
+        self._engine = create_engine(
+            engine.url, poolclass=NullPool, connect_args=_connect_defaults(engine.url)
+        )
+        self._connection: Connection | None = None
+        self._use = threading.Lock()  # one statement at a time on the connection
+        self._local = KeyedLocks()
+
+    @asynccontextmanager
+    async def hold(self, lock_id: int) -> AsyncIterator[None]:
+        async with self._local.hold(str(lock_id)):
+            # Polled rather than a blocking call, so that waiters do not pin worker threads:
+            # the lock lives in PostgreSQL, there is no local event to wait on.
+            while not await asyncio.to_thread(self._try_lock, lock_id):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            try:
+                yield
+            finally:
+                await asyncio.shield(asyncio.to_thread(self._unlock, lock_id))
+
+    def _try_lock(self, lock_id: int) -> bool:
+        with self._use:
+            while True:
+                fresh = self._connection is None
+                try:
+                    return bool(self._session().execute(_TRY_LOCK, {"id": lock_id}).scalar())
+                except DBAPIError:
+                    self._drop()
+                    # The pool's pre-ping, for the one connection kept out of the pool: one
+                    # that died while it sat there (the catalog restarted, a proxy cut it) is
+                    # replaced once; a new one failing means the catalog is away.
+                    if fresh:
+                        raise
+
+    def _unlock(self, lock_id: int) -> None:
+        with self._use:
+            try:
+                self._session().execute(_UNLOCK, {"id": lock_id})
+            except DBAPIError:
+                # A broken connection took its session's locks with it: nothing to release.
+                log.warning("could not release blob lock %d; reconnecting", lock_id)
+                self._drop()
+
+    def _session(self) -> Connection:
+        if self._connection is None:
+            # Autocommit: the session holds locks, never an open transaction.
+            self._connection = self._engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
+        return self._connection
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.invalidate()
+                self._connection.close()
+            self._connection = None
+
+    def close(self) -> None:
+        with self._use:
+            self._drop()
+        self._engine.dispose()
 
 
 def _item(org: str, data_id: str) -> ColumnElement[bool]:
@@ -1094,6 +1378,30 @@ def _check_etag(row: RowMapping, etag: str) -> None:
             f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
             " get it again and reapply the change"
         )
+
+
+def _sqlite_file(engine: Engine) -> Path | None:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+# libpq's defaults wait forever for a connection and never notice a peer that vanished: bound
+# the first, and probe idle connections (TCP keepalives) so a dead one fails within a minute.
+# Settings in the catalog URL's query win.
+_SERVER_CONNECT_DEFAULTS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def _connect_defaults(url: str | URL) -> dict[str, Any]:
+    given = make_url(url).query
+    return {k: v for k, v in _SERVER_CONNECT_DEFAULTS.items() if k not in given}
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -31,6 +31,8 @@ class Settings:
     upload_ttl: float = 24 * 3600.0
     # How often a server reclaims expired uploads and orphaned blobs.
     gc_interval: float = 600.0
+    # How often health checks that the catalog answers (NOT_SERVING while it does not).
+    health_interval: float = 5.0
     # Uploads one server runs at once; beyond, RESOURCE_EXHAUSTED with a retry delay.
     max_concurrent_uploads: int = 256
     # Largest file accepted, in bytes; None: no limit.
@@ -54,9 +56,20 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Server processes sharing the listen port (SO_REUSEPORT) under a supervisor; 1: the
+    # server is this one process. See DEFAULT_WORKERS.
+    workers: int = 1
     # Whole-file limit on fill_metadata work, a backstop behind the registry's per-extractor
     # limit (METALAKE_EXTRACT_TIMEOUT).
     extract_timeout: float = 10.0
+    # Webhooks: seconds per POST, before the first retry (doubling after), of retrying after
+    # the event, and between looks for new events when idle.
+    webhook_timeout: float = 10.0
+    webhook_retry_base: float = 5.0
+    webhook_retry_for: float = 24 * 3600.0
+    webhook_interval: float = 1.0
+    # Hash new images for near-duplicate search (a background job, milliseconds per image).
+    hash_images: bool = True
 
     @classmethod
     def from_env(
@@ -67,6 +80,7 @@ class Settings:
         catalog_url: str | None = None,
         migrate: bool | None = None,
         insecure_no_auth: bool | None = None,
+        workers: int | None = None,
     ) -> Settings:
         """Settings from the environment, with explicit arguments (CLI flags) taking precedence."""
         settings = cls()
@@ -109,6 +123,20 @@ class Settings:
             settings = replace(settings, upload_ttl=float(env["METALAKE_UPLOAD_TTL"]))
         if "METALAKE_FILL_TIMEOUT" in env:
             settings = replace(settings, extract_timeout=float(env["METALAKE_FILL_TIMEOUT"]))
+        if env.get("METALAKE_WORKERS"):
+            settings = replace(settings, workers=int(env["METALAKE_WORKERS"]))
+        if "METALAKE_WEBHOOK_TIMEOUT" in env:
+            settings = replace(settings, webhook_timeout=float(env["METALAKE_WEBHOOK_TIMEOUT"]))
+        if "METALAKE_WEBHOOK_RETRY_BASE" in env:
+            settings = replace(
+                settings, webhook_retry_base=float(env["METALAKE_WEBHOOK_RETRY_BASE"])
+            )
+        if "METALAKE_WEBHOOK_RETRY_FOR" in env:
+            settings = replace(settings, webhook_retry_for=float(env["METALAKE_WEBHOOK_RETRY_FOR"]))
+        if "METALAKE_WEBHOOK_INTERVAL" in env:
+            settings = replace(settings, webhook_interval=float(env["METALAKE_WEBHOOK_INTERVAL"]))
+        if env.get("METALAKE_HASH_IMAGES", "").lower() in ("0", "false", "no", "off"):
+            settings = replace(settings, hash_images=False)
         if data_dir is not None:
             settings = replace(settings, data_dir=Path(data_dir))
         if listen is not None:
@@ -119,6 +147,10 @@ class Settings:
             settings = replace(settings, migrate=migrate)
         if insecure_no_auth:
             settings = replace(settings, insecure_no_auth=True)
+        if workers is not None:
+            settings = replace(settings, workers=workers)
+        if settings.workers < 1:
+            raise ValueError(f"the number of workers must be at least 1, got {settings.workers}")
         return settings
 
     def catalog(self) -> tuple[str, bool]:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
+import hashlib
 import logging
-import tempfile
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +27,13 @@ from pathlib import Path
 from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server import importing
-from metalake.server.blobstore import UPLOAD_ID, BlobStore, BlobWriter
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    BlobStore,
+    BlobWriter,
+    create_spool_file,
+    spool_name,
+)
 from metalake.server.catalog import (
     Catalog,
     DataRecord,
@@ -48,8 +63,12 @@ from metalake.server.ingest import (
     check_size,
     detect_content_type,
     fill_metadata,
+    gather_head,
+    prepend,
     receive,
+    sniff_content_type,
 )
+from metalake.server.locks import KeyedLocks
 from metalake.server.observability import UPLOADS_IN_FLIGHT
 from metalake.server.resumable import SYNC_EVERY, StagedFile, UploadWrite
 
@@ -85,8 +104,8 @@ class Datalake:
         self._spool_dir = spool_dir
         self._extract_timeout = extract_timeout
         self._download_chunk_size = download_chunk_size
-        self._blob_locks = _KeyedLocks()
-        self._upload_locks = _KeyedLocks()
+        self._blob_locks = KeyedLocks()
+        self._upload_locks = KeyedLocks()
         self._upload_ttl = upload_ttl
         self._event_retention = event_retention
         self._watch_interval = watch_interval
@@ -96,7 +115,8 @@ class Datalake:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
-        self._reader: importing.BucketReader | None = None
+        # Reads the objects of items registered in place (ImportObjects).
+        self._bucket_reader = importing.LazyReader()
 
     async def upload(
         self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
@@ -108,10 +128,13 @@ class Datalake:
             return earlier
         max_size = await self._admit_organization(org)
         with self._admission():
+            head = await gather_head(chunks, max_size=max_size)
+            if head.complete:
+                return await self._store_small(org, header, head.data())
             writer = await self.blobs.create_writer(spool=header.fill_metadata)
             try:
                 spooled = await receive(
-                    chunks,
+                    prepend(head.chunks, chunks),
                     writer,
                     filename=header.filename,
                     content_type=header.content_type,
@@ -194,32 +217,46 @@ class Datalake:
         upload: UploadRecord | None = None,
     ) -> DataRecord:
         """Check, fill and commit a fully received file: blob first, then its catalog row."""
-        if header.expected_sha256 and header.expected_sha256 != spooled.sha256:
-            raise DataLossError(
-                f"the content received hashes to {spooled.sha256}, not the expected "
-                f"{header.expected_sha256}: it was corrupted on the way; upload it again",
-                [FieldViolation("header.expected_sha256", "does not match the content")],
-            )
+        _check_expected_sha256(header, spooled.sha256)
         filled = await self._fill(header, writer)
-        now = datetime.now(UTC)
-        record = DataRecord(
-            id=str(uuid.uuid4()),
-            org=org,
-            filename=header.filename,
-            size=spooled.size,
-            sha256=spooled.sha256,
-            content_type=spooled.content_type,
-            blob_key=spooled.sha256,
-            created_at=now,
-            updated_at=now,
-            metadata=filled.metadata,
-            metadata_sources=filled.sources,
-            tags=tuple(sorted(set(header.tags))),
-            request_id=header.request_id,
-            labels=dict(sorted(header.labels.items())),
+        record = _new_record(org, header, spooled, filled)
+        return await self._commit(
+            record, functools.partial(writer.commit, record.blob_key), upload=upload
         )
+
+    async def _store_small(self, org: str, header: UploadHeader, data: bytes) -> DataRecord:
+        """A file gathered whole in memory: filled from memory, written in one step, no spool.
+
+        Hashed here, on the event loop: the key must be known before its lock is taken, and a
+        small file hashes in about the time a thread hop takes (hashlib releases the GIL).
+        """
+        sha256 = hashlib.sha256(data).hexdigest()
+        _check_expected_sha256(header, sha256)
+        content_type = header.content_type or sniff_content_type(data, header.filename)
+        if header.fill_metadata:
+            filled = await fill_metadata(
+                self.extractor,
+                data,
+                filename=header.filename,
+                given=header.metadata,
+                time_limit=self._extract_timeout,
+            )
+        else:
+            filled = _given(header)
+        record = _new_record(org, header, Spooled(len(data), sha256, content_type), filled)
+        return await self._commit(record, functools.partial(self.blobs.put, sha256, data))
+
+    async def _commit(
+        self,
+        record: DataRecord,
+        store_blob: Callable[[], Awaitable[None]],
+        *,
+        upload: UploadRecord | None = None,
+    ) -> DataRecord:
+        """Store the blob, then the item: both under the blob's lock, so that no deletion of the
+        same content decides in between that the blob is unused."""
         async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
-            await writer.commit(record.blob_key)
+            await store_blob()
             try:
                 await self.catalog.add(
                     record, upload=upload, default_quota=self._limits.org_storage_quota
@@ -377,7 +414,7 @@ class Datalake:
 
     async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
         if not header.fill_metadata:
-            return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
+            return _given(header)
         await writer.flush()
         spool = writer.spool_path
         if spool is None:
@@ -475,6 +512,8 @@ class Datalake:
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
         # Callers hold the blob's lock, so no upload of the same content commits meanwhile.
+        if importing.is_reference(blob_key):
+            return  # a customer's object registered in place: never ours to delete
         if not await self.catalog.blob_in_use(blob_key):
             await self.blobs.delete(blob_key)
 
@@ -484,22 +523,15 @@ class Datalake:
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")
         if importing.is_reference(record.blob_key):
-            etag, bucket, key = importing.parse_reference(record.blob_key)
-            stream = self._bucket_reader().stream(
-                bucket, key, etag, offset, self._download_chunk_size
-            )
             # The first read answers whether the object is still there, before the item is sent.
-            first = await asyncio.to_thread(next, stream, b"")
-            return Download(record, _then(first, stream))
+            stream = await importing.open_stream(
+                self._bucket_reader(), record.blob_key, offset, self._download_chunk_size
+            )
+            return Download(record, stream)
         chunks = self.blobs.read(
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
         return Download(record, chunks)
-
-    def _bucket_reader(self) -> importing.BucketReader:
-        if self._reader is None:
-            self._reader = importing.BucketReader()
-        return self._reader
 
     async def import_objects(
         self, org: str, source: str, *, extensions: Sequence[str], fill_metadata: bool
@@ -572,15 +604,14 @@ class Datalake:
             raise invalid_field("filename", "the object's name is not a usable filename")
         filled = Filled({}, {})
         if fill:
-            with _temporary_file(self._spool_dir) as spool:
-                await asyncio.to_thread(spool.write_bytes, head)
-                filled = await fill_metadata(
-                    self.extractor,
-                    spool,
-                    filename=filename,
-                    given={},
-                    time_limit=self._extract_timeout,
-                )
+            # At most HEADER_BYTES: extracted from memory, as a small upload is.
+            filled = await fill_metadata(
+                self.extractor,
+                head,
+                filename=filename,
+                given={},
+                time_limit=self._extract_timeout,
+            )
         now = datetime.now(UTC)
         record = DataRecord(
             id=existing.id if existing is not None else str(uuid.uuid4()),
@@ -636,13 +667,35 @@ class Datalake:
         violations = check_filename(filename, "header.filename")
         if violations:
             raise InvalidArgumentError("the extraction header is invalid", violations)
-        with self._admission(), _temporary_file(self._spool_dir) as spool:
-            with spool.open("wb") as handle:
+        with self._admission():
+            head = await gather_head(chunks, max_size=self._limits.max_file_size)
+            if head.complete:
+                return await fill_metadata(
+                    self.extractor,
+                    head.data(),
+                    filename=filename,
+                    given={},
+                    time_limit=self._extract_timeout,
+                )
+            return await self._extract_spooled(filename, prepend(head.chunks, chunks))
+
+    async def _extract_spooled(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
+        # A file like an upload's spool file: whatever a crash leaves of it is discarded at the
+        # next start, like theirs (or, named after this process, when a supervisor replaces it).
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        spool = self._spool_dir / spool_name(".extract")
+        try:
+            handle = await create_spool_file(spool)
+            try:
                 size = 0
                 async for chunk in chunks:
                     size += len(chunk)
                     check_size(size, self._limits.max_file_size)
                     await asyncio.to_thread(handle.write, chunk)
+                await asyncio.to_thread(handle.flush)
+            finally:
+                with contextlib.suppress(OSError):  # a failed write fails the flush again
+                    handle.close()
             return await fill_metadata(
                 self.extractor,
                 spool,
@@ -650,6 +703,8 @@ class Datalake:
                 given={},
                 time_limit=self._extract_timeout,
             )
+        finally:
+            spool.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -716,13 +771,6 @@ def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
     )
 
 
-async def _then(first: bytes, rest: Iterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    while (chunk := await asyncio.to_thread(next, rest, b"")) != b"":
-        yield chunk
-
-
 def _first_set(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
@@ -734,6 +782,40 @@ def _read_head(path: Path | None) -> bytes:
         return handle.read(512)
 
 
+def _check_expected_sha256(header: UploadHeader, sha256: str) -> None:
+    if header.expected_sha256 and header.expected_sha256 != sha256:
+        raise DataLossError(
+            f"the content received hashes to {sha256}, not the expected "
+            f"{header.expected_sha256}: it was corrupted on the way; upload it again",
+            [FieldViolation("header.expected_sha256", "does not match the content")],
+        )
+
+
+def _given(header: UploadHeader) -> Filled:
+    """The metadata as the client gave it: no extraction asked for."""
+    return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
+
+
+def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled) -> DataRecord:
+    now = datetime.now(UTC)
+    return DataRecord(
+        id=str(uuid.uuid4()),
+        org=org,
+        filename=header.filename,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        content_type=spooled.content_type,
+        blob_key=spooled.sha256,
+        created_at=now,
+        updated_at=now,
+        metadata=filled.metadata,
+        metadata_sources=filled.sources,
+        tags=tuple(sorted(set(header.tags))),
+        request_id=header.request_id,
+        labels=dict(sorted(header.labels.items())),
+    )
+
+
 def _check_header(header: UploadHeader) -> None:
     violations = header.violations()
     if violations:
@@ -743,30 +825,3 @@ def _check_header(header: UploadHeader) -> None:
 def _check_id(data_id: str) -> None:
     if not data_id:
         raise invalid_field("id", "must not be empty")
-
-
-@contextmanager
-def _temporary_file(directory: Path) -> Iterator[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        yield Path(scratch) / "spool"
-
-
-class _KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._users: defaultdict[str, int] = defaultdict(int)
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        self._users[key] += 1
-        try:
-            async with self._locks[key]:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key]
-                del self._locks[key]

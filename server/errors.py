@@ -36,7 +36,12 @@ class ResourceExhaustedError(DatalakeError):
 
 
 class UnavailableError(DatalakeError):
-    """This server cannot take the call now (it is shutting down); another one may."""
+    """This server cannot take the call now (it is shutting down, or a backend it needs is
+    unreachable); with `retry_after`, retry after that many seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class OutOfRangeError(DatalakeError):

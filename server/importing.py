@@ -9,8 +9,9 @@ from the AWS_* environment as the S3 blob store does.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -163,3 +164,34 @@ def _access_error(error: Exception, bucket: str, action: str) -> DatalakeError:
         f"the server cannot {action} in bucket {bucket!r}: {why} {error}. Grant the server's "
         "credentials s3:ListBucket and s3:GetObject on it (see docs/operations.md)"
     )
+
+
+class LazyReader:
+    """A BucketReader made on first use (with the environment of that moment), so that a
+    server that never meets a referenced item never makes an S3 client."""
+
+    def __init__(self) -> None:
+        self._reader: BucketReader | None = None
+
+    def __call__(self) -> BucketReader:
+        if self._reader is None:
+            self._reader = BucketReader()
+        return self._reader
+
+
+async def open_stream(
+    reader: BucketReader, blob_key: str, offset: int, chunk_size: int
+) -> AsyncIterator[bytes]:
+    """The referenced object's bytes from `offset`. The first read happens here, so that an
+    object that changed or vanished is NOT_FOUND before anything is sent."""
+    etag, bucket, key = parse_reference(blob_key)
+    stream = reader.stream(bucket, key, etag, offset, chunk_size)
+    first = await asyncio.to_thread(next, stream, b"")
+    return _then(first, stream)
+
+
+async def _then(first: bytes, rest: Iterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    while (chunk := await asyncio.to_thread(next, rest, b"")) != b"":
+        yield chunk

@@ -7,6 +7,7 @@ here holds more than one chunk (and the first few hundred bytes, for content sni
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import mimetypes
@@ -40,6 +41,9 @@ MAX_REQUEST_ID_LENGTH = 128
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Bytes written to the blob store per thread hop (see receive).
 WRITE_BATCH = 1024 * 1024
+# Files up to this size are gathered whole in memory and stored in one step (see gather_head):
+# no more than a larger upload holds in its write batches.
+SMALL_FILE = WRITE_BATCH
 _SNIFF_BYTES = 512  # filetype needs the first 261 bytes; a little more costs nothing.
 _CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+(\s*;.*)?$")
 
@@ -141,6 +145,10 @@ class MetadataExtractor(Protocol):
 
     def extract(self, path: Path, *, filename: str, missing: Collection[str]) -> Extraction: ...
 
+    def extract_data(
+        self, data: bytes, *, filename: str, missing: Collection[str]
+    ) -> Extraction: ...
+
 
 @dataclass(frozen=True)
 class Spooled:
@@ -149,6 +157,52 @@ class Spooled:
     size: int
     sha256: str
     content_type: str
+
+
+@dataclass(frozen=True)
+class Head:
+    """The first chunks of an upload, gathered in memory: the whole file when `complete`."""
+
+    chunks: list[bytes]
+    complete: bool
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)  # a single chunk is returned as is, not copied
+
+
+async def gather_head(
+    chunks: AsyncIterator[bytes], *, limit: int = SMALL_FILE, max_size: int | None = None
+) -> Head:
+    """Gather chunks until the file ends or passes `limit` bytes.
+
+    A small file then needs no spool file and no write per batch: the datalake stores it in one
+    step, and the extractors read it from memory. A larger one goes on to `receive`, its head
+    first (see `prepend`). Holds at most `limit` bytes and one chunk.
+    """
+    gathered: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        size += len(chunk)
+        check_size(size, max_size)
+        gathered.append(chunk)
+        if size > limit:
+            return Head(gathered, complete=False)
+    return Head(gathered, complete=True)
+
+
+async def prepend(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks already gathered, then the rest of the stream."""
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+def sniff_content_type(data: bytes, filename: str) -> str:
+    """detect_content_type on the first bytes of a file held in memory."""
+    return detect_content_type(data[:_SNIFF_BYTES], filename)
 
 
 async def receive(
@@ -178,12 +232,17 @@ async def receive(
             check_size(received, max_size)
             if len(head) < _SNIFF_BYTES:
                 head += chunk[: _SNIFF_BYTES - len(head)]
-            batch += chunk
-            if len(batch) >= WRITE_BATCH:
-                if in_flight is not None:
-                    await in_flight
-                in_flight = asyncio.ensure_future(writer.write(bytes(batch)))
-                batch.clear()
+            if batch or len(chunk) < WRITE_BATCH:
+                batch += chunk
+                if len(batch) < WRITE_BATCH:
+                    continue
+                write, batch = bytes(batch), bytearray()
+            else:
+                write = chunk  # a whole batch already (the SDK's 1 MiB chunks): no copy
+            if in_flight is not None:
+                await in_flight
+            in_flight = asyncio.ensure_future(writer.write(write))
+            del write  # the writer holds it until written; nothing else should
         if in_flight is not None:
             await in_flight
             in_flight = None
@@ -228,7 +287,7 @@ class Filled:
 
 async def fill_metadata(
     extractor: MetadataExtractor | None,
-    spool: Path,
+    content: Path | bytes,
     *,
     filename: str,
     given: MetadataDict,
@@ -236,8 +295,9 @@ async def fill_metadata(
 ) -> Filled:
     """The client's values, completed by the extractors for the fields it did not give.
 
-    The client's values always win. Extraction runs in a worker thread on the spooled file; an
-    extractor failure or a timeout only means fewer fields are filled, never a failed upload.
+    The client's values always win. Extraction runs in a worker thread, on the spooled file or
+    on the bytes of a small file already in memory (`content`); an extractor failure or a
+    timeout only means fewer fields are filled, never a failed upload.
     """
     metadata: MetadataDict = dict(given)
     sources = dict.fromkeys(given, "client")
@@ -245,9 +305,12 @@ async def fill_metadata(
     if extractor is None or not missing:
         return Filled(metadata, sources)
     try:
+        if isinstance(content, bytes):
+            extract = functools.partial(extractor.extract_data, content)
+        else:
+            extract = functools.partial(extractor.extract, content)
         found = await asyncio.wait_for(
-            asyncio.to_thread(extractor.extract, spool, filename=filename, missing=missing),
-            time_limit,
+            asyncio.to_thread(extract, filename=filename, missing=missing), time_limit
         )
     except TimeoutError:
         log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)

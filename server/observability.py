@@ -1,18 +1,19 @@
 """What an operator sees: Prometheus metrics, structured logs, and a request id per call.
 
-Metrics are per server process, as Prometheus expects (it scrapes each instance). Logs never
+Metrics are per server, as Prometheus expects (it scrapes each instance); a server with several
+worker processes adds theirs up (metalake.server.workers). Logs never
 carry tokens or metadata values: handlers log ids, sizes, types and outcomes only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -21,7 +22,15 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
-from metalake.server.auth import Handler, rebuild_handler
+from metalake.server.calls import (
+    REQUEST_ID_KEY,
+    Handler,
+    abort,
+    begin_call,
+    current_request_id,
+    rebuild_handler,
+    status,
+)
 
 RPCS = Counter(
     "metalake_rpcs_total", "RPCs answered, by method and status code.", ["method", "code"]
@@ -34,7 +43,10 @@ RPC_SECONDS = Histogram(
 )
 BYTES_RECEIVED = Counter("metalake_bytes_received_total", "File bytes received from clients.")
 BYTES_SENT = Counter("metalake_bytes_sent_total", "File bytes sent to clients.")
-UPLOADS_IN_FLIGHT = Gauge("metalake_uploads_in_flight", "Uploads being received right now.")
+# livesum: with several worker processes (PROMETHEUS_MULTIPROC_DIR), the sum over live ones.
+UPLOADS_IN_FLIGHT = Gauge(
+    "metalake_uploads_in_flight", "Uploads being received right now.", multiprocess_mode="livesum"
+)
 EXTRACTOR_RESULTS = Counter(
     "metalake_extractor_results_total",
     "Extractor runs by outcome: hit (filled a field), miss (filled none), error.",
@@ -47,20 +59,15 @@ EXTRACTOR_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2, 10),
 )
 
-REQUEST_ID_KEY = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_request_id: ContextVar[str] = ContextVar("metalake_request_id", default="-")
-
-
-def current_request_id() -> str:
-    return _request_id.get()
 
 
 def record_extraction(
     sources: Mapping[str, str], errors: list[tuple[str, str]], timings: Mapping[str, float]
 ) -> None:
     """Count one file's extraction: per extractor, a hit, a miss or an error, and its time."""
-    filled = set(sources.values())
+    # A derived value is sourced "<extractor>+<how>" ("pillow+gps-clock"): count the extractor.
+    filled = {source.split("+", 1)[0] for source in sources.values()}
     failed = {name for name, _ in errors}
     for name in set(timings) | failed:
         result = "error" if name in failed else "hit" if name in filled else "miss"
@@ -95,8 +102,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         )
 
         def begin(context: Any) -> float:
-            _request_id.set(request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            begin_call(context, request_id)
             return time.perf_counter()
 
         def end(context: Any, started: float, error: BaseException | None) -> None:
@@ -175,39 +181,115 @@ async def _decoded_stream(messages: AsyncIterator[Any], context: Any) -> AsyncIt
 
 
 async def _refuse_undecodable(context: Any, request: _Undecodable) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"the request is not a valid protobuf message of this method: {request.reason}",
-        ((REQUEST_ID_KEY, current_request_id()),),
+    await abort(
+        context,
+        status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid protobuf message of this method: {request.reason}",
+        ),
     )
 
 
+LOG_FORMAT_ENV = "METALAKE_LOG_FORMAT"
+LOG_FORMATS = ("json", "text")
+# Every line the server writes has a logger name under this prefix. Other libraries' records keep
+# their own name behind it ("metalake.lib.alembic.runtime.migration"), so that a collector can
+# select the server's whole output by one prefix and still see where a line came from.
+LOGGER_PREFIX = "metalake"
+FOREIGN_PREFIX = "metalake.lib."
+# Libraries whose INFO lines mean nothing to an operator (alembic's "Context impl SQLiteImpl",
+# botocore's "Found credentials in environment variables"): only their warnings and errors show.
+# metalake logs what matters itself (the catalog's schema revision, the blob store in use).
+QUIET_LOGGERS = ("alembic", "botocore", "boto3", "s3transfer", "urllib3", "PIL")
+
+
 class _RequestIdFilter(logging.Filter):
+    """Adds the call's request id to each record and puts foreign loggers under FOREIGN_PREFIX."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id()
+        if record.name != LOGGER_PREFIX and not record.name.startswith(LOGGER_PREFIX + "."):
+            record.name = FOREIGN_PREFIX + record.name
         return True
+
+
+class _SecondCache(logging.Formatter):
+    """logging's time formats, with the date and time formatted once per second: each stored
+    item is logged, and strftime on every record cost as much as the rest of the line."""
+
+    _second = -1
+    _datefmt: str | None = None
+    _formatted = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second or datefmt != self._datefmt:
+            # Handlers format under their lock: no race here.
+            self._formatted = time.strftime(
+                datefmt or self.default_time_format, self.converter(second)
+            )
+            self._second, self._datefmt = second, datefmt
+        if datefmt:
+            return self._formatted
+        return f"{self._formatted},{int(record.msecs):03d}"  # logging's default_msec_format
+
+
+class _JsonFormatter(_SecondCache, JsonFormatter):
+    pass
+
+
+class TextFormatter(_SecondCache):
+    """One readable line: `2026-12-01 09:30:00 INFO  metalake.server.app: message [request id]`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "-")
+        if request_id == "-":
+            return line
+        first, newline, rest = line.partition("\n")  # a traceback follows the first line
+        return f"{first} [{request_id}]{newline}{rest}"
+
+
+def log_format(stream: TextIO, environ: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """`json` or `text`: METALAKE_LOG_FORMAT if set, else text on a terminal and JSON elsewhere
+    (log collectors). Returns the format and, for an unknown value, why it was ignored."""
+    value = (os.environ if environ is None else environ).get(LOG_FORMAT_ENV, "").strip().lower()
+    default = "text" if stream.isatty() else "json"
+    if not value:
+        return default, None
+    if value not in LOG_FORMATS:
+        return default, f"{LOG_FORMAT_ENV}={value!r} is not json or text; writing {default}"
+    return value, None
 
 
 def configure_logging(
     level: int = logging.INFO, *, json_output: bool | None = None, stream: TextIO | None = None
 ) -> None:
-    """JSON lines when stderr is not a terminal (log collectors), readable lines when it is."""
+    """Log lines on `stream` (stderr): JSON lines or readable text (see `log_format`), each with
+    its request id; `json_output` overrides the choice (tests)."""
     stream = stream or sys.stderr
+    problem = None
     if json_output is None:
-        json_output = not stream.isatty()
+        chosen, problem = log_format(stream)
+        json_output = chosen == "json"
     handler = logging.StreamHandler(stream)
     handler.addFilter(_RequestIdFilter())
     if json_output:
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    if problem:
+        logging.getLogger(__name__).warning(problem)

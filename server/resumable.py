@@ -8,6 +8,7 @@ the upload.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,11 @@ class StagedFile:
         fresh = data[self._size - start :] if start < self._size else data
         check_size(self._size + len(fresh), self._max_size)
         assert self._handle is not None
-        await asyncio.to_thread(self._handle.write, fresh)
+        try:
+            await asyncio.to_thread(self._handle.write, fresh)
+        except OSError:
+            await self._drop_unsynced()
+            raise
         self._size += len(fresh)
         self.unsynced += len(fresh)
 
@@ -94,11 +99,29 @@ class StagedFile:
         return self._size
 
     async def close(self) -> int:
-        committed = await self.sync()
+        try:
+            return await self.sync()
+        except OSError:
+            await self._drop_unsynced()
+            raise
+        finally:
+            self._close_handle()
+
+    async def _drop_unsynced(self) -> None:
+        """After a failed write or sync (a full disk): drop the bytes past the committed size,
+        so the staging file holds exactly what the client may resume from."""
+        self._close_handle()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.truncate, self._path, self._committed)
+        self._size = self._committed
+        self.unsynced = 0
+
+    def _close_handle(self) -> None:
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        return committed
+            handle, self._handle = self._handle, None
+            # Closing flushes what is buffered: after a failed write it fails again.
+            with contextlib.suppress(OSError):
+                handle.close()
 
 
 def _flush_and_sync(handle: BinaryIO) -> None:

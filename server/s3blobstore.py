@@ -13,7 +13,10 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; a plain-HTTP endpoint only with AWS_AL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import tempfile
 import threading
@@ -22,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import boto3
@@ -35,7 +38,15 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from metalake.server.blobstore import UPLOAD_ID, create_spool_file, hash_file
+from metalake.server.blobstore import (
+    UPLOAD_ID,
+    create_spool_file,
+    discard_leftovers,
+    hash_file,
+    owner_prefix,
+    spool_name,
+    staged_files,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,9 +63,16 @@ DEFAULT_COPY_PART_SIZE = 256 * 1024 * 1024
 # Each upload holds a connection while a part travels; botocore's default pool (10) would make
 # concurrent uploads open and discard connections.
 MAX_POOL_CONNECTIONS = 64
+# Tries of each S3 request (AWS_MAX_ATTEMPTS overrides), and seconds to connect.
+DEFAULT_MAX_ATTEMPTS = 5
+CONNECT_TIMEOUT = 5.0
 # How many times one download asks again for the rest after its connection to S3 broke.
 _READ_RESUMPTIONS = 3
 _BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
+# A spool-directory file naming a multipart upload this process began and has not finished.
+_MULTIPART_MARKER = ".multipart"
+
+log = logging.getLogger(__name__)
 
 
 class S3ConfigurationError(ValueError):
@@ -141,8 +159,26 @@ class S3BlobStore:
     async def create_writer(self, *, spool: bool = True) -> S3BlobWriter:
         spool_file = None
         if spool:
-            spool_file = await create_spool_file(self._spool / f"{uuid.uuid4().hex}.part")
+            spool_file = await create_spool_file(self._spool / spool_name())
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.blob_key(key), data)
+
+    def _put(self, object_key: str, data: bytes) -> None:
+        """One conditional PUT, straight to the final key: If-None-Match refuses it (412) when
+        the content is there already, so no HEAD first. A server that ignores the condition
+        overwrites identical bytes, which changes nothing a reader sees."""
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
+        except ClientError as error:
+            if _status(error) == 412:
+                return  # identical content is stored already
+            if _status(error) != 409:
+                raise
+            # 409: another conditional write of this key is in flight; wait for no one.
+            if not self._exists(object_key):
+                self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream with a ranged GetObject, `chunk_size` bytes in memory at a time.
@@ -229,6 +265,7 @@ class S3BlobStore:
                             self.client.abort_multipart_upload(
                                 Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                             )
+                        self._forget_markers(upload["Key"])  # if it was ours
                         discarded += 1
         objects = self.client.get_paginator("list_objects_v2")
         for listing in objects.paginate(Bucket=self.bucket, Prefix=self._key("tmp") + "/"):
@@ -238,12 +275,58 @@ class S3BlobStore:
                     discarded += 1
         return discarded
 
-    def discard_spooled(self) -> int:
-        count = 0
-        for leftover in self._spool.iterdir():
-            leftover.unlink(missing_ok=True)
-            count += 1
-        return count
+    def discard_spooled(self, *, owner: int | None = None) -> int:
+        """Blocking, at start-up: remove this server's spool files, and abort the multipart
+        uploads its previous process had begun (each left a marker in the spool directory), so
+        that a crash does not leave them billed until garbage collection's TTL sweep. With
+        `owner`, only those of the process with that pid (a dead worker of a running server).
+
+        With the bucket unreachable their markers stay, for the next start (and the sweep)."""
+        aborted, kept = 0, set()
+        prefix = "" if owner is None else owner_prefix(owner)
+        markers = sorted(self._spool.glob(f"{prefix}*{_MULTIPART_MARKER}"))
+        for index, marker in enumerate(markers):
+            try:
+                self._abort_marked(marker)
+                aborted += 1
+            except ValueError:
+                marker.unlink(missing_ok=True)  # torn by the crash: the TTL sweep covers it
+            except Exception as error:
+                kept = {m.name for m in markers[index:]}
+                log.warning(
+                    "could not abort %d multipart upload(s) of a previous run (%s: %s); "
+                    "keeping them for the next start and garbage collection",
+                    len(kept),
+                    type(error).__name__,
+                    error,
+                )
+                break
+        return aborted + discard_leftovers(self._spool, keep=kept, owner=owner)
+
+    def _abort_marked(self, marker: Path) -> None:
+        try:
+            record = json.loads(marker.read_text())
+            key, upload_id = record["key"], record["upload_id"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"unreadable marker {marker.name}") from error
+        with _suppress_missing():
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        # Completed but not yet copied and deleted when the process died: the object goes too.
+        with _suppress_missing():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        marker.unlink(missing_ok=True)
+
+    def _new_marker(self, temporary_key: str) -> Path:
+        """Where this process remembers the multipart upload of `temporary_key`: named after
+        its pid, like its spool files, so that a dead worker's are told from its siblings'."""
+        name = f"{owner_prefix(os.getpid())}{_key_name(temporary_key)}{_MULTIPART_MARKER}"
+        return self._spool / name
+
+    def _forget_markers(self, temporary_key: str) -> None:
+        """Remove the marker of `temporary_key`'s multipart upload, whichever process wrote it
+        (older versions named markers without a pid)."""
+        for marker in self._spool.glob(f"*{_key_name(temporary_key)}{_MULTIPART_MARKER}"):
+            marker.unlink(missing_ok=True)
 
     # Resumable uploads stage on this server's disk, then go to S3 when finished.
 
@@ -261,7 +344,7 @@ class S3BlobStore:
         await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
 
     def staged_upload_ids(self) -> list[str]:
-        return [p.name for p in self._uploads.iterdir()]
+        return staged_files(self._uploads)
 
     def store_file(self, path: Path, key: str) -> None:
         """Blocking: put a local file under a blob key, unless identical content is there."""
@@ -312,6 +395,7 @@ class S3BlobWriter:
         self._temporary_object = False  # a completed upload not yet deleted
         self._lock = threading.Lock()
         self._done = False  # committed or aborted: nothing more may reach S3
+        self._marker: Path | None = None  # while a multipart upload or its object may be left
 
     @property
     def size(self) -> int:
@@ -360,6 +444,12 @@ class S3BlobWriter:
         if self._upload_id is None:
             created = client.create_multipart_upload(Bucket=bucket, Key=self._temporary_key)
             self._upload_id = created["UploadId"]
+            # Remembered on local disk until aborted or completed: if this process dies, the
+            # next one aborts it at start-up (S3 keeps unfinished uploads, and bills them).
+            self._marker = self._store._new_marker(self._temporary_key)
+            self._marker.write_text(
+                json.dumps({"key": self._temporary_key, "upload_id": self._upload_id})
+            )
         number = len(self._parts) + 1
         uploaded = client.upload_part(
             Bucket=bucket,
@@ -411,6 +501,7 @@ class S3BlobWriter:
             self._buffer = bytearray()
             self._done = True
             self._close_spool()
+            self._forget_marker()
 
     async def abort(self) -> None:
         if self._done:
@@ -429,6 +520,12 @@ class S3BlobWriter:
             self._close_spool()
             self._abort_upload()
             self._delete_temporary_object()
+            self._forget_marker()
+
+    def _forget_marker(self) -> None:
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
+            self._marker = None
 
     def _abort_upload(self) -> None:
         if self._upload_id is not None:
@@ -445,7 +542,9 @@ class S3BlobWriter:
 
     def _close_spool(self) -> None:
         if self._spool is not None:
-            self._spool.close()
+            # Closing flushes, which fails again after a spool write failed for want of space.
+            with contextlib.suppress(OSError):
+                self._spool.close()
             self._spool = None
         if self._spool_path is not None:
             self._spool_path.unlink(missing_ok=True)
@@ -485,16 +584,26 @@ class S3StagedWriter:
         """Keep the staged bytes: the client may still finish the upload."""
 
 
+def _key_name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
 def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
     """botocore settings for AWS itself, or for another S3-compatible server at `endpoint`."""
+    # botocore retries what fails transiently (AWS_MAX_ATTEMPTS tries in all); past them the
+    # client is told UNAVAILABLE and retries the call. Connecting gets CONNECT_TIMEOUT seconds:
+    # botocore's 60 would hold an upload a minute per try on an endpoint that went away.
+    retries: Any = {"max_attempts": _max_attempts(env), "mode": "standard"}
     if endpoint is None:
         return Config(
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries=retries,
             max_pool_connections=MAX_POOL_CONNECTIONS,
+            connect_timeout=CONNECT_TIMEOUT,
         )
     return Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries=retries,
         max_pool_connections=MAX_POOL_CONNECTIONS,
+        connect_timeout=CONNECT_TIMEOUT,
         # Path-style addressing works on every S3-compatible server, not only AWS.
         s3={"addressing_style": "path"},
         # botocore >= 1.36 sends CRC checksums (and trailers) by default, which MinIO, Ceph, GCS
@@ -503,6 +612,15 @@ def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
         request_checksum_calculation=_checksum_setting(env, "AWS_REQUEST_CHECKSUM_CALCULATION"),
         response_checksum_validation=_checksum_setting(env, "AWS_RESPONSE_CHECKSUM_VALIDATION"),
     )
+
+
+def _max_attempts(env: Mapping[str, str]) -> int:
+    value = env.get("AWS_MAX_ATTEMPTS", "")
+    if not value:
+        return DEFAULT_MAX_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise S3ConfigurationError(f"AWS_MAX_ATTEMPTS must be a whole number >= 1, not {value!r}")
+    return int(value)
 
 
 def _checksum_setting(

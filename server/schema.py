@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -167,4 +168,114 @@ event_log_table = Table(
     metadata_obj,
     Column("id", Integer, primary_key=True),
     Column("pruned_through", BigInteger, nullable=False),
+)
+
+# Dataset snapshots: each version of a named dataset is immutable. Its items are frozen copies of
+# the data rows (same columns) and their tags as they were when the version was created; a blob
+# a frozen item names is kept while the version exists, even after the item is deleted.
+dataset_versions_table = Table(
+    "dataset_versions",
+    metadata_obj,
+    Column("dataset_id", String(36), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("filter", Text, nullable=False),
+    Column("description", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("item_count", BigInteger, nullable=False),
+    Column("total_size", BigInteger, nullable=False),
+    Index("ix_dataset_versions_name", "org", "name", "version", unique=True),
+)
+
+dataset_items_table = Table(
+    "dataset_items",
+    metadata_obj,
+    Column(
+        "dataset_id",
+        String(36),
+        ForeignKey("dataset_versions.dataset_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    *(
+        Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+        for c in data_table.columns
+    ),
+    Index("ix_dataset_items_blob_key", "blob_key"),
+)
+
+dataset_item_tags_table = Table(
+    "dataset_item_tags",
+    metadata_obj,
+    Column("dataset_id", String(36), primary_key=True),
+    Column("data_id", String(36), primary_key=True),
+    Column("tag", Text, primary_key=True),
+    ForeignKeyConstraint(
+        ["dataset_id", "data_id"],
+        ["dataset_items.dataset_id", "dataset_items.id"],
+        ondelete="CASCADE",
+    ),
+)
+
+# Near-duplicate search: each image's 64-bit dHash (and its mirror image's), stored as signed
+# BIGINTs, and the hash's three bands (21, 21 and 22 bits), each indexed: a Hamming query looks
+# up band values (multi-index hashing, see server/similarity.py). A row with a NULL dhash
+# records an item that is not a decodable image, so that it is not tried again.
+image_hashes_table = Table(
+    "image_hashes",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("dhash", BigInteger, nullable=True),
+    Column("mirror", BigInteger, nullable=True),
+    *(Column(f"band{i}", Integer, nullable=True) for i in range(3)),
+    # Covering: a query reads candidates' hashes from the index alone, no table lookups.
+    *(Index(f"ix_image_hashes_band{i}", "org", f"band{i}", "dhash", "data_id") for i in range(3)),
+)
+
+# Webhooks: endpoints an organization registered (the secret is kept: every POST is signed with
+# it), each with its place in the change log, and the delivery log: one row per event and
+# webhook, with the exact body sent, its attempts, and a lease while a server is sending it.
+webhooks_table = Table(
+    "webhooks",
+    metadata_obj,
+    Column("id", String(32), primary_key=True),
+    Column("org", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # comma-separated EventType numbers
+    Column("filter", Text, nullable=False),
+    Column("secret", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("after_seq", BigInteger, nullable=False),  # events up to here are fanned out
+    Index("ix_webhooks_org", "org", "created_at"),
+)
+
+webhook_deliveries_table = Table(
+    "webhook_deliveries",
+    metadata_obj,
+    Column("id", String(80), primary_key=True),  # the webhook-id header: same on every attempt
+    Column(
+        "webhook_id",
+        String(32),
+        ForeignKey("webhooks.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("org", String(64), nullable=False),
+    Column("event_seq", BigInteger, nullable=True),  # NULL: a test event
+    Column("data_id", String(36), nullable=True),
+    Column("event_type", String(32), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("last_attempt_at", BigInteger, nullable=True),
+    Column("response_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("lease_token", String(32), nullable=True),
+    Column("lease_until", BigInteger, nullable=True),
+    Index("ix_webhook_deliveries_event", "webhook_id", "event_seq", unique=True),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_item", "webhook_id", "data_id", "event_seq"),
+    Index("ix_webhook_deliveries_log", "webhook_id", "created_at", "id"),
 )

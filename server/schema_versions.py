@@ -6,11 +6,15 @@ in the package and applied by `metalake migrate` (or at start-up when asked).
 
 from __future__ import annotations
 
+import logging
+
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
+
+log = logging.getLogger(__name__)
 
 
 class SchemaError(RuntimeError):
@@ -63,3 +67,5 @@ def check_schema(engine: Engine, *, migrate: bool) -> None:
     with engine.begin() as connection:
         config, _ = _migrations(connection)
         alembic_command.upgrade(config, "head")
+    # Alembic's own INFO lines are quieted (see observability.QUIET_LOGGERS): say it once here.
+    log.info("catalog schema migrated from %s to %s", current or "empty", head)

@@ -5,20 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import code_pb2
 
 from metalake import metadata as md
 from metalake.server.auth import current_caller
-from metalake.server.catalog import DataRecord
-from metalake.server.datalake import Datalake
+from metalake.server.calls import abort, status
+from metalake.server.catalog import DataRecord, EventType
+from metalake.server.datalake import Datalake, Download
+from metalake.server.datasets import Datasets, DatasetVersion, DiffEntry
 from metalake.server.errors import (
     ConflictError,
     DatalakeError,
@@ -30,16 +29,14 @@ from metalake.server.errors import (
     UnavailableError,
     invalid_field,
 )
+from metalake.server.faults import backend_fault
 from metalake.server.importing import HEADER_BYTES, BucketAccessError
 from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
-from metalake.server.observability import (
-    BYTES_RECEIVED,
-    BYTES_SENT,
-    REQUEST_ID_KEY,
-    current_request_id,
-)
+from metalake.server.observability import BYTES_RECEIVED, BYTES_SENT
 from metalake.server.resumable import UploadWrite
+from metalake.server.similarity import Similarity
+from metalake.server.webhooks import Delivery, Webhook, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 
@@ -49,6 +46,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
 _Handler = Callable[[Any, _Request, Context], Awaitable[_Response]]
+_StreamHandler = Callable[[Any, _Request, Context], AsyncIterator[_Response]]
 
 
 _CODES = {
@@ -65,74 +63,86 @@ _CODES = {
 
 def _status_of(error: DatalakeError) -> grpc.Status:
     code = _CODES.get(type(error), code_pb2.INTERNAL)
-    status = status_pb2.Status(code=code, message=str(error))
-    if isinstance(error, InvalidArgumentError | DataLossError) and error.violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(bad_request)
-        status.details.append(detail)
-    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
-        # RetryInfo marks the limit as temporary: clients retry after the delay.
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromTimedelta(timedelta(seconds=error.retry_after))
-        detail = any_pb2.Any()
-        detail.Pack(retry)
-        status.details.append(detail)
-    return rpc_status.to_status(status)
-
-
-async def _abort(context: Context, status: grpc.Status) -> None:
-    # Aborting replaces the trailing metadata: keep the request id in it.
-    status = _Status(
-        status.code,
-        status.details,
-        (*status.trailing_metadata, (REQUEST_ID_KEY, current_request_id())),
+    violations = error.violations if isinstance(error, InvalidArgumentError | DataLossError) else []
+    # RetryInfo marks a refusal as temporary: clients retry after the delay.
+    retry_after = (
+        error.retry_after if isinstance(error, ResourceExhaustedError | UnavailableError) else None
     )
-    # grpc-stubs lags grpcio here: aio contexts have had abort_with_status since 1.33.
-    await context.abort_with_status(status)  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class _Status(grpc.Status):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+    return status(code, str(error), violations=violations, retry_after=retry_after)
 
 
 def _unexpected_status() -> grpc.Status:
-    return rpc_status.to_status(
-        status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
-    )
+    return status(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
+def _domain_error(error: Exception, method: str) -> DatalakeError | None:
+    """The domain error to answer with: `error` itself, or the backend fault it stands for."""
+    if isinstance(error, DatalakeError):
+        return error
+    fault = backend_fault(error)
+    if fault is not None:
+        # The driver's own words (hosts, SQL) are for the operator, not the client.
+        log.warning("%s: %s (%s: %s)", method, fault, type(error).__name__, error)
+    return fault
+
+
+def _answer(error: Exception, method: str) -> grpc.Status:
+    """The status a failed call ends with; anything unexpected is logged, not leaked."""
+    domain = _domain_error(error, method)
+    if domain is not None:
+        return _status_of(domain)
+    log.error("%s failed", method, exc_info=error)
+    return _unexpected_status()
 
 
 def _translating_errors(handler: _Handler[_Request, _Response]) -> _Handler[_Request, _Response]:
-    """Map domain errors to gRPC statuses; log anything unexpected without leaking it."""
+    """Map domain errors and backend faults to gRPC statuses (unary responses)."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: _Request, context: Context) -> _Response:
         try:
             return await handler(self, request, context)
-        except DatalakeError as error:
-            status = _status_of(error)
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            status = _unexpected_status()
-        await _abort(context, status)
-        raise AssertionError("abort_with_status returns only by raising")
+        except grpc.aio.AbortError:
+            raise  # the call was already ended with its status
+        except Exception as error:
+            answer = _answer(error, handler.__name__)
+        await abort(context, answer)
+
+    return wrapper
+
+
+def _translating_stream_errors(
+    handler: _StreamHandler[_Request, _Response],
+) -> _StreamHandler[_Request, _Response]:
+    """The same for methods answering a stream: the stream ends with the status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: _Request, context: Context) -> AsyncIterator[_Response]:
+        try:
+            async for response in handler(self, request, context):
+                yield response
+            return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            answer = _answer(error, handler.__name__)
+        await abort(context, answer)
 
     return wrapper
 
 
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
-    def __init__(self, datalake: Datalake) -> None:
+    def __init__(
+        self,
+        datalake: Datalake,
+        datasets: Datasets,
+        similarity: Similarity,
+        webhooks: Webhooks,
+    ) -> None:
         self._datalake = datalake
+        self._datasets = datasets
+        self._similarity = similarity
+        self._webhooks = webhooks
 
     @_translating_errors
     async def UploadData(
@@ -188,14 +198,11 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         await self._datalake.delete(_org(), request.id, etag=request.etag)
         return pb.DeleteDataResponse()
 
+    @_translating_stream_errors
     async def DownloadData(
         self, request: pb.DownloadDataRequest, context: Context
     ) -> AsyncIterator[pb.DownloadDataResponse]:
-        try:
-            download = await self._datalake.download(_org(), request.id, offset=request.read_offset)
-        except DatalakeError as error:
-            await _abort(context, _status_of(error))
-            return
+        download = await self._datalake.download(_org(), request.id, offset=request.read_offset)
         yield pb.DownloadDataResponse(data=data_to_proto(download.record))
         try:
             async for chunk in download.chunks:
@@ -203,7 +210,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
                 yield pb.DownloadDataResponse(chunk=chunk)
         except FileNotFoundError:
             log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
-            await _abort(context, _unexpected_status())
+            await abort(context, _unexpected_status())
 
     @_translating_errors
     async def ExtractMetadata(
@@ -257,43 +264,191 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             expire_time=_timestamp(upload.expires_at),
         )
 
+    @_translating_stream_errors
     async def UploadDataStream(
         self, request_iterator: AsyncIterator[pb.UploadDataStreamRequest], context: Context
     ) -> AsyncIterator[pb.UploadDataStreamResponse]:
         org = _org()
-        outcomes = upload_stream(
-            functools.partial(self._datalake.upload, org),
-            _stream_events(request_iterator),
-            window=STREAM_WINDOW,
-        )
-        index = 0
-        try:
-            async for outcome in outcomes:
-                if isinstance(outcome, DatalakeError):
-                    yield pb.UploadDataStreamResponse(file_index=index, error=_file_error(outcome))
-                else:
-                    yield pb.UploadDataStreamResponse(file_index=index, data=data_to_proto(outcome))
-                index += 1
-        except DatalakeError as error:
-            await _abort(context, _status_of(error))
 
+        async def upload(header: UploadHeader, chunks: AsyncIterator[bytes]) -> DataRecord:
+            # A backend fault fails this file only (a FileError), like any refusal.
+            try:
+                return await self._datalake.upload(org, header, chunks)
+            except Exception as error:
+                domain = _domain_error(error, "UploadDataStream")
+                if domain is None or domain is error:
+                    raise
+                raise domain from error
+
+        outcomes = upload_stream(upload, _stream_events(request_iterator), window=STREAM_WINDOW)
+        index = 0
+        async for outcome in outcomes:
+            if isinstance(outcome, DatalakeError):
+                yield pb.UploadDataStreamResponse(file_index=index, error=_file_error(outcome))
+            else:
+                yield pb.UploadDataStreamResponse(file_index=index, data=data_to_proto(outcome))
+            index += 1
+
+    @_translating_stream_errors
     async def WatchData(
         self, request: pb.WatchDataRequest, context: Context
     ) -> AsyncIterator[pb.WatchDataResponse]:
         events = self._datalake.watch(
             _org(), filter=request.filter, resume_token=request.resume_token
         )
-        try:
-            async for event, token in events:
-                yield pb.WatchDataResponse(
-                    type=int(event.type),  # type: ignore[arg-type]
-                    data_id=event.record.id,
-                    data=data_to_proto(event.record),
-                    resume_token=token,
-                    event_time=_timestamp(event.time),
+        async for event, token in events:
+            yield pb.WatchDataResponse(
+                type=int(event.type),  # type: ignore[arg-type]
+                data_id=event.record.id,
+                data=data_to_proto(event.record),
+                resume_token=token,
+                event_time=_timestamp(event.time),
+            )
+
+    # Dataset snapshots.
+
+    @_translating_errors
+    async def CreateDataset(
+        self, request: pb.CreateDatasetRequest, context: Context
+    ) -> pb.CreateDatasetResponse:
+        created = await self._datasets.create(
+            _org(), request.name, request.filter, request.description
+        )
+        return pb.CreateDatasetResponse(dataset=_dataset_to_proto(created))
+
+    @_translating_errors
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: Context
+    ) -> pb.ListDatasetsResponse:
+        found, token = await self._datasets.versions(
+            _org(), name=request.name, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListDatasetsResponse(
+            datasets=[_dataset_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def GetDataset(
+        self, request: pb.GetDatasetRequest, context: Context
+    ) -> pb.GetDatasetResponse:
+        found = await self._datasets.get(_org(), request.name, request.version)
+        return pb.GetDatasetResponse(dataset=_dataset_to_proto(found))
+
+    @_translating_errors
+    async def ListDatasetItems(
+        self, request: pb.ListDatasetItemsRequest, context: Context
+    ) -> pb.ListDatasetItemsResponse:
+        dataset, records, token = await self._datasets.items(
+            _org(),
+            request.name,
+            request.version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListDatasetItemsResponse(
+            data=[data_to_proto(r) for r in records],
+            next_page_token=token,
+            version=dataset.version,
+        )
+
+    @_translating_errors
+    async def DiffDatasets(
+        self, request: pb.DiffDatasetsRequest, context: Context
+    ) -> pb.DiffDatasetsResponse:
+        entries, token = await self._datasets.diff(
+            _org(),
+            request.name,
+            request.from_version,
+            request.to_version,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.DiffDatasetsResponse(
+            entries=[_diff_to_proto(e) for e in entries], next_page_token=token
+        )
+
+    @_translating_stream_errors
+    async def DownloadDatasetItem(
+        self, request: pb.DownloadDatasetItemRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadDatasetItemResponse]:
+        download = await self._datasets.download(
+            _org(), request.name, request.version, request.data_id, offset=request.read_offset
+        )
+        async for message in _stream_download(download, context):
+            yield pb.DownloadDatasetItemResponse(**message)
+
+    @_translating_errors
+    async def FindSimilar(
+        self, request: pb.FindSimilarRequest, context: Context
+    ) -> pb.FindSimilarResponse:
+        found, token = await self._similarity.find(
+            _org(),
+            data_id=request.id,
+            image=request.image,
+            max_distance=request.max_distance if request.HasField("max_distance") else None,
+            filter=request.filter,
+            include_mirrored=not request.exclude_mirrored,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.FindSimilarResponse(
+            results=[
+                pb.SimilarData(
+                    data=data_to_proto(s.record), distance=s.distance, mirrored=s.mirrored
                 )
-        except DatalakeError as error:
-            await _abort(context, _status_of(error))
+                for s in found
+            ],
+            next_page_token=token,
+        )
+
+    # Webhooks.
+
+    @_translating_errors
+    async def CreateWebhook(
+        self, request: pb.CreateWebhookRequest, context: Context
+    ) -> pb.CreateWebhookResponse:
+        types = []
+        for value in request.event_types:
+            try:
+                types.append(EventType(value))
+            except ValueError:
+                raise invalid_field("event_types", f"{value} is not an event type") from None
+        created = await self._webhooks.create(_org(), request.url, types, request.filter)
+        return pb.CreateWebhookResponse(
+            webhook=_webhook_to_proto(created.webhook), secret=created.secret
+        )
+
+    @_translating_errors
+    async def ListWebhooks(
+        self, request: pb.ListWebhooksRequest, context: Context
+    ) -> pb.ListWebhooksResponse:
+        found = await self._webhooks.registered(_org())
+        return pb.ListWebhooksResponse(webhooks=[_webhook_to_proto(w) for w in found])
+
+    @_translating_errors
+    async def DeleteWebhook(
+        self, request: pb.DeleteWebhookRequest, context: Context
+    ) -> pb.DeleteWebhookResponse:
+        await self._webhooks.delete(_org(), request.id)
+        return pb.DeleteWebhookResponse()
+
+    @_translating_errors
+    async def ListWebhookDeliveries(
+        self, request: pb.ListWebhookDeliveriesRequest, context: Context
+    ) -> pb.ListWebhookDeliveriesResponse:
+        found, token = await self._webhooks.deliveries(
+            _org(), request.webhook_id, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListWebhookDeliveriesResponse(
+            deliveries=[_delivery_to_proto(d) for d in found], next_page_token=token
+        )
+
+    @_translating_errors
+    async def TestWebhook(
+        self, request: pb.TestWebhookRequest, context: Context
+    ) -> pb.TestWebhookResponse:
+        delivery = await self._webhooks.test(_org(), request.id)
+        return pb.TestWebhookResponse(delivery=_delivery_to_proto(delivery))
 
     @_translating_errors
     async def ImportObjects(
@@ -315,6 +470,76 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             header_bytes_limit=HEADER_BYTES,
             failures=[pb.FieldViolation(field=f, description=d) for f, d in report.failures],
         )
+
+
+def _webhook_to_proto(webhook: Webhook) -> pb.Webhook:
+    return pb.Webhook(
+        id=webhook.id,
+        url=webhook.url,
+        event_types=[int(e) for e in webhook.events],  # type: ignore[misc]
+        filter=webhook.filter,
+        created_at=_timestamp(webhook.created_at),
+    )
+
+
+_DELIVERY_STATUSES = {
+    "pending": pb.DELIVERY_STATUS_PENDING,
+    "delivered": pb.DELIVERY_STATUS_DELIVERED,
+    "failed": pb.DELIVERY_STATUS_FAILED,
+}
+
+
+def _delivery_to_proto(delivery: Delivery) -> pb.WebhookDelivery:
+    message = pb.WebhookDelivery(
+        id=delivery.id,
+        webhook_id=delivery.webhook_id,
+        event_type=delivery.event_type,
+        data_id=delivery.data_id,
+        status=_DELIVERY_STATUSES[delivery.status],
+        attempts=delivery.attempts,
+        created_at=_timestamp(delivery.created_at),
+        error=delivery.error,
+    )
+    if delivery.next_attempt_at is not None:
+        message.next_attempt_at.CopyFrom(_timestamp(delivery.next_attempt_at))
+    if delivery.last_attempt_at is not None:
+        message.last_attempt_at.CopyFrom(_timestamp(delivery.last_attempt_at))
+    if delivery.response_status is not None:
+        message.response_status = delivery.response_status
+    return message
+
+
+async def _stream_download(download: Download, context: Context) -> AsyncIterator[dict[str, Any]]:
+    """The fields of a download's messages: the item first, then its chunks."""
+    yield {"data": data_to_proto(download.record)}
+    try:
+        async for chunk in download.chunks:
+            BYTES_SENT.inc(len(chunk))
+            yield {"chunk": chunk}
+    except FileNotFoundError:
+        log.error("blob %s of %s is missing", download.record.blob_key, download.record.id)
+        await abort(context, _unexpected_status())
+
+
+def _dataset_to_proto(dataset: DatasetVersion) -> pb.DatasetVersion:
+    return pb.DatasetVersion(
+        name=dataset.name,
+        version=dataset.version,
+        filter=dataset.filter,
+        created_at=_timestamp(dataset.created_at),
+        item_count=dataset.item_count,
+        total_size=dataset.total_size,
+        description=dataset.description,
+    )
+
+
+def _diff_to_proto(entry: DiffEntry) -> pb.DatasetDiffEntry:
+    return pb.DatasetDiffEntry(
+        change=entry.change,  # type: ignore[arg-type]
+        data_id=entry.data_id,
+        before=data_to_proto(entry.before) if entry.before else None,
+        after=data_to_proto(entry.after) if entry.after else None,
+    )
 
 
 # Files of one UploadDataStream in flight at once: enough to overlap receiving with committing.
@@ -380,8 +605,9 @@ async def _chunks(
     async for message in request_iterator:
         if message.HasField("header"):
             raise invalid_field("header", "sent twice: only the first message carries it")
-        BYTES_RECEIVED.inc(len(message.chunk))
-        yield message.chunk
+        chunk = message.chunk  # each read of a bytes field copies it
+        BYTES_RECEIVED.inc(len(chunk))
+        yield chunk
 
 
 def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:

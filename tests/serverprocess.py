@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -21,10 +22,17 @@ class ServerProcess:
     """`python -m metalake.server` on a free port; `target` is its address once started."""
 
     def __init__(
-        self, data_dir: Path, log: Path, *, module: str = "metalake.server", **env: str
+        self,
+        data_dir: Path,
+        log: Path,
+        *,
+        module: str = "metalake.server",
+        args: Sequence[str] = (),
+        **env: str,
     ) -> None:
         self.data_dir = data_dir
         self.module = module
+        self.args = list(args)
         self.log = log
         self.env = {
             **os.environ,
@@ -40,7 +48,10 @@ class ServerProcess:
             log.write(b"--- start\n")
             offset = log.tell()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
+                [sys.executable, "-m", self.module, *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=log,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -68,6 +79,19 @@ class ServerProcess:
         )
         return int(kilobytes) * 1024
 
+    def pids(self) -> list[int]:
+        """The server's process and its live children (a supervisor's workers)."""
+        assert self.process is not None
+        return [self.process.pid, *_children(self.process.pid)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server has used so far: its own process, its live
+        children, and the children it has already reaped (a replaced worker)."""
+        assert self.process is not None
+        total = _cpu_ticks(self.process.pid, reaped_children=True)
+        total += sum(_cpu_ticks(child) for child in _children(self.process.pid))
+        return total / os.sysconf("SC_CLK_TCK")
+
     def wait(self, timeout: float = 60) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
@@ -90,3 +114,31 @@ class ServerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
+
+
+def _children(pid: int) -> list[int]:
+    # /proc/PID/task/*/children needs a kernel option that is often off: scan parents instead.
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _cpu_ticks(pid: int, *, reaped_children: bool = False) -> int:
+    """utime + stime of a process (and cutime + cstime of its reaped children), in clock ticks.
+
+    A process that has just exited counts as 0: its time moves to its parent's cutime.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return utime + stime + (cutime + cstime if reaped_children else 0)

@@ -411,3 +411,72 @@ async def test_a_staged_resumable_upload_commits_into_the_store(store: BlobStore
     assert not staged.exists()
     with pytest.raises(ValueError, match="invalid upload id"):
         store.staging_path("../escape")
+
+
+async def test_put_stores_a_small_blob_in_one_step(store: BlobStore) -> None:
+    data = os.urandom(200_000)
+    await store.put(sha(data), data)
+    assert await store.exists(sha(data))
+    assert await get(store, sha(data)) == data
+    # The same content again (by put or by a writer) changes nothing and leaves nothing.
+    await store.put(sha(data), data)
+    assert await put(store, data) == sha(data)
+    assert await get(store, sha(data)) == data
+    await store.put(sha(b""), b"")
+    assert await get(store, sha(b"")) == b""
+    assert leftovers(store) == []
+    assert sorted(key for key, _ in store.blob_keys()) == sorted([sha(data), sha(b"")])
+
+
+def _restarted(store: BlobStore, tmp_path: Path) -> BlobStore:
+    """The same store as a new process would open it, after this one was killed."""
+    if isinstance(store, S3BlobStore):
+        url = f"s3://{store.bucket}/{store.prefix}"
+        return S3BlobStore.from_url(url, staging_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
+    return LocalBlobStore(tmp_path / "blobs")
+
+
+async def test_start_up_discards_whatever_a_killed_process_left(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    kept = await put(store, os.urandom(1000))
+    # Killed mid-upload (never committed nor aborted), with a part in S3 already.
+    writer = await store.create_writer(spool=True)
+    await writer.write(os.urandom(6 * MiB))
+    await writer.flush()
+    assert leftovers(store) != []
+    # What older versions and other crashes left: an extraction's scratch directory, a file.
+    root = tmp_path / "staging" if isinstance(store, S3BlobStore) else tmp_path / "blobs"
+    scratch = root / "tmp" / "tmpq1w2e3r4"
+    scratch.mkdir()
+    (scratch / "spool").write_bytes(b"half an extraction")
+    (root / "tmp" / "stray").write_bytes(b"?")
+
+    restarted = _restarted(store, tmp_path)
+    assert restarted.discard_spooled() >= 3
+    assert leftovers(restarted) == []  # S3: the multipart upload is aborted, not left billed
+    assert await get(restarted, kept) == await get(store, kept)
+
+
+async def test_start_up_with_the_bucket_away_keeps_what_it_could_not_abort(
+    s3: S3BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = await s3.create_writer(spool=False)
+    await writer.write(os.urandom(6 * MiB))
+    assert len(pending_uploads(s3)) == 1
+    url = f"s3://{s3.bucket}/{s3.prefix}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    away = S3BlobStore.from_url(url, staging_dir=tmp_path / "staging")
+    assert away.discard_spooled() == 0  # starts all the same
+    assert len(pending_uploads(s3)) == 1
+    # The next start, with the bucket back, finishes the job.
+    back = S3BlobStore.from_url(
+        url, staging_dir=tmp_path / "staging", environ={**os.environ, **_moto_env(s3)}
+    )
+    assert back.discard_spooled() == 1
+    assert leftovers(s3) == []
+
+
+def _moto_env(s3: S3BlobStore) -> dict[str, str]:
+    return {**S3_ENV, "AWS_ENDPOINT_URL": s3.client.meta.endpoint_url}

@@ -10,7 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_environment_variable_is_documented() -> None:
     read = set()
-    for module in ("server/config.py", "extractors/registry.py", "metalake/client.py"):
+    for module in (
+        "server/config.py",
+        "server/observability.py",
+        "extractors/registry.py",
+        "metalake/client.py",
+    ):
         read |= set(re.findall(r"\"(METALAKE_[A-Z_]+)\"", (ROOT / module).read_text()))
     documented = (ROOT / "docs/operations.md").read_text()
     assert read, "the scan found no settings at all"

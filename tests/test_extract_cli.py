@@ -1,21 +1,18 @@
-"""`metalake extract` and `metalake plugins`, through a parser built here."""
+"""`metalake extract` and `metalake plugins`, through the `metalake` command's own parser."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from metalake.extractors.cli import add_commands
+from metalake.cli import build_parser
 from metalake.extractors.testing import sample_exif, save_with_pillow
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metalake")
-    add_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code
 

@@ -24,7 +24,19 @@ from metalake.metadata import check_value
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns on corrupt EXIF
 
-CONTAINERS = ("jpeg", "tiff", "png-late", "heif", "cr3", "webp", "psd", "raf")
+CONTAINERS = (
+    "jpeg",
+    "tiff",
+    "png-late",
+    "heif",
+    "cr3",
+    "webp",
+    "psd",
+    "raf",
+    "miff",
+    "flif",
+    "x3f",
+)
 REGISTRY = ExtractorRegistry(builtin_plugins(), timeout=20.0)
 BASE_TIFF = tiff_bytes(sample_exif())
 
@@ -207,3 +219,43 @@ def test_decompression_bombs_stay_bounded(tmp_path: Path) -> None:
         result = REGISTRY.extract(path)
         assert result.errors == []
         assert result.values == {}
+
+
+@settings(
+    max_examples=int(os.environ.get("METALAKE_FUZZ_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    magic=st.sampled_from([b"id=ImageMagick\n", b"gimp xcf v011", b"BPG\xfb", b"\x00MRM", b"??"]),
+    signature=st.sampled_from([b"II*\x00", b"MM\x00*", b"Exif\x00\x00II*\x00"]),
+    before=st.binary(max_size=512),
+    after=st.binary(min_size=0, max_size=4096),
+    ifd0_at_8=st.booleans(),
+)
+def test_random_bytes_behind_a_tiff_signature_give_nothing(
+    tmp_path: Path, magic: bytes, signature: bytes, before: bytes, after: bytes, ifd0_at_8: bool
+) -> None:
+    """The scan for embedded EXIF finds the signature, and must refuse what follows it: not a
+    TIFF directory, so no value at all may come out (invented values stay at zero)."""
+    order = "<" if b"II" in signature else ">"
+    pointer = struct.pack(order + "I", 8) if ifd0_at_8 else b""
+    path = tmp_path / "fake.bin"
+    path.write_bytes(magic + before + signature + pointer + after)
+    result = REGISTRY.extract(path, filename=path.name)
+    assert result.errors == []
+    assert result.values == {}
+
+
+def test_a_scanned_block_is_read_only_when_its_directory_is_real(tmp_path: Path) -> None:
+    """The same header carrying a real EXIF block gives its values: the refusal above is the
+    validation at work, not a scan that finds nothing."""
+    path = tmp_path / "real.miff"
+    path.write_bytes(wrap_tiff("miff", BASE_TIFF))
+    assert REGISTRY.extract(path).values["manufacturer"] == "Metalake Optics"
+    fake = bytearray(wrap_tiff("miff", BASE_TIFF))
+    start = fake.index(b"Exif\x00\x00") + 6
+    ifd0 = start + DIRECTORIES[0]
+    fake[ifd0 + 2 :] = bytes(len(fake) - ifd0 - 2)  # entries zeroed: type 0 is no TIFF type
+    path.write_bytes(bytes(fake))
+    assert REGISTRY.extract(path).values == {}

@@ -99,8 +99,16 @@ def test_sigterm_drains_in_flight_uploads_and_refuses_new_ones(tmp_path: Path) -
         assert [d.filename for d in stored] == ["slow"]
 
 
-def _device(target: str, seed: int, acknowledged: dict[str, str], stop: threading.Event) -> None:
-    """Uploads random files until the server dies; records what the server acknowledged."""
+def _device(
+    target: str,
+    seed: int,
+    acknowledged: dict[str, str],
+    wrong: list[str],
+    stop: threading.Event,
+) -> None:
+    """Uploads random files until the server dies; records what the server acknowledged, and
+    in `wrong` any answer that does not match what was sent (the test asserts on it: a failed
+    assertion in this thread would only be a warning)."""
     rng = random.Random(seed)
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.DatalakeServiceStub(channel)
@@ -113,7 +121,8 @@ def _device(target: str, seed: int, acknowledged: dict[str, str], stop: threadin
                 ).data
             except grpc.RpcError:
                 return
-            assert data.sha256 == hashlib.sha256(content).hexdigest()
+            if data.sha256 != hashlib.sha256(content).hexdigest():
+                wrong.append(f"{data.id}: sent {hashlib.sha256(content).hexdigest()}")
             acknowledged[data.id] = data.sha256
 
 
@@ -121,13 +130,15 @@ def _device(target: str, seed: int, acknowledged: dict[str, str], stop: threadin
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) -> None:
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
     acknowledged: dict[str, str] = {}
+    wrong: list[str] = []
     rng = random.Random(1234)
     for round_ in range(8):
         with ServerProcess(data_dir, log) as server:
             stop = threading.Event()
             devices = [
                 threading.Thread(
-                    target=_device, args=(server.target, round_ * 10 + i, acknowledged, stop)
+                    target=_device,
+                    args=(server.target, round_ * 10 + i, acknowledged, wrong, stop),
                 )
                 for i in range(4)
             ]
@@ -139,6 +150,8 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
             stop.set()
             for device in devices:
                 device.join(30)
+                assert not device.is_alive()
+    assert wrong == []
     assert len(acknowledged) > 10, "the devices should have stored something between kills"
 
     # A restart collects what the crashes left half-done (orphans of any age, here).

@@ -6,7 +6,11 @@ import asyncio
 import io
 import json
 import logging
+import re
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,11 +19,16 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from metalake import metadata as md
 from metalake.server.auth import Role
 from metalake.server.config import Settings
-from metalake.server.observability import configure_logging, start_metrics_server
+from metalake.server.observability import (
+    QUIET_LOGGERS,
+    configure_logging,
+    start_metrics_server,
+)
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import ServerHandle, serving
@@ -33,28 +42,52 @@ def free_port() -> int:
         return port
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics serves, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_metrics_count_calls_codes_bytes_and_extractors(stub: pb_grpc.DatalakeServiceStub) -> None:
+    # Counters are per process, and other tests' servers ran in this one: compare with before.
     port = free_port()
     start_metrics_server(f"127.0.0.1:{port}")
+    before = scrape(port)
     content = jpeg_bytes()
     stub.UploadData(requests(content, "a.jpg", fill_metadata=True))
     with pytest.raises(grpc.RpcError):
         stub.GetData(pb.GetDataRequest(id="missing"))
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert 'metalake_rpcs_total{code="OK",method="UploadData"}' in text
-    assert 'metalake_rpcs_total{code="NOT_FOUND",method="GetData"}' in text
-    assert 'metalake_rpc_duration_seconds_count{method="UploadData"}' in text
-    received = [
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("metalake_bytes_received_total ")
-    ]
-    assert received
-    assert received[0] >= len(content)
-    assert "metalake_uploads_in_flight 0.0" in text
-    assert 'metalake_extractor_results_total{extractor="pillow"' in text
-    assert 'metalake_extractor_duration_seconds_count{extractor="pillow"}' in text
+    after = scrape(port)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # A call is counted as its handler ends, which may be just after the client has its answer.
+    deadline = time.monotonic() + 30
+    while not grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData"):
+        assert time.monotonic() < deadline, "the failed GetData was never counted"
+        time.sleep(0.05)
+        after = scrape(port)
+
+    assert grew("metalake_rpcs_total", code="OK", method="UploadData") == 1
+    assert grew("metalake_rpcs_total", code="NOT_FOUND", method="GetData") == 1
+    assert grew("metalake_rpc_duration_seconds_count", method="UploadData") == 1
+    assert grew("metalake_bytes_received_total") >= len(content)
+    assert after[("metalake_uploads_in_flight", ())] == 0
+    assert (
+        sum(
+            grew("metalake_extractor_results_total", extractor="pillow", result=result)
+            for result in ("hit", "miss", "error")
+        )
+        == 1
+    )
+    assert grew("metalake_extractor_duration_seconds_count", extractor="pillow") == 1
 
 
 def test_every_call_gets_a_request_id_in_trailing_metadata(
@@ -118,3 +151,133 @@ def _token(handle: ServerHandle) -> str:
         handle.running.tokens.create("acme", Role.WRITE), handle.loop
     ).result(30)
     return created.secret
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("terminal", "env", "expected"),
+    [
+        (True, None, "text"),
+        (False, None, "json"),
+        (True, "json", "json"),
+        (False, "text", "text"),
+        (False, " TEXT ", "text"),
+        (True, "xml", "text"),  # unknown: the default, and a warning saying so
+    ],
+)
+def test_the_log_format_follows_the_terminal_unless_told(
+    terminal: bool,
+    env: str | None,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    if env is None:
+        monkeypatch.delenv("METALAKE_LOG_FORMAT", raising=False)
+    else:
+        monkeypatch.setenv("METALAKE_LOG_FORMAT", env)
+    stream = _Terminal() if terminal else io.StringIO()
+    configure_logging(stream=stream)
+    logging.getLogger("metalake.server.app").info("hello")
+    lines = stream.getvalue().splitlines()
+    if expected == "json":
+        assert [json.loads(line)["message"] for line in lines] == ["hello"]
+    else:
+        assert all(not line.startswith("{") for line in lines)
+        assert lines[-1].endswith("INFO    metalake.server.app: hello")
+        if env == "xml":
+            assert "METALAKE_LOG_FORMAT='xml' is not json or text" in lines[0]
+
+
+def test_text_logs_keep_request_ids_and_every_logger_is_under_metalake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    monkeypatch.setenv("METALAKE_LOG_FORMAT", "text")
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    settings = Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        pb_grpc.DatalakeServiceStub(channel).UploadData(
+            requests(b"bytes", "a.bin"), metadata=(("x-request-id", "req-456"),)
+        )
+    # Other libraries: their chatter is quieted, their warnings come under metalake.lib.
+    logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+    logging.getLogger("botocore.credentials").warning("no credentials")
+    lines = stream.getvalue().splitlines()
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) +(\S+): (.*)$")
+    parsed = [line.match(text) for text in lines]
+    assert all(parsed), lines
+    names = {match.group(2) for match in parsed if match}
+    assert all(name.startswith("metalake.") for name in names), names
+    assert "metalake.lib.botocore.credentials" in names
+    assert not any("Context impl" in text for text in lines)
+    stored = [text for text in lines if ": stored " in text]
+    assert len(stored) == 1
+    assert stored[0].endswith("[req-456]")
+    assert any("catalog schema migrated from empty to" in text for text in lines)
+
+
+def test_json_logs_put_every_logger_under_metalake(
+    tmp_path: Path, json_logs: io.StringIO, restore_logging: None
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        pb_grpc.DatalakeServiceStub(channel).UploadData(
+            requests(b"bytes", "a.bin"), metadata=(("x-request-id", "req-789"),)
+        )
+    logging.getLogger("alembic.runtime.migration").warning("a warning")
+    records = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    assert records
+    assert all(r["logger"].startswith("metalake.") for r in records), records
+    assert {"logger": "metalake.lib.alembic.runtime.migration", "message": "a warning"}.items() <= (
+        records[-1].items()
+    )
+    assert [r["request_id"] for r in records if r["message"].startswith("stored ")] == ["req-789"]
+
+
+@pytest.mark.parametrize(
+    ("module", "not_imported"),
+    [
+        ("metalake.server.auth", "metalake.server.observability"),
+        ("metalake.server.observability", "metalake.server.auth"),
+    ],
+)
+def test_auth_and_observability_do_not_import_each_other(module: str, not_imported: str) -> None:
+    """Both build on metalake.server.calls (handler wrapping, request ids, aborts), so either
+    can change without the other, and no import cycle waits for the unwary."""
+    check = f"import sys, {module}; assert {not_imported!r} not in sys.modules"
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_log_times_read_as_logging_formats_them(json_output: bool, restore_logging: None) -> None:
+    """The server formats each second's date and time once; every line's time still reads as
+    logging's own formatting of it would, in either format."""
+    configure_logging(stream=io.StringIO(), json_output=json_output)
+    formatter = logging.getLogger().handlers[0].formatter
+    assert formatter is not None
+    reference = logging.Formatter(datefmt=formatter.datefmt)
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.5, 1_600_000_000.25):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        for datefmt in (formatter.datefmt, None, "%H:%M:%S"):
+            assert formatter.formatTime(record, datefmt) == reference.formatTime(record, datefmt)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from datetime import datetime
+from collections.abc import Generator, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pluggy
 import pytest
 
-from metalake.extractors import Source, hookimpl
+from metalake.extractors import Derived, Source, hookimpl
 from metalake.extractors.registry import (
     ExtractorRegistry,
     builtin_plugins,
@@ -230,8 +231,8 @@ def test_an_implementation_matching_no_hook_is_rejected() -> None:
 def test_builtins_are_ordinary_plugins_in_order() -> None:
     registry = ExtractorRegistry(builtin_plugins())
     described = registry.describe()
-    assert [info.name for info in described] == ["pillow", "exifread", "gps"]
-    assert [info.order for info in described] == [1, 2, 3]
+    assert [info.name for info in described] == ["pillow", "exifread", "gps", "xmp"]
+    assert [info.order for info in described] == [1, 2, 3, 4]
     assert all(info.version for info in described)
 
 
@@ -243,7 +244,7 @@ def test_environment_allow_list(image: Path) -> None:
 
 def test_environment_block_list() -> None:
     names = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "exifread"}).names
-    assert names[:2] == ["pillow", "gps"]
+    assert names[:3] == ["pillow", "gps", "xmp"]
     assert "exifread" not in names
 
 
@@ -278,7 +279,7 @@ def test_entry_points_load_after_builtins_and_broken_ones_are_skipped(
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: points)
     monkeypatch.setattr("tests.test_registry.ZZZ", module, raising=False)
     registry = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "blocked"})
-    assert registry.names == ["pillow", "exifread", "gps", "zzz"]
+    assert registry.names == ["pillow", "exifread", "gps", "xmp", "zzz"]
     assert [name for name, _ in registry.load_errors] == ["broken"]
 
 
@@ -299,3 +300,94 @@ def test_concurrent_extractions_agree(tmp_path: Path) -> None:
         thread.join()
     assert len(results) == 160
     assert all(result == expected for result in results)
+
+
+def test_new_style_wrappers_run_around_every_extractor_and_may_change_results(
+    image: Path,
+) -> None:
+    seen: list[str] = []
+
+    class Upper:
+        NAME = "upper"
+
+        @hookimpl(wrapper=True)
+        def metalake_extract_metadata(
+            self, source: Source
+        ) -> Generator[None, list[Mapping[str, object]], list[Mapping[str, object]]]:
+            seen.append("before")
+            results = yield
+            seen.append("after")
+            return [{k: str(v).upper() for k, v in result.items()} for result in results]
+
+    first = Fixed("first", {"software": "one"})
+    second = Fixed("second", {"manufacturer": "acme"})
+    registry = ExtractorRegistry([first, Upper(), second])
+    assert registry.names == ["first", "second"]
+    assert [(i.name, i.kind, i.order) for i in registry.describe()] == [
+        ("upper", "wrapper", 0),
+        ("first", "extractor", 1),
+        ("second", "extractor", 2),
+    ]
+    result = registry.extract(image)
+    assert result.values == {"software": "ONE", "manufacturer": "ACME"}
+    # Provenance stays with the extractor the wrapper wrapped.
+    assert result.sources == {"software": "first", "manufacturer": "second"}
+    assert seen == ["before", "after", "before", "after"]
+    assert result.errors == []
+
+
+def test_old_style_hookwrappers_are_honoured(image: Path) -> None:
+    class Counting:
+        NAME = "counting"
+        calls = 0
+
+        @third_party_hookimpl(hookwrapper=True)
+        def metalake_extract_metadata(self) -> Generator[None, pluggy.Result[Any], None]:
+            outcome = yield
+            Counting.calls += 1
+            outcome.force_result([{"acquired_by": "wrapped"}, *outcome.get_result()])
+
+    result = ExtractorRegistry([Fixed("a", {"software": "s"}), Counting()]).extract(image)
+    assert Counting.calls == 1
+    assert result.values == {"acquired_by": "wrapped", "software": "s"}
+    assert result.sources == {"acquired_by": "a", "software": "a"}
+
+
+def test_a_wrapper_that_breaks_a_call_is_reported_for_that_call(image: Path) -> None:
+    class Broken:
+        NAME = "broken"
+
+        @hookimpl(wrapper=True)
+        def metalake_extract_metadata(self) -> Generator[None, object, object]:
+            yield
+            return "not a list"
+
+    result = ExtractorRegistry([Fixed("a", {"software": "s"}), Broken()]).extract(image)
+    assert result.values == {}
+    assert result.errors == [("a", "a wrapper returned str, not a list of results")]
+
+
+def test_derived_values_say_how_in_their_source(image: Path) -> None:
+    when = datetime(2020, 1, 1, tzinfo=timezone(timedelta(hours=2)))
+    plugin = Fixed("clock", {"acquired_at": Derived(when, "gps-clock"), "software": "s"})
+    result = ExtractorRegistry([plugin]).extract(image)
+    assert result.values["acquired_at"] == when
+    assert result.sources == {"acquired_at": "clock+gps-clock", "software": "clock"}
+
+
+def test_disabling_pillow_runs_no_pillow_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalake.extractors import pillow_exif
+
+    def refuse(source: Source) -> None:
+        raise AssertionError("Pillow's reading ran although `pillow` is disabled")
+
+    monkeypatch.setattr(pillow_exif, "read_directories", refuse)
+    monkeypatch.setattr(pillow_exif, "_read", refuse)
+    path = save_with_pillow(tmp_path / "a.jpg", sample_exif())
+    registry = ExtractorRegistry.from_environment({"METALAKE_DISABLE_PLUGINS": "pillow"})
+    result = registry.extract(path)
+    assert result.errors == []
+    assert result.sources["manufacturer"] == "exifread"
+    assert result.sources["latitude"] == "gps"

@@ -382,6 +382,46 @@ def test_progress_counts_each_byte_once_across_retries() -> None:
     assert resumed == [100]
 
 
+def test_progress_finishes_a_stored_file_whatever_grpc_s_thread_has_reported() -> None:
+    # gRPC pulls the request iterator (which reports) from its own thread and may resume it a
+    # last time only after the server answered: the result must not wait for that.
+    sent: list[int] = []
+    report = client_module._FileProgress(sent.append)
+    report(0, 0)  # the iterator started at offset 0
+    report.finish(300)
+    report(0, 300)  # gRPC's thread, late: nothing more
+    assert sent == [300]
+    resumed: list[int] = []
+    report = client_module._FileProgress(resumed.append)
+    report(1000, 1000)  # a rerun resuming at 1000
+    report(1000, 1200)
+    report.finish(1500)
+    assert resumed == [200, 300]
+
+
+def test_progress_is_complete_before_each_result_is_yielded(client: Client, tmp_path: Path) -> None:
+    paths = [tmp_path / f"{i}.bin" for i in range(24)]
+    for i, path in enumerate(paths):
+        path.write_bytes(os.urandom(1000 + i))
+    lock, sent = threading.Lock(), [0]
+
+    def progress(count: int) -> None:
+        with lock:
+            sent[0] += count
+
+    # The second run is answered from its request ids, maybe before the bytes are read: the
+    # files are done all the same (this is what left the CLI's bar at 0% now and then).
+    for _ in range(2):
+        sent[0] = done = 0
+        results = client.get_datalake().iter_upload(paths, progress=progress, rerun_safe=True)
+        for path, result in results:
+            assert not isinstance(result, Exception)
+            done += path.stat().st_size
+            with lock:
+                assert sent[0] >= done  # this file's bytes (and maybe others') are counted
+        assert sent[0] == done
+
+
 def test_uploads_stream_from_disk_header_first_in_chunks(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(2 * client_module.CHUNK_SIZE + 10))

@@ -99,6 +99,66 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.FromString,
                 _registered_method=True)
+        self.CreateDataset = channel.unary_unary(
+                '/metalake.v1.DatalakeService/CreateDataset',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.CreateDatasetRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListDatasets',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/metalake.v1.DatalakeService/GetDataset',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasetItems = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListDatasetItems',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsResponse.FromString,
+                _registered_method=True)
+        self.DiffDatasets = channel.unary_unary(
+                '/metalake.v1.DatalakeService/DiffDatasets',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.DiffDatasetsRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.DiffDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DownloadDatasetItem = channel.unary_stream(
+                '/metalake.v1.DatalakeService/DownloadDatasetItem',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.FromString,
+                _registered_method=True)
+        self.FindSimilar = channel.unary_unary(
+                '/metalake.v1.DatalakeService/FindSimilar',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
+                _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/CreateWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListWebhooks',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/DeleteWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ListWebhookDeliveries',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/metalake.v1.DatalakeService/TestWebhook',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
+                _registered_method=True)
         self.ImportObjects = channel.unary_unary(
                 '/metalake.v1.DatalakeService/ImportObjects',
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.ImportObjectsRequest.SerializeToString,
@@ -210,6 +270,98 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateDataset(self, request, context):
+        """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+        their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+        not change it, and the bytes of its items are kept while it exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Lists dataset versions, newest first within each name, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasetItems(self, request, context):
+        """Lists the frozen items of a dataset version in id order, one keyset page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffDatasets(self, request, context):
+        """Compares two versions of a dataset: items added, removed and changed, in id order, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadDatasetItem(self, request, context):
+        """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+        item itself was deleted. The first message carries the item as frozen in the version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindSimilar(self, request, context):
+        """Finds the organization's images that look like an item or like an image sent in the
+        request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+        image's, closest first. Answered from an index, not a scan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhook(self, request, context):
+        """Registers an HTTP endpoint of the organization: every later event of the change log (as
+        WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+        signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Lists the organization's webhooks (never their secrets).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes a webhook and its delivery log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """A webhook's delivery log, newest first: each event, its attempts and its outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TestWebhook(self, request, context):
+        """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+        returns the delivery after the first attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportObjects(self, request, context):
         """Registers every object under an s3:// prefix as an item that references the object in
         place: its bytes are not copied (the server needs read access to the bucket). Running it
@@ -283,6 +435,66 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.WatchData,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.SerializeToString,
+            ),
+            'CreateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDataset,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateDatasetRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.CreateDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.GetDatasetRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasetItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasetItems,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsResponse.SerializeToString,
+            ),
+            'DiffDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffDatasets,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.DiffDatasetsRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.DiffDatasetsResponse.SerializeToString,
+            ),
+            'DownloadDatasetItem': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadDatasetItem,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.SerializeToString,
+            ),
+            'FindSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindSimilar,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.SerializeToString,
             ),
             'ImportObjects': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportObjects,
@@ -619,6 +831,330 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/WatchData',
             metalake_dot_v1_dot_datalake__pb2.WatchDataRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.WatchDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/CreateDataset',
+            metalake_dot_v1_dot_datalake__pb2.CreateDatasetRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.CreateDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListDatasets',
+            metalake_dot_v1_dot_datalake__pb2.ListDatasetsRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/GetDataset',
+            metalake_dot_v1_dot_datalake__pb2.GetDatasetRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasetItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListDatasetItems',
+            metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListDatasetItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/DiffDatasets',
+            metalake_dot_v1_dot_datalake__pb2.DiffDatasetsRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.DiffDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadDatasetItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/DownloadDatasetItem',
+            metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.DownloadDatasetItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/FindSimilar',
+            metalake_dot_v1_dot_datalake__pb2.FindSimilarRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.FindSimilarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/CreateWebhook',
+            metalake_dot_v1_dot_datalake__pb2.CreateWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListWebhooks',
+            metalake_dot_v1_dot_datalake__pb2.ListWebhooksRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/DeleteWebhook',
+            metalake_dot_v1_dot_datalake__pb2.DeleteWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ListWebhookDeliveries',
+            metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/TestWebhook',
+            metalake_dot_v1_dot_datalake__pb2.TestWebhookRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.TestWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

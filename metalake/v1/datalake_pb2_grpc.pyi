@@ -84,6 +84,43 @@ class DatalakeServiceStub:
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
     """
+    CreateDataset: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.CreateDatasetRequest, _datalake_pb2.CreateDatasetResponse]
+    """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+    their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+    not change it, and the bytes of its items are kept while it exists.
+    """
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetsRequest, _datalake_pb2.ListDatasetsResponse]
+    """Lists dataset versions, newest first within each name, one page at a time."""
+    GetDataset: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.GetDatasetRequest, _datalake_pb2.GetDatasetResponse]
+    """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+    ListDatasetItems: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetItemsRequest, _datalake_pb2.ListDatasetItemsResponse]
+    """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+    DiffDatasets: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.DiffDatasetsRequest, _datalake_pb2.DiffDatasetsResponse]
+    """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+    DownloadDatasetItem: _grpc.UnaryStreamMultiCallable[_datalake_pb2.DownloadDatasetItemRequest, _datalake_pb2.DownloadDatasetItemResponse]
+    """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+    item itself was deleted. The first message carries the item as frozen in the version.
+    """
+    FindSimilar: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.FindSimilarRequest, _datalake_pb2.FindSimilarResponse]
+    """Finds the organization's images that look like an item or like an image sent in the
+    request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+    image's, closest first. Answered from an index, not a scan.
+    """
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.CreateWebhookRequest, _datalake_pb2.CreateWebhookResponse]
+    """Registers an HTTP endpoint of the organization: every later event of the change log (as
+    WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+    signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhooksRequest, _datalake_pb2.ListWebhooksResponse]
+    """Lists the organization's webhooks (never their secrets)."""
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.DeleteWebhookRequest, _datalake_pb2.DeleteWebhookResponse]
+    """Removes a webhook and its delivery log."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhookDeliveriesRequest, _datalake_pb2.ListWebhookDeliveriesResponse]
+    """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+    TestWebhook: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.TestWebhookRequest, _datalake_pb2.TestWebhookResponse]
+    """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+    returns the delivery after the first attempt.
+    """
     ImportObjects: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]
     """Registers every object under an s3:// prefix as an item that references the object in
     place: its bytes are not copied (the server needs read access to the bucket). Running it
@@ -143,6 +180,43 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
     filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
     and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+    """
+    CreateDataset: _aio.UnaryUnaryMultiCallable[_datalake_pb2.CreateDatasetRequest, _datalake_pb2.CreateDatasetResponse]  # type: ignore[assignment]
+    """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+    their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+    not change it, and the bytes of its items are kept while it exists.
+    """
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetsRequest, _datalake_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists dataset versions, newest first within each name, one page at a time."""
+    GetDataset: _aio.UnaryUnaryMultiCallable[_datalake_pb2.GetDatasetRequest, _datalake_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+    ListDatasetItems: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListDatasetItemsRequest, _datalake_pb2.ListDatasetItemsResponse]  # type: ignore[assignment]
+    """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+    DiffDatasets: _aio.UnaryUnaryMultiCallable[_datalake_pb2.DiffDatasetsRequest, _datalake_pb2.DiffDatasetsResponse]  # type: ignore[assignment]
+    """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+    DownloadDatasetItem: _aio.UnaryStreamMultiCallable[_datalake_pb2.DownloadDatasetItemRequest, _datalake_pb2.DownloadDatasetItemResponse]  # type: ignore[assignment]
+    """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+    item itself was deleted. The first message carries the item as frozen in the version.
+    """
+    FindSimilar: _aio.UnaryUnaryMultiCallable[_datalake_pb2.FindSimilarRequest, _datalake_pb2.FindSimilarResponse]  # type: ignore[assignment]
+    """Finds the organization's images that look like an item or like an image sent in the
+    request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+    image's, closest first. Answered from an index, not a scan.
+    """
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.CreateWebhookRequest, _datalake_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """Registers an HTTP endpoint of the organization: every later event of the change log (as
+    WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+    signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhooksRequest, _datalake_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    """Lists the organization's webhooks (never their secrets)."""
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.DeleteWebhookRequest, _datalake_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Removes a webhook and its delivery log."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ListWebhookDeliveriesRequest, _datalake_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+    TestWebhook: _aio.UnaryUnaryMultiCallable[_datalake_pb2.TestWebhookRequest, _datalake_pb2.TestWebhookResponse]  # type: ignore[assignment]
+    """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+    returns the delivery after the first attempt.
     """
     ImportObjects: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]  # type: ignore[assignment]
     """Registers every object under an s3:// prefix as an item that references the object in
@@ -272,6 +346,115 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Emits an event for each item created, updated or deleted, optionally narrowed by a ListData
         filter. Each event carries a resume token: reconnecting with the last one seen misses nothing
         and repeats nothing. A token older than the server keeps is OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateDataset(
+        self,
+        request: _datalake_pb2.CreateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.CreateDatasetResponse, _abc.Awaitable[_datalake_pb2.CreateDatasetResponse]]:
+        """Freezes the items matching a ListData filter as a new immutable version of a named dataset:
+        their ids, sha256, metadata and tags as they are now. Later uploads, updates and deletes do
+        not change it, and the bytes of its items are kept while it exists.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _datalake_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListDatasetsResponse, _abc.Awaitable[_datalake_pb2.ListDatasetsResponse]]:
+        """Lists dataset versions, newest first within each name, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetDataset(
+        self,
+        request: _datalake_pb2.GetDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.GetDatasetResponse, _abc.Awaitable[_datalake_pb2.GetDatasetResponse]]:
+        """Returns one dataset version (the latest when version is 0). NOT_FOUND when there is none."""
+
+    @_abc_1.abstractmethod
+    def ListDatasetItems(
+        self,
+        request: _datalake_pb2.ListDatasetItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListDatasetItemsResponse, _abc.Awaitable[_datalake_pb2.ListDatasetItemsResponse]]:
+        """Lists the frozen items of a dataset version in id order, one keyset page at a time."""
+
+    @_abc_1.abstractmethod
+    def DiffDatasets(
+        self,
+        request: _datalake_pb2.DiffDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.DiffDatasetsResponse, _abc.Awaitable[_datalake_pb2.DiffDatasetsResponse]]:
+        """Compares two versions of a dataset: items added, removed and changed, in id order, paged."""
+
+    @_abc_1.abstractmethod
+    def DownloadDatasetItem(
+        self,
+        request: _datalake_pb2.DownloadDatasetItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_datalake_pb2.DownloadDatasetItemResponse], _abc.AsyncIterator[_datalake_pb2.DownloadDatasetItemResponse]]:
+        """Streams the bytes of one item of a dataset version, as DownloadData does, even after the
+        item itself was deleted. The first message carries the item as frozen in the version.
+        """
+
+    @_abc_1.abstractmethod
+    def FindSimilar(
+        self,
+        request: _datalake_pb2.FindSimilarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.FindSimilarResponse, _abc.Awaitable[_datalake_pb2.FindSimilarResponse]]:
+        """Finds the organization's images that look like an item or like an image sent in the
+        request: within max_distance bits of its 64-bit perceptual hash (dHash), or of its mirror
+        image's, closest first. Answered from an index, not a scan.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _datalake_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.CreateWebhookResponse, _abc.Awaitable[_datalake_pb2.CreateWebhookResponse]]:
+        """Registers an HTTP endpoint of the organization: every later event of the change log (as
+        WatchData sees it) of the chosen types and matching the filter is POSTed to it as JSON,
+        signed the Standard Webhooks way with the secret returned here, once. Needs the admin role.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _datalake_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListWebhooksResponse, _abc.Awaitable[_datalake_pb2.ListWebhooksResponse]]:
+        """Lists the organization's webhooks (never their secrets)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _datalake_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.DeleteWebhookResponse, _abc.Awaitable[_datalake_pb2.DeleteWebhookResponse]]:
+        """Removes a webhook and its delivery log."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _datalake_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_datalake_pb2.ListWebhookDeliveriesResponse]]:
+        """A webhook's delivery log, newest first: each event, its attempts and its outcome."""
+
+    @_abc_1.abstractmethod
+    def TestWebhook(
+        self,
+        request: _datalake_pb2.TestWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.TestWebhookResponse, _abc.Awaitable[_datalake_pb2.TestWebhookResponse]]:
+        """Sends a test event ("webhook.test") to a webhook now, through its delivery log, and
+        returns the delivery after the first attempt.
         """
 
     @_abc_1.abstractmethod

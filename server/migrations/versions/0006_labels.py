@@ -1,8 +1,8 @@
 """Labels: free key/value pairs of items (data_labels) and of the change log's snapshots
 (event_labels).
 
-Revision ID: 0002_labels
-Revises: 0001
+Revision ID: 0006_labels
+Revises: 0004_webhooks
 Create Date: 2026-12-01
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_labels"
-down_revision = "0001"
+revision = "0006_labels"
+down_revision = "0004_webhooks"
 branch_labels = None
 depends_on = None
 

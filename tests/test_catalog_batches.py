@@ -1,0 +1,170 @@
+"""Concurrent adds share one transaction: each item is still accepted or refused on its own.
+
+Adds started together (one asyncio.gather) are queued before the first batch commits, so they
+land in the same batch. Run against every catalog engine: SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import sqlalchemy
+
+from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
+from metalake.server.errors import ResourceExhaustedError, UnavailableError
+from tests.tcpproxy import TcpProxy
+from tests.test_catalog import ORG, record
+
+
+async def _outcomes(catalog: SqlCatalog, *items: DataRecord) -> list[BaseException | None]:
+    return list(
+        await asyncio.gather(*(catalog.add(item) for item in items), return_exceptions=True)
+    )
+
+
+async def test_an_item_that_breaks_a_constraint_fails_alone(catalog: SqlCatalog) -> None:
+    stored = record()
+    await catalog.add(stored)
+    before, after = record(tags=("a",)), record(request_id="r-after")
+    clash = record(id=stored.id, filename="clash.jpg")  # the primary key is taken
+    outcomes = await _outcomes(catalog, before, clash, after)
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    assert isinstance(outcomes[1], sqlalchemy.exc.IntegrityError)
+    assert await catalog.get(ORG, before.id) == before
+    assert await catalog.get(ORG, after.id) == after
+    assert await catalog.get(ORG, stored.id) == stored
+    # Only the stored items were counted, and only their events recorded.
+    assert (await catalog.organization(ORG)).used_bytes == 3 * stored.size
+    events = await catalog.events_after(ORG, 0, filter="", limit=10)
+    assert [e.record.id for e in events] == [stored.id, before.id, after.id]
+
+
+async def test_retries_in_one_batch_store_once(catalog: SqlCatalog) -> None:
+    earlier = record(request_id="r-earlier")
+    await catalog.add(earlier)
+    first, retry = record(request_id="r-new"), record(request_id="r-new")
+    again = record(request_id="r-earlier")
+    other_org = record(org="other", request_id="r-new")  # another organization's request
+    outcomes = await _outcomes(catalog, first, retry, again, other_org)
+    assert outcomes[0] is None
+    assert outcomes[3] is None
+    assert isinstance(outcomes[1], DuplicateRequestError)
+    assert outcomes[1].existing == first
+    assert isinstance(outcomes[2], DuplicateRequestError)
+    assert outcomes[2].existing == earlier
+    assert await catalog.find_request(ORG, "r-new") == first
+    assert await catalog.find_request("other", "r-new") == other_org
+    page = await catalog.list_page(ORG, filter="", order_by="", page_size=10, page_token="")
+    assert [r.id for r in page.records] == [earlier.id, first.id]
+    assert (await catalog.organization(ORG)).used_bytes == 2 * first.size
+
+
+async def test_a_batch_over_the_quota_stores_what_fits_in_order(catalog: SqlCatalog) -> None:
+    await catalog.set_organization_limits(ORG, max_file_size=None, storage_quota=10)
+    items = [record(size=4) for _ in range(3)] + [record(size=2)]
+    outcomes = await _outcomes(catalog, *items)
+    assert [o is None for o in outcomes] == [True, True, False, True]
+    assert isinstance(outcomes[2], ResourceExhaustedError)
+    assert (await catalog.organization(ORG)).used_bytes == 10
+    # The server's default quota applies to an organization without one of its own.
+    defaulted = [record(org="small", size=4) for _ in range(2)]
+    added = await asyncio.gather(
+        *(catalog.add(item, default_quota=5) for item in defaulted), return_exceptions=True
+    )
+    assert added[0] is None
+    assert isinstance(added[1], ResourceExhaustedError)
+    assert (await catalog.organization("small")).used_bytes == 4
+
+
+async def test_a_batch_records_events_in_order_with_their_tags(catalog: SqlCatalog) -> None:
+    items = [record(tags=tuple(f"t{j}" for j in range(i % 3))) for i in range(7)]
+    assert await _outcomes(catalog, *items) == [None] * 7
+    events = await catalog.events_after(ORG, 0, filter="", limit=10)
+    assert [e.record for e in events] == items
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    tagged = await catalog.events_after(ORG, 0, filter="tags:t1", limit=10)
+    assert [e.record.id for e in tagged] == [i.id for i in items if "t1" in i.tags]
+
+
+async def test_many_uploads_hold_blobs_while_they_commit(catalog: SqlCatalog) -> None:
+    """More holders than the connection pool has connections, each adding its item while it
+    holds its blob: none may wait for a connection another holder keeps."""
+
+    async def store(item: DataRecord) -> None:
+        async with catalog.hold_blob(item.blob_key):
+            await catalog.add(item)
+
+    items = [record(blob_key=uuid.uuid4().hex * 2) for _ in range(40)]
+    await asyncio.wait_for(asyncio.gather(*(store(item) for item in items)), 60)
+    for item in items:
+        assert await catalog.blob_in_use(item.blob_key)
+
+
+async def test_holders_of_one_blob_take_turns(postgres_url: str) -> None:
+    """On PostgreSQL the hold is the cross-server lock: one holder at a time, in this process
+    too (the session lock itself would let a second holder of the same session in)."""
+    catalogs = [SqlCatalog.open(postgres_url, migrate=True) for _ in range(2)]
+    inside: list[int] = []
+    overlaps = 0
+
+    async def hold(catalog: SqlCatalog, n: int) -> None:
+        nonlocal overlaps
+        async with catalog.hold_blob("ef" * 32):
+            inside.append(n)
+            overlaps = max(overlaps, len(inside))
+            await asyncio.sleep(0.02)
+            inside.remove(n)
+
+    try:
+        await asyncio.gather(*(hold(catalogs[n % 2], n) for n in range(6)))
+    finally:
+        for catalog in catalogs:
+            await catalog.close()
+    assert overlaps == 1
+
+
+@pytest.mark.parametrize("size", [1, 300])
+async def test_batches_of_any_size_commit_everything(catalog: SqlCatalog, size: int) -> None:
+    items = [record(request_id=f"r-{i}", tags=("x",) if i % 2 else ()) for i in range(size)]
+    assert await _outcomes(catalog, *items) == [None] * size
+    for item in items[:: max(1, size // 10)]:
+        assert await catalog.get(ORG, item.id) == item
+    assert (await catalog.organization(ORG)).used_bytes == sum(i.size for i in items)
+
+
+async def test_a_batch_the_catalog_drops_fails_each_item_unavailable(postgres_url: str) -> None:
+    """A batch cut off from PostgreSQL mid-way: every add in it fails as the backend fault it is
+    (UNAVAILABLE with a retry delay, each its own error), nothing of it is kept, and the same
+    adds retried once the catalog is back store each item once."""
+    parts = urlsplit(postgres_url)
+    assert parts.hostname is not None
+    with TcpProxy(parts.hostname, parts.port or 5432) as proxy:
+        url = postgres_url.replace(parts.netloc, f"{parts.username}@{proxy.address}", 1)
+        catalog = SqlCatalog.open(url, migrate=True)
+        try:
+            kept = record(request_id="r-kept")
+            await catalog.add(kept)
+            items = [record(request_id=f"r-{i}", tags=("t",)) for i in range(5)]
+            proxy.cut()
+            outcomes = await _outcomes(catalog, *items)
+            faults = [outcome for outcome in outcomes if isinstance(outcome, UnavailableError)]
+            assert len(faults) == len(items), outcomes
+            assert len({id(fault) for fault in faults}) == len(items)
+            assert all(fault.retry_after for fault in faults)
+            proxy.restore()
+            # Each retried twice in one batch: the first try stores it, the second gets it back.
+            retried = await _outcomes(catalog, *items, *items)
+            assert retried[: len(items)] == [None] * len(items)
+            duplicates = retried[len(items) :]
+            assert all(isinstance(d, DuplicateRequestError) for d in duplicates), duplicates
+            assert [d.existing for d in duplicates if isinstance(d, DuplicateRequestError)] == items
+            for item in items:
+                assert await catalog.find_request(ORG, item.request_id) == item
+            used = (await catalog.organization(ORG)).used_bytes
+            assert used == kept.size + sum(item.size for item in items)
+        finally:
+            await catalog.close()
