@@ -161,3 +161,29 @@ def test_a_bucket_the_server_cannot_read_is_a_clear_error(
     assert "Grant the server's credentials s3:ListBucket and s3:GetObject" in err
     with Client(server_target) as client:
         assert list(client.get_datalake().list_data()) == []
+
+
+def test_imported_items_in_datasets_and_similarity(
+    server_target: str, bucket: tuple[str, Any], tmp_path: Path
+) -> None:
+    name, s3 = bucket
+    body = jpeg("Canon")
+    s3.put_object(Bucket=name, Key="p/a.jpg", Body=body)
+    with Client(server_target) as client:
+        datalake = client.get_datalake()
+        assert datalake.import_objects(f"s3://{name}/p")["added"] == 1
+        [item] = list(datalake.list_data())
+        datalake.create_dataset("imported")
+        # Not hashed (that would read the whole object): not an image FindSimilar can use.
+        with pytest.raises(InvalidArgumentError):
+            list(datalake.find_similar(item.id))
+        item.delete()
+        # The version keeps the reference: its item streams from the bucket after the delete.
+        [(frozen, path)] = datalake.download_dataset("imported", tmp_path / "out")
+        assert frozen.id == item.id
+        assert path.read_bytes() == body
+        # Neither the delete nor the dataset touched the customer's object.
+        assert s3.get_object(Bucket=name, Key="p/a.jpg")["Body"].read() == body
+        s3.put_object(Bucket=name, Key="p/a.jpg", Body=jpeg("NIKON"))
+        with pytest.raises(NotFoundError):
+            datalake.download_dataset("imported", tmp_path / "again")
