@@ -3,6 +3,8 @@
 Each query asks the catalog for one page of 100, as ListData does. The baseline is a full scan
 of the same table (a filter on `weather`, which no index covers), measured in the same run.
 Deep paging follows next_page_token 50 pages in, to show keyset pages stay as fast as the first.
+Labels: every item has `rig` (one of 10 values), 30% a `site` (one of 200), 1% `review`; the
+label filters run over the data_labels table and its (key, value, data_id) index.
 
     METALAKE_BENCH_SCALE=0.1 python -m benchmarks search     # 100,000 items, for a quick look
 """
@@ -34,15 +36,19 @@ MAKERS = ["Canon", "NIKON", "SONY", "FUJIFILM", "Apple", "DJI", "Parrot", "Olymp
     f"Maker{i}" for i in range(12)
 ]
 TAGS = [f"tag{i}" for i in range(50)]
+RIGS = [chr(ord("A") + i) for i in range(10)]
+SITES = [f"S{i:03d}" for i in range(200)]
+Rows = list[dict[str, object]]
 SCALE_COUNT = int(1_000_000 * float(os.environ.get("METALAKE_BENCH_SCALE", "1")))
 EPOCH_2023 = int(datetime(2023, 1, 1, tzinfo=UTC).timestamp() * 1e6)
 TWO_YEARS = int(2 * 365 * 24 * 3600 * 1e6)
 
 
-def rows(count: int, seed: int = 7) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+def rows(count: int, seed: int = 7) -> tuple[Rows, Rows, Rows]:
     rng = random.Random(seed)
-    items: list[dict[str, object]] = []
-    tags: list[dict[str, object]] = []
+    items: Rows = []
+    tags: Rows = []
+    labels: Rows = []
     start = int(time.time() * 1e6) - count * 1000
     for i in range(count):
         item_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -73,10 +79,16 @@ def rows(count: int, seed: int = 7) -> tuple[list[dict[str, object]], list[dict[
         )
         for tag in rng.sample(TAGS, rng.choice([1, 2])):
             tags.append({"data_id": item_id, "tag": tag})
-    return items, tags
+        owner = {"data_id": item_id, "org": ORG, "created_at": start + i * 1000}
+        labels.append({**owner, "key": "rig", "value": rng.choice(RIGS)})
+        if rng.random() < 0.3:
+            labels.append({**owner, "key": "site", "value": rng.choice(SITES)})
+        if rng.random() < 0.01:
+            labels.append({**owner, "key": "review", "value": "needed"})
+    return items, tags, labels
 
 
-def load(url: str, items: list[dict[str, object]], tags: list[dict[str, object]]) -> None:
+def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
     engine = sqlalchemy.create_engine(engine_url(url))
     columns = [c.name for c in data_table.columns]
     with engine.begin() as connection:
@@ -90,13 +102,26 @@ def load(url: str, items: list[dict[str, object]], tags: list[dict[str, object]]
                 with cursor.copy("COPY data_tags (data_id, tag) FROM STDIN") as copy:
                     for tag in tags:
                         copy.write_row([tag["data_id"], tag["tag"]])
-            connection.execute(sqlalchemy.text("ANALYZE data; ANALYZE data_tags"))
+                names = ("data_id", "key", "value", "org", "created_at")
+                with cursor.copy(f"COPY data_labels ({', '.join(names)}) FROM STDIN") as copy:
+                    for label in labels:
+                        copy.write_row([label[n] for n in names])
+            connection.execute(
+                sqlalchemy.text("ANALYZE data; ANALYZE data_tags; ANALYZE data_labels")
+            )
         else:
             full = [{c: item.get(c) for c in columns} for item in items]
             for start in range(0, len(full), 50_000):
                 connection.execute(data_table.insert(), full[start : start + 50_000])
             connection.execute(
                 sqlalchemy.text("INSERT INTO data_tags VALUES (:data_id, :tag)"), tags
+            )
+            connection.execute(
+                sqlalchemy.text(
+                    "INSERT INTO data_labels (data_id, key, value, org, created_at) "
+                    "VALUES (:data_id, :key, :value, :org, :created_at)"
+                ),
+                labels,
             )
             connection.execute(sqlalchemy.text("ANALYZE"))
     engine.dispose()
@@ -121,6 +146,14 @@ QUERIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
         "acquired_at",
     ),
     "bounding box AND tag": lambda r: (f'{_box(r)} AND tags:"{r.choice(TAGS)}"', ""),
+    'labels.rig = "X" (10%)': lambda r: (f'labels.rig = "{r.choice(RIGS)}"', ""),
+    'labels.site = "S…" (0.15%)': lambda r: (f'labels.site = "{r.choice(SITES)}"', ""),
+    "labels.review:* (1%)": lambda r: ("labels.review:*", ""),
+    "labels.rig AND time range": lambda r: (
+        f'labels.rig = "{r.choice(RIGS)}" AND acquired_at >= "{_day(r)}T00:00:00Z" '
+        f'AND acquired_at < "{_day(r, 30)}T00:00:00Z"',
+        "acquired_at",
+    ),
 }
 
 
@@ -143,19 +176,29 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[int(len(ordered) * 0.95) - 1]
 
 
-async def measure(catalog: SqlCatalog, runs: int = 30) -> dict[str, tuple[float, float]]:
+# CPU ms per query of this process, by query: stable on a shared machine where wall times are
+# not. On SQLite it is the whole query (the engine runs in this process); on PostgreSQL only
+# the client's share.
+CPU: dict[str, dict[str, float]] = {}
+
+
+async def measure(
+    catalog: SqlCatalog, runs: int = 30, engine: str = ""
+) -> dict[str, tuple[float, float]]:
     rng = random.Random(11)
     results = {}
     for name, make in QUERIES.items():
-        samples = []
+        samples, cpu = [], []
         for _ in range(runs):
             text, order_by = make(rng)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             await catalog.list_page(
                 ORG, filter=text, order_by=order_by, page_size=100, page_token=""
             )
             samples.append((time.perf_counter() - started) * 1000)
+            cpu.append((time.process_time() - cpu_started) * 1000)
         results[name] = _percentiles(samples)
+        CPU.setdefault(engine, {})[name] = statistics.median(cpu)
     # Deep into a result: page 50 of a broad query, reached through tokens.
     token, deep = "", []
     for page_number in range(50):
@@ -199,8 +242,11 @@ def _postgres_url() -> tuple[str, Callable[[], None]] | None:
 def main() -> None:
     count = SCALE_COUNT
     started = time.perf_counter()
-    items, tags = rows(count)
-    print(f"{count:,} items, {len(tags):,} tags generated in {time.perf_counter() - started:.0f}s")
+    items, tags, labels = rows(count)
+    print(
+        f"{count:,} items, {len(tags):,} tags, {len(labels):,} labels generated in "
+        f"{time.perf_counter() - started:.0f}s"
+    )
     engines: list[tuple[str, str, Callable[[], None]]] = []
     scratch = tempfile.TemporaryDirectory()
     engines.append(("SQLite", f"sqlite:///{Path(scratch.name) / 'bench.sqlite3'}", lambda: None))
@@ -214,9 +260,9 @@ def main() -> None:
         for name, url, _ in engines:
             catalog = SqlCatalog.open(url, migrate=True)
             started = time.perf_counter()
-            load(url, items, tags)
+            load(url, items, tags, labels)
             print(f"{name}: loaded in {time.perf_counter() - started:.0f}s", flush=True)
-            table[name] = asyncio.run(measure(catalog))
+            table[name] = asyncio.run(measure(catalog, engine=name))
             asyncio.run(catalog.close())
     finally:
         for _, _, drop in engines:
@@ -224,15 +270,21 @@ def main() -> None:
         scratch.cleanup()
     names = [n for n, _, _ in engines]
     print()
-    header = " | ".join(f"{n} p50 ms | {n} p95 ms | {n} scan/p50" for n in names)
+    header = " | ".join(f"{n} p50 ms | {n} p95 ms | {n} scan/p50 | {n} CPU ms" for n in names)
     print(f"| query (page of 100, {count:,} items) | {header} |")
-    print("|---|" + "---|" * (3 * len(names)))
+    print("|---|" + "---|" * (4 * len(names)))
     for query in table[names[0]]:
         cells = []
         for n in names:
             p50, p95 = table[n][query]
             scan = table[n]["baseline: full scan"][0]
-            cells += [f"{p50:.1f}", f"{p95:.1f}", f"{scan / p50:.0f}x"]
+            cpu = CPU.get(n, {}).get(query)
+            cells += [
+                f"{p50:.1f}",
+                f"{p95:.1f}",
+                f"{scan / p50:.0f}x",
+                f"{cpu:.1f}" if cpu is not None else "",
+            ]
         print(f"| {query} | " + " | ".join(cells) + " |")
 
 

@@ -19,16 +19,20 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metalake import export
+from metalake import labels as label_rules
 from metalake import metadata as md
 from metalake._version import __version__
+from metalake.bulk import ManifestError, SelectionError, plan_upload
 from metalake.cli_server import INSTALL_HINT, ServerNotInstalledError
 from metalake.cli_server import add_commands as add_server_commands
 
 if TYPE_CHECKING:
-    from metalake.client import Client, Data, Dataset, WebhookDelivery
+    from metalake.client import Client, Data, Dataset, FileResult, WebhookDelivery
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TARGET = "127.0.0.1:50051"  # metalake.client.DEFAULT_TARGET, without importing gRPC
@@ -90,10 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n  metalake upload a.jpg b.jpg --fill-metadata --tag field\n"
         "  metalake upload photo.jpg --meta reference=7NGOMI --meta latitude=43.6 --json\n"
         "  metalake upload photo.jpg --meta acquired_at=2024-05-01T12:00:00+02:00\n"
-        "  metalake upload *.jpg --quiet > ids.txt\n\n"
+        "  metalake upload *.jpg --quiet > ids.txt\n"
+        "  metalake upload photos/ --include '*.jpg' --exclude 'raw/*' --tag field\n"
+        "  metalake upload photos/ --manifest photos/manifest.csv --meta reference=M7\n\n"
+        "Folders are walked recursively (hidden files skipped); each file is stored under its\n"
+        "path relative to its folder. Rerunning an interrupted upload sends only what is\n"
+        "missing and stores nothing twice.\n\n"
         "exit codes: 0 all stored, 1 some files failed (each on stderr), 2 usage error",
     )
-    upload.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    upload.add_argument("files", nargs="*", type=Path, metavar="PATH", help="files and folders")
+    upload.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="a .csv or .jsonl giving files their metadata and tags (column `path`, relative "
+        "to the manifest; the fields; `tags`); without PATH, its files are uploaded",
+    )
+    upload.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, send only files matching this (repeatable; '*.jpg', 'raw/*')",
+    )
+    upload.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="in folders, skip files matching this (repeatable)",
+    )
     upload.add_argument(
         "--meta",
         action="append",
@@ -103,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--fill-metadata", action="store_true", help="fill the rest from files")
     upload.add_argument("--tag", action="append", default=[], help="a tag (repeatable)")
+    upload.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label for every file (repeatable); keys: letters, digits, '_'",
+    )
     upload.add_argument(
         "-q", "--quiet", action="store_true", help="print only the ids; no progress bar"
     )
@@ -128,11 +165,69 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(func=_get)
 
     download = _client_command(
-        commands, "download", "download an item", "example:\n  metalake download ID -o copy.jpg"
+        commands,
+        "download",
+        "download an item, or every item a filter selects",
+        "examples:\n  metalake download ID -o copy.jpg\n"
+        '  metalake download --filter \'reference = "M7" AND tags:"field"\' -o mission7/\n\n'
+        "With --filter, files are written under the folder -o, verified by SHA-256; a rerun\n"
+        "skips complete files and resumes partial ones. Stored names are made safe: nothing\n"
+        "is written outside the folder; a name taken twice becomes NAME~ID.EXT.\n\n"
+        "exit codes: 0 all downloaded, 1 some items failed (each on stderr), 2 usage error",
     )
-    download.add_argument("id")
-    download.add_argument("-o", "--output", type=Path, required=True, help="file or directory")
+    download.add_argument("id", nargs="?", help="one item's id (or use --filter)")
+    download.add_argument(
+        "-o", "--output", type=Path, required=True, help="file or directory; with --filter a folder"
+    )
+    download.add_argument("--filter", help="AIP-160 filter: download every item it selects")
+    download.add_argument(
+        "--workers", type=_positive_int, default=8, help="items at once (default %(default)s)"
+    )
+    download.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the paths written; no progress bar"
+    )
     download.set_defaults(func=_download)
+
+    export_ = _client_command(
+        commands,
+        "export",
+        "export the metadata of the items a filter selects",
+        "examples:\n  metalake export --filter 'tags:\"field\"' -o field.csv\n"
+        "  metalake export --filter 'labels.rig = \"A\"' --format parquet -o rig-a.parquet\n"
+        "  metalake export -o everything.jsonl --provenance\n\n"
+        "One row per item: id, filename, size, sha256, content_type, created_at, updated_at,\n"
+        "the 15 metadata fields, acquired_at_utc_offset, tags, labels (metadata_sources with\n"
+        "--provenance). Parquet needs pip install 'metalake[export]'.",
+    )
+    export_.add_argument("--filter", default="", help="AIP-160 filter (default: every item)")
+    export_.add_argument("--format", choices=export.FORMATS, help="default: from -o's suffix")
+    export_.add_argument("-o", "--output", type=Path, required=True, help="the file to write")
+    export_.add_argument(
+        "--provenance", action="store_true", help="add metadata_sources (who set each field)"
+    )
+    export_.set_defaults(func=_export)
+
+    import_ = _client_command(
+        commands,
+        "import",
+        "register a bucket's objects in place",
+        "examples:\n  metalake import s3://acme-photos/2024/ --filter-ext jpg --filter-ext png\n"
+        "  metalake import s3://acme-photos --fill-metadata --json\n\n"
+        "Every object under the prefix becomes an item that references it; its bytes are not\n"
+        "copied. Run it again to add new objects, update changed ones (ETag) and label vanished\n"
+        "ones import_state=vanished. Deleting an item never deletes the object. The server\n"
+        "reads the bucket with its own credentials (admin role; IAM policy in operations.md).",
+    )
+    import_.add_argument("source", metavar="s3://BUCKET/PREFIX")
+    import_.add_argument(
+        "--filter-ext", action="append", default=[], metavar="EXT", help="only these extensions"
+    )
+    import_.add_argument(
+        "--fill-metadata",
+        action="store_true",
+        help="fill metadata from each object's first bytes (one bounded ranged GET)",
+    )
+    import_.set_defaults(func=_import)
 
     rm = _client_command(commands, "rm", "delete items", "example:\n  metalake rm ID1 ID2")
     rm.add_argument("ids", nargs="+", metavar="ID")
@@ -529,7 +624,10 @@ def _format_data(data: Data, args: argparse.Namespace) -> str:
     if getattr(args, "quiet", False):
         return data.id
     fields = ", ".join(f"{k}={v}" for k, v in md.to_jsonable(data.metadata).items())
-    return f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}"
+    line = f"{data.id}  {data.filename}  {data.size} bytes  {data.content_type}  {fields}"
+    if data.labels:
+        line += "  labels: " + ", ".join(f"{k}={v}" for k, v in data.labels.items())
+    return line
 
 
 def _print_data(data: Data, args: argparse.Namespace) -> None:
@@ -564,6 +662,22 @@ def parse_meta(pairs: Sequence[str]) -> md.MetadataDict:
         raise UsageError(f"--meta: {error}") from None
 
 
+def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    """`key=value` pairs to labels, checked as the server checks them."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--label {pair!r}: expected KEY=VALUE")
+        if key in labels:
+            raise UsageError(f"--label {key} is given twice")
+        labels[key] = value
+    violations = label_rules.validate(labels, prefix="--label")
+    if violations:
+        raise UsageError("; ".join(f"{v.field}: {v.description}" for v in violations))
+    return labels
+
+
 def _serve(args: argparse.Namespace) -> int:
     from metalake.server.app import StartupError, serve_forever
     from metalake.server.config import Settings
@@ -590,44 +704,114 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
+    from metalake.client import FileResult
+
     metadata = parse_meta(args.meta)
-    for path in args.files:
-        if not path.is_file():
-            raise UsageError(f"{'not a file' if path.exists() else 'no such file'}: {path}")
-    total = sum(f.stat().st_size for f in args.files)
-    bar = _progress_bar(total, len(args.files), args)
+    labels = parse_labels(args.label)
+    if not args.files and args.manifest is None:
+        raise UsageError("give files or folders to upload, or --manifest")
+    try:
+        plan = plan_upload(
+            args.files,
+            include=args.include,
+            exclude=args.exclude,
+            metadata=metadata,
+            tags=args.tag,
+            labels=labels,
+            manifest=args.manifest,
+        )
+    except SelectionError as error:
+        raise UsageError(str(error)) from None
+    except ManifestError as error:
+        raise UsageError(f"the manifest is invalid; nothing was sent:\n{error}") from None
+    files = plan.files
+    for row in plan.unused_rows:
+        print(
+            f"metalake upload: {args.manifest}: line {row.line}: {row.filename} is not among "
+            "the files of this upload (hidden, excluded or outside the paths given): not sent",
+            file=sys.stderr,
+        )
+    # A summary closes bulk uploads; single files keep their one line per file.
+    summarize = (
+        any(path.is_dir() for path in args.files) or args.manifest is not None
+    ) and not args.quiet
+    sizes = {file.path: _size(file.path) for file in files}
+    total = sum(sizes.values())
+    bar = _progress_bar(total, len(files), args)
     say: Callable[[str], None] = print if bar is None else bar.write
-    failed = 0
+    summary = _Summary()
     try:
         with _client(args) as client:
-            results = client.get_datalake().iter_upload(
-                list(args.files),
-                metadata,
+            results = client.get_datalake().iter_upload_files(
+                files,
                 fill_metadata=args.fill_metadata,
-                tags=args.tag,
                 progress=bar.advance if bar is not None else None,
                 rerun_safe=True,  # rerunning after an interruption finishes the job, no duplicates
             )
             # In input order, each as soon as it and the files before it are done.
-            for path, result in results:
-                if isinstance(result, Exception):
-                    failed += 1
-                    print(f"metalake upload: {path}: {result}", file=sys.stderr)
-                else:
-                    say(_format_data(result, args))
+            for file, result in results:
+                outcome = FileResult.of(file, result, summary.started)
+                summary.add(outcome)
+                if outcome.error is not None:
+                    print(f"metalake upload: {file.path}: {outcome.error}", file=sys.stderr)
+                elif outcome.data is not None:
+                    say(_format_data(outcome.data, args))
                     sys.stdout.flush()
                 if bar is not None:
-                    bar.file_done()
+                    bar.file_done(sizes[file.path])
     finally:
         if bar is not None:
             bar.close()
-    return EXIT_FAILED if failed else EXIT_OK
+    if summarize:
+        print(f"metalake upload: {summary}", file=sys.stderr)
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _size(path: Path) -> int:
+    # A file gone since it was selected fails when it is sent, where it is reported.
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+class _Summary:
+    """Counts of a bulk upload, for its closing line."""
+
+    def __init__(self) -> None:
+        self.started = datetime.now(UTC)
+        self.uploaded = self.already = self.failed = self.bytes = 0
+
+    def add(self, result: FileResult) -> None:
+        if result.error is not None:
+            self.failed += 1
+        elif result.already_stored:
+            self.already += 1
+        else:
+            self.uploaded += 1
+            self.bytes += result.data.size if result.data is not None else 0
+
+    def __str__(self) -> str:
+        total = self.uploaded + self.already + self.failed
+        return (
+            f"{total} files: {self.uploaded} uploaded ({_human_bytes(self.bytes)}), "
+            f"{self.already} already stored, {self.failed} failed"
+        )
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 class _ProgressBar:
     """A tqdm bar of bytes sent, fed from the upload threads."""
 
-    def __init__(self, total: int, files: int) -> None:
+    def __init__(self, total: int | None, files: int) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(
@@ -636,20 +820,33 @@ class _ProgressBar:
             unit_scale=True,
             unit_divisor=1024,
             file=sys.stderr,
-            postfix=f"0/{files} files",
+            postfix=f"0/{files} files" if files else "0 files",
         )
         self._files, self._done = files, 0
+        # Bytes streamed, and bytes of finished files: a file a rerun finds already stored is
+        # done without streaming all of itself, so the bar shows the larger of the two.
+        self._streamed = self._finished = 0
         # tqdm's own lock covers drawing, not its counter: uploads report from several threads.
         self._lock = threading.Lock()
 
+    def _show(self) -> None:
+        position = max(self._streamed, self._finished)
+        if position > self._bar.n:
+            self._bar.update(position - self._bar.n)
+
     def advance(self, sent: int) -> None:
         with self._lock:
-            self._bar.update(sent)
+            self._streamed += sent
+            self._show()
 
-    def file_done(self) -> None:
+    def file_done(self, size: int = 0) -> None:
         with self._lock:
             self._done += 1
-            self._bar.set_postfix_str(f"{self._done}/{self._files} files")
+            self._finished += size
+            self._show()
+            # A download learns its files as it lists them: no total then.
+            of = f"/{self._files}" if self._files else ""
+            self._bar.set_postfix_str(f"{self._done}{of} files")
 
     def write(self, line: str) -> None:
         # Clears the bar, prints the line on stdout, then draws the bar again below it.
@@ -664,7 +861,7 @@ class _ProgressBar:
             self._bar.close()
 
 
-def _progress_bar(total: int, files: int, args: argparse.Namespace) -> _ProgressBar | None:
+def _progress_bar(total: int | None, files: int, args: argparse.Namespace) -> _ProgressBar | None:
     """A bar on a terminal only: not when stderr is piped or logged, nor when asked not to."""
     if args.quiet or os.environ.get("METALAKE_NO_PROGRESS") or not sys.stderr.isatty():
         return None
@@ -692,6 +889,10 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    if (args.id is None) == (args.filter is None):
+        raise UsageError("give an item's ID or --filter, not both")
+    if args.filter is not None:
+        return _download_many(args)
     with _client(args) as client:
         data = client.get_datalake().get_data(args.id)
         written = data.download(args.output)
@@ -700,6 +901,98 @@ def _download(args: argparse.Namespace) -> int:
     else:
         print(f"{data.id} -> {written} ({data.size} bytes, sha256 verified)")
     return EXIT_OK
+
+
+def _download_many(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"with --filter, -o must be a folder: {args.output} is a file")
+    bar = _progress_bar(None, 0, args)
+    say: Callable[[str], None] = print if bar is None else bar.write
+    counts = {"downloaded": 0, "complete": 0, "failed": 0}
+    received = 0
+    try:
+        with _client(args) as client:
+            results = client.get_datalake().iter_download(
+                args.filter,
+                args.output,
+                max_workers=args.workers,
+                progress=bar.advance if bar is not None else None,
+            )
+            for result in results:
+                counts[result.status] += 1
+                if bar is not None:
+                    bar.file_done()
+                if result.error is not None:
+                    print(f"metalake download: {result.data.id}: {result.error}", file=sys.stderr)
+                    continue
+                if result.status == "downloaded":
+                    received += result.data.size - result.resumed_from
+                if args.json:
+                    line = json.dumps(
+                        {
+                            **result.data.to_json(),
+                            "path": str(result.path),
+                            "status": result.status,
+                        },
+                        ensure_ascii=False,
+                    )
+                elif args.quiet:
+                    line = str(result.path)
+                else:
+                    line = f"{result.data.id} -> {result.path} ({result.status})"
+                say(line)
+                sys.stdout.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        total = sum(counts.values())
+        print(
+            f"metalake download: {total} items: {counts['downloaded']} downloaded "
+            f"({_human_bytes(received)}), {counts['complete']} already complete, "
+            f"{counts['failed']} failed",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        chosen = export.format_of(args.output, args.format)
+        if chosen == "parquet":
+            export.require_pyarrow()
+    except export.ExportError as error:
+        raise UsageError(str(error)) from None
+    with _client(args) as client:
+        count = client.get_datalake().export(
+            args.output, args.filter, format=chosen, provenance=args.provenance
+        )
+    if args.json:
+        print(json.dumps({"path": str(args.output), "items": count, "format": chosen}))
+    else:
+        print(f"exported {count} items to {args.output} ({chosen})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    if not args.source.startswith("s3://"):
+        raise UsageError(f"{args.source!r} is not an s3://bucket/prefix URL")
+    with _client(args) as client:
+        report = client.get_datalake().import_objects(
+            args.source, extensions=args.filter_ext, fill_metadata=args.fill_metadata
+        )
+    for where, why in report["failures"]:
+        print(f"metalake import: {where}: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**report, "failures": [list(f) for f in report["failures"]]}))
+    else:
+        print(
+            f"{report['listed']} objects: {report['added']} added, {report['updated']} updated, "
+            f"{report['unchanged']} unchanged, {report['vanished']} vanished, "
+            f"{len(report['failures'])} failed; {report['bytes_read']} bytes read "
+            f"(at most {report['header_bytes_limit']} per object)"
+        )
+    return EXIT_FAILED if report["failures"] else EXIT_OK
 
 
 def _rm(args: argparse.Namespace) -> int:

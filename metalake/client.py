@@ -12,7 +12,9 @@ left off. Temporary failures (server unavailable, load shedding) are retried wit
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,13 +25,16 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Generic, NoReturn, TypeVar, cast, overload
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from metalake import bulk, export
+from metalake import labels as label_rules
 from metalake import metadata as md
+from metalake.bulk import UploadFile
 from metalake.errors import (
     IntegrityError,
     InvalidArgumentError,
@@ -222,6 +227,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -235,6 +241,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -247,6 +254,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         raise_on_error: bool = True,
         rerun_safe: bool = False,
@@ -268,10 +276,16 @@ class Datalake:
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise ValueError("one file takes one metadata mapping, not a list")
             values = md.normalize(metadata or {})
+            checked_labels = _checked_labels(labels)
+            path = Path(filepaths)
             batch = _Batch()
             try:
                 return self._upload_one(
-                    batch, Path(filepaths), values, fill_metadata, tuple(tags), progress, rerun_safe
+                    batch,
+                    UploadFile(path, path.name, values, tuple(tags), checked_labels),
+                    fill_metadata,
+                    progress,
+                    rerun_safe,
                 )
             except BaseException:
                 batch.stop()
@@ -284,6 +298,7 @@ class Datalake:
                 metadata,
                 fill_metadata=fill_metadata,
                 tags=tags,
+                labels=labels,
                 progress=progress,
                 rerun_safe=rerun_safe,
             )
@@ -299,6 +314,7 @@ class Datalake:
         *,
         fill_metadata: bool = False,
         tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
         progress: Progress | None = None,
         rerun_safe: bool = False,
     ) -> Generator[tuple[Path, Data | Exception], None, None]:
@@ -310,40 +326,87 @@ class Datalake:
         """
         paths = [Path(p) for p in filepaths]
         per_file = _per_file_metadata(paths, metadata)
-        return self._upload_many(paths, per_file, fill_metadata, tuple(tags), progress, rerun_safe)
+        checked_labels = _checked_labels(labels)
+        files = [
+            UploadFile(path, path.name, values, tuple(tags), checked_labels)
+            for path, values in zip(paths, per_file, strict=True)
+        ]
+        return (
+            (file.path, result)
+            for file, result in self.iter_upload_files(
+                files, fill_metadata=fill_metadata, progress=progress, rerun_safe=rerun_safe
+            )
+        )
 
-    def _upload_many(
+    def upload_folder(
         self,
-        paths: list[Path],
-        per_file: list[md.MetadataDict],
-        fill_metadata: bool,
-        tags: tuple[str, ...],
-        progress: Progress | None,
-        rerun_safe: bool,
-    ) -> Generator[tuple[Path, Data | Exception], None, None]:
+        paths: PathLike | Sequence[PathLike] = (),
+        metadata: MetadataInput | None = None,
+        *,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        tags: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        manifest: PathLike | None = None,
+        fill_metadata: bool = False,
+        progress: Progress | None = None,
+    ) -> list[FileResult]:
+        """Upload every file of one folder (or of several folders and files), recursively.
+
+        Hidden files and folders are skipped; `include`/`exclude` are glob patterns (see
+        metalake.bulk). Each file is stored under its path relative to its folder. Files upload
+        in parallel; the result has one FileResult per file, in walking order, whether it was
+        stored, already stored by an earlier run, or failed. A rerun after an interruption
+        sends only what is missing and never stores a file twice: each file's request id is
+        derived from its absolute path, size, modification time and header (see rerun_safe).
+
+        `manifest` (a .csv or .jsonl file) gives files their own metadata and tags; every row is
+        checked before anything is sent (bulk.ManifestError names the file, line and column of
+        each problem). Without `paths`, the manifest's files are uploaded.
+        """
+        given = [Path(paths)] if isinstance(paths, str | os.PathLike) else [Path(p) for p in paths]
+        if not given and manifest is None:
+            raise ValueError("give folders or files to upload, or a manifest")
+        files = bulk.plan_upload(
+            given,
+            include=include,
+            exclude=exclude,
+            metadata=md.normalize(metadata or {}),
+            tags=list(tags),
+            labels=_checked_labels(labels),
+            manifest=Path(manifest) if manifest is not None else None,
+        ).files
+        started = datetime.now(UTC)
+        return [
+            FileResult.of(file, result, started)
+            for file, result in self.iter_upload_files(
+                files, fill_metadata=fill_metadata, progress=progress, rerun_safe=True
+            )
+        ]
+
+    def iter_upload_files(
+        self,
+        files: Sequence[UploadFile],
+        *,
+        fill_metadata: bool = False,
+        progress: Progress | None = None,
+        rerun_safe: bool = False,
+    ) -> Generator[tuple[UploadFile, Data | Exception], None, None]:
+        """Like iter_upload, for files that each carry their own name, metadata and tags."""
         batch = _Batch()
-        workers = max(1, min(self._client._max_workers, len(paths)))
+        workers = max(1, min(self._client._max_workers, len(files)))
         pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-upload")
         try:
             futures = [
-                pool.submit(
-                    self._upload_one,
-                    batch,
-                    path,
-                    values,
-                    fill_metadata,
-                    tags,
-                    progress,
-                    rerun_safe,
-                )
-                for path, values in zip(paths, per_file, strict=True)
+                pool.submit(self._upload_one, batch, file, fill_metadata, progress, rerun_safe)
+                for file in files
             ]
-            for path, future in zip(paths, futures, strict=True):
+            for file, future in zip(files, futures, strict=True):
                 try:
                     result: Data | Exception = future.result()
                 except Exception as error:  # reported per file, in its place
                     result = error
-                yield path, result
+                yield file, result
         except BaseException:  # Ctrl-C, or the caller stopped iterating (GeneratorExit)
             batch.stop()
             raise
@@ -354,19 +417,19 @@ class Datalake:
     def _upload_one(
         self,
         batch: _Batch,
-        path: Path,
-        metadata: md.MetadataDict,
+        file: UploadFile,
         fill_metadata: bool,
-        tags: tuple[str, ...],
         progress: Progress | None,
         rerun_safe: bool = False,
     ) -> Data:
+        path = file.path
         stat = path.stat()  # a missing file fails here, before anything is sent
         header = pb.UploadDataHeader(
-            filename=path.name,
-            metadata=md.to_proto(metadata),
+            filename=file.filename,
+            metadata=md.to_proto(file.metadata),
             fill_metadata=fill_metadata,
-            tags=tags,
+            tags=file.tags,
+            labels=file.labels,
         )
         if rerun_safe:
             # Derived from the file and the request, so that a rerun names the same upload.
@@ -427,8 +490,47 @@ class Datalake:
         """Delete one item by id (NotFoundError if there is none)."""
         self._client.call(self._client._stub.DeleteData, pb.DeleteDataRequest(id=data_id))
 
-    def download_data(self, data_id: str, path: PathLike) -> Path:
-        """Like Data.download, by id, in one call; returns the path written."""
+    @overload
+    def download_data(self, data_id: str, path: PathLike) -> Path: ...
+
+    @overload
+    def download_data(
+        self,
+        *,
+        filter: str,
+        target: PathLike,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[DownloadResult]: ...
+
+    def download_data(
+        self,
+        data_id: str | None = None,
+        path: PathLike | None = None,
+        *,
+        filter: str | None = None,
+        target: PathLike | None = None,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> Path | list[DownloadResult]:
+        """One item by id into `path` (like Data.download; returns the path written), or every
+        item matching `filter` into the folder `target` (returns one DownloadResult per item).
+
+        A bulk download runs `max_workers` items at once (default: the client's). Each file is
+        verified against its size and SHA-256 before it is moved into place; a rerun skips the
+        files already complete and resumes the partial ones (kept in `target/.metalake-partial`).
+        Names are made safe and collisions resolved as metalake.bulk.local_path and Placement
+        describe: nothing is ever written outside `target`. A failed item does not stop the
+        others; check each result's `error`.
+        """
+        if filter is not None:
+            if data_id is not None or path is not None or target is None:
+                raise ValueError("a bulk download takes filter= and target=, not an id or path")
+            return list(
+                self.iter_download(filter, target, max_workers=max_workers, progress=progress)
+            )
+        if data_id is None or path is None:
+            raise ValueError("give an id and a path, or filter= and target=")
         return _download(self._client, data_id, Path(path))
 
     def get_thumbnail(self, data_id: str, size: int = 256) -> bytes:
@@ -437,6 +539,44 @@ class Datalake:
         request = pb.GetThumbnailRequest(id=data_id, size=size)
         response = self._client.call(self._client._stub.GetThumbnail, request)
         return response.content
+
+    def iter_download(
+        self,
+        filter: str,
+        target: PathLike,
+        *,
+        max_workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> Generator[DownloadResult, None, None]:
+        """download_data(filter=..., target=...), yielding each item's result in listing order
+        as soon as it and those before it are done. Lists page by page while downloading: at
+        most a few items per worker are held at once."""
+        root = Path(target)
+        root.mkdir(parents=True, exist_ok=True)
+        workers = max(1, max_workers or self._client._max_workers)
+        placement = bulk.Placement()
+        stopped = threading.Event()
+        pool = concurrent.futures.ThreadPoolExecutor(workers, "metalake-download")
+        window: collections.deque[concurrent.futures.Future[DownloadResult]] = collections.deque()
+        try:
+            for data in self.list_data(filter, page_size=1000):
+                relative = placement.place(data.filename, data.id)
+                window.append(
+                    pool.submit(
+                        _download_into, self._client, data, root, relative, progress, stopped
+                    )
+                )
+                while len(window) > 2 * workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        except BaseException:
+            stopped.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(OSError):
+                (root / bulk.PARTIAL_DIR).rmdir()  # only when no partial file is left
 
     def list_data(
         self, filter: str | None = None, *, order_by: str | None = None, page_size: int = 100
@@ -455,6 +595,58 @@ class Datalake:
             token = page.next_page_token
             if not token:
                 return
+
+    def export_records(
+        self, filter: str | None = None, *, provenance: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """One record per item matching `filter`, fetched page by page as you iterate: id,
+        filename, size, sha256, content_type, created_at, updated_at, every metadata field
+        (None when absent; acquired_at keeps its offset), acquired_at_utc_offset (seconds, or
+        None), tags, labels and, with provenance=True, metadata_sources."""
+        for data in self.list_data(filter, page_size=1000):
+            yield export.record(data, provenance=provenance)
+
+    def export(
+        self,
+        path: PathLike,
+        filter: str | None = None,
+        *,
+        format: str | None = None,
+        provenance: bool = False,
+    ) -> int:
+        """Write export_records(filter) to `path` as csv, jsonl or parquet (by default from
+        its suffix), streaming; returns how many items were written. Parquet needs the
+        `export` extra (pyarrow). The file appears only once complete."""
+        target = Path(path)
+        chosen = export.format_of(target, format)
+        return export.write(
+            self.export_records(filter, provenance=provenance),
+            target,
+            chosen,
+            provenance=provenance,
+        )
+
+    def import_objects(
+        self, source: str, *, extensions: Sequence[str] = (), fill_metadata: bool = False
+    ) -> dict[str, Any]:
+        """Register every object under `source` (s3://bucket/prefix) as an item referencing it
+        in place (the server reads the bucket with its own credentials; admin role). Returns the
+        counts: listed, added, updated, unchanged, vanished, bytes_read, header_bytes_limit, and
+        failures ((object, why) pairs)."""
+        request = pb.ImportObjectsRequest(
+            source=source, extensions=list(extensions), fill_metadata=fill_metadata
+        )
+        response = self._client.call(self._client._stub.ImportObjects, request)
+        return {
+            "listed": response.listed,
+            "added": response.added,
+            "updated": response.updated,
+            "unchanged": response.unchanged,
+            "vanished": response.vanished,
+            "bytes_read": response.bytes_read,
+            "header_bytes_limit": response.header_bytes_limit,
+            "failures": [(f.field, f.description) for f in response.failures],
+        }
 
     def watch(
         self, filter: str | None = None, *, resume_token: str = ""
@@ -589,7 +781,7 @@ class Datalake:
 
         def fetch(data: Data) -> tuple[Data, Path]:
             path = target / f"{data.id}_{_local_name(data._message)}"
-            if path.is_file() and _file_sha256(path) == data.sha256:
+            if path.is_file() and _file_sha256(path, path.stat().st_size)[0] == data.sha256:
                 return data, path
 
             def opening(offset: int) -> Iterable[Any]:
@@ -740,6 +932,15 @@ class Datalake:
         return values, dict(response.metadata_sources)
 
 
+def _checked_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The labels as a dict, or InvalidMetadataError (before anything is sent)."""
+    given = dict(labels or {})
+    violations = label_rules.validate(given)
+    if violations:
+        raise md.InvalidMetadataError(violations)
+    return given
+
+
 def _per_file_metadata(
     paths: list[Path], metadata: MetadataInput | Sequence[MetadataInput] | None
 ) -> list[md.MetadataDict]:
@@ -762,6 +963,29 @@ def _per_file_metadata(
                 [md.FieldViolation(where + v.field, v.description) for v in error.violations]
             ) from None
     return checked
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What became of one file of a folder upload: `data` when it is stored (by this run, or by
+    an earlier one when `already_stored`), else `error`."""
+
+    path: Path
+    filename: str
+    data: Data | None
+    error: Exception | None
+    already_stored: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def of(cls, file: UploadFile, result: Data | Exception, started: datetime) -> FileResult:
+        if isinstance(result, Exception):
+            return cls(file.path, file.filename, None, result)
+        # A rerun gets back the item an earlier run stored: it was created before this run.
+        return cls(file.path, file.filename, result, None, result.created_at < started)
 
 
 class _Field(Generic[_V]):
@@ -823,6 +1047,7 @@ class Data:
         self.updated_at: datetime = message.updated_at.ToDatetime().replace(tzinfo=UTC)
         self.metadata: md.MetadataDict = md.from_proto(message.metadata)[0]
         self.metadata_sources: dict[str, str] = dict(message.metadata_sources)
+        self.labels: dict[str, str] = dict(sorted(message.labels.items()))
 
     def __repr__(self) -> str:
         return f"<Data {self.id} {self.filename!r} {self.size} bytes>"
@@ -844,10 +1069,15 @@ class Data:
         *,
         clear: Iterable[str] = (),
         if_unchanged: bool = False,
+        labels: Mapping[str, str | None] | None = None,
+        replace_labels: bool = False,
         **fields: Any,
     ) -> Data:
         """Set the given fields and clear those in `clear` (or given as None); others stay as
         they are. Only the fields named travel, in the request's field mask.
+
+        `labels` sets labels (a None value removes that label), the others stay; with
+        replace_labels=True the item's labels become exactly `labels`.
 
         With if_unchanged=True the update applies only if nobody changed the item since this
         object was read (ConflictError otherwise).
@@ -863,11 +1093,23 @@ class Data:
         both = sorted(set(to_set) & set(to_clear))
         if both:
             raise ValueError(f"{', '.join(both)}: both set and cleared")
+        label_values = {k: v for k, v in (labels or {}).items() if v is not None}
+        _checked_labels(label_values)
+        removed = [k for k, v in (labels or {}).items() if v is None]
+        problems = [
+            md.FieldViolation(f"labels.{k}", why)
+            for k in removed
+            if (why := label_rules.check_key(k)) is not None
+        ]
+        if problems:
+            raise md.InvalidMetadataError(problems)
+        label_paths = ["labels"] if replace_labels else [f"labels.{k}" for k in labels or {}]
         request = pb.UpdateMetadataRequest(
             id=self.id,
             metadata=md.to_proto(to_set),
-            update_mask=FieldMask(paths=[*to_set, *to_clear]),
+            update_mask=FieldMask(paths=[*to_set, *to_clear, *label_paths]),
             etag=self.etag if if_unchanged else "",
+            labels=label_values,
         )
         response = self._client.call(self._client._stub.UpdateMetadata, request)
         self._load(response.data)
@@ -899,6 +1141,7 @@ class Data:
             "etag": self.etag,
             "metadata": md.to_jsonable(self.metadata),
             "metadata_sources": self.metadata_sources,
+            "labels": self.labels,
         }
 
 
@@ -1065,20 +1308,143 @@ def _canonical_json(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 _EVENT_TYPES = {
     pb.EVENT_TYPE_CREATED: "created",
     pb.EVENT_TYPE_UPDATED: "updated",
     pb.EVENT_TYPE_DELETED: "deleted",
 }
 _EVENT_NUMBERS = {name: number for number, name in _EVENT_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """One item of a bulk download: `status` is "downloaded", "complete" (a rerun found it
+    already there, verified) or "failed" (then `error`); `resumed_from` is the byte offset a
+    partial file was resumed from."""
+
+    data: Data
+    path: Path
+    status: str
+    error: Exception | None = None
+    resumed_from: int = 0
+
+
+def _download_into(
+    client: Client,
+    data: Data,
+    root: Path,
+    relative: PurePosixPath,
+    progress: Progress | None,
+    stopped: threading.Event,
+) -> DownloadResult:
+    destination = root.joinpath(*relative.parts)
+    try:
+        return _fetch(client, data, root, destination, progress or _no_progress, stopped)
+    except Exception as error:
+        return DownloadResult(data, destination, "failed", error)
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+def _fetch(
+    client: Client,
+    data: Data,
+    root: Path,
+    destination: Path,
+    progress: Progress,
+    stopped: threading.Event,
+) -> DownloadResult:
+    # A link planted in the target must not carry the file, or even a folder, elsewhere.
+    folder = root
+    for part in destination.relative_to(root).parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink():
+            raise IntegrityError(
+                f"{destination} would be written outside {root} (a link is in the way)"
+            )
+        folder.mkdir(exist_ok=True)
+    if destination.is_symlink() or destination.exists():
+        if (
+            destination.is_file()
+            and not destination.is_symlink()
+            and destination.stat().st_size == data.size
+            and (not data.sha256 or _file_sha256(destination, data.size)[0] == data.sha256)
+        ):
+            progress(data.size)
+            return DownloadResult(data, destination, "complete")
+        raise FileExistsError(f"{destination} exists with other content: not overwritten")
+    partials = root / bulk.PARTIAL_DIR
+    partials.mkdir(exist_ok=True)
+    partial = partials / (hashlib.sha256(data.id.encode()).hexdigest()[:32] + ".part")
+    state = {"resumed_from": -1}
+
+    def attempt() -> None:
+        _resume(client, data, partial, progress, state)
+
+    client.with_retries(attempt, stopped=stopped)
+    partial.replace(destination)
+    return DownloadResult(data, destination, "downloaded", resumed_from=state["resumed_from"])
+
+
+def _resume(
+    client: Client, data: Data, partial: Path, progress: Progress, state: dict[str, int]
+) -> None:
+    """Continue `partial` from its size to the end, then verify it whole; a resumed file that
+    does not verify is downloaded once more from the start."""
+    for from_start in (False, True):
+        offset = partial.stat().st_size if partial.exists() else 0
+        if from_start or offset > data.size:
+            partial.unlink(missing_ok=True)
+            offset = 0
+        _, digest = _file_sha256(partial, offset) if offset else ("", hashlib.sha256())
+        if state["resumed_from"] < 0:
+            state["resumed_from"] = offset
+            progress(offset)
+        request = pb.DownloadDataRequest(id=data.id, read_offset=offset)
+        stream = client.call(client._stub.DownloadData, request)
+        size = offset
+        try:
+            messages = iter(stream)
+            first = next(messages, None)
+            if first is None or not first.HasField("data"):
+                raise IntegrityError(f"the download of {data.id} did not start with the item")
+            if (first.data.size, first.data.sha256) != (data.size, data.sha256):
+                raise IntegrityError(f"{data.id} changed while it was being downloaded")
+            with partial.open("ab") as handle:
+                for message in messages:
+                    handle.write(message.chunk)
+                    digest.update(message.chunk)
+                    size += len(message.chunk)
+                    progress(len(message.chunk))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            _cancel(stream)
+        if size == data.size and digest.hexdigest() == (data.sha256 or digest.hexdigest()):
+            return
+        if offset == 0:
+            partial.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"the download of {data.id} does not match what the server announced: got "
+                f"{size} bytes with sha256 {digest.hexdigest()}, expected {data.size} bytes "
+                f"with sha256 {data.sha256}"
+            )
+        # The bytes kept from an earlier run were not the item's: start over, once.
+
+
+def _file_sha256(path: Path, length: int) -> tuple[str, hashlib._Hash]:
+    """The SHA-256 of the first `length` bytes of a file, and the hash object to go on with."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        remaining = length
+        while remaining and (block := handle.read(min(CHUNK_SIZE, remaining))):
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest(), digest
 
 
 def _get(client: Client, data_id: str) -> pb.Data:
@@ -1169,7 +1535,8 @@ class _Download:
         assert self._partial is not None
         self._handle.close()
         expected, digest = self._expected, self._digest.hexdigest()
-        if self._size != expected.size or digest != expected.sha256:
+        # An empty sha256: an object registered in place, never read whole by the server.
+        if self._size != expected.size or digest != (expected.sha256 or digest):
             raise IntegrityError(
                 f"the download of {self._data_id} does not match what the server announced: "
                 f"got {self._size} bytes with sha256 {digest}, expected "

@@ -24,9 +24,11 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy import (
     URL,
     BigInteger,
+    Column,
     Connection,
     Engine,
     RowMapping,
+    Table,
     and_,
     bindparam,
     create_engine,
@@ -38,6 +40,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -45,9 +48,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement
 
+from metalake.labels import MAX_LABELS
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from metalake.server.errors import (
     ConflictError,
@@ -56,13 +61,15 @@ from metalake.server.errors import (
     invalid_field,
 )
 from metalake.server.faults import backend_fault
-from metalake.server.filtering import EVENTS, FilterError, compile_filter
+from metalake.server.filtering import EVENTS, FilterError, LabelMatch, compile_filter
 from metalake.server.locks import KeyedLocks
 from metalake.server.paging import ListQuery
 from metalake.server.schema import (
+    data_labels_table,
     data_table,
     data_tags_table,
     dataset_items_table,
+    event_labels_table,
     event_log_table,
     event_tags_table,
     events_table,
@@ -99,11 +106,22 @@ class DataRecord:
     tags: tuple[str, ...] = ()
     revision: int = 1
     request_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:
         """Opaque to clients (AIP-154); changes with every change of the item."""
         return f'"{self.revision}"'
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    """What an update does to an item's labels: with `replace`, the labels become `set`;
+    otherwise the keys in `set` are set and those in `remove` removed, the others kept."""
+
+    set: dict[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+    replace: bool = False
 
 
 class DuplicateRequestError(Exception):
@@ -232,6 +250,7 @@ class Catalog(Protocol):
         updated_at: datetime,
         *,
         etag: str = "",
+        labels: LabelChange | None = None,
     ) -> DataRecord: ...
 
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> DataRecord: ...
@@ -283,6 +302,10 @@ class Catalog(Protocol):
     async def distinct_values(self, org: str, field: str, limit: int) -> list[str]: ...
 
     async def ping(self) -> None: ...
+
+    async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]: ...
+
+    async def replace_content(self, org: str, record: DataRecord) -> DataRecord: ...
 
 
 class SqlCatalog:
@@ -359,6 +382,57 @@ class SqlCatalog:
     async def ping(self) -> None:
         """Raise unless the catalog answers a trivial query now (the health probe)."""
         await asyncio.to_thread(self._scalar, text("SELECT 1"))
+
+    async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]:
+        """(id, request_id) of the items whose request id starts with `request_prefix`."""
+        column = data_table.c.request_id
+        pattern = request_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        statement = select(data_table.c.id, column).where(
+            data_table.c.org == org, column.like(pattern + "%", escape="\\")
+        )
+
+        def work() -> list[tuple[str, str]]:
+            with self._engine.connect() as connection:
+                return [(row[0], row[1]) for row in connection.execute(statement)]
+
+        return await self._run(work)
+
+    async def replace_content(self, org: str, record: DataRecord) -> DataRecord:
+        """Point an item at other content (a referenced object that changed): its size, sha256,
+        blob key, content type, metadata and sources become `record`'s; an UPDATED event."""
+
+        def work() -> DataRecord:
+            with self._engine.begin() as connection:
+                row = (
+                    connection.execute(
+                        select(data_table).where(_item(org, record.id)).with_for_update()
+                    )
+                    .mappings()
+                    .first()
+                )
+                if row is None:
+                    raise NotFoundError(record.id)
+                changes = {
+                    k: v
+                    for k, v in _record_to_row(record).items()
+                    if k not in ("id", "org", "created_at", "revision", "request_id")
+                }
+                for name in FIELDS:
+                    changes.update(_metadata_columns(name, record.metadata.get(name)))
+                changes["revision"] = row["revision"] + 1
+                connection.execute(
+                    update(data_table).where(data_table.c.id == record.id).values(changes)
+                )
+                new_row = (
+                    connection.execute(select(data_table).where(data_table.c.id == record.id))
+                    .mappings()
+                    .one()
+                )
+                updated = self._records(connection, [new_row])[0]
+                self._record_event(connection, EventType.UPDATED, updated, record.updated_at)
+                return updated
+
+        return await self._run(work, write=True)
 
     async def add(
         self,
@@ -466,9 +540,10 @@ class SqlCatalog:
         updated_at: datetime,
         *,
         etag: str = "",
+        labels: LabelChange | None = None,
     ) -> DataRecord:
         return await self._run(
-            lambda: self._update_metadata(org, data_id, values, clear, updated_at, etag),
+            lambda: self._update_metadata(org, data_id, values, clear, updated_at, etag, labels),
             write=True,
         )
 
@@ -885,8 +960,8 @@ class SqlCatalog:
                 )
 
     def _insert_records(self, connection: Connection, items: Sequence[_PendingAdd]) -> None:
-        """The rows of accepted items: data, tags, finished uploads and the change log, each
-        table in one executemany."""
+        """The rows of accepted items: data, tags, labels, finished uploads and the change log
+        (with the events' tags and labels), each table in one executemany."""
         records = [item.record for item in items]
         # executemany needs every row to name the same columns.
         rows = [_DATA_ROW | _record_to_row(record) for record in records]
@@ -894,6 +969,19 @@ class SqlCatalog:
         tags = [{"data_id": r.id, "tag": tag} for r in records for tag in r.tags]
         if tags:
             self._bulk(_INSERT_TAGS).run(connection, tags)
+        labels = [
+            {
+                "data_id": r.id,
+                "key": key,
+                "value": value,
+                "org": r.org,
+                "created_at": _to_micros(r.created_at),
+            }
+            for r in records
+            for key, value in r.labels.items()
+        ]
+        if labels:
+            self._bulk(_INSERT_LABELS).run(connection, labels)
         uploads = [
             {"b_staging_key": item.upload.staging_key, "b_data_id": item.record.id}
             for item in items
@@ -905,18 +993,28 @@ class SqlCatalog:
         for row in rows:
             row["event_type"] = int(EventType.CREATED)
             row["event_time"] = row["created_at"]
-        if not tags:
+        if not tags and not labels:
             self._bulk(_INSERT_EVENTS).run(connection, rows)
             return
         seqs = connection.execute(_INSERT_EVENTS_RETURNING, rows).scalars().all()
-        connection.execute(
-            _INSERT_EVENT_TAGS,
-            [
-                {"seq": seq, "tag": tag}
-                for seq, record in zip(seqs, records, strict=True)
-                for tag in record.tags
-            ],
-        )
+        if tags:
+            connection.execute(
+                _INSERT_EVENT_TAGS,
+                [
+                    {"seq": seq, "tag": tag}
+                    for seq, record in zip(seqs, records, strict=True)
+                    for tag in record.tags
+                ],
+            )
+        if labels:
+            connection.execute(
+                _INSERT_EVENT_LABELS,
+                [
+                    {"seq": seq, "key": key, "value": value}
+                    for seq, record in zip(seqs, records, strict=True)
+                    for key, value in record.labels.items()
+                ],
+            )
 
     def _find_request(self, org: str, request_id: str) -> DataRecord | None:
         statement = select(data_table).where(
@@ -936,10 +1034,16 @@ class SqlCatalog:
             return self._records(connection, [row])[0]
 
     def _list(self, org: str, query: ListQuery) -> Page:
-        conditions = [data_table.c.org == org]
-        conditions += [c for c in (query.where, query.after()) if c is not None]
-        statement = select(data_table).where(and_(*conditions))
-        statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
+        driver = _driving_label(query)
+        if driver is None and query.where is not None and self._engine.dialect.name == "sqlite":
+            self._choose_label_plans(query.where)
+        if driver is not None:
+            statement = _pages_by_label(org, query, driver)
+        else:
+            conditions = [data_table.c.org == org]
+            conditions += [c for c in (query.where, query.after()) if c is not None]
+            statement = select(data_table).where(and_(*conditions))
+            statement = statement.order_by(*query.order_clauses()).limit(query.page_size + 1)
         with self._engine.connect() as connection:
             rows = list(connection.execute(statement).mappings())
             more = len(rows) > query.page_size
@@ -947,6 +1051,26 @@ class SqlCatalog:
             records = self._records(connection, rows)
         token = query.token_after(rows[-1]) if more else ""
         return Page(records, token)
+
+    def _choose_label_plans(self, where: ColumnElement[bool]) -> None:
+        """SQLite: read few matching labels from their index, walk the page order for many.
+
+        Up to _FEW_LABELS matches, reading and sorting them costs less than walking the items
+        in order until a page is found; beyond, the walk finds a page sooner.
+        """
+        matches = [e for e in visitors.iterate(where) if isinstance(e, LabelMatch)]
+        if not matches:
+            return
+        with self._engine.connect() as connection:
+            for match in matches:
+                selected = [data_labels_table.c.key == match.key]
+                if match.value is not None:
+                    selected.append(data_labels_table.c.value == match.value)
+                found = select(data_labels_table.c.data_id).where(*selected).limit(_FEW_LABELS)
+                count = connection.execute(
+                    select(func.count()).select_from(found.subquery())
+                ).scalar_one()
+                match.drive_from_labels = count < _FEW_LABELS
 
     def _update_metadata(
         self,
@@ -956,6 +1080,7 @@ class SqlCatalog:
         clear: Collection[str],
         updated_at: datetime,
         etag: str,
+        labels: LabelChange | None = None,
     ) -> DataRecord:
         with self._engine.begin() as connection:
             row = (
@@ -977,6 +1102,8 @@ class SqlCatalog:
             changes["metadata_sources"] = json.dumps(sources, sort_keys=True)
             changes["updated_at"] = _to_micros(updated_at)
             changes["revision"] = row["revision"] + 1
+            if labels is not None:
+                _change_labels(connection, row, labels)
             connection.execute(update(data_table).where(data_table.c.id == data_id).values(changes))
             new_row = (
                 connection.execute(select(data_table).where(data_table.c.id == data_id))
@@ -1013,6 +1140,9 @@ class SqlCatalog:
                 .values(used_bytes=organizations_table.c.used_bytes - record.size - previews)
             )
             connection.execute(delete(data_tags_table).where(data_tags_table.c.data_id == data_id))
+            connection.execute(
+                delete(data_labels_table).where(data_labels_table.c.data_id == data_id)
+            )
             connection.execute(delete(data_table).where(data_table.c.id == data_id))
             self._record_event(connection, EventType.DELETED, record, datetime.now(UTC))
             return record
@@ -1032,6 +1162,7 @@ class SqlCatalog:
             connection.execute(
                 insert(event_tags_table), [{"seq": seq, "tag": tag} for tag in record.tags]
             )
+        _insert_labels(connection, event_labels_table, {"seq": seq}, record.labels)
 
     def _lock_event_order(self, connection: Connection) -> None:
         if self._engine.dialect.name == "postgresql":
@@ -1064,12 +1195,13 @@ class SqlCatalog:
                         .order_by(event_tags_table.c.seq, event_tags_table.c.tag)
                     ):
                         tags[event_seq].append(tag)
+                labels = _labels_of(connection, event_labels_table.c.seq, list(tags))
             return [
                 Event(
                     seq=row["seq"],
                     type=EventType(row["event_type"]),
                     time=_from_micros(row["event_time"]),
-                    record=_row_to_record(row, tuple(tags[row["seq"]])),
+                    record=_row_to_record(row, tuple(tags[row["seq"]]), labels.get(row["seq"])),
                 )
                 for row in rows
             ]
@@ -1097,6 +1229,9 @@ class SqlCatalog:
                 if last is None:
                     return 0
                 connection.execute(delete(event_tags_table).where(event_tags_table.c.seq <= last))
+                connection.execute(
+                    delete(event_labels_table).where(event_labels_table.c.seq <= last)
+                )
                 pruned = connection.execute(
                     delete(events_table).where(events_table.c.seq <= last)
                 ).rowcount
@@ -1122,12 +1257,15 @@ class SqlCatalog:
             )
             for data_id, tag in tag_rows:
                 tags[data_id].append(tag)
-        return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+        labels = _labels_of(connection, data_labels_table.c.data_id, list(tags)) if rows else {}
+        return [_row_to_record(row, tuple(tags[row["id"]]), labels.get(row["id"])) for row in rows]
 
 
 # Text fields with an index led by (org, field): their distinct values are cheap to list.
 FACET_FIELDS = frozenset({"manufacturer", "reference", "custom_id"})
 
+# See _choose_label_plans: about where the two plans cost the same on a million items.
+_FEW_LABELS = 5000
 _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 _LOCK_EVENT_ORDER = text("SELECT pg_advisory_xact_lock(:key)")
 # Concurrent adds committed together at most; bounded so that one transaction stays short.
@@ -1143,6 +1281,8 @@ _INSERT_EVENTS_RETURNING = insert(events_table).returning(
     events_table.c.seq, sort_by_parameter_order=True
 )
 _INSERT_EVENT_TAGS = insert(event_tags_table)
+_INSERT_LABELS = insert(data_labels_table)
+_INSERT_EVENT_LABELS = insert(event_labels_table)
 
 
 class _BulkInsert:
@@ -1288,6 +1428,106 @@ def _item(org: str, data_id: str) -> ColumnElement[bool]:
     return and_(data_table.c.id == data_id, data_table.c.org == org)
 
 
+def _driving_label(query: ListQuery) -> LabelMatch | None:
+    """A `labels.k = "v"` (or `labels.k:*`) the whole filter requires, when the page is in the
+    default order. An equality is preferred: it selects fewer rows."""
+    if [(k.field, k.descending) for k in query.order] != [("created_at", False), ("id", False)]:
+        return None
+    where = query.where
+    terms = list(where.clauses) if isinstance(where, BooleanClauseList) else [where]
+    if isinstance(where, BooleanClauseList) and where.operator is not operators.and_:
+        return None
+    found: list[LabelMatch] = []
+    for term in terms:
+        # and_() wraps a condition of its own kind in AsBoolean (is_true); NOT wraps it too
+        # (is_false), and must not drive.
+        inner = term
+        if isinstance(term, AsBoolean):
+            inner = term.element if term.operator is operators.is_true else None
+        if isinstance(inner, LabelMatch):
+            found.append(inner)
+    found.sort(key=lambda match: match.value is None)
+    return found[0] if found else None
+
+
+def _pages_by_label(org: str, query: ListQuery, driver: LabelMatch) -> Any:
+    """The page, read from the labels' (org, key, value, created_at, data_id) index in order:
+    the label's items arrive already sorted, so only a page's worth is read, whether the label
+    is on 90% of the items or on 0.01%. The filter's other terms apply to each row; the label
+    term itself is the join (repeating it would only mislead the planner's row estimates)."""
+    labels = data_labels_table.c
+    conditions: list[ColumnElement[bool]] = [
+        labels.org == org,
+        labels.key == driver.key,
+        data_table.c.org == org,
+    ]
+    if driver.value is not None:
+        conditions.append(labels.value == driver.value)
+    where = query.where
+    if isinstance(where, BooleanClauseList):
+        conditions += [
+            term
+            for term in where.clauses
+            if not (isinstance(term, AsBoolean) and term.element is driver)
+        ]
+    if query.cursor is not None:
+        created_at, data_id = query.cursor
+        conditions.append(tuple_(labels.created_at, labels.data_id) > tuple_(created_at, data_id))
+    return (
+        select(data_table)
+        .join(data_labels_table, labels.data_id == data_table.c.id)
+        .where(*conditions)
+        .order_by(labels.created_at, labels.data_id)
+        .limit(query.page_size + 1)
+    )
+
+
+def _insert_labels(
+    connection: Connection, table: Table, owner: dict[str, Any], labels: dict[str, str]
+) -> None:
+    if labels:
+        connection.execute(
+            insert(table), [{**owner, "key": k, "value": v} for k, v in labels.items()]
+        )
+
+
+def _labels_of(
+    connection: Connection, owner: Column[Any], owners: list[Any]
+) -> dict[Any, dict[str, str]]:
+    """The labels of each of `owners` (items or events), keys in order."""
+    found: dict[Any, dict[str, str]] = {}
+    table = owner.table
+    statement = (
+        select(owner, table.c.key, table.c.value)
+        .where(owner.in_(owners))
+        .order_by(owner, table.c.key)
+    )
+    for who, key, value in connection.execute(statement):
+        found.setdefault(who, {})[key] = value
+    return found
+
+
+def _change_labels(connection: Connection, row: RowMapping, change: LabelChange) -> None:
+    """Apply a label update to the item of `row` in the caller's transaction; refuse one that
+    leaves too many."""
+    table = data_labels_table
+    data_id = row["id"]
+    mine = table.c.data_id == data_id
+    if change.replace:
+        connection.execute(delete(table).where(mine))
+    else:
+        gone = [*change.remove, *change.set]
+        if gone:
+            connection.execute(delete(table).where(mine, table.c.key.in_(gone)))
+    owner = {"data_id": data_id, "org": row["org"], "created_at": row["created_at"]}
+    _insert_labels(connection, table, owner, change.set)
+    count = connection.execute(select(func.count()).select_from(table).where(mine)).scalar_one()
+    if count > MAX_LABELS:
+        raise invalid_field(
+            "labels", f"an item has at most {MAX_LABELS} labels; this makes {count}"
+        )
+
+
 def _check_etag(row: RowMapping, etag: str) -> None:
     if etag and etag != f'"{row["revision"]}"':
         raise ConflictError(
@@ -1397,7 +1637,9 @@ def _upload_from_row(row: RowMapping) -> UploadRecord:
     )
 
 
-def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
+def _row_to_record(
+    row: RowMapping, tags: tuple[str, ...], labels: dict[str, str] | None = None
+) -> DataRecord:
     metadata: MetadataDict = {}
     for name in FIELDS:
         if name == "acquired_at":
@@ -1428,4 +1670,5 @@ def _row_to_record(row: RowMapping, tags: tuple[str, ...]) -> DataRecord:
         tags=tags,
         revision=row["revision"],
         request_id=row["request_id"] or "",
+        labels=labels or {},
     )

@@ -11,14 +11,23 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
-from metalake.server import thumbnails
+from metalake.server import importing, thumbnails
 from metalake.server.blobstore import (
     UPLOAD_ID,
     BlobStore,
@@ -33,12 +42,14 @@ from metalake.server.catalog import (
     DataRecord,
     DuplicateRequestError,
     Event,
+    LabelChange,
     Organization,
     Page,
     ThumbnailRecord,
     UploadRecord,
 )
 from metalake.server.errors import (
+    DatalakeError,
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
@@ -120,6 +131,8 @@ class Datalake:
         # Previews are CPU work in worker threads: one per core at most, so that a page of
         # 100 new thumbnails does not starve uploads (nor hold 100 decoded images at once).
         self._render_slots = asyncio.Semaphore(os.cpu_count() or 1)
+        # Reads the objects of items registered in place (ImportObjects).
+        self._bucket_reader = importing.LazyReader()
 
     async def upload(
         self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
@@ -454,12 +467,34 @@ class Datalake:
         mask: Collection[str],
         *,
         etag: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> DataRecord:
         """Set the fields in `mask` to their value in `values`, or clear them when absent.
 
-        An empty mask means every field present in `values`; "*" means every field.
+        An empty mask means every field present in `values` (and every label in `labels`); "*"
+        means every metadata field. Path "labels" replaces all labels with `labels`;
+        "labels.KEY" sets KEY to labels[KEY], or removes it when absent.
         """
         _check_id(data_id)
+        given_labels = dict(labels or {})
+        violations = label_rules.validate(given_labels)
+        if violations:
+            raise InvalidArgumentError("labels are invalid", violations)
+        label_paths = [p for p in mask if p == "labels" or p.startswith("labels.")]
+        field_paths = [p for p in mask if p not in label_paths]
+        change: LabelChange | None = None
+        if label_paths:
+            change = _label_change(label_paths, given_labels)
+        elif given_labels and not mask:
+            change = LabelChange(set=given_labels)
+        elif given_labels:
+            raise invalid_field("labels", "given but update_mask names no label (labels.KEY)")
+        if change is not None and not field_paths and (label_paths or not values):
+            # Only labels change.
+            return await self.catalog.update_metadata(
+                org, data_id, {}, [], updated_at=datetime.now(UTC), etag=etag, labels=change
+            )
+        mask = field_paths
         paths = list(mask) or list(values)
         if "*" in paths:
             if len(paths) > 1:
@@ -481,7 +516,7 @@ class Datalake:
         to_set = {p: values[p] for p in paths if p in values}
         to_clear = [p for p in paths if p not in values]
         return await self.catalog.update_metadata(
-            org, data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag
+            org, data_id, to_set, to_clear, updated_at=datetime.now(UTC), etag=etag, labels=change
         )
 
     async def delete(self, org: str, data_id: str, *, etag: str = "") -> None:
@@ -491,7 +526,8 @@ class Datalake:
         previews = await self.catalog.thumbnail_keys(org, data_id)
         record = await self.catalog.delete(org, data_id, etag=etag)
         for key in {record.blob_key, *previews}:
-            await self._release_blob(key)
+            if not importing.is_reference(key):  # a customer's object: never ours to delete
+                await self._release_blob(key)
 
     async def _release_blob(self, blob_key: str) -> None:
         """Delete a blob no item refers to any more; identical content shares one blob."""
@@ -500,6 +536,8 @@ class Datalake:
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
         # Callers hold the blob's lock, so no upload of the same content commits meanwhile.
+        if importing.is_reference(blob_key):
+            return  # a customer's object registered in place: never ours to delete
         if not await self.catalog.blob_in_use(blob_key):
             await self.blobs.delete(blob_key)
 
@@ -508,6 +546,12 @@ class Datalake:
         record = await self.catalog.get(org, data_id)
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")
+        if importing.is_reference(record.blob_key):
+            # The first read answers whether the object is still there, before the item is sent.
+            stream = await importing.open_stream(
+                self._bucket_reader(), record.blob_key, offset, self._download_chunk_size
+            )
+            return Download(record, stream)
         chunks = self.blobs.read(
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )
@@ -550,6 +594,10 @@ class Datalake:
         return ThumbnailDownload(kept, chunks)
 
     async def _make_thumbnail(self, record: DataRecord, size: int) -> ThumbnailRecord:
+        if importing.is_reference(record.blob_key):
+            # An object registered in place has no sha256 to share previews by, and a preview
+            # would read the customer's whole object: it has none.
+            raise NotFoundError(record.id, kind="preview of data")
         shared = await self.catalog.shared_thumbnail(record.sha256, size)
         if shared is not None:
             # Identical content was previewed for another item: share its blob (or its finding
@@ -627,6 +675,108 @@ class Datalake:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+    async def import_objects(
+        self, org: str, source: str, *, extensions: Sequence[str], fill_metadata: bool
+    ) -> importing.ImportReport:
+        """Register every object under `source` (s3://bucket/prefix) as an item referencing it;
+        on a rerun add new objects, update changed ones (ETag), label vanished ones."""
+        bucket, prefix = importing.parse_source(source)
+        reader = self._bucket_reader()
+        report = importing.ImportReport()
+        seen: set[str] = set()
+        pages = reader.pages(bucket, prefix)
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+            for obj in page:
+                if not importing.wanted(obj.key, extensions):
+                    continue
+                report.listed += 1
+                seen.add(importing.request_id(bucket, obj.key))
+                try:
+                    await self._register(org, reader, bucket, obj, fill_metadata, report)
+                except DatalakeError as error:
+                    report.failures.append((f"s3://{bucket}/{obj.key}", str(error)))
+        everything = importing.request_id(bucket, prefix)
+        for data_id, request in await self.catalog.imported_under(org, everything):
+            if request in seen:
+                continue
+            record = await self.catalog.get(org, data_id)
+            if record.labels.get("import_state") != "vanished":
+                await self.catalog.update_metadata(
+                    org,
+                    data_id,
+                    {},
+                    [],
+                    datetime.now(UTC),
+                    labels=LabelChange(set=dict(importing.VANISHED)),
+                )
+                report.vanished += 1
+        return report
+
+    async def _register(
+        self,
+        org: str,
+        reader: importing.BucketReader,
+        bucket: str,
+        obj: importing.ListedObject,
+        fill: bool,
+        report: importing.ImportReport,
+    ) -> None:
+        request = importing.request_id(bucket, obj.key)
+        reference = importing.reference(obj, bucket)
+        existing = await self.catalog.find_request(org, request)
+        if existing is not None and existing.blob_key == reference:
+            report.unchanged += 1
+            if existing.labels.get("import_state") == "vanished":  # it came back
+                await self.catalog.update_metadata(
+                    org,
+                    existing.id,
+                    {},
+                    [],
+                    datetime.now(UTC),
+                    labels=LabelChange(remove=("import_state",)),
+                )
+            return
+        limit = min(obj.size, importing.HEADER_BYTES)
+        head = b""
+        if fill and limit:
+            head = await asyncio.to_thread(reader.head, bucket, obj.key, obj.etag, limit)
+            report.bytes_read += len(head)
+        filename = obj.key.rsplit("/", 1)[-1] or obj.key
+        if len(filename) > 1024 or any(ord(c) < 32 or ord(c) == 127 for c in filename):
+            raise invalid_field("filename", "the object's name is not a usable filename")
+        filled = Filled({}, {})
+        if fill:
+            # At most HEADER_BYTES: extracted from memory, as a small upload is.
+            filled = await fill_metadata(
+                self.extractor,
+                head,
+                filename=filename,
+                given={},
+                time_limit=self._extract_timeout,
+            )
+        now = datetime.now(UTC)
+        record = DataRecord(
+            id=existing.id if existing is not None else str(uuid.uuid4()),
+            org=org,
+            filename=filename,
+            size=obj.size,
+            sha256="",  # never read whole: unknown
+            content_type=detect_content_type(head, filename),
+            blob_key=reference,
+            created_at=existing.created_at if existing is not None else now,
+            updated_at=now,
+            metadata=filled.metadata,
+            metadata_sources=filled.sources,
+            request_id=request,
+            labels={**(existing.labels if existing is not None else {})},
+        )
+        if existing is None:
+            await self.catalog.add(record)
+            report.added += 1
+        else:
+            await self.catalog.replace_content(org, record)
+            report.updated += 1
 
     async def watch(
         self, org: str, *, filter: str, resume_token: str
@@ -739,6 +889,31 @@ def _decode_resume_token(token: str) -> int:
         raise invalid_field("resume_token", "is not a token this service issued") from None
 
 
+def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
+    """The label update that mask paths "labels" / "labels.KEY" ask for."""
+    if "labels" in paths:
+        if len(paths) > 1:
+            raise invalid_field("update_mask", "'labels' replaces every label: name no label too")
+        return LabelChange(set=given, replace=True)
+    keys = [p.removeprefix("labels.") for p in paths]
+    problems = [
+        FieldViolation("update_mask", f"{p!r}: {why}")
+        for p, key in zip(paths, keys, strict=True)
+        if (why := label_rules.check_key(key)) is not None
+    ]
+    if problems:
+        raise InvalidArgumentError("update_mask names invalid labels", problems)
+    unnamed = sorted(set(given) - set(keys))
+    if unnamed:
+        raise invalid_field(
+            "labels", f"{', '.join(unnamed)}: given but not named in update_mask (labels.KEY)"
+        )
+    return LabelChange(
+        set={k: given[k] for k in keys if k in given},
+        remove=tuple(k for k in keys if k not in given),
+    )
+
+
 def _first_set(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
@@ -780,6 +955,7 @@ def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled
         metadata_sources=filled.sources,
         tags=tuple(sorted(set(header.tags))),
         request_id=header.request_id,
+        labels=dict(sorted(header.labels.items())),
     )
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, String, and_, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from metalake.metadata import FieldViolation
+from metalake.server import importing
 from metalake.server.blobstore import BlobStore
 from metalake.server.catalog import DataRecord, SqlCatalog, _from_micros, _row_to_record, _to_micros
 from metalake.server.datalake import Download
@@ -78,6 +79,8 @@ class Datasets:
         self._catalog = catalog
         self._engine = catalog.engine
         self._blobs = blobs
+        # Reads the objects of items registered in place (ImportObjects).
+        self._bucket_reader = importing.LazyReader()
         self._download_chunk_size = download_chunk_size
 
     async def create(
@@ -305,6 +308,12 @@ class Datasets:
         record = found[0]
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")
+        if importing.is_reference(record.blob_key):
+            # An item registered in place: its object, as long as it has not changed.
+            stream = await importing.open_stream(
+                self._bucket_reader(), record.blob_key, offset, self._download_chunk_size
+            )
+            return Download(record, stream)
         chunks = self._blobs.read(
             record.blob_key, offset=offset, chunk_size=self._download_chunk_size
         )

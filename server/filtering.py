@@ -14,6 +14,9 @@ The language (https://google.aip.dev/160):
   UTC, as offset-less times are stored. `size` takes whole numbers.
 - `=` and `!=` on text treat `*` as a wildcard (`filename = "IMG_*.jpg"`); `\\*` is a star.
 - `tags:"x"` is true when the item has the tag (wildcards too); `field:*` when it has the field.
+- `labels.KEY op "text"` compares a label's value (text, in code point order; `*` wildcards with
+  `=` and `!=`); `labels.KEY:*` is true when the item has the label. As with fields, a
+  comparison never matches an item without the label.
 - `AND`, `OR`, `NOT` (or `-`), parentheses; terms side by side are ANDed (`a b` is `a AND b`).
 
 Precedence follows AIP-160, which is NOT the usual one: OR binds tighter than AND and than
@@ -45,8 +48,16 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from metalake.labels import check_key
 from metalake.metadata import FIELDS, FLOAT_FIELDS, STRING_FIELDS, parse_datetime
-from metalake.server.schema import data_table, data_tags_table, event_tags_table, events_table
+from metalake.server.schema import (
+    data_labels_table,
+    data_table,
+    data_tags_table,
+    event_labels_table,
+    event_tags_table,
+    events_table,
+)
 
 MAX_FILTER_LENGTH = 4096
 MAX_DEPTH = 32
@@ -58,7 +69,8 @@ _TEXT_FIELDS = STRING_FIELDS | {"filename", "content_type"}
 _OPTIONAL_FIELDS = frozenset(FIELDS)  # the metadata fields may be absent; the others never are
 FILTERABLE_FIELDS: frozenset[str] = _NUMBER_FIELDS | _TIME_FIELDS | _TEXT_FIELDS
 ORDERABLE_FIELDS: frozenset[str] = FILTERABLE_FIELDS
-_FIELD_LIST = ", ".join(sorted(FILTERABLE_FIELDS | {"tags"}))
+_FIELD_LIST = ", ".join(sorted(FILTERABLE_FIELDS | {"tags", "labels.KEY"}))
+_LABELS = "labels."
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # BIGINT's range: a size literal beyond it is clamped (no size is anywhere near), because SQLite
 # cannot even bind a larger integer.
@@ -131,16 +143,32 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class FilterTarget:
-    """The tables a filter runs over: rows shaped like `data`, and their tags."""
+    """The tables a filter runs over: rows shaped like `data`, their tags and their labels."""
 
     table: Table
     tags: Table
     tags_key: Column[Any]  # the tags' reference to a row
     key: Column[Any]  # a row's own key
+    labels: Table
+    labels_key: Column[Any]  # the labels' reference to a row
 
 
-ITEMS = FilterTarget(data_table, data_tags_table, data_tags_table.c.data_id, data_table.c.id)
-EVENTS = FilterTarget(events_table, event_tags_table, event_tags_table.c.seq, events_table.c.seq)
+ITEMS = FilterTarget(
+    data_table,
+    data_tags_table,
+    data_tags_table.c.data_id,
+    data_table.c.id,
+    data_labels_table,
+    data_labels_table.c.data_id,
+)
+EVENTS = FilterTarget(
+    events_table,
+    event_tags_table,
+    event_tags_table.c.seq,
+    events_table.c.seq,
+    event_labels_table,
+    event_labels_table.c.seq,
+)
 
 
 @dataclass(frozen=True)
@@ -337,6 +365,8 @@ class _ToSql(Transformer[Token, Any]):
                 f"presence ({name}:*); compare values with '='",
                 field.start_pos,
             )
+        if name.startswith(_LABELS):
+            return self._label_match(name, None)
         column = self._target.table.c[name]
         return column.is_not(None) if name in _OPTIONAL_FIELDS else true()
 
@@ -346,6 +376,20 @@ class _ToSql(Transformer[Token, Any]):
             raise FilterError(
                 f'tags at {self._at(field)} are tested with ":", as in tags:"x"', field.start_pos
             )
+        if name.startswith(_LABELS):
+            if value.kind == "star":
+                raise FilterError(
+                    f"{name} at {self._at(field)}: compare it with a quoted string, or test "
+                    f"presence with {name}:*",
+                    field.start_pos,
+                )
+            values = self._target.labels.c.value
+            if op == "=" and len(value.parts) == 1:
+                return self._label_match(name, value.text)
+            if op in ("=", "!="):
+                matches = _equals(values, value)
+                return self._label(name, matches if op == "=" else not_(matches))
+            return self._label(name, _text_order(op, values, value.text))
         column = self._target.table.c[name]
         if name in _NUMBER_FIELDS:
             operand: Any = self._number(name, value)
@@ -370,6 +414,32 @@ class _ToSql(Transformer[Token, Any]):
             condition = and_(column.is_not(None), condition)
         return condition
 
+    def _label(self, name: str, condition: ColumnElement[bool] | None) -> ColumnElement[bool]:
+        """The row has label `name` (labels.KEY), with a value meeting `condition`.
+
+        Like every comparison, one on a label never matches a row without that label.
+        """
+        target = self._target
+        conditions = [target.labels_key == target.key, target.labels.c.key == name[len(_LABELS) :]]
+        if condition is not None:
+            conditions.append(condition)
+        return exists(select(target.labels_key).where(*conditions).correlate(target.table))
+
+    def _label_match(self, name: str, value: str | None) -> LabelMatch:
+        """labels.KEY = "value" (or labels.KEY:* when value is None), in both of its forms."""
+        target = self._target
+        key = name[len(_LABELS) :]
+        selected = [target.labels.c.key == key]
+        if value is not None:
+            selected.append(target.labels.c.value == value)
+        labelled: ColumnElement[bool] = target.key.in_(select(target.labels_key).where(*selected))
+        return LabelMatch(
+            key,
+            value,
+            per_row=self._label(name, selected[1] if value is not None else None),
+            from_labels=labelled,
+        )
+
     def _at(self, token: Token | _Value) -> str:
         position = token.position if isinstance(token, _Value) else token.start_pos
         return _where(self._text, position or 0)
@@ -380,6 +450,11 @@ class _ToSql(Transformer[Token, Any]):
         bare = name.removeprefix("metadata.")
         if bare in FIELDS or (name == bare and (name in FILTERABLE_FIELDS or name == "tags")):
             return bare
+        if name.startswith(_LABELS):
+            problem = check_key(name[len(_LABELS) :])
+            if problem is None:
+                return name
+            raise FilterError(f"{problem} (at {self._at(token)})", token.start_pos)
         raise FilterError(
             f"unknown field {name!r} at {self._at(token)}; valid fields: {_FIELD_LIST}",
             token.start_pos,
@@ -490,6 +565,46 @@ class _PerDialect(ColumnElement[bool]):
     def __init__(self, *, sqlite: ColumnElement[bool], other: ColumnElement[bool]) -> None:
         self.sqlite = sqlite
         self.other = other
+
+
+class LabelMatch(ColumnElement[bool]):
+    """`labels.KEY = "value"` or `labels.KEY:*`, written one of two ways.
+
+    `per_row` (EXISTS) walks the items in page order and looks each one's label up: fast when
+    many items match. `from_labels` (IN) reads the matching labels from their (key, value)
+    index, then sorts those items: fast when few match. PostgreSQL's planner chooses between
+    them by itself from its statistics; SQLite's cannot tell a common value from a rare one,
+    so the catalog counts the matches first and sets `drive_from_labels` (see catalog._list).
+    """
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True
+    _traverse_internals: list[tuple[str, InternalTraversal]] = [  # noqa: RUF012
+        ("per_row", InternalTraversal.dp_clauseelement),
+        ("from_labels", InternalTraversal.dp_clauseelement),
+        ("drive_from_labels", InternalTraversal.dp_boolean),
+    ]
+
+    def __init__(
+        self,
+        key: str,
+        value: str | None,
+        *,
+        per_row: ColumnElement[bool],
+        from_labels: ColumnElement[bool],
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.per_row = per_row
+        self.from_labels = from_labels
+        self.drive_from_labels = False
+
+
+@compiles(LabelMatch)
+def _compile_label_match(element: LabelMatch, compiler: SQLCompiler, **kw: Any) -> str:
+    chosen = element.from_labels if element.drive_from_labels else element.per_row
+    return f"({compiler.process(chosen, **kw)})"
 
 
 # Parenthesized, so that a NOT in front applies to the whole condition on every engine.

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import filetype
 
+from metalake import labels
 from metalake.metadata import (
     FIELDS,
     FieldViolation,
@@ -58,6 +59,7 @@ class UploadHeader:
     content_type: str = ""
     request_id: str = ""
     expected_sha256: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """For a resumable upload's catalog row."""
@@ -102,6 +104,7 @@ class UploadHeader:
             problem = check_value(name, value)
             if problem:
                 found.append(FieldViolation(f"header.metadata.{name}", problem))
+        found.extend(labels.validate(self.labels, prefix="header.labels"))
         return found
 
 

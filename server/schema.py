@@ -110,6 +110,24 @@ thumbnails_table = Table(
     Index("ix_thumbnails_blob_key", "blob_key"),
 )
 
+# Labels (free key/value pairs) of each item. The item's org and created_at are copied here (an
+# item's created_at never changes) so that (org, key, value, created_at, data_id) yields the
+# items with `labels.k = "v"` already in ListData's default order: a page costs the same however
+# many or few items have the label. The primary key answers a label per item and loads an
+# item's labels.
+data_labels_table = Table(
+    "data_labels",
+    metadata_obj,
+    Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("org", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_data_labels_key_value", "org", "key", "value", "created_at", "data_id"),
+    # The same for `labels.k:*`, whatever the value.
+    Index("ix_data_labels_key", "org", "key", "created_at", "data_id"),
+)
+
 # API tokens: only a hash of each is kept. The token's id is public (listing, revoking).
 tokens_table = Table(
     "tokens",
@@ -154,6 +172,15 @@ event_tags_table = Table(
     metadata_obj,
     Column("seq", BigInteger, ForeignKey("events.seq", ondelete="CASCADE"), primary_key=True),
     Column("tag", Text, primary_key=True),
+)
+
+# The labels of each event's snapshot, as event_tags are its tags.
+event_labels_table = Table(
+    "event_labels",
+    metadata_obj,
+    Column("seq", BigInteger, ForeignKey("events.seq", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 # Events up to `pruned_through` were deleted: a watcher resuming from before it missed some.

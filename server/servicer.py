@@ -31,6 +31,7 @@ from metalake.server.errors import (
     invalid_field,
 )
 from metalake.server.faults import backend_fault
+from metalake.server.importing import HEADER_BYTES, BucketAccessError
 from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 from metalake.server.observability import BYTES_RECEIVED, BYTES_SENT
@@ -57,6 +58,7 @@ _CODES = {
     OutOfRangeError: code_pb2.OUT_OF_RANGE,
     ResourceExhaustedError: code_pb2.RESOURCE_EXHAUSTED,
     UnavailableError: code_pb2.UNAVAILABLE,
+    BucketAccessError: code_pb2.FAILED_PRECONDITION,
 }
 
 
@@ -187,7 +189,12 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if violations:
             raise InvalidArgumentError("metadata is invalid", violations)
         record = await self._datalake.update_metadata(
-            _org(), request.id, values, list(request.update_mask.paths), etag=request.etag
+            _org(),
+            request.id,
+            values,
+            list(request.update_mask.paths),
+            etag=request.etag,
+            labels=dict(request.labels),
         )
         return pb.UpdateMetadataResponse(data=data_to_proto(record))
 
@@ -467,6 +474,27 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             sha256=preview.record.blob_key or "",
         )
 
+    @_translating_errors
+    async def ImportObjects(
+        self, request: pb.ImportObjectsRequest, context: Context
+    ) -> pb.ImportObjectsResponse:
+        report = await self._datalake.import_objects(
+            _org(),
+            request.source,
+            extensions=list(request.extensions),
+            fill_metadata=request.fill_metadata,
+        )
+        return pb.ImportObjectsResponse(
+            listed=report.listed,
+            added=report.added,
+            updated=report.updated,
+            unchanged=report.unchanged,
+            vanished=report.vanished,
+            bytes_read=report.bytes_read,
+            header_bytes_limit=HEADER_BYTES,
+            failures=[pb.FieldViolation(field=f, description=d) for f, d in report.failures],
+        )
+
 
 def _webhook_to_proto(webhook: Webhook) -> pb.Webhook:
     return pb.Webhook(
@@ -616,6 +644,7 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
         content_type=message.content_type,
         request_id=message.request_id,
         expected_sha256=message.expected_sha256,
+        labels=dict(message.labels),
     )
     if violations:
         violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
@@ -638,4 +667,5 @@ def data_to_proto(record: DataRecord) -> pb.Data:
         created_at=_timestamp(record.created_at),
         updated_at=_timestamp(record.updated_at),
         etag=record.etag,
+        labels=record.labels,
     )

@@ -48,6 +48,7 @@ from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, or_, select,
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from metalake.server import importing
 from metalake.server.blobstore import BlobStore, LocalBlobStore, owner_prefix
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
 from metalake.server.errors import InvalidArgumentError, invalid_field
@@ -297,7 +298,11 @@ class Similarity:
     async def _hash_blob(self, blob_key: str) -> ImageHash | None:
         """The hash of a stored blob, None when it is not a decodable image. A local blob is
         decoded where it lies; another store's is streamed to a temporary file first, never
-        held in memory."""
+        held in memory. An item registered in place (ImportObjects) is not hashed: that would
+        read its whole object from the customer's bucket, where an import reads at most a
+        header."""
+        if importing.is_reference(blob_key):
+            return None
         if isinstance(self._blobs, LocalBlobStore):
             local = self._blobs.path_for(blob_key)
             return await asyncio.to_thread(_hash_or_none, local)

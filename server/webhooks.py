@@ -50,6 +50,7 @@ from metalake.server.catalog import (
     EventType,
     SqlCatalog,
     _from_micros,
+    _labels_of,
     _row_to_record,
     _to_micros,
 )
@@ -58,6 +59,7 @@ from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import (
+    event_labels_table,
     event_tags_table,
     events_table,
     webhook_deliveries_table,
@@ -145,6 +147,7 @@ def data_json(record: DataRecord) -> dict[str, Any]:
         "etag": record.etag,
         "metadata": md.to_jsonable(record.metadata),
         "metadata_sources": record.metadata_sources,
+        "labels": record.labels,
     }
 
 
@@ -433,6 +436,7 @@ class Webhooks:
                 .order_by(event_tags_table.c.seq, event_tags_table.c.tag)
             ):
                 tags[seq].append(tag)
+        labels = _labels_of(connection, event_labels_table.c.seq, list(tags)) if rows else {}
         now = _to_micros(datetime.now(UTC))
         deliveries = []
         for event_row in rows:
@@ -440,7 +444,9 @@ class Webhooks:
                 seq=event_row["seq"],
                 type=EventType(event_row["event_type"]),
                 time=_from_micros(event_row["event_time"]),
-                record=_row_to_record(event_row, tuple(tags[event_row["seq"]])),
+                record=_row_to_record(
+                    event_row, tuple(tags[event_row["seq"]]), labels.get(event_row["seq"])
+                ),
             )
             name = EVENT_NAMES[event.type]
             deliveries.append(

@@ -90,6 +90,34 @@ async def test_a_batch_records_events_in_order_with_their_tags(catalog: SqlCatal
     assert [e.record.id for e in tagged] == [i.id for i in items if "t1" in i.tags]
 
 
+async def test_a_batch_stores_labels_with_items_and_events(catalog: SqlCatalog) -> None:
+    items = [
+        record(
+            labels={"rig": f"R{i}", "site": "x"} if i % 2 else {},
+            tags=("t",) if i % 3 == 0 else (),
+        )
+        for i in range(6)
+    ]
+    assert await _outcomes(catalog, *items) == [None] * 6
+    # A batch the database rejects is retried item by item: labels go that way too.
+    late = [record(labels={"rig": "L"}), record(), record(labels={"site": "x"})]
+    clash = record(id=items[0].id, labels={"rig": "clash"})  # the primary key is taken
+    outcomes = await _outcomes(catalog, late[0], clash, late[1], late[2])
+    assert isinstance(outcomes[1], sqlalchemy.exc.IntegrityError)
+    assert [outcomes[0], outcomes[2], outcomes[3]] == [None] * 3
+    stored = items + late
+    for item in stored:
+        assert (await catalog.get(ORG, item.id)).labels == item.labels
+    events = await catalog.events_after(ORG, 0, filter="", limit=20)
+    assert [e.record for e in events] == stored
+    rig = await catalog.events_after(ORG, 0, filter='labels.rig = "R3"', limit=20)
+    assert [e.record.id for e in rig] == [items[3].id]
+    page = await catalog.list_page(
+        ORG, filter='labels.site = "x"', order_by="", page_size=10, page_token=""
+    )
+    assert [r.id for r in page.records] == [items[1].id, items[3].id, items[5].id, late[2].id]
+
+
 async def test_many_uploads_hold_blobs_while_they_commit(catalog: SqlCatalog) -> None:
     """More holders than the connection pool has connections, each adding its item while it
     holds its blob: none may wait for a connection another holder keeps."""

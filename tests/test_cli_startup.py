@@ -28,6 +28,7 @@ HEAVY_MODULES = (
     "pluggy",
     "psycopg",
     "prometheus_client",
+    "pyarrow",  # the `export` extra: loaded by a Parquet export only
 )
 
 PROBE = """
@@ -55,6 +56,10 @@ def test_client_commands_load_no_server_module(tmp_path: Path) -> None:
         ["download", "ID", "-o", str(tmp_path)],
         ["rm", "ID"],
         ["watch"],
+        ["upload", str(tmp_path), "--include", "*.jpg", "--label", "rig=A"],
+        ["download", "--filter", 'labels.rig = "A"', "-o", str(tmp_path)],
+        ["export", "--filter", 'labels.rig = "A"', "-o", str(tmp_path / "x.parquet")],
+        ["import", "s3://bucket/prefix", "--filter-ext", "jpg", "--fill-metadata"],
     ]
     probe = subprocess.run(
         [sys.executable, "-c", PROBE.format(argvs=argvs)],

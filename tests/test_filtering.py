@@ -449,7 +449,7 @@ def test_an_unknown_field_lists_every_valid_one() -> None:
     with pytest.raises(FilterError) as caught:
         compile_filter("colour = red")
     listed = str(caught.value).split("valid fields: ")[1].split(", ")
-    assert set(listed) == {*FIELDS, *ITEM_FIELDS, "tags"}
+    assert set(listed) == {*FIELDS, *ITEM_FIELDS, "tags", "labels.KEY"}
 
 
 def test_filters_run_over_the_change_log_too() -> None:

@@ -181,6 +181,22 @@ def test_every_change_is_posted_signed_and_in_order(
         assert list(datalake.webhook_deliveries(webhook.id)) == []
 
 
+def test_the_posted_item_carries_its_labels(fast_server: ServerHandle, receiver: Receiver) -> None:
+    with Client(fast_server.target) as client, grpc.insecure_channel(fast_server.target) as ch:
+        datalake = client.get_datalake()
+        stub = pb_grpc.DatalakeServiceStub(ch)
+        datalake.add_webhook(receiver.url, ["created", "updated"])
+        item = stub.UploadData(requests(b"bytes", "a.jpg", labels={"rig": "A"})).data
+        datalake.get_data(item.id).update_metadata(labels={"rig": "B", "site": "north"})
+        got = receiver.wait_for(2)
+    labels = []
+    for received in got:
+        data = received.payload["data"]
+        assert isinstance(data, dict)
+        labels.append(data["labels"])
+    assert labels == [{"rig": "A"}, {"rig": "B", "site": "north"}]
+
+
 def test_failures_are_retried_without_breaking_an_items_order(
     fast_server: ServerHandle, receiver: Receiver
 ) -> None:

@@ -287,6 +287,26 @@ class Data(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
@@ -298,6 +318,7 @@ class Data(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned, opaque, unique."""
     filename: _builtins.str
@@ -334,6 +355,14 @@ class Data(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When the item's metadata last changed."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free key/value labels beside the typed metadata (AIP-style). Keys are 1 to 63 characters of
+        letters, digits and "_", starting with a letter or "_" (case-sensitive); values at most 256
+        characters without control characters; at most 64 labels per item. Filter them with
+        labels.KEY = "value" and labels.KEY:*.
+        """
+
     def __init__(
         self,
         *,
@@ -348,10 +377,11 @@ class Data(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "metadata", b"metadata", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "created_at", b"created_at", "etag", b"etag", "filename", b"filename", "id", b"id", "metadata", b"metadata", "metadata_sources", b"metadata_sources", "sha256", b"sha256", "size", b"size", "tags", b"tags", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "created_at", b"created_at", "etag", b"etag", "filename", b"filename", "id", b"id", "labels", b"labels", "metadata", b"metadata", "metadata_sources", b"metadata_sources", "sha256", b"sha256", "size", b"size", "tags", b"tags", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +393,26 @@ class UploadDataHeader(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FILENAME_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     FILL_METADATA_FIELD_NUMBER: _builtins.int
@@ -370,6 +420,7 @@ class UploadDataHeader(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_SHA256_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """Required, 1 to 1,024 characters, no NUL. Stored as given; never used as a server path."""
     fill_metadata: _builtins.bool
@@ -393,6 +444,10 @@ class UploadDataHeader(_message.Message):
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Labels; each 1 to 1,024 characters, at most 100 of them. Duplicates are dropped."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels of the new item; see Data.labels for the rules."""
+
     def __init__(
         self,
         *,
@@ -403,10 +458,11 @@ class UploadDataHeader(_message.Message):
         content_type: _builtins.str = ...,
         request_id: _builtins.str = ...,
         expected_sha256: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expected_sha256", b"expected_sha256", "filename", b"filename", "fill_metadata", b"fill_metadata", "metadata", b"metadata", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "expected_sha256", b"expected_sha256", "filename", b"filename", "fill_metadata", b"fill_metadata", "labels", b"labels", "metadata", b"metadata", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -533,7 +589,8 @@ class ListDataRequest(_message.Message):
     filter: _builtins.str
     """AIP-160 filter. Comparisons (=, !=, <, <=, >, >=) on every Metadata field and on filename,
     size, content_type, created_at, updated_at; AND, OR, NOT, parentheses; tags:"x" for
-    membership; field:* for presence. Timestamps are RFC 3339 strings. A "*" in a string
+    membership; field:* for presence; labels.KEY = "v" and labels.KEY:* for labels.
+    Timestamps are RFC 3339 strings. A "*" in a string
     compared with = is a wildcard. Example:
       latitude >= 43.5 AND latitude <= 43.7 AND acquired_at >= "2024-05-01T00:00:00Z"
     """
@@ -591,10 +648,31 @@ class UpdateMetadataRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The item's id."""
     etag: _builtins.str
@@ -607,7 +685,14 @@ class UpdateMetadataRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Metadata field names to change. A named field absent from metadata is cleared. "*" names
         every field. Empty: every field set in metadata. Updated fields are recorded as set by the
-        client in metadata_sources.
+        client in metadata_sources. Labels are named "labels.KEY" or "labels" (see labels).
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """New label values. update_mask path "labels.KEY" sets KEY to labels[KEY], or removes it when
+        absent here; path "labels" replaces all of the item's labels with these. With an empty
+        mask, every label given here is set and the others are kept.
         """
 
     def __init__(
@@ -617,10 +702,11 @@ class UpdateMetadataRequest(_message.Message):
         metadata: Global___Metadata | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         etag: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "labels", b"labels", "metadata", b"metadata", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2218,3 +2304,91 @@ class GetThumbnailResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetThumbnailResponse: _TypeAlias = GetThumbnailResponse  # noqa: Y015
+
+@_typing.final
+class ImportObjectsRequest(_message.Message):
+    """ImportObjectsRequest names the objects to register in place."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EXTENSIONS_FIELD_NUMBER: _builtins.int
+    FILL_METADATA_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """s3://bucket/prefix (the prefix may be empty: the whole bucket)."""
+    fill_metadata: _builtins.bool
+    """Fill metadata from each object's first bytes (EXIF, GPS, plugins), read with a ranged GET
+    of at most header_bytes_limit bytes.
+    """
+    @_builtins.property
+    def extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only keys ending with one of these extensions (case-insensitive, with or without the dot);
+        empty: every object.
+        """
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        extensions: _abc.Iterable[_builtins.str] | None = ...,
+        fill_metadata: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extensions", b"extensions", "fill_metadata", b"fill_metadata", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportObjectsRequest: _TypeAlias = ImportObjectsRequest  # noqa: Y015
+
+@_typing.final
+class ImportObjectsResponse(_message.Message):
+    """ImportObjectsResponse reports what one import did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LISTED_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
+    VANISHED_FIELD_NUMBER: _builtins.int
+    BYTES_READ_FIELD_NUMBER: _builtins.int
+    HEADER_BYTES_LIMIT_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    listed: _builtins.int
+    """Objects listed under the prefix that passed the extension filter."""
+    added: _builtins.int
+    """Items created for new objects."""
+    updated: _builtins.int
+    """Items updated because their object changed (another ETag)."""
+    unchanged: _builtins.int
+    """Items whose object is unchanged."""
+    vanished: _builtins.int
+    """Items whose object is gone, now labelled import_state=vanished."""
+    bytes_read: _builtins.int
+    """Bytes read from the bucket (ranged GETs for fill_metadata only)."""
+    header_bytes_limit: _builtins.int
+    """The most bytes read from one object."""
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """Objects that could not be registered, each with why."""
+
+    def __init__(
+        self,
+        *,
+        listed: _builtins.int = ...,
+        added: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        unchanged: _builtins.int = ...,
+        vanished: _builtins.int = ...,
+        bytes_read: _builtins.int = ...,
+        header_bytes_limit: _builtins.int = ...,
+        failures: _abc.Iterable[Global___FieldViolation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "bytes_read", b"bytes_read", "failures", b"failures", "header_bytes_limit", b"header_bytes_limit", "listed", b"listed", "unchanged", b"unchanged", "updated", b"updated", "vanished", b"vanished"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportObjectsResponse: _TypeAlias = ImportObjectsResponse  # noqa: Y015

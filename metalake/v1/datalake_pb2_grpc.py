@@ -164,6 +164,11 @@ class DatalakeServiceStub:
                 request_serializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.SerializeToString,
                 response_deserializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.FromString,
                 _registered_method=True)
+        self.ImportObjects = channel.unary_unary(
+                '/metalake.v1.DatalakeService/ImportObjects',
+                request_serializer=metalake_dot_v1_dot_datalake__pb2.ImportObjectsRequest.SerializeToString,
+                response_deserializer=metalake_dot_v1_dot_datalake__pb2.ImportObjectsResponse.FromString,
+                _registered_method=True)
 
 
 class DatalakeServiceServicer:
@@ -371,6 +376,17 @@ class DatalakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportObjects(self, request, context):
+        """Registers every object under an s3:// prefix as an item that references the object in
+        place: its bytes are not copied (the server needs read access to the bucket). Running it
+        again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+        vanished ones import_state=vanished. Deleting such an item never deletes the object.
+        Requires the admin role: the server reads with its own credentials.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatalakeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -498,6 +514,11 @@ def add_DatalakeServiceServicer_to_server(servicer, server):
                     servicer.GetThumbnail,
                     request_deserializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.FromString,
                     response_serializer=metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.SerializeToString,
+            ),
+            'ImportObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportObjects,
+                    request_deserializer=metalake_dot_v1_dot_datalake__pb2.ImportObjectsRequest.FromString,
+                    response_serializer=metalake_dot_v1_dot_datalake__pb2.ImportObjectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1180,6 +1201,33 @@ class DatalakeService:
             '/metalake.v1.DatalakeService/GetThumbnail',
             metalake_dot_v1_dot_datalake__pb2.GetThumbnailRequest.SerializeToString,
             metalake_dot_v1_dot_datalake__pb2.GetThumbnailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/metalake.v1.DatalakeService/ImportObjects',
+            metalake_dot_v1_dot_datalake__pb2.ImportObjectsRequest.SerializeToString,
+            metalake_dot_v1_dot_datalake__pb2.ImportObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

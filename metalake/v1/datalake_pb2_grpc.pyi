@@ -126,6 +126,13 @@ class DatalakeServiceStub:
     orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
     exist or its content cannot be previewed.
     """
+    ImportObjects: _grpc.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]
+    """Registers every object under an s3:// prefix as an item that references the object in
+    place: its bytes are not copied (the server needs read access to the bucket). Running it
+    again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+    vanished ones import_state=vanished. Deleting such an item never deletes the object.
+    Requires the admin role: the server reads with its own credentials.
+    """
 
 @_typing.type_check_only
 class DatalakeServiceAsyncStub(DatalakeServiceStub):
@@ -220,6 +227,13 @@ class DatalakeServiceAsyncStub(DatalakeServiceStub):
     """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
     orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
     exist or its content cannot be previewed.
+    """
+    ImportObjects: _aio.UnaryUnaryMultiCallable[_datalake_pb2.ImportObjectsRequest, _datalake_pb2.ImportObjectsResponse]  # type: ignore[assignment]
+    """Registers every object under an s3:// prefix as an item that references the object in
+    place: its bytes are not copied (the server needs read access to the bucket). Running it
+    again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+    vanished ones import_state=vanished. Deleting such an item never deletes the object.
+    Requires the admin role: the server reads with its own credentials.
     """
 
 class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -462,6 +476,19 @@ class DatalakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """A preview of an item's image: a JPEG of 256 or 1024 px on its long side, upright (EXIF
         orientation applied). Made on the first request and kept; NOT_FOUND when the item does not
         exist or its content cannot be previewed.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportObjects(
+        self,
+        request: _datalake_pb2.ImportObjectsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datalake_pb2.ImportObjectsResponse, _abc.Awaitable[_datalake_pb2.ImportObjectsResponse]]:
+        """Registers every object under an s3:// prefix as an item that references the object in
+        place: its bytes are not copied (the server needs read access to the bucket). Running it
+        again adds new objects, updates the items of changed ones (by ETag) and labels the items of
+        vanished ones import_state=vanished. Deleting such an item never deletes the object.
+        Requires the admin role: the server reads with its own credentials.
         """
 
 def add_DatalakeServiceServicer_to_server(servicer: DatalakeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
