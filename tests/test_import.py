@@ -187,3 +187,30 @@ def test_imported_items_in_datasets_and_similarity(
         s3.put_object(Bucket=name, Key="p/a.jpg", Body=jpeg("NIKON"))
         with pytest.raises(NotFoundError):
             datalake.download_dataset("imported", tmp_path / "again")
+
+
+def test_an_item_registered_in_place_has_no_preview_and_its_object_stays(
+    tmp_path: Path, bucket: tuple[str, Any]
+) -> None:
+    """Imported items carry no sha256 to share previews by, and a preview would read the whole
+    customer object: they answer NOT_FOUND, while an uploaded copy of the same bytes previews."""
+    name, s3 = bucket
+    content = jpeg("Canon")
+    s3.put_object(Bucket=name, Key="p/a.jpg", Body=content)
+    s3.put_object(Bucket=name, Key="p/b.jpg", Body=jpeg("NIKON"))
+    settings = Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0", migrate=True)
+    with serving(settings) as handle, Client(handle.target) as client:
+        datalake = client.get_datalake()
+        datalake.import_objects(f"s3://{name}/p/")
+        imported = {d.filename: d for d in datalake.list_data()}
+        for item in imported.values():
+            with pytest.raises(NotFoundError):
+                datalake.get_thumbnail(item.id, 256)
+        source = tmp_path / "a.jpg"
+        source.write_bytes(content)
+        uploaded = datalake.upload_data(source)
+        assert datalake.get_thumbnail(uploaded.id, 256)[:2] == b"\xff\xd8"
+        for item in imported.values():
+            datalake.delete_data(item.id)
+        assert s3.get_object(Bucket=name, Key="p/a.jpg")["Body"].read() == content
+        assert len(s3.list_objects_v2(Bucket=name, Prefix="p/")["Contents"]) == 2
