@@ -1,10 +1,11 @@
 """Dataset snapshots: immutable, versioned selections of items (after Picsellia's
 DatasetVersion and DVC/lakeFS commits).
 
-Creating a version copies the matching data rows and their tags, in one consistent read, into
-`dataset_items`: the copy is never updated, so a version lists, diffs and exports the same way a
-month later. A frozen item keeps its blob alive (the catalog's `blob_in_use` counts it), so a
-version can still be downloaded after its items were deleted.
+Creating a version copies the matching data rows, their tags and their labels, in one consistent
+read, into `dataset_items`, `dataset_item_tags` and `dataset_item_labels`: the copy is never
+updated, so a version lists, diffs and exports the same way a month later. A frozen item keeps its
+blob alive (the catalog's `blob_in_use` counts it), so a version can still be downloaded after its
+items were deleted.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from metalake.server.errors import InvalidArgumentError, NotFoundError, invalid_
 from metalake.server.filtering import FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import (
+    data_labels_table,
     data_table,
     data_tags_table,
+    dataset_item_labels_table,
     dataset_item_tags_table,
     dataset_items_table,
     dataset_versions_table,
@@ -117,7 +120,8 @@ class Datasets:
         versions = dataset_versions_table.c
         dataset_id = str(uuid.uuid4())
         now = datetime.now(UTC)
-        # One snapshot of the data for the rows and their tags (SQLite: the write lock is held).
+        # One snapshot of the data for the rows, their tags and labels (SQLite: the write lock
+        # is held).
         connection_options: dict[str, Any] = (
             {"isolation_level": "REPEATABLE READ"}
             if self._engine.dialect.name == "postgresql"
@@ -165,6 +169,15 @@ class Datasets:
                     ["dataset_id", "data_id", "tag"],
                     select(items.dataset_id, data_tags_table.c.data_id, data_tags_table.c.tag)
                     .join(dataset_items_table, items.id == data_tags_table.c.data_id)
+                    .where(items.dataset_id == dataset_id),
+                )
+            )
+            labels = data_labels_table.c
+            connection.execute(
+                insert(dataset_item_labels_table).from_select(
+                    ["dataset_id", "data_id", "key", "value"],
+                    select(items.dataset_id, labels.data_id, labels.key, labels.value)
+                    .join(dataset_items_table, items.id == labels.data_id)
                     .where(items.dataset_id == dataset_id),
                 )
             )
@@ -339,7 +352,16 @@ def _frozen(
             .order_by(tag_columns.data_id, tag_columns.tag)
         ):
             tags[data_id].append(tag)
-    return [_row_to_record(row, tuple(tags[row["id"]])) for row in rows]
+    labels: dict[str, dict[str, str]] = {}
+    if rows:
+        label_columns = dataset_item_labels_table.c
+        for data_id, key, value in connection.execute(
+            select(label_columns.data_id, label_columns.key, label_columns.value)
+            .where(label_columns.dataset_id == dataset_id, label_columns.data_id.in_(list(tags)))
+            .order_by(label_columns.data_id, label_columns.key)
+        ):
+            labels.setdefault(data_id, {})[key] = value
+    return [_row_to_record(row, tuple(tags[row["id"]]), labels.get(row["id"])) for row in rows]
 
 
 def _walk(connection: Connection, dataset_id: str, after_id: str) -> Iterator[DataRecord]:

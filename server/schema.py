@@ -192,8 +192,9 @@ event_log_table = Table(
 )
 
 # Dataset snapshots: each version of a named dataset is immutable. Its items are frozen copies of
-# the data rows (same columns) and their tags as they were when the version was created; a blob
-# a frozen item names is kept while the version exists, even after the item is deleted.
+# the data rows (same columns), their tags and their labels as they were when the version was
+# created; a blob a frozen item names is kept while the version exists, even after the item is
+# deleted.
 dataset_versions_table = Table(
     "dataset_versions",
     metadata_obj,
@@ -231,6 +232,21 @@ dataset_item_tags_table = Table(
     Column("dataset_id", String(36), primary_key=True),
     Column("data_id", String(36), primary_key=True),
     Column("tag", Text, primary_key=True),
+    ForeignKeyConstraint(
+        ["dataset_id", "data_id"],
+        ["dataset_items.dataset_id", "dataset_items.id"],
+        ondelete="CASCADE",
+    ),
+)
+
+# The labels of frozen items, as dataset_item_tags holds their tags.
+dataset_item_labels_table = Table(
+    "dataset_item_labels",
+    metadata_obj,
+    Column("dataset_id", String(36), primary_key=True),
+    Column("data_id", String(36), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", Text, nullable=False),
     ForeignKeyConstraint(
         ["dataset_id", "data_id"],
         ["dataset_items.dataset_id", "dataset_items.id"],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_status import rpc_status
 
 from metalake import Client, NotFoundError
@@ -99,6 +100,57 @@ def test_a_manifest_is_byte_identical_after_a_month_of_changes(
         updated = {frozen[day % 12].id for day in range(1, 31)} - deleted
         assert {i for i, c in changes.items() if c == "changed"} == updated
         assert datalake.dataset_manifest("train", 1) == before
+
+
+def test_a_version_freezes_labels_and_diffs_their_changes(server: ServerHandle) -> None:
+    with Client(server.target) as client, grpc.insecure_channel(server.target) as channel:
+        datalake = client.get_datalake()
+        stub = pb_grpc.DatalakeServiceStub(channel)
+        labelled = stub.UploadData(
+            requests(b"labelled", "l.jpg", labels={"split": "train", "annotator": "ann"})
+        ).data
+        plain = upload(stub, b"no labels", "p.jpg")
+        datalake.create_dataset("labels")
+        frozen = {d.id: d.labels for d in datalake.dataset_items("labels", 1)}
+        assert frozen == {labelled.id: {"annotator": "ann", "split": "train"}, plain.id: {}}
+        manifest = datalake.dataset_manifest("labels", 1)
+        lines = {json.loads(line).get("id"): line for line in manifest.decode().splitlines()}
+        # Keys sorted, whatever order they were given in.
+        assert '"labels":{"annotator":"ann","split":"train"}' in lines[labelled.id]
+        assert '"labels":{}' in lines[plain.id]
+
+        # Labels change after the version: it keeps the ones it froze.
+        stub.UpdateMetadata(
+            pb.UpdateMetadataRequest(
+                id=labelled.id,
+                labels={"split": "test", "reviewed": "yes"},
+                update_mask=FieldMask(
+                    paths=["labels.split", "labels.reviewed", "labels.annotator"]
+                ),
+            )
+        )
+        now = {"reviewed": "yes", "split": "test"}
+        assert stub.GetData(pb.GetDataRequest(id=labelled.id)).data.labels == now
+        assert datalake.dataset_manifest("labels", 1) == manifest
+        page = stub.ListDatasetItems(pb.ListDatasetItemsRequest(name="labels", version=1))
+        assert {d.id: dict(d.labels) for d in page.data} == frozen
+        request = pb.DownloadDatasetItemRequest(name="labels", version=1, data_id=labelled.id)
+        first = next(iter(stub.DownloadDatasetItem(request)))
+        assert first.data.labels == {"annotator": "ann", "split": "train"}
+
+        # The next version freezes today's labels; the diff names the label change.
+        datalake.create_dataset("labels")
+        assert {d.id: d.labels for d in datalake.dataset_items("labels", 2)} == {
+            labelled.id: now,
+            plain.id: {},
+        }
+        (entry,) = stub.DiffDatasets(
+            pb.DiffDatasetsRequest(name="labels", from_version=1, to_version=2)
+        ).entries
+        assert (entry.change, entry.data_id) == (pb.DATASET_CHANGE_CHANGED, labelled.id)
+        assert entry.before.labels == {"annotator": "ann", "split": "train"}
+        assert entry.after.labels == now
+        assert datalake.dataset_manifest("labels", 1) == manifest
 
 
 def test_deleting_an_item_keeps_its_bytes_only_while_a_version_holds_them(
