@@ -280,3 +280,23 @@ async def test_distinct_values_walk_the_index_in_order(catalog: SqlCatalog) -> N
     assert await catalog.distinct_values("nobody", "manufacturer", 30) == []
     with pytest.raises(ValueError, match="index"):
         await catalog.distinct_values(ORG, "weather", 30)
+
+
+async def test_distinct_tags_and_labels_never_cross_organizations(catalog: SqlCatalog) -> None:
+    await catalog.add(record(tags=("sunny", "rig"), labels={"rig": "r2", "site": "north"}))
+    await catalog.add(record(tags=("sunny",), labels={"rig": "r1"}))
+    # Another organization's tags sort before, between and after ours, and share one.
+    await catalog.add(
+        record(org="other", tags=("alpha", "secret", "sunny", "zulu"), labels={"rig": "r9"})
+    )
+    assert await catalog.distinct_values(ORG, "tags", 30) == ["rig", "sunny"]
+    assert await catalog.distinct_values(ORG, "tags", 1) == ["rig"]
+    theirs = ["alpha", "secret", "sunny", "zulu"]
+    assert await catalog.distinct_values("other", "tags", 30) == theirs
+    assert await catalog.distinct_values("nobody", "tags", 30) == []
+    assert await catalog.distinct_values(ORG, "labels", 30) == ["rig", "site"]
+    assert await catalog.distinct_values(ORG, "labels.rig", 30) == ["r1", "r2"]
+    assert await catalog.distinct_values(ORG, "labels.rig", 1) == ["r1"]
+    assert await catalog.distinct_values("other", "labels.rig", 30) == ["r9"]
+    assert await catalog.distinct_values(ORG, "labels.site", 30) == ["north"]
+    assert await catalog.distinct_values(ORG, "labels.none", 30) == []
