@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 
 from metalake.server.catalog import DataRecord, SqlCatalog, ThumbnailRecord
@@ -215,6 +217,37 @@ async def test_the_migrations_build_exactly_the_declared_schema(catalog_url: str
         differences = compare_metadata(MigrationContext.configure(connection), metadata_obj)
     engine.dispose()
     assert differences == []
+
+
+async def test_the_tag_facets_migration_gives_existing_tags_their_items_org(
+    catalog_url: str,
+) -> None:
+    engine = sqlalchemy.create_engine(engine_url(catalog_url))
+    with engine.begin() as connection:
+        config = AlembicConfig()
+        config.set_main_option("script_location", "metalake.server:migrations")
+        config.attributes["connection"] = connection
+        alembic_command.upgrade(config, "0006_labels")
+        for number, org in enumerate(["acme", "other"]):
+            connection.execute(
+                sqlalchemy.text(
+                    "INSERT INTO data (id, org, filename, size, sha256, content_type, blob_key,"
+                    " created_at, updated_at, metadata_sources, revision)"
+                    " VALUES (:id, :org, 'a', 1, 'x', 't', 'k', :n, :n, '{}', 1)"
+                ),
+                {"id": f"item-{org}", "org": org, "n": number},
+            )
+            connection.execute(
+                sqlalchemy.text("INSERT INTO data_tags (data_id, tag) VALUES (:id, :tag)"),
+                [{"id": f"item-{org}", "tag": f"{org}-tag"}, {"id": f"item-{org}", "tag": "both"}],
+            )
+    engine.dispose()
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    try:
+        assert await catalog.distinct_values("acme", "tags", 30) == ["acme-tag", "both"]
+        assert await catalog.distinct_values("other", "tags", 30) == ["both", "other-tag"]
+    finally:
+        await catalog.close()
 
 
 def test_an_empty_catalog_is_not_migrated_unless_asked(catalog_url: str) -> None:
