@@ -78,7 +78,7 @@ def rows(count: int, seed: int = 7) -> tuple[Rows, Rows, Rows]:
             }
         )
         for tag in rng.sample(TAGS, rng.choice([1, 2])):
-            tags.append({"data_id": item_id, "tag": tag})
+            tags.append({"data_id": item_id, "tag": tag, "org": ORG})
         owner = {"data_id": item_id, "org": ORG, "created_at": start + i * 1000}
         labels.append({**owner, "key": "rig", "value": rng.choice(RIGS)})
         if rng.random() < 0.3:
@@ -99,9 +99,9 @@ def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
                 with cursor.copy(f"COPY data ({', '.join(columns)}) FROM STDIN") as copy:
                     for item in items:
                         copy.write_row([item.get(c) for c in columns])
-                with cursor.copy("COPY data_tags (data_id, tag) FROM STDIN") as copy:
+                with cursor.copy("COPY data_tags (data_id, tag, org) FROM STDIN") as copy:
                     for tag in tags:
-                        copy.write_row([tag["data_id"], tag["tag"]])
+                        copy.write_row([tag["data_id"], tag["tag"], tag["org"]])
                 names = ("data_id", "key", "value", "org", "created_at")
                 with cursor.copy(f"COPY data_labels ({', '.join(names)}) FROM STDIN") as copy:
                     for label in labels:
@@ -114,7 +114,10 @@ def load(url: str, items: Rows, tags: Rows, labels: Rows) -> None:
             for start in range(0, len(full), 50_000):
                 connection.execute(data_table.insert(), full[start : start + 50_000])
             connection.execute(
-                sqlalchemy.text("INSERT INTO data_tags VALUES (:data_id, :tag)"), tags
+                sqlalchemy.text(
+                    "INSERT INTO data_tags (data_id, tag, org) VALUES (:data_id, :tag, :org)"
+                ),
+                tags,
             )
             connection.execute(
                 sqlalchemy.text(

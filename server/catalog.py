@@ -50,7 +50,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement
+from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement, TextClause
 
 from metalake.labels import MAX_LABELS
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
@@ -643,25 +643,24 @@ class SqlCatalog:
         A loose index scan (one index seek per value, a recursive query both engines run), so
         that it costs the number of values, not the number of items.
         """
-        if field not in FACET_FIELDS:
+        if field == "tags":
+            statement = _DISTINCT_TAGS
+            params: dict[str, object] = {"org": org, "limit": limit}
+        elif field == "labels":
+            statement = _DISTINCT_LABEL_KEYS
+            params = {"org": org, "limit": limit}
+        elif field.startswith("labels."):
+            statement = _DISTINCT_LABEL_VALUES
+            params = {"org": org, "key": field.removeprefix("labels."), "limit": limit}
+        elif field in FACET_FIELDS:
+            statement = _distinct_field(field)
+            params = {"org": org, "limit": limit}
+        else:
             raise ValueError(f"{field} has no index to read distinct values from")
-        # `field` is one of FACET_FIELDS (checked above), never user text.
-        statement = text(
-            f"""
-            WITH RECURSIVE found(value, n) AS (
-                SELECT (SELECT MIN({field}) FROM data WHERE org = :org), 1
-                UNION ALL
-                SELECT (SELECT MIN({field}) FROM data WHERE org = :org AND {field} > found.value),
-                       n + 1
-                FROM found WHERE found.value IS NOT NULL AND n < :limit
-            )
-            SELECT value FROM found WHERE value IS NOT NULL
-            """
-        )
 
         def work() -> list[str]:
             with self._engine.connect() as connection:
-                rows = connection.execute(statement, {"org": org, "limit": limit})
+                rows = connection.execute(statement, params)
                 return [value for (value,) in rows]
 
         return await self._run(work)
@@ -966,7 +965,7 @@ class SqlCatalog:
         # executemany needs every row to name the same columns.
         rows = [_DATA_ROW | _record_to_row(record) for record in records]
         self._bulk(_INSERT_DATA).run(connection, rows)
-        tags = [{"data_id": r.id, "tag": tag} for r in records for tag in r.tags]
+        tags = [{"data_id": r.id, "tag": tag, "org": r.org} for r in records for tag in r.tags]
         if tags:
             self._bulk(_INSERT_TAGS).run(connection, tags)
         labels = [
@@ -1259,6 +1258,63 @@ class SqlCatalog:
                 tags[data_id].append(tag)
         labels = _labels_of(connection, data_labels_table.c.data_id, list(tags)) if rows else {}
         return [_row_to_record(row, tuple(tags[row["id"]]), labels.get(row["id"])) for row in rows]
+
+
+def _distinct_field(field: str) -> TextClause:
+    """The loose index scan over (org, field): one index seek per distinct value."""
+    # `field` is one of FACET_FIELDS (checked by the caller), never user text.
+    return text(
+        f"""
+        WITH RECURSIVE found(value, n) AS (
+            SELECT (SELECT MIN({field}) FROM data WHERE org = :org), 1
+            UNION ALL
+            SELECT (SELECT MIN({field}) FROM data WHERE org = :org AND {field} > found.value),
+                   n + 1
+            FROM found WHERE found.value IS NOT NULL AND n < :limit
+        )
+        SELECT value FROM found WHERE value IS NOT NULL
+        """
+    )
+
+
+# Labels: the index (org, key, ...) gives the keys, (org, key, value, ...) the values of one key,
+# each by one seek per distinct key or value.
+_DISTINCT_LABEL_KEYS = text(
+    """
+    WITH RECURSIVE found(value, n) AS (
+        SELECT (SELECT MIN(key) FROM data_labels WHERE org = :org), 1
+        UNION ALL
+        SELECT (SELECT MIN(key) FROM data_labels WHERE org = :org AND key > found.value), n + 1
+        FROM found WHERE found.value IS NOT NULL AND n < :limit
+    )
+    SELECT value FROM found WHERE value IS NOT NULL
+    """
+)
+_DISTINCT_LABEL_VALUES = text(
+    """
+    WITH RECURSIVE found(value, n) AS (
+        SELECT (SELECT MIN(value) FROM data_labels WHERE org = :org AND key = :key), 1
+        UNION ALL
+        SELECT (SELECT MIN(value) FROM data_labels
+                WHERE org = :org AND key = :key AND value > found.value),
+               n + 1
+        FROM found WHERE found.value IS NOT NULL AND n < :limit
+    )
+    SELECT value FROM found WHERE value IS NOT NULL
+    """
+)
+# Tags: the same walk over data_tags' (org, tag) index.
+_DISTINCT_TAGS = text(
+    """
+    WITH RECURSIVE found(value, n) AS (
+        SELECT (SELECT MIN(tag) FROM data_tags WHERE org = :org), 1
+        UNION ALL
+        SELECT (SELECT MIN(tag) FROM data_tags WHERE org = :org AND tag > found.value), n + 1
+        FROM found WHERE found.value IS NOT NULL AND n < :limit
+    )
+    SELECT value FROM found WHERE value IS NOT NULL
+    """
+)
 
 
 # Text fields with an index led by (org, field): their distinct values are cheap to list.

@@ -558,12 +558,17 @@ class Datalake:
         return Download(record, chunks)
 
     async def facet(self, org: str, field: str, limit: int = 30) -> tuple[str, ...]:
-        """Distinct values of an indexed field (manufacturer, reference, custom_id), in order,
-        at most `limit`: what the console offers as quick filters. Never counts items."""
-        if field not in FACET_FIELDS:
-            raise invalid_field(
-                "field", f"must be one of {', '.join(sorted(FACET_FIELDS))}, got {field!r}"
-            )
+        """Distinct values of an indexed field (manufacturer, reference, custom_id), of the
+        organization's tags ("tags"), label keys ("labels") or the values of one label key
+        ("labels.KEY"), in order, at most `limit`: what the console offers as quick filters.
+        An index walk that never counts items."""
+        if field.startswith("labels."):
+            problem = label_rules.check_key(field.removeprefix("labels."))
+            if problem:
+                raise invalid_field("field", problem)
+        elif field not in FACET_FIELDS and field not in ("tags", "labels"):
+            choices = ", ".join([*sorted(FACET_FIELDS), "tags", "labels", "labels.KEY"])
+            raise invalid_field("field", f"must be one of {choices}, got {field!r}")
         if not 1 <= limit <= 1000:
             raise invalid_field("limit", f"must be within [1, 1000], got {limit}")
         return tuple(await self.catalog.distinct_values(org, field, limit))

@@ -86,7 +86,11 @@ data_tags_table = Table(
     metadata_obj,
     Column("data_id", String(36), ForeignKey("data.id", ondelete="CASCADE"), primary_key=True),
     Column("tag", Text, primary_key=True),
+    # The item's org, copied here (an item never changes org) so that the distinct tags of one
+    # organization are an index walk over (org, tag): one seek per tag (the console's facets).
+    Column("org", String(64), nullable=False),
     Index("ix_data_tags_tag", "tag", "data_id"),
+    Index("ix_data_tags_org_tag", "org", "tag"),
 )
 
 # Previews of items (server/thumbnails.py), made on first request and kept: one row per item and

@@ -20,6 +20,7 @@ Routes (docs/api.md, "HTTP"):
     GET   /v1/data/{id}/thumbnail?size=256
     GET   /v1/watch?filter=              Server-Sent Events from WatchData's change log
     GET   /v1/facets/{field}?limit=30    distinct manufacturer / reference / custom_id values
+                                         tags, label keys (labels), values of labels.KEY
 """
 
 from __future__ import annotations

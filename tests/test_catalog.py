@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 
 from metalake.server.catalog import DataRecord, SqlCatalog, ThumbnailRecord
@@ -217,6 +219,37 @@ async def test_the_migrations_build_exactly_the_declared_schema(catalog_url: str
     assert differences == []
 
 
+async def test_the_tag_facets_migration_gives_existing_tags_their_items_org(
+    catalog_url: str,
+) -> None:
+    engine = sqlalchemy.create_engine(engine_url(catalog_url))
+    with engine.begin() as connection:
+        config = AlembicConfig()
+        config.set_main_option("script_location", "metalake.server:migrations")
+        config.attributes["connection"] = connection
+        alembic_command.upgrade(config, "0007_dataset_labels")
+        for number, org in enumerate(["acme", "other"]):
+            connection.execute(
+                sqlalchemy.text(
+                    "INSERT INTO data (id, org, filename, size, sha256, content_type, blob_key,"
+                    " created_at, updated_at, metadata_sources, revision)"
+                    " VALUES (:id, :org, 'a', 1, 'x', 't', 'k', :n, :n, '{}', 1)"
+                ),
+                {"id": f"item-{org}", "org": org, "n": number},
+            )
+            connection.execute(
+                sqlalchemy.text("INSERT INTO data_tags (data_id, tag) VALUES (:id, :tag)"),
+                [{"id": f"item-{org}", "tag": f"{org}-tag"}, {"id": f"item-{org}", "tag": "both"}],
+            )
+    engine.dispose()
+    catalog = SqlCatalog.open(catalog_url, migrate=True)
+    try:
+        assert await catalog.distinct_values("acme", "tags", 30) == ["acme-tag", "both"]
+        assert await catalog.distinct_values("other", "tags", 30) == ["both", "other-tag"]
+    finally:
+        await catalog.close()
+
+
 def test_an_empty_catalog_is_not_migrated_unless_asked(catalog_url: str) -> None:
     with pytest.raises(SchemaError, match="metalake migrate"):
         SqlCatalog.open(catalog_url)
@@ -280,3 +313,23 @@ async def test_distinct_values_walk_the_index_in_order(catalog: SqlCatalog) -> N
     assert await catalog.distinct_values("nobody", "manufacturer", 30) == []
     with pytest.raises(ValueError, match="index"):
         await catalog.distinct_values(ORG, "weather", 30)
+
+
+async def test_distinct_tags_and_labels_never_cross_organizations(catalog: SqlCatalog) -> None:
+    await catalog.add(record(tags=("sunny", "rig"), labels={"rig": "r2", "site": "north"}))
+    await catalog.add(record(tags=("sunny",), labels={"rig": "r1"}))
+    # Another organization's tags sort before, between and after ours, and share one.
+    await catalog.add(
+        record(org="other", tags=("alpha", "secret", "sunny", "zulu"), labels={"rig": "r9"})
+    )
+    assert await catalog.distinct_values(ORG, "tags", 30) == ["rig", "sunny"]
+    assert await catalog.distinct_values(ORG, "tags", 1) == ["rig"]
+    theirs = ["alpha", "secret", "sunny", "zulu"]
+    assert await catalog.distinct_values("other", "tags", 30) == theirs
+    assert await catalog.distinct_values("nobody", "tags", 30) == []
+    assert await catalog.distinct_values(ORG, "labels", 30) == ["rig", "site"]
+    assert await catalog.distinct_values(ORG, "labels.rig", 30) == ["r1", "r2"]
+    assert await catalog.distinct_values(ORG, "labels.rig", 1) == ["r1"]
+    assert await catalog.distinct_values("other", "labels.rig", 30) == ["r9"]
+    assert await catalog.distinct_values(ORG, "labels.site", 30) == ["north"]
+    assert await catalog.distinct_values(ORG, "labels.none", 30) == []

@@ -163,6 +163,38 @@ def test_filter_and_a_bad_filter_shown_where_it_is_wrong(console: Console, tmp_p
     assert page.input_value("#filter") == 'manufacturer = "Nikon"'
 
 
+def test_tag_and_label_facets_from_the_server_narrow_the_grid(
+    console: Console, tmp_path: Path
+) -> None:
+    datalake = console.client.get_datalake()
+    north = datalake.upload_data(
+        photo(tmp_path, "n.jpg"), tags=["field", "dawn"], labels={"site": "north", "rig": "r1"}
+    )
+    datalake.upload_data(photo(tmp_path, "s.jpg"), tags=["field"], labels={"site": "south"})
+    datalake.upload_data(photo(tmp_path, "u.jpg"))
+    open_grid(console)
+    page = console.page
+    expect(page.locator("#grid .card")).to_have_count(3)
+    expect(page.locator("#facet-tags button")).to_have_text(["dawn", "field"])
+    keys = page.locator("#facet-labels .label-key")
+    expect(keys.locator(".key")).to_have_text(["rig", "site"])
+    site = page.locator('#facet-labels .label-key[data-key="site"] button')
+    expect(site).to_have_text(["north", "south"])
+    console.screenshot("label-facets")
+
+    site.filter(has_text="north").click()
+    expect(page.locator("#grid .card")).to_have_count(1)
+    assert page.locator("#grid .card").get_attribute("data-id") == north.id
+    assert page.input_value("#filter") == 'labels.site = "north"'
+
+    page.fill("#filter", "")
+    page.press("#filter", "Enter")
+    expect(page.locator("#grid .card")).to_have_count(3)
+    page.locator("#facet-tags button", has_text="field").click()
+    expect(page.locator("#grid .card")).to_have_count(2)
+    assert page.input_value("#filter") == 'tags:"field"'
+
+
 def test_open_edit_and_download_an_item(console: Console, tmp_path: Path) -> None:
     path = photo(tmp_path, "field.jpg")
     datalake = console.client.get_datalake()
@@ -207,12 +239,17 @@ def test_untrusted_names_and_values_stay_text(console: Console, tmp_path: Path) 
         path,
         metadata={"weather": weather, "manufacturer": '"><svg onload=alert(2)>'},
         tags=["<b onmouseover=alert(3)>t</b>"],
+        labels={"k": "<i onmouseover=alert(4)>v</i>"},
     )
     assert data.filename == name
     page = console.page
     open_grid(console)
     page.locator(f'.card[data-id="{data.id}"]').wait_for()
     assert page.locator(".card .name").text_content() == name
+    expect(page.locator("#facet-tags button")).to_have_text("<b onmouseover=alert(3)>t</b>")
+    expect(page.locator("#facet-labels button")).to_have_text("<i onmouseover=alert(4)>v</i>")
+    assert page.locator("b").count() == 0
+    assert page.locator("i").count() == 0
     page.goto(f"{console.url}#/item/{data.id}")
     expect(page.locator("#item-fields")).to_contain_text(weather)
     assert page.locator("#item-title").text_content() == name
@@ -228,6 +265,7 @@ def test_untrusted_names_and_values_stay_text(console: Console, tmp_path: Path) 
         assert page.locator("img[src=x]").count() == 0
         assert page.locator("svg").count() == 0
         assert page.locator("b").count() == 0
+        assert page.locator("i").count() == 0
         scripts = page.eval_on_selector_all("script", "s => s.map(x => x.src || x.textContent)")
         assert scripts == [f"{console.url}console/app.js"]
     assert console.dialogs == []

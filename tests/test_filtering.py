@@ -208,7 +208,11 @@ def _stock(engine: Engine) -> None:
         )
         connection.execute(
             insert(data_tags_table),
-            [{"data_id": name, "tag": tag} for name, (_, tags) in ITEMS.items() for tag in tags],
+            [
+                {"data_id": name, "tag": tag, "org": ORG}
+                for name, (_, tags) in ITEMS.items()
+                for tag in tags
+            ],
         )
 
 

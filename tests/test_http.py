@@ -27,7 +27,7 @@ from tests.conftest import ServerHandle, serving
 from tests.tcpproxy import TcpProxy
 from tests.test_auth import _certificate, _pem
 from tests.test_outages import _catalog_settings
-from tests.test_service import upload
+from tests.test_service import requests, upload
 from tests.test_thumbnails import on_server
 
 
@@ -106,6 +106,47 @@ def test_facets_list_distinct_values_without_counting(web: Web) -> None:
     unknown = web.http.get("/v1/facets/weather")
     assert unknown.status_code == 400
     assert violations_of(unknown)[0]["field"] == "field"
+
+
+def test_facets_of_tags_and_labels_stay_in_the_callers_organization(web: Web) -> None:
+    tokens = web.handle.running.tokens
+    ours = on_server(web.handle, tokens.create("default", Role.WRITE)).secret
+    theirs = on_server(web.handle, tokens.create("other", Role.WRITE)).secret
+
+    def put(token: str, name: str, tags: list[str], labels: dict[str, str]) -> None:
+        web.stub.UploadData(
+            requests(name.encode(), filename=name, tags=tags, labels=labels),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+
+    put(ours, "a.txt", ["sunny", "rig"], {"rig": "r2", "site": "north"})
+    put(ours, "b.txt", ["sunny"], {"rig": "r1"})
+    put(ours, "c.txt", [], {"rig": "r2"})
+    # The other organization's tags sort before, between and after ours.
+    put(theirs, "d.txt", ["alpha", "secret", "zulu"], {"rig": "r9", "owner": "them"})
+
+    def facet(token: str, field: str, **params: int) -> httpx.Response:
+        return web.http.get(
+            f"/v1/facets/{field}", params=params, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    assert facet(ours, "tags").json() == {"values": ["rig", "sunny"]}
+    assert facet(ours, "tags", limit=1).json() == {"values": ["rig"]}
+    assert facet(ours, "labels").json() == {"values": ["rig", "site"]}
+    assert facet(ours, "labels.rig").json() == {"values": ["r1", "r2"]}
+    assert facet(ours, "labels.owner").json() == {"values": []}
+    assert facet(theirs, "tags").json() == {"values": ["alpha", "secret", "zulu"]}
+    assert facet(theirs, "labels").json() == {"values": ["owner", "rig"]}
+    assert facet(theirs, "labels.rig").json() == {"values": ["r9"]}
+
+    bad = facet(ours, "labels.no-dash")
+    assert bad.status_code == 400
+    assert error_of(bad)["status"] == "INVALID_ARGUMENT"
+    assert violations_of(bad)[0]["field"] == "field"
+    assert "label key" in str(violations_of(bad)[0]["description"])
+    assert facet(ours, "labels.").status_code == 400
+    assert violations_of(facet(ours, "tags", limit=0))[0]["field"] == "limit"
+    assert web.http.get("/v1/facets/tags").status_code == 401
 
 
 def test_a_bad_filter_says_where_as_grpc_does(web: Web) -> None:

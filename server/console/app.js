@@ -28,7 +28,7 @@ const state = {
   generation: 0, // bumps on every new query: late answers of an old one are dropped
   watch: null,
   shown: new Set(),
-  facets: { manufacturer: new Map(), tags: new Map() },
+  facets: { manufacturer: new Set(), tags: new Set(), labels: new Map() }, // labels: key -> Set of values
 };
 
 class ApiError extends Error {
@@ -183,6 +183,7 @@ function resetGrid() {
   state.shown.clear();
   state.facets.manufacturer.clear();
   state.facets.tags.clear();
+  state.facets.labels.clear();
   $("grid").replaceChildren();
   $("end").hidden = true;
   renderFacets();
@@ -198,36 +199,65 @@ function card(data) {
   return link;
 }
 
-function countFacets(data) {
-  for (const tag of data.tags || []) state.facets.tags.set(tag, (state.facets.tags.get(tag) || 0) + 1);
+// Facets: distinct manufacturers, tags, label keys and the values of each key in the whole
+// datalake, from the server (index walks, no counts); items arriving live add theirs.
+const FACET_LIMIT = 30;
+const LABEL_KEYS = 10;
+const LABEL_VALUES = 10;
+
+function addFacets(data) {
+  const manufacturer = data.metadata?.manufacturer;
+  if (manufacturer) state.facets.manufacturer.add(manufacturer);
+  for (const tag of data.tags || []) state.facets.tags.add(tag);
+  for (const [key, value] of Object.entries(data.labels || {})) {
+    if (!state.facets.labels.has(key)) state.facets.labels.set(key, new Set());
+    state.facets.labels.get(key).add(value);
+  }
 }
 
-// Manufacturers: every distinct value in the datalake, from the server (an index walk, no count).
-async function loadManufacturers() {
+async function loadFacets() {
   const generation = state.generation;
+  const values = async (field, limit) => (await api(`/v1/facets/${field}?limit=${limit}`)).values;
   try {
-    const { values } = await api("/v1/facets/manufacturer?limit=30");
+    const [manufacturers, tags, keys] = await Promise.all([
+      values("manufacturer", FACET_LIMIT), values("tags", FACET_LIMIT), values("labels", LABEL_KEYS),
+    ]);
+    const labels = await Promise.all(keys.map((key) => values(`labels.${key}`, LABEL_VALUES)));
     if (generation !== state.generation) return;
-    state.facets.manufacturer = new Map(values.map((value) => [value, null]));
+    manufacturers.forEach((value) => state.facets.manufacturer.add(value));
+    tags.forEach((value) => state.facets.tags.add(value));
+    keys.forEach((key, i) => {
+      if (!state.facets.labels.has(key)) state.facets.labels.set(key, new Set());
+      labels[i].forEach((value) => state.facets.labels.get(key).add(value));
+    });
     renderFacets();
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
   }
 }
 
+function facetList(values, term) {
+  return [...values].sort().slice(0, FACET_LIMIT).map((value) => {
+    const button = element("button", { type: "button" }, value);
+    button.addEventListener("click", () => narrow(term(value)));
+    const item = element("li");
+    item.append(button);
+    return item;
+  });
+}
+
 function renderFacets() {
-  const render = (list, counts, field) => {
-    const top = [...counts.entries()].sort((a, b) => (b[1] ?? 0) - (a[1] ?? 0)).slice(0, 30);
-    list.replaceChildren(...top.map(([value, count]) => {
-      const item = element("li");
-      const button = element("button", { type: "button" }, count === null ? value : `${value} (${count})`);
-      button.addEventListener("click", () => narrow(field === "tags" ? `tags:${quoted(value)}` : `${field} = ${quoted(value)}`));
-      item.append(button);
-      return item;
-    }));
-  };
-  render($("facet-manufacturer"), state.facets.manufacturer, "manufacturer");
-  render($("facet-tags"), state.facets.tags, "tags");
+  $("facet-manufacturer").replaceChildren(...facetList(state.facets.manufacturer, (v) => `manufacturer = ${quoted(v)}`));
+  $("facet-tags").replaceChildren(...facetList(state.facets.tags, (v) => `tags:${quoted(v)}`));
+  // Keys are letters, digits and "_" (the server checks): `labels.KEY` is a field name as is.
+  const keys = [...state.facets.labels.keys()].sort().slice(0, FACET_LIMIT);
+  $("facet-labels").replaceChildren(...keys.map((key) => {
+    const item = element("li", { class: "label-key", "data-key": key });
+    const values = element("ul");
+    values.append(...facetList(state.facets.labels.get(key), (v) => `labels.${key} = ${quoted(v)}`));
+    item.append(element("span", { class: "key" }, key), values);
+    return item;
+  }));
 }
 
 async function loadPage() {
@@ -244,11 +274,9 @@ async function loadPage() {
     for (const data of page.data) {
       if (state.shown.has(data.id)) continue;
       state.shown.add(data.id);
-      countFacets(data);
       cards.push(card(data));
     }
     $("grid").append(...cards);
-    renderFacets();
     state.nextToken = page.next_page_token;
     state.done = !page.next_page_token;
     $("end").hidden = !state.done;
@@ -327,9 +355,7 @@ function onChange(kind, data) {
     state.shown.delete(data.id);
   } else if (kind === "created" && !existing) {
     state.shown.add(data.id);
-    countFacets(data);
-    const manufacturer = data.metadata?.manufacturer;
-    if (manufacturer && !state.facets.manufacturer.has(manufacturer)) state.facets.manufacturer.set(manufacturer, null);
+    addFacets(data);
     renderFacets();
     const fresh = card(data);
     fresh.classList.add("new");
@@ -579,7 +605,7 @@ async function route() {
   if (filter !== state.filter || !state.shown.size || !state.watch) {
     state.filter = filter;
     resetGrid();
-    loadManufacturers();
+    loadFacets();
     watch(filter);
   }
   loadPage();
