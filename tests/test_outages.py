@@ -362,10 +362,9 @@ def test_the_sdk_watch_reopens_after_its_resume_token_once_the_catalog_is_back(
         assert seen == [*uploaded[len(uploaded) - len(seen) + 1 :], "second"]
 
 
-def test_the_sdk_resumes_a_download_that_broke_mid_stream(
-    running_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    content = os.urandom(3 * 256 * 1024 + 5)
+def _break_the_next_read_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Local blob reads fail once, like a dropped bucket connection, after their first chunk;
+    the returned list gets the offset where the stream broke."""
     original = LocalBlobStore.read
     broken: list[int] = []
 
@@ -380,13 +379,21 @@ def test_the_sdk_resumes_a_download_that_broke_mid_stream(
             sent += len(chunk)
             yield chunk
 
+    monkeypatch.setattr(LocalBlobStore, "read", breaks_once)
+    return broken
+
+
+def test_the_sdk_resumes_a_download_that_broke_mid_stream(
+    running_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    content = os.urandom(3 * 256 * 1024 + 5)
     with Client(running_server.target) as client:
         datalake = client.get_datalake()
         (tmp_path / "files").mkdir()
         source = tmp_path / "files" / "big.bin"
         source.write_bytes(content)
         stored = datalake.upload_data(source)
-        monkeypatch.setattr(LocalBlobStore, "read", breaks_once)
+        broken = _break_the_next_read_once(monkeypatch)
         target = datalake.download_data(stored.id, tmp_path / "files" / "copy.bin")
     assert broken == [256 * 1024]  # the stream did break, after one chunk
     assert target.read_bytes() == content
@@ -465,27 +472,13 @@ def test_the_sdk_resumes_a_dataset_download_that_broke_mid_stream(
     running_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     content = os.urandom(3 * 256 * 1024 + 5)
-    original = LocalBlobStore.read
-    broken: list[int] = []
-
-    async def breaks_once(
-        self: LocalBlobStore, key: str, *, offset: int = 0, chunk_size: int
-    ) -> AsyncIterator[bytes]:
-        sent = 0
-        async for chunk in original(self, key, offset=offset, chunk_size=chunk_size):
-            if not broken and sent >= chunk_size:
-                broken.append(offset + sent)
-                raise EndpointConnectionError(endpoint_url="http://bucket.invalid")
-            sent += len(chunk)
-            yield chunk
-
     with Client(running_server.target) as client:
         datalake = client.get_datalake()
         source = tmp_path / "big.bin"
         source.write_bytes(content)
         stored = datalake.upload_data(source)
         datalake.create_dataset("big")
-        monkeypatch.setattr(LocalBlobStore, "read", breaks_once)
+        broken = _break_the_next_read_once(monkeypatch)
         written = datalake.download_dataset("big", tmp_path / "out")
     assert broken == [256 * 1024]  # the stream did break, after one chunk
     assert [(data.id, path.read_bytes()) for data, path in written] == [(stored.id, content)]
