@@ -24,7 +24,7 @@ from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.datadir import DataDirectoryLock
-from metalake.server.datalake import Datalake, Limits
+from metalake.server.datalake import DatalakeCore, Limits
 from metalake.server.datasets import Datasets
 from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
@@ -52,7 +52,7 @@ SERVICE_NAME = datalake_pb2.DESCRIPTOR.services_by_name["DatalakeService"].full_
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    datalake: Datalake
+    datalake: DatalakeCore
     health: health_aio.HealthServicer
     tokens: Tokens
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -103,7 +103,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.data_dir)
 
 
-def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datalake:
+def build_datalake(settings: Settings, *, migrate: bool | None = None) -> DatalakeCore:
     """The datalake on the configured catalog and blob store; `migrate` overrides the
     settings' choice (workers do not migrate: their supervisor did)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datala
     catalog = SqlCatalog.open(
         catalog_url, migrate=migrate_by_default if migrate is None else migrate
     )
-    return Datalake(
+    return DatalakeCore(
         catalog,
         open_blob_store(settings),
         extractor=load_extractor(),
@@ -293,7 +293,7 @@ def _discard_leftovers(settings: Settings, blobs: BlobStore) -> DataDirectoryLoc
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def _collect_garbage(datalake: Datalake, interval: float, orphan_age: timedelta) -> None:
+async def _collect_garbage(datalake: DatalakeCore, interval: float, orphan_age: timedelta) -> None:
     """At start-up, then every `interval` seconds: expired uploads, orphaned blobs."""
     while True:
         try:

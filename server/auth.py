@@ -25,7 +25,7 @@ import grpc
 
 from metalake.server.calls import Behaviour, Handler, abort, rebuild_handler, status
 from metalake.server.catalog import Catalog, TokenRecord
-from metalake.server.errors import UnavailableError
+from metalake.server.errors import Unavailable
 from metalake.server.faults import backend_fault
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             log.warning("%s: %s (%s: %s)", method, fault, type(error).__name__, error)
             code = (
                 grpc.StatusCode.UNAVAILABLE
-                if isinstance(fault, UnavailableError)
+                if isinstance(fault, Unavailable)
                 else grpc.StatusCode.RESOURCE_EXHAUSTED
             )
             return _refusal(handler, code, str(fault), retry_after=fault.retry_after)

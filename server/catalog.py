@@ -55,9 +55,9 @@ from sqlalchemy.sql.elements import AsBoolean, BooleanClauseList, ColumnElement,
 from metalake.labels import MAX_LABELS
 from metalake.metadata import FIELDS, FLOAT_FIELDS, MetadataDict
 from metalake.server.errors import (
-    ConflictError,
-    NotFoundError,
-    ResourceExhaustedError,
+    EtagMismatch,
+    LimitReached,
+    NotFound,
     invalid_field,
 )
 from metalake.server.faults import backend_fault
@@ -411,7 +411,7 @@ class SqlCatalog:
                     .first()
                 )
                 if row is None:
-                    raise NotFoundError(record.id)
+                    raise NotFound(record.id)
                 changes = {
                     k: v
                     for k, v in _record_to_row(record).items()
@@ -591,7 +591,7 @@ class SqlCatalog:
 
     async def add_thumbnail(self, record: ThumbnailRecord) -> ThumbnailRecord:
         """Record a preview and count its bytes in the organization's usage; the one recorded
-        first wins. NotFoundError when the item is gone (deleted meanwhile)."""
+        first wins. NotFound when the item is gone (deleted meanwhile)."""
 
         def work() -> ThumbnailRecord:
             t = thumbnails_table.c
@@ -600,7 +600,7 @@ class SqlCatalog:
                     select(data_table.c.id).where(_item(record.org, record.data_id))
                 ).first()
                 if item is None:
-                    raise NotFoundError(record.data_id)
+                    raise NotFound(record.data_id)
                 dialect_insert = (
                     postgresql_insert
                     if self._engine.dialect.name == "postgresql"
@@ -953,7 +953,7 @@ class SqlCatalog:
         for index in indexes:
             record = items[index].record
             if len(indexes) == 1 or not count(record.size):
-                outcomes[index] = ResourceExhaustedError(
+                outcomes[index] = LimitReached(
                     f"storing {record.size} bytes would exceed the storage quota of "
                     f"organization {record.org!r}"
                 )
@@ -1029,7 +1029,7 @@ class SqlCatalog:
                 connection.execute(select(data_table).where(_item(org, data_id))).mappings().first()
             )
             if row is None:
-                raise NotFoundError(data_id)
+                raise NotFound(data_id)
             return self._records(connection, [row])[0]
 
     def _list(self, org: str, query: ListQuery) -> Page:
@@ -1088,7 +1088,7 @@ class SqlCatalog:
                 .first()
             )
             if row is None:
-                raise NotFoundError(data_id)
+                raise NotFound(data_id)
             _check_etag(row, etag)
             sources = json.loads(row["metadata_sources"])
             changes: dict[str, Any] = {}
@@ -1121,7 +1121,7 @@ class SqlCatalog:
                 .first()
             )
             if row is None:
-                raise NotFoundError(data_id)
+                raise NotFound(data_id)
             _check_etag(row, etag)
             record = self._records(connection, [row])[0]
             # Its previews go with it, and their bytes with its own.
@@ -1586,7 +1586,7 @@ def _change_labels(connection: Connection, row: RowMapping, change: LabelChange)
 
 def _check_etag(row: RowMapping, etag: str) -> None:
     if etag and etag != f'"{row["revision"]}"':
-        raise ConflictError(
+        raise EtagMismatch(
             f'data {row["id"]!r} changed since etag {etag} was read (now "{row["revision"]}"):'
             " get it again and reapply the change"
         )

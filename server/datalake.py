@@ -49,13 +49,13 @@ from metalake.server.catalog import (
     UploadRecord,
 )
 from metalake.server.errors import (
-    DatalakeError,
-    DataLossError,
-    InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    ResourceExhaustedError,
-    UnavailableError,
+    ContentMismatch,
+    InvalidRequest,
+    LimitReached,
+    NotFound,
+    OffsetOutOfRange,
+    Refusal,
+    Unavailable,
     invalid_field,
 )
 from metalake.server.ingest import (
@@ -93,8 +93,12 @@ class ThumbnailDownload:
     chunks: AsyncIterator[bytes]
 
 
-class Datalake:
-    """Stateless over its catalog and blob store: any number of these can share them."""
+class DatalakeCore:
+    """The server's datalake: what every RPC and HTTP route does, over a catalog and a blob store.
+
+    Not to be confused with the SDK's `metalake.client.Datalake`, which calls a server. It is
+    stateless over its catalog and blob store: any number of these can share them.
+    """
 
     def __init__(
         self,
@@ -178,9 +182,7 @@ class Datalake:
             )
         quota = _first_set(organization.storage_quota, self._limits.org_storage_quota)
         if quota is not None and organization.used_bytes >= quota:
-            raise ResourceExhaustedError(
-                f"organization {org!r} has used its storage quota of {quota} bytes"
-            )
+            raise LimitReached(f"organization {org!r} has used its storage quota of {quota} bytes")
         sizes = [
             self._limits.max_file_size,
             _first_set(organization.max_file_size, self._limits.org_max_file_size),
@@ -204,9 +206,9 @@ class Datalake:
     def _admission(self) -> Iterator[None]:
         """Bound the uploads this server runs at once; beyond, ask the client to come back."""
         if self._draining:
-            raise UnavailableError("this server is shutting down: retry, another one will answer")
+            raise Unavailable("this server is shutting down: retry, another one will answer")
         if self._in_flight >= self._limits.max_concurrent_uploads:
-            raise ResourceExhaustedError(
+            raise LimitReached(
                 f"this server is running its maximum of {self._limits.max_concurrent_uploads} "
                 "uploads: retry shortly",
                 retry_after=1.0,
@@ -324,7 +326,7 @@ class Datalake:
     async def _live_upload(self, org: str, upload_id: str) -> UploadRecord:
         upload = await self.catalog.get_upload(org, upload_id) if upload_id else None
         if upload is None or upload.expires_at <= datetime.now(UTC):
-            raise NotFoundError(upload_id, kind="upload")
+            raise NotFound(upload_id, kind="upload")
         return upload
 
     async def write_upload(
@@ -389,7 +391,7 @@ class Datalake:
             content_type = header.content_type or detect_content_type(head, header.filename)
             spooled = Spooled(writer.size, writer.sha256(), content_type)
             return await self._store(upload.org, header, writer, spooled, upload=upload)
-        except DataLossError:
+        except ContentMismatch:
             # The bytes are not what the client meant: resuming cannot fix them.
             await writer.abort()
             await self._drop_upload(upload)
@@ -479,7 +481,7 @@ class Datalake:
         given_labels = dict(labels or {})
         violations = label_rules.validate(given_labels)
         if violations:
-            raise InvalidArgumentError("labels are invalid", violations)
+            raise InvalidRequest("labels are invalid", violations)
         label_paths = [p for p in mask if p == "labels" or p.startswith("labels.")]
         field_paths = [p for p in mask if p not in label_paths]
         change: LabelChange | None = None
@@ -502,7 +504,7 @@ class Datalake:
             paths = list(FIELDS)
         unknown = [p for p in paths if p not in FIELDS]
         if unknown:
-            raise InvalidArgumentError(
+            raise InvalidRequest(
                 "update_mask names unknown fields",
                 [
                     FieldViolation(
@@ -577,7 +579,7 @@ class Datalake:
         """The item's preview, `size` px on its long side: made on the first request, then kept
         as a blob beside the item's (counted in the organization's usage, deleted with the item).
 
-        NotFoundError when the item does not exist or its content cannot be previewed. Uploads
+        NotFound when the item does not exist or its content cannot be previewed. Uploads
         never wait for previews: nothing is made until someone asks.
         """
         if size not in thumbnails.SIZES:
@@ -594,7 +596,7 @@ class Datalake:
                 if kept is None:
                     kept = await self._make_thumbnail(record, size)
         if kept.blob_key is None:
-            raise NotFoundError(data_id, kind="preview of data")
+            raise NotFound(data_id, kind="preview of data")
         chunks = self.blobs.read(kept.blob_key, chunk_size=self._download_chunk_size)
         return ThumbnailDownload(kept, chunks)
 
@@ -602,7 +604,7 @@ class Datalake:
         if importing.is_reference(record.blob_key):
             # An object registered in place has no sha256 to share previews by, and a preview
             # would read the customer's whole object: it has none.
-            raise NotFoundError(record.id, kind="preview of data")
+            raise NotFound(record.id, kind="preview of data")
         shared = await self.catalog.shared_thumbnail(record.sha256, size)
         if shared is not None:
             # Identical content was previewed for another item: share its blob (or its finding
@@ -699,7 +701,7 @@ class Datalake:
                 seen.add(importing.request_id(bucket, obj.key))
                 try:
                     await self._register(org, reader, bucket, obj, fill_metadata, report)
-                except DatalakeError as error:
+                except Refusal as error:
                     report.failures.append((f"s3://{bucket}/{obj.key}", str(error)))
         everything = importing.request_id(bucket, prefix)
         for data_id, request in await self.catalog.imported_under(org, everything):
@@ -788,7 +790,7 @@ class Datalake:
     ) -> AsyncIterator[tuple[Event, str]]:
         """The organization's events after the token (or from now), each with its own token.
 
-        Polls the catalog, so every server sees every server's changes. Raises OutOfRangeError
+        Polls the catalog, so every server sees every server's changes. Raises OffsetOutOfRange
         when events the watcher has not seen were already discarded.
         """
         after = (
@@ -799,7 +801,7 @@ class Datalake:
         while True:
             pruned = await self.catalog.pruned_through()
             if after < pruned:
-                raise OutOfRangeError(
+                raise OffsetOutOfRange(
                     f"this watcher fell too far behind: events up to {pruned} were discarded "
                     f"(kept {self._event_retention}). List the data again, then watch from now."
                 )
@@ -814,7 +816,7 @@ class Datalake:
         """What fill_metadata would fill for this file; nothing is stored."""
         violations = check_filename(filename, "header.filename")
         if violations:
-            raise InvalidArgumentError("the extraction header is invalid", violations)
+            raise InvalidRequest("the extraction header is invalid", violations)
         with self._admission():
             head = await gather_head(chunks, max_size=self._limits.max_file_size)
             if head.complete:
@@ -907,7 +909,7 @@ def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
         if (why := label_rules.check_key(key)) is not None
     ]
     if problems:
-        raise InvalidArgumentError("update_mask names invalid labels", problems)
+        raise InvalidRequest("update_mask names invalid labels", problems)
     unnamed = sorted(set(given) - set(keys))
     if unnamed:
         raise invalid_field(
@@ -932,7 +934,7 @@ def _read_head(path: Path | None) -> bytes:
 
 def _check_expected_sha256(header: UploadHeader, sha256: str) -> None:
     if header.expected_sha256 and header.expected_sha256 != sha256:
-        raise DataLossError(
+        raise ContentMismatch(
             f"the content received hashes to {sha256}, not the expected "
             f"{header.expected_sha256}: it was corrupted on the way; upload it again",
             [FieldViolation("header.expected_sha256", "does not match the content")],
@@ -967,7 +969,7 @@ def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled
 def _check_header(header: UploadHeader) -> None:
     violations = header.violations()
     if violations:
-        raise InvalidArgumentError("the upload header is invalid", violations)
+        raise InvalidRequest("the upload header is invalid", violations)
 
 
 def _check_id(data_id: str) -> None:

@@ -28,7 +28,7 @@ from metalake.server import importing
 from metalake.server.blobstore import BlobStore
 from metalake.server.catalog import DataRecord, SqlCatalog, _from_micros, _row_to_record, _to_micros
 from metalake.server.datalake import Download
-from metalake.server.errors import InvalidArgumentError, NotFoundError, invalid_field
+from metalake.server.errors import InvalidRequest, NotFound, invalid_field
 from metalake.server.filtering import FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import (
@@ -96,7 +96,7 @@ class Datasets:
                 FieldViolation("description", f"at most {MAX_DESCRIPTION} characters, no NUL")
             )
         if violations:
-            raise InvalidArgumentError("the dataset request is invalid", violations)
+            raise InvalidRequest("the dataset request is invalid", violations)
         try:
             where = compile_filter(filter)
         except FilterError as error:
@@ -229,7 +229,7 @@ class Datasets:
         if version < 0:
             violations.append(FieldViolation("version", "must not be negative"))
         if violations:
-            raise InvalidArgumentError("the dataset request is invalid", violations)
+            raise InvalidRequest("the dataset request is invalid", violations)
         versions = dataset_versions_table.c
         statement = select(dataset_versions_table).where(versions.org == org, versions.name == name)
         if version:
@@ -244,7 +244,7 @@ class Datasets:
         found = await self._catalog.run(work)
         if found is None:
             label = f"{name} version {version}" if version else name
-            raise NotFoundError(label, kind="dataset")
+            raise NotFound(label, kind="dataset")
         return found
 
     async def items(
@@ -317,7 +317,7 @@ class Datasets:
 
         found = await self._catalog.run(work)
         if not found:
-            raise NotFoundError(data_id)
+            raise NotFound(data_id)
         record = found[0]
         if not 0 <= offset <= record.size:
             raise invalid_field("read_offset", f"must be within [0, {record.size}], got {offset}")

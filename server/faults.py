@@ -3,9 +3,9 @@ client can retry, and which mean the storage is full.
 
 The catalog (SQLAlchemy over SQLite or PostgreSQL) and the blob stores (files, boto3) raise their
 own exceptions. A backend that is unreachable, timing out or dropping the connection is
-temporary: `UnavailableError` with a retry delay, so clients retry (an upload with a request id,
+temporary: `Unavailable` with a retry delay, so clients retry (an upload with a request id,
 a read, a resumable upload from its committed size). A full disk, here or under the catalog, is
-`ResourceExhaustedError`. Everything else (constraint violations, bugs) is left alone, and stays
+`LimitReached`. Everything else (constraint violations, bugs) is left alone, and stays
 an internal error.
 """
 
@@ -21,9 +21,9 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from metalake.server.errors import DatalakeError, ResourceExhaustedError, UnavailableError
+from metalake.server.errors import LimitReached, Refusal, Unavailable
 
-BackendFault = UnavailableError | ResourceExhaustedError
+BackendFault = Unavailable | LimitReached
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def backend_fault(error: BaseException) -> BackendFault | None:
     manager, SQLAlchemy around its driver).
     """
     for cause in _chain(error):
-        if isinstance(cause, DatalakeError):
+        if isinstance(cause, Refusal):
             return None  # already a domain error, raised on purpose
         if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
             return disk_full(cause)
@@ -72,9 +72,9 @@ def backend_fault(error: BaseException) -> BackendFault | None:
     return None
 
 
-def disk_full(error: OSError) -> ResourceExhaustedError:
+def disk_full(error: OSError) -> LimitReached:
     where = f" ({error.filename})" if error.filename else ""
-    return ResourceExhaustedError(
+    return LimitReached(
         f"the server's storage is full{where}: {error.strerror or 'no space left'}. Nothing of "
         "this call was kept; retry later or on another server once an operator freed space"
     )
@@ -98,7 +98,7 @@ def _catalog_fault(error: BaseException) -> BackendFault | None:
     if type(original).__module__.startswith("sqlite3"):
         message = str(original).lower()
         if _SQLITE_FULL in message:
-            return ResourceExhaustedError(
+            return LimitReached(
                 "the catalog's storage is full (database or disk is full). Nothing of this call "
                 "was kept; retry later once an operator freed space"
             )
@@ -107,7 +107,7 @@ def _catalog_fault(error: BaseException) -> BackendFault | None:
         return None
     sqlstate = getattr(original, "sqlstate", None)
     if sqlstate == _POSTGRES_DISK_FULL:
-        return ResourceExhaustedError(
+        return LimitReached(
             "the catalog's storage is full. Nothing of this call was kept; retry later once an "
             "operator freed space"
         )
@@ -134,10 +134,10 @@ def _bucket_fault(error: BaseException) -> BackendFault | None:
     return None
 
 
-def _unavailable(backend: str, error: BaseException) -> UnavailableError:
+def _unavailable(backend: str, error: BaseException) -> Unavailable:
     # The driver's message can name hosts and ports: operators find it in the log, clients get
     # what they can act on.
-    return UnavailableError(
+    return Unavailable(
         f"{backend} is unreachable or timed out ({type(error).__name__}); retry shortly",
         retry_after=RETRY_AFTER,
     )

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from metalake.server.errors import DatalakeError, NotFoundError, invalid_field
+from metalake.server.errors import NotFound, Refusal, invalid_field
 from metalake.server.s3blobstore import _client_config
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ HEADER_BYTES = 128 * 1024
 VANISHED = {"import_state": "vanished"}
 
 
-class BucketAccessError(DatalakeError):
+class BucketAccessError(Refusal):
     """The server may not read the bucket (credentials, IAM policy): FAILED_PRECONDITION."""
 
 
@@ -141,7 +141,7 @@ class BucketReader:
             body = self._client.get_object(**arguments)["Body"]
         except ClientError as error:
             if _code(error) in ("PreconditionFailed", "NoSuchKey", "404", "412"):
-                raise NotFoundError(
+                raise NotFound(
                     f"s3://{bucket}/{key}", kind="object (changed or vanished since imported)"
                 ) from None
             raise _access_error(error, bucket, "read (s3:GetObject)") from None
@@ -156,7 +156,7 @@ def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
-def _access_error(error: Exception, bucket: str, action: str) -> DatalakeError:
+def _access_error(error: Exception, bucket: str, action: str) -> Refusal:
     if isinstance(error, ClientError) and _code(error) in ("NoSuchBucket",):
         return invalid_field("source", f"the bucket {bucket!r} does not exist")
     why = _code(error) if isinstance(error, ClientError) else type(error).__name__

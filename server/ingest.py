@@ -30,7 +30,7 @@ from metalake.metadata import (
     to_jsonable,
 )
 from metalake.server.blobstore import BlobWriter
-from metalake.server.errors import ResourceExhaustedError
+from metalake.server.errors import LimitReached
 from metalake.server.observability import record_extraction
 
 log = logging.getLogger(__name__)
@@ -265,9 +265,7 @@ def _ignore_outcome(future: asyncio.Future[None]) -> None:
 
 def check_size(size: int, max_size: int | None) -> None:
     if max_size is not None and size > max_size:
-        raise ResourceExhaustedError(
-            f"the file exceeds this server's maximum file size of {max_size} bytes"
-        )
+        raise LimitReached(f"the file exceeds this server's maximum file size of {max_size} bytes")
 
 
 def detect_content_type(head: bytes, filename: str) -> str:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from metalake.server.catalog import DataRecord
-from metalake.server.errors import DatalakeError, invalid_field
+from metalake.server.errors import Refusal, invalid_field
 from metalake.server.ingest import UploadHeader
 
 # Chunks buffered per file between the stream reader and the file's upload.
@@ -21,7 +21,7 @@ _QUEUE_CHUNKS = 4
 
 @dataclass(frozen=True)
 class FileStart:
-    header: UploadHeader | DatalakeError  # an error: the header did not even parse
+    header: UploadHeader | Refusal  # an error: the header did not even parse
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class _Feed:
 
 async def upload_stream(
     upload: Upload, events: AsyncIterator[StreamEvent], *, window: int
-) -> AsyncIterator[DataRecord | DatalakeError]:
+) -> AsyncIterator[DataRecord | Refusal]:
     """Each file's outcome, in order; a failed file does not end the stream.
 
     Errors of the stream itself (a chunk outside any file, a header inside one) end it.
@@ -108,7 +108,7 @@ async def upload_stream(
         while (task := await pending.get()) is not None:
             try:
                 yield await task
-            except DatalakeError as error:
+            except Refusal as error:
                 yield error
             except asyncio.CancelledError:
                 current = asyncio.current_task()
@@ -123,9 +123,9 @@ async def upload_stream(
                 task.cancel()
 
 
-async def _run(upload: Upload, header: UploadHeader | DatalakeError, feed: _Feed) -> DataRecord:
+async def _run(upload: Upload, header: UploadHeader | Refusal, feed: _Feed) -> DataRecord:
     try:
-        if isinstance(header, DatalakeError):
+        if isinstance(header, Refusal):
             raise header
         return await upload(header, feed.chunks())
     finally:

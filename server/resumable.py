@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from metalake.server.errors import OutOfRangeError, invalid_field
+from metalake.server.errors import OffsetOutOfRange, invalid_field
 from metalake.server.ingest import check_size
 
 
@@ -63,7 +63,7 @@ class StagedFile:
     async def write(self, offset: int, data: bytes) -> None:
         if self._next_offset is None:
             if offset > self._committed:
-                raise OutOfRangeError(
+                raise OffsetOutOfRange(
                     f"write_offset {offset} is beyond the committed size {self._committed}: "
                     "query the upload and resume from its committed size"
                 )

@@ -17,17 +17,17 @@ from metalake.server import thumbnails
 from metalake.server.auth import current_caller
 from metalake.server.calls import abort, status
 from metalake.server.catalog import DataRecord, EventType
-from metalake.server.datalake import Datalake, Download
+from metalake.server.datalake import DatalakeCore, Download
 from metalake.server.datasets import Datasets, DatasetVersion, DiffEntry
 from metalake.server.errors import (
-    ConflictError,
-    DatalakeError,
-    DataLossError,
-    InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    ResourceExhaustedError,
-    UnavailableError,
+    ContentMismatch,
+    EtagMismatch,
+    InvalidRequest,
+    LimitReached,
+    NotFound,
+    OffsetOutOfRange,
+    Refusal,
+    Unavailable,
     invalid_field,
 )
 from metalake.server.faults import backend_fault
@@ -51,30 +51,28 @@ _StreamHandler = Callable[[Any, _Request, Context], AsyncIterator[_Response]]
 
 
 _CODES = {
-    InvalidArgumentError: code_pb2.INVALID_ARGUMENT,
-    NotFoundError: code_pb2.NOT_FOUND,
-    ConflictError: code_pb2.ABORTED,
-    DataLossError: code_pb2.DATA_LOSS,
-    OutOfRangeError: code_pb2.OUT_OF_RANGE,
-    ResourceExhaustedError: code_pb2.RESOURCE_EXHAUSTED,
-    UnavailableError: code_pb2.UNAVAILABLE,
+    InvalidRequest: code_pb2.INVALID_ARGUMENT,
+    NotFound: code_pb2.NOT_FOUND,
+    EtagMismatch: code_pb2.ABORTED,
+    ContentMismatch: code_pb2.DATA_LOSS,
+    OffsetOutOfRange: code_pb2.OUT_OF_RANGE,
+    LimitReached: code_pb2.RESOURCE_EXHAUSTED,
+    Unavailable: code_pb2.UNAVAILABLE,
     BucketAccessError: code_pb2.FAILED_PRECONDITION,
 }
 
 
-def code_of(error: DatalakeError) -> int:
+def code_of(error: Refusal) -> int:
     """The google.rpc.Code of a domain error (the HTTP face maps the same codes)."""
     code: int = _CODES.get(type(error), code_pb2.INTERNAL)
     return code
 
 
-def _status_of(error: DatalakeError) -> grpc.Status:
+def _status_of(error: Refusal) -> grpc.Status:
     code = code_of(error)
-    violations = error.violations if isinstance(error, InvalidArgumentError | DataLossError) else []
+    violations = error.violations if isinstance(error, InvalidRequest | ContentMismatch) else []
     # RetryInfo marks a refusal as temporary: clients retry after the delay.
-    retry_after = (
-        error.retry_after if isinstance(error, ResourceExhaustedError | UnavailableError) else None
-    )
+    retry_after = error.retry_after if isinstance(error, LimitReached | Unavailable) else None
     return status(code, str(error), violations=violations, retry_after=retry_after)
 
 
@@ -82,9 +80,9 @@ def _unexpected_status() -> grpc.Status:
     return status(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
-def _domain_error(error: Exception, method: str) -> DatalakeError | None:
+def _domain_error(error: Exception, method: str) -> Refusal | None:
     """The domain error to answer with: `error` itself, or the backend fault it stands for."""
-    if isinstance(error, DatalakeError):
+    if isinstance(error, Refusal):
         return error
     fault = backend_fault(error)
     if fault is not None:
@@ -141,7 +139,7 @@ def _translating_stream_errors(
 class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     def __init__(
         self,
-        datalake: Datalake,
+        datalake: DatalakeCore,
         datasets: Datasets,
         similarity: Similarity,
         webhooks: Webhooks,
@@ -187,7 +185,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     ) -> pb.UpdateMetadataResponse:
         values, violations = md.from_proto(request.metadata)
         if violations:
-            raise InvalidArgumentError("metadata is invalid", violations)
+            raise InvalidRequest("metadata is invalid", violations)
         record = await self._datalake.update_metadata(
             _org(),
             request.id,
@@ -290,7 +288,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         outcomes = upload_stream(upload, _stream_events(request_iterator), window=STREAM_WINDOW)
         index = 0
         async for outcome in outcomes:
-            if isinstance(outcome, DatalakeError):
+            if isinstance(outcome, Refusal):
                 yield pb.UploadDataStreamResponse(file_index=index, error=_file_error(outcome))
             else:
                 yield pb.UploadDataStreamResponse(file_index=index, data=data_to_proto(outcome))
@@ -578,7 +576,7 @@ async def _stream_events(
         if kind == "header":
             try:
                 yield FileStart(_upload_header(message.header))
-            except DatalakeError as error:
+            except Refusal as error:
                 yield FileStart(error)
         elif kind == "chunk":
             BYTES_RECEIVED.inc(len(message.chunk))
@@ -587,7 +585,7 @@ async def _stream_events(
             yield FileEnd()
 
 
-def _file_error(error: DatalakeError) -> pb.FileError:
+def _file_error(error: Refusal) -> pb.FileError:
     status = _status_of(error)
     violations = getattr(error, "violations", [])
     return pb.FileError(
@@ -650,7 +648,7 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
         violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
         # Report the header's other problems in the same answer.
         violations += [v for v in header.violations() if not v.field.startswith("header.metadata")]
-        raise InvalidArgumentError("the upload header is invalid", violations)
+        raise InvalidRequest("the upload header is invalid", violations)
     return header
 
 

@@ -51,7 +51,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from metalake.server import importing
 from metalake.server.blobstore import BlobStore, LocalBlobStore, owner_prefix
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
-from metalake.server.errors import InvalidArgumentError, invalid_field
+from metalake.server.errors import InvalidRequest, invalid_field
 from metalake.server.faults import backend_fault
 from metalake.server.filtering import FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -370,7 +370,7 @@ class Similarity:
         if bool(data_id) == bool(image):
             violations.append(invalid_field("query", "give exactly one of id and image"))
         if violations:
-            raise InvalidArgumentError(
+            raise InvalidRequest(
                 "the similarity query is invalid", [v for e in violations for v in e.violations]
             )
         try:

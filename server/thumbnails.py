@@ -2,7 +2,7 @@
 
 `render` reads a local file and returns the preview's bytes, or None when the file is not an
 image this server can read (a preview is a convenience: failing to make one is never an error).
-It knows nothing of gRPC, HTTP or the catalog; `Datalake.thumbnail` stores what it makes.
+It knows nothing of gRPC, HTTP or the catalog; `DatalakeCore.thumbnail` stores what it makes.
 
 - JPEG, PNG, WebP, TIFF, GIF, BMP, ... through Pillow; HEIC/HEIF/AVIF through pillow-heif.
 - Camera RAW (CR2, CR3, NEF, ARW, DNG, RAF, ORF, RW2, PEF, ...): the preview JPEG the camera

@@ -1,7 +1,7 @@
 """The HTTP face: a JSON API, byte downloads, previews, a change stream and the web console.
 
 It runs on the gRPC server's event loop, in the same process (`start_http`), over the same
-`Datalake` and `Tokens`: every route is a thin translation to the domain layer, like the gRPC
+`DatalakeCore` and `Tokens`: every route is a thin translation to the domain layer, like the gRPC
 servicer, and domain errors map to the same google.rpc codes, then to HTTP statuses (HTTP_STATUS).
 
 Starlette (routing, requests, streaming responses) served by uvicorn: both are the reference
@@ -57,8 +57,8 @@ from metalake.server import thumbnails
 from metalake.server.auth import Caller, Role, Tokens
 from metalake.server.calls import worker_metadata
 from metalake.server.config import Settings
-from metalake.server.datalake import Datalake
-from metalake.server.errors import DatalakeError, InvalidArgumentError, invalid_field
+from metalake.server.datalake import DatalakeCore
+from metalake.server.errors import InvalidRequest, Refusal, invalid_field
 from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.servicer import code_of, data_to_proto
@@ -133,7 +133,7 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def domain_error_response(error: DatalakeError) -> JSONResponse:
+def domain_error_response(error: Refusal) -> JSONResponse:
     code = code_of(error)
     violations: list[dict[str, Any]] = []
     for violation in getattr(error, "violations", []):
@@ -230,7 +230,7 @@ async def _limited(chunks: AsyncIterator[bytes], length: int) -> AsyncIterator[b
 class _Api:
     """The routes, over one datalake and one token store."""
 
-    def __init__(self, datalake: Datalake, tokens: Tokens, console: ConsoleConfig) -> None:
+    def __init__(self, datalake: DatalakeCore, tokens: Tokens, console: ConsoleConfig) -> None:
         self.datalake = datalake
         self.tokens = tokens
         self.console = console
@@ -318,7 +318,7 @@ class _Api:
             raise invalid_field("metadata", str(error)) from None
         values, violations = md.from_proto(message)
         if violations:
-            raise InvalidArgumentError("metadata is invalid", violations)
+            raise InvalidRequest("metadata is invalid", violations)
         mask = body.get("update_mask") or []
         if isinstance(mask, str):
             mask = [path.strip() for path in mask.split(",") if path.strip()]
@@ -419,7 +419,7 @@ async def _event_stream(events: AsyncIterator[Any]) -> AsyncIterator[str]:
         try:
             async for item in events:
                 await queue.put(item)
-        except DatalakeError as error:
+        except Refusal as error:
             await queue.put(error)
 
     pumping = asyncio.create_task(pump())
@@ -431,7 +431,7 @@ async def _event_stream(events: AsyncIterator[Any]) -> AsyncIterator[str]:
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            if isinstance(item, DatalakeError):
+            if isinstance(item, Refusal):
                 body = json.loads(bytes(domain_error_response(item).body))
                 yield f"event: error\ndata: {json.dumps(body)}\n\n"
                 return
@@ -464,7 +464,7 @@ def _translated(handler: Handler) -> Handler:
             return await handler(request)
         except HttpError as error:
             return error_response(error.code, str(error), headers=error.headers)
-        except DatalakeError as error:
+        except Refusal as error:
             return domain_error_response(error)
         except Exception as error:
             fault = backend_fault(error)  # the catalog or the store away: 503, as gRPC does
@@ -511,7 +511,7 @@ class _Headers:
         await self._app(scope, receive, send_with_headers)
 
 
-def build_app(datalake: Datalake, tokens: Tokens, console: ConsoleConfig) -> Starlette:
+def build_app(datalake: DatalakeCore, tokens: Tokens, console: ConsoleConfig) -> Starlette:
     api = _Api(datalake, tokens, console)
     routes = [
         Route("/", _translated(api.index)),
@@ -583,7 +583,7 @@ def _listen_socket(listen: str) -> socket.socket:
     return sock
 
 
-async def start_http(settings: Settings, datalake: Datalake, tokens: Tokens) -> HttpFace | None:
+async def start_http(settings: Settings, datalake: DatalakeCore, tokens: Tokens) -> HttpFace | None:
     """Serve the HTTP face on settings.http_listen (port 0: a free one); None when it is off."""
     if not settings.http_listen:
         return None

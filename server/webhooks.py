@@ -54,7 +54,7 @@ from metalake.server.catalog import (
     _row_to_record,
     _to_micros,
 )
-from metalake.server.errors import InvalidArgumentError, NotFoundError, invalid_field
+from metalake.server.errors import InvalidRequest, NotFound, invalid_field
 from metalake.server.faults import backend_fault
 from metalake.server.filtering import EVENTS, FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -182,7 +182,7 @@ class Webhooks:
         except FilterError as error:
             violations.append(FieldViolation("filter", str(error)))
         if violations:
-            raise InvalidArgumentError("the webhook is invalid", violations)
+            raise InvalidRequest("the webhook is invalid", violations)
         secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
         webhook = Webhook(
             id="wh_" + secrets.token_hex(8),
@@ -240,7 +240,7 @@ class Webhooks:
                 )
 
         if not await self._catalog.run(work, write=True):
-            raise NotFoundError(webhook_id, kind="webhook")
+            raise NotFound(webhook_id, kind="webhook")
 
     async def _get(self, org: str, webhook_id: str) -> tuple[Webhook, str]:
         statement = select(webhooks_table).where(
@@ -253,7 +253,7 @@ class Webhooks:
 
         row = await self._catalog.run(work) if webhook_id else None
         if row is None:
-            raise NotFoundError(webhook_id, kind="webhook")
+            raise NotFound(webhook_id, kind="webhook")
         return _webhook(row), row["secret"]
 
     async def deliveries(

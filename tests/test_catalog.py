@@ -15,7 +15,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 
 from metalake.server.catalog import DataRecord, SqlCatalog, ThumbnailRecord
-from metalake.server.errors import InvalidArgumentError, NotFoundError
+from metalake.server.errors import InvalidRequest, NotFound
 from metalake.server.schema import metadata_obj
 from metalake.server.schema_versions import SchemaError, engine_url
 
@@ -78,11 +78,11 @@ async def test_naive_and_aware_times_stay_distinct(catalog: SqlCatalog) -> None:
 
 
 async def test_unknown_ids_are_not_found(catalog: SqlCatalog) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         await catalog.get(ORG, "missing")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         await catalog.delete(ORG, "missing")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         await catalog.update_metadata(ORG, "missing", {"weather": "x"}, [], datetime.now(UTC))
 
 
@@ -129,7 +129,7 @@ async def test_another_organization_sees_nothing(catalog: SqlCatalog) -> None:
         lambda: catalog.update_metadata("other", item.id, {"weather": "x"}, [], _clock),
     ]
     for call in calls:
-        with pytest.raises(NotFoundError):
+        with pytest.raises(NotFound):
             await call()
     page = await catalog.list_page("other", filter="", order_by="", page_size=10, page_token="")
     assert page.records == []
@@ -205,7 +205,7 @@ async def test_paging_over_a_nullable_field_puts_absent_values_last(catalog: Sql
 
 
 async def test_bad_page_tokens_are_invalid_arguments(catalog: SqlCatalog) -> None:
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidRequest):
         await catalog.list_page(ORG, filter="", order_by="", page_size=1, page_token="%%%")
 
 
@@ -294,7 +294,7 @@ async def test_previews_are_recorded_counted_shared_and_go_with_their_item(
     assert await catalog.thumbnail(ORG, item.id, 256) is None
     assert not await catalog.blob_in_use("34" * 32)
     assert await catalog.thumbnail_keys(ORG, item.id) == []
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         await catalog.add_thumbnail(preview)  # its item is gone
     assert (await catalog.organization(ORG)).used_bytes == 1000
 

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy
 
 from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
-from metalake.server.errors import ResourceExhaustedError, UnavailableError
+from metalake.server.errors import LimitReached, Unavailable
 from tests.tcpproxy import TcpProxy
 from tests.test_catalog import ORG, record
 
@@ -68,7 +68,7 @@ async def test_a_batch_over_the_quota_stores_what_fits_in_order(catalog: SqlCata
     items = [record(size=4) for _ in range(3)] + [record(size=2)]
     outcomes = await _outcomes(catalog, *items)
     assert [o is None for o in outcomes] == [True, True, False, True]
-    assert isinstance(outcomes[2], ResourceExhaustedError)
+    assert isinstance(outcomes[2], LimitReached)
     assert (await catalog.organization(ORG)).used_bytes == 10
     # The server's default quota applies to an organization without one of its own.
     defaulted = [record(org="small", size=4) for _ in range(2)]
@@ -76,7 +76,7 @@ async def test_a_batch_over_the_quota_stores_what_fits_in_order(catalog: SqlCata
         *(catalog.add(item, default_quota=5) for item in defaulted), return_exceptions=True
     )
     assert added[0] is None
-    assert isinstance(added[1], ResourceExhaustedError)
+    assert isinstance(added[1], LimitReached)
     assert (await catalog.organization("small")).used_bytes == 4
 
 
@@ -179,7 +179,7 @@ async def test_a_batch_the_catalog_drops_fails_each_item_unavailable(postgres_ur
             items = [record(request_id=f"r-{i}", tags=("t",)) for i in range(5)]
             proxy.cut()
             outcomes = await _outcomes(catalog, *items)
-            faults = [outcome for outcome in outcomes if isinstance(outcome, UnavailableError)]
+            faults = [outcome for outcome in outcomes if isinstance(outcome, Unavailable)]
             assert len(faults) == len(items), outcomes
             assert len({id(fault) for fault in faults}) == len(items)
             assert all(fault.retry_after for fault in faults)

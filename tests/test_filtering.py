@@ -23,7 +23,7 @@ from sqlalchemy import Engine, insert, select
 
 from metalake.metadata import FIELDS
 from metalake.server.catalog import SqlCatalog
-from metalake.server.errors import InvalidArgumentError
+from metalake.server.errors import InvalidRequest
 from metalake.server.filtering import (
     EVENTS,
     MAX_DEPTH,
@@ -466,7 +466,7 @@ def test_filters_run_over_the_change_log_too() -> None:
 
 
 async def test_a_bad_filter_is_an_invalid_argument_of_the_catalog(catalog: SqlCatalog) -> None:
-    with pytest.raises(InvalidArgumentError) as caught:
+    with pytest.raises(InvalidRequest) as caught:
         await catalog.list_page(ORG, filter="nope = 1", order_by="", page_size=1, page_token="")
     assert caught.value.violations[0].field == "filter"
     assert "unknown field 'nope'" in caught.value.violations[0].description

@@ -37,7 +37,7 @@ from metalake import Client
 from metalake.server.auth import Role
 from metalake.server.blobstore import LocalBlobStore
 from metalake.server.config import Settings
-from metalake.server.errors import NotFoundError, ResourceExhaustedError, UnavailableError
+from metalake.server.errors import LimitReached, NotFound, Unavailable
 from metalake.server.faults import backend_fault
 from metalake.server.schema_versions import engine_url
 from metalake.v1 import datalake_pb2 as pb
@@ -588,7 +588,7 @@ def test_backend_faults_are_told_apart_from_bugs(tmp_path: Path) -> None:
         with pytest.raises(sqlalchemy.exc.OperationalError) as locked:
             other.execute(sqlalchemy.text("SELECT * FROM t"))
         writer.rollback()
-    assert isinstance(backend_fault(locked.value), UnavailableError)
+    assert isinstance(backend_fault(locked.value), Unavailable)
     with engine.begin() as connection, pytest.raises(sqlalchemy.exc.OperationalError) as bug:
         connection.execute(sqlalchemy.text("SELECT * FROM no_such_table"))
     assert backend_fault(bug.value) is None  # a bug stays a bug (INTERNAL)
@@ -599,7 +599,7 @@ def test_backend_faults_are_told_apart_from_bugs(tmp_path: Path) -> None:
     full = sqlalchemy.exc.OperationalError(
         "INSERT", {}, sqlite3.OperationalError("database or disk is full")
     )
-    assert isinstance(backend_fault(full), ResourceExhaustedError)
+    assert isinstance(backend_fault(full), LimitReached)
 
     port = closed_port()
     refused = sqlalchemy.create_engine(f"postgresql+psycopg://u@127.0.0.1:{port}/db")
@@ -607,16 +607,16 @@ def test_backend_faults_are_told_apart_from_bugs(tmp_path: Path) -> None:
         refused.connect()
     refused.dispose()
     assert isinstance(unreachable.value.orig, psycopg.OperationalError)
-    assert isinstance(backend_fault(unreachable.value), UnavailableError)
+    assert isinstance(backend_fault(unreachable.value), Unavailable)
     s3 = _s3_client(f"http://127.0.0.1:{port}", Config(retries={"max_attempts": 1}))
     with pytest.raises(EndpointConnectionError) as no_bucket:
         s3.head_object(Bucket="b", Key="k")
-    assert isinstance(backend_fault(no_bucket.value), UnavailableError)
+    assert isinstance(backend_fault(no_bucket.value), Unavailable)
     slow_down = ClientError(
         cast(Any, {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}),
         "PutObject",
     )
-    assert isinstance(backend_fault(slow_down), UnavailableError)
+    assert isinstance(backend_fault(slow_down), Unavailable)
     denied = ClientError(
         cast(Any, {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}),
         "PutObject",
@@ -624,10 +624,10 @@ def test_backend_faults_are_told_apart_from_bugs(tmp_path: Path) -> None:
     assert backend_fault(denied) is None
     for number in (errno.ENOSPC, errno.EDQUOT):
         fault = backend_fault(OSError(number, os.strerror(number), "/data/tmp/x.part"))
-        assert isinstance(fault, ResourceExhaustedError)
+        assert isinstance(fault, LimitReached)
         assert "full" in str(fault)
     assert backend_fault(OSError(errno.EACCES, "Permission denied")) is None
-    assert backend_fault(NotFoundError("x")) is None
+    assert backend_fault(NotFound("x")) is None
 
 
 def closed_port() -> int:

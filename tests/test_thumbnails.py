@@ -22,7 +22,7 @@ from metalake.server import thumbnails
 from metalake.server.blobstore import discard_leftovers
 from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
-from metalake.server.errors import NotFoundError
+from metalake.server.errors import NotFound
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
@@ -279,7 +279,7 @@ async def test_a_preview_of_an_item_deleted_meanwhile_is_not_recorded(tmp_path: 
         record = ThumbnailRecord(
             "gone", 256, "default", "0" * 64, "ab" * 32, 10, 1, 1, datetime.now(UTC)
         )
-        with pytest.raises(NotFoundError):
+        with pytest.raises(NotFound):
             await catalog.add_thumbnail(record)
         assert not await catalog.blob_in_use("ab" * 32)
     finally:
