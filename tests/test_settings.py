@@ -180,6 +180,24 @@ def test_metalake_serve_exits_with_the_error_not_a_traceback(
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize(
+    "command", [["gc"], ["migrate"], ["org", "show", "acme"], ["token", "list"]]
+)
+def test_operator_commands_exit_with_the_error_too(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: list[str],
+) -> None:
+    monkeypatch.setenv("METALAKE_HASH_IMAGES", "maybe")
+    assert cli.main([*command, "--data-dir", str(tmp_path / "never")]) == 2
+    assert capsys.readouterr().err == (
+        f"metalake {command[0]}: METALAKE_HASH_IMAGES must be true or false "
+        "(1/true/yes/on or 0/false/no/off), got 'maybe'\n"
+    )
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("command", [["-m", "metalake.cli", "serve"], ["-m", "metalake.server"]])
 def test_a_server_process_exits_with_the_error(command: list[str], tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "METALAKE_DATA_DIR": str(tmp_path / "never")}
