@@ -495,7 +495,7 @@ ELSEWHERE: tuple[Variable, ...] = (
     ),
     Variable(
         ALLOW_ENV,
-        "extractors to load (allow-list, comma-separated)",
+        "extractors to load (allow-list, comma-separated; set but empty: none)",
         "all installed",
         read_by="metalake.extractors.registry",
     ),
