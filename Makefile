@@ -6,7 +6,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 export METALAKE_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install system-deps run test lint bench accuracy generate check-generated buf buf-if-npm node-test clean
+.PHONY: install system-deps run test lint bench accuracy generate check-generated settings-table buf buf-if-npm node-test clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ generate: install
 		--python_out=. --grpc_python_out=. \
 		--mypy_out=. --mypy_grpc_out=. \
 		protos/metalake/v1/datalake.proto
+
+# docs/operations.md's settings tables, from the declarations in server/config.py (a test fails
+# while they differ).
+settings-table: install
+	$(PY) scripts/settings-table.py
 
 # Fails when protos/ and the checked-in stubs disagree.
 check-generated: generate

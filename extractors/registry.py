@@ -117,7 +117,10 @@ def parse_timeout(value: str | None) -> float | None:
     """Seconds from `METALAKE_EXTRACT_TIMEOUT`; 0 means no limit (calls run inline)."""
     if value is None or not value.strip():
         return DEFAULT_TIMEOUT
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds >= 0, got {value!r}")
     return seconds or None

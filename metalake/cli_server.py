@@ -109,11 +109,13 @@ def _add_serve(commands: Subparsers, serve: Command) -> None:
     parser.add_argument("--data-dir", type=Path, help="METALAKE_DATA_DIR (./metalake-data)")
     parser.add_argument("--listen", help="METALAKE_LISTEN (127.0.0.1:50051)")
     parser.add_argument("--catalog-url", help="METALAKE_CATALOG_URL (embedded SQLite)")
-    parser.add_argument("--migrate", action="store_true", help="migrate the catalog at start-up")
+    parser.add_argument(
+        "--migrate", action="store_true", help="METALAKE_MIGRATE: migrate the catalog at start-up"
+    )
     parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
-        help="serve a non-loopback address although no API token exists",
+        help="METALAKE_INSECURE_NO_AUTH: serve a non-loopback address although no API token exists",
     )
     parser.add_argument(
         "--workers",

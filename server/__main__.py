@@ -6,9 +6,14 @@ import sys
 
 def serve(_: argparse.Namespace) -> int:
     from metalake.server.app import serve_forever
-    from metalake.server.config import Settings
+    from metalake.server.config import SettingError, Settings
 
-    serve_forever(Settings.from_env())
+    try:
+        settings = Settings.from_env()
+    except SettingError as error:
+        print(f"python -m metalake.server: {error}", file=sys.stderr)
+        return 2
+    serve_forever(settings)
     return 0
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
@@ -17,12 +20,29 @@ from typing import Any
 from metalake.metadata import format_datetime
 from metalake.server.auth import Role, Tokens
 from metalake.server.catalog import Organization, SqlCatalog
-from metalake.server.config import Settings
+from metalake.server.config import SettingError, Settings
 from metalake.server.schema_versions import schema_revision
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+Command = Callable[[argparse.Namespace], int]
 
+
+def _command(function: Command) -> Command:
+    """A command that, like `metalake serve`, answers a bad setting with one line naming it."""
+
+    @functools.wraps(function)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return function(args)
+        except SettingError as error:
+            print(f"metalake {args.command}: {error}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+@_command
 def _org_show(args: argparse.Namespace) -> int:
     async def action(catalog: SqlCatalog) -> Organization:
         return await catalog.organization(args.org)
@@ -37,6 +57,7 @@ def _org_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command
 def _org_limits(args: argparse.Namespace) -> int:
     async def action(catalog: SqlCatalog) -> None:
         await catalog.set_organization_limits(
@@ -73,6 +94,7 @@ def _print(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None
     print(json.dumps(payload) if args.json else text)
 
 
+@_command
 def _migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url, _ = settings.catalog()
@@ -83,6 +105,7 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command
 def _gc(args: argparse.Namespace) -> int:
     from metalake.server.app import build_datalake
 
@@ -103,6 +126,7 @@ def _with_tokens(args: argparse.Namespace, action: Any) -> Any:
     return _with_catalog(args, lambda catalog: action(Tokens(catalog)))
 
 
+@_command
 def _token_create(args: argparse.Namespace) -> int:
     try:
         role = Role.parse(args.role)
@@ -119,6 +143,7 @@ def _token_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command
 def _token_list(args: argparse.Namespace) -> int:
     tokens = _with_tokens(args, lambda t: t.list())
     for token in tokens:
@@ -139,6 +164,7 @@ def _token_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command
 def _token_revoke(args: argparse.Namespace) -> int:
     revoked = _with_tokens(args, lambda t: t.revoke(args.token_id))
     if not revoked:

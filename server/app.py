@@ -116,7 +116,7 @@ def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datala
         open_blob_store(settings),
         extractor=load_extractor(),
         spool_dir=settings.data_dir / "tmp",
-        extract_timeout=settings.extract_timeout,
+        extract_timeout=settings.fill_timeout,
         download_chunk_size=settings.download_chunk_size,
         upload_ttl=timedelta(seconds=settings.upload_ttl),
         limits=Limits(
@@ -309,7 +309,9 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
     if settings.tls_cert is None and settings.tls_key is None:
         return server.add_insecure_port(settings.listen)
     if settings.tls_cert is None or settings.tls_key is None:
-        raise StartupError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        raise StartupError(
+            "TLS needs both a certificate (METALAKE_TLS_CERT) and its key (METALAKE_TLS_KEY)"
+        )
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     credentials = grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
