@@ -19,7 +19,7 @@ from typing import Any
 
 from metalake.metadata import format_datetime
 from metalake.server.auth import Role, Tokens
-from metalake.server.catalog import Organization, SqlCatalog
+from metalake.server.catalog import Organization, OrganizationCatalog, SqlCatalog
 from metalake.server.config import SettingError, Settings
 from metalake.server.schema_versions import schema_revision
 
@@ -44,7 +44,7 @@ def _command(function: Command) -> Command:
 
 @_command
 def _org_show(args: argparse.Namespace) -> int:
-    async def action(catalog: SqlCatalog) -> Organization:
+    async def action(catalog: OrganizationCatalog) -> Organization:
         return await catalog.organization(args.org)
 
     found = _with_catalog(args, action)
@@ -59,7 +59,7 @@ def _org_show(args: argparse.Namespace) -> int:
 
 @_command
 def _org_limits(args: argparse.Namespace) -> int:
-    async def action(catalog: SqlCatalog) -> None:
+    async def action(catalog: OrganizationCatalog) -> None:
         await catalog.set_organization_limits(
             args.org, max_file_size=args.max_file_size, storage_quota=args.storage_quota
         )

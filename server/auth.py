@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from metalake.server.calls import Behaviour, Handler, abort, rebuild_handler, status
-from metalake.server.catalog import Catalog, TokenRecord
+from metalake.server.catalog import TokenCatalog, TokenRecord
 from metalake.server.errors import Unavailable
 from metalake.server.faults import backend_fault
 
@@ -117,7 +117,7 @@ class NewToken:
 class Tokens:
     """Creating, listing, revoking and checking tokens, stored in the catalog."""
 
-    def __init__(self, catalog: Catalog, *, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(self, catalog: TokenCatalog, *, cache_seconds: float = CACHE_SECONDS) -> None:
         self._catalog = catalog
         self._cache_seconds = cache_seconds
         self._checked: dict[str, tuple[float, Caller | None]] = {}

@@ -574,7 +574,7 @@ class LabelMatch(ColumnElement[bool]):
     many items match. `from_labels` (IN) reads the matching labels from their (key, value)
     index, then sorts those items: fast when few match. PostgreSQL's planner chooses between
     them by itself from its statistics; SQLite's cannot tell a common value from a rare one,
-    so the catalog counts the matches first and sets `drive_from_labels` (see catalog._list).
+    so the catalog counts the matches first and sets `drive_from_labels` (see catalog.items._list).
     """
 
     inherit_cache = True

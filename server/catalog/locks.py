@@ -1,0 +1,146 @@
+"""Holding a blob key across every server sharing the catalog, between deciding a blob is
+unused and deleting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from metalake.server.catalog.database import SqlDatabase, _connect_defaults, _sqlite_file
+from metalake.server.locks import KeyedLocks
+from metalake.server.sqlitelocks import BlobLocks
+
+log = logging.getLogger(__name__)
+
+
+class BlobHolds(Protocol):
+    """Exclusive use of a blob key."""
+
+    def hold_blob(self, blob_key: str) -> AbstractAsyncContextManager[None]: ...
+
+
+class SqlBlobHolds(SqlDatabase):
+    """Blob holds for every server sharing the catalog's database."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # On a SQLite file, blob holds are file locks, shared by the server's worker processes
+        # (see sqlitelocks); on PostgreSQL, session advisory locks.
+        self._blob_file_locks: BlobLocks | None = None
+        if engine.dialect.name == "sqlite":
+            database = _sqlite_file(engine)
+            self._blob_file_locks = BlobLocks(database) if database else None
+        self._blob_locks = _AdvisoryLocks(engine) if engine.dialect.name == "postgresql" else None
+
+    @asynccontextmanager
+    async def hold_blob(self, blob_key: str) -> AsyncIterator[None]:
+        """Exclusive use of a blob key across every server sharing this catalog: between
+        deciding a blob is unused and deleting it, nobody may commit the same content.
+
+        On PostgreSQL, a session advisory lock (see _AdvisoryLocks). On a SQLite file, a file
+        lock (the processes sharing it are one server's workers; see sqlitelocks.BlobLocks).
+        """
+        if self._blob_locks is not None:
+            async with self._blob_locks.hold(int(blob_key[:15], 16)):
+                yield
+        elif self._blob_file_locks is not None:
+            async with self._blob_file_locks.hold(blob_key):
+                yield
+        else:
+            yield
+
+    async def close(self) -> None:
+        if self._blob_locks is not None:
+            await asyncio.to_thread(self._blob_locks.close)
+        await super().close()
+
+
+_TRY_LOCK = text("SELECT pg_try_advisory_lock(:id)")
+_UNLOCK = text("SELECT pg_advisory_unlock(:id)")
+
+
+class _AdvisoryLocks:
+    """PostgreSQL session advisory locks, all on one connection of their own.
+
+    One connection for every lock this process holds, outside the catalog's pool, rather than
+    a connection per holder: a holder waits for its catalog commit, and holders each taking a
+    pooled connection ran the pool dry under 16 concurrent uploads (none left to commit with).
+    A pool of lock connections of their own would not deadlock, but would cost one PostgreSQL
+    connection per concurrent upload and worker (its 16th holder waiting for the pool), where
+    this costs one per process, whatever the concurrency. A session lock is re-entrant within
+    its session, so holders of one key in this process queue here first.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        # Unpooled: the one connection is opened here on first use, closed when it broke.
+        self._engine = create_engine(
+            engine.url, poolclass=NullPool, connect_args=_connect_defaults(engine.url)
+        )
+        self._connection: Connection | None = None
+        self._use = threading.Lock()  # one statement at a time on the connection
+        self._local = KeyedLocks()
+
+    @asynccontextmanager
+    async def hold(self, lock_id: int) -> AsyncIterator[None]:
+        async with self._local.hold(str(lock_id)):
+            # Polled rather than a blocking call, so that waiters do not pin worker threads:
+            # the lock lives in PostgreSQL, there is no local event to wait on.
+            while not await asyncio.to_thread(self._try_lock, lock_id):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            try:
+                yield
+            finally:
+                await asyncio.shield(asyncio.to_thread(self._unlock, lock_id))
+
+    def _try_lock(self, lock_id: int) -> bool:
+        with self._use:
+            while True:
+                fresh = self._connection is None
+                try:
+                    return bool(self._session().execute(_TRY_LOCK, {"id": lock_id}).scalar())
+                except DBAPIError:
+                    self._drop()
+                    # The pool's pre-ping, for the one connection kept out of the pool: one
+                    # that died while it sat there (the catalog restarted, a proxy cut it) is
+                    # replaced once; a new one failing means the catalog is away.
+                    if fresh:
+                        raise
+
+    def _unlock(self, lock_id: int) -> None:
+        with self._use:
+            try:
+                self._session().execute(_UNLOCK, {"id": lock_id})
+            except DBAPIError:
+                # A broken connection took its session's locks with it: nothing to release.
+                log.warning("could not release blob lock %d; reconnecting", lock_id)
+                self._drop()
+
+    def _session(self) -> Connection:
+        if self._connection is None:
+            # Autocommit: the session holds locks, never an open transaction.
+            self._connection = self._engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
+        return self._connection
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.invalidate()
+                self._connection.close()
+            self._connection = None
+
+    def close(self) -> None:
+        with self._use:
+            self._drop()
+        self._engine.dispose()
