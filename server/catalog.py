@@ -1380,9 +1380,10 @@ _EVENTS_LOCK = 0x6D6C6B65  # "mlke": the advisory lock that orders event commits
 _LOCK_EVENT_ORDER = text("SELECT pg_advisory_xact_lock(:key)")
 # Concurrent adds committed together at most; bounded so that one transaction stays short.
 _MAX_BATCH = 256
-# The longest a batch waits for adds on their way (see SqlCatalog._gather_adds): on this VM a
-# commit took 5-15 ms under load, and waiting up to 5 ms lowered the server's CPU per small file
-# by 13% (batches of 2.5 items instead of 1.5), 10 ms by less.
+# The longest a batch waits for adds on their way (see SqlCatalog._gather_adds). On the 2-vCPU
+# dev VM (SQLite commits of 5-15 ms under load), waiting up to 5 ms made batches of 16 concurrent
+# uploads 2.5 items instead of 1.5 and the server's CPU per small file 4-13% lower; 10 ms did
+# less well. On PostgreSQL, commits are quicker and so are the waits.
 _MAX_LINGER = 0.005
 
 # The write path's statements, built once: SQLAlchemy compiles each once and reuses it, and
