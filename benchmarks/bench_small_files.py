@@ -3,8 +3,9 @@
 Distinct camera JPEGs of about 160 KiB (EXIF with GPS), as one UploadData per file from 16
 concurrent clients and over one UploadDataStream with 16 files in flight, each without and with
 fill_metadata; on the embedded default (SQLite + local files) and on PostgreSQL + S3 (moto's
-server, in a process of its own). Every run is measured beside a bare grpc.aio server that only
-discards the same streams (benchmarks/bare_server.py), in the same run.
+server, in a process of its own); with 1 and 2 server processes (`--workers`). Every run is
+measured beside a bare grpc.aio server that only discards the same streams
+(benchmarks/bare_server.py), in the same run.
 
 CPU per file is utime + stime of the server's processes (from /proc/<pid>/stat, the server and
 any process it started) over a run, divided by the files it stored. It is the figure that holds
@@ -12,9 +13,16 @@ on a shared machine: files/s moves with the neighbours' load, the CPU a file cos
 PostgreSQL's and moto's own CPU is not counted (they are other services). Nothing here asserts
 a timing.
 
+The servers run without the background hashing of images for near-duplicate search
+(METALAKE_HASH_IMAGES=0): it is not the upload's path, and it runs when it gets to it, so the
+share of its work a run's window catches would vary from run to run. Its cost is measured apart,
+at the end: the CPU per image of a server with hashing on, over a run and until the server is idle
+again (the hasher caught up), minus the same for a server with hashing off.
+
     python -m benchmarks small_files                              # 1,000 files a run, 3 runs
     METALAKE_BENCH_SCALE=0.2 python -m benchmarks small_files     # 200 files, 1 run: quick
     METALAKE_BENCH_BACKENDS=sqlite python -m benchmarks small_files   # the embedded default only
+    METALAKE_BENCH_WORKERS=1 python -m benchmarks small_files     # one server process only
     METALAKE_BENCH_COMPARE=../main python -m benchmarks small_files  # and another checkout's
 
 METALAKE_BENCH_COMPARE names another checkout of metalake (e.g. `git worktree add ../main
@@ -60,6 +68,7 @@ FILES = max(50, round(1000 * SCALE))
 ROUNDS = 3 if SCALE >= 0.5 else 1  # runs per row and server; CPU: the median, files/s: the best
 BACKENDS = os.environ.get("METALAKE_BENCH_BACKENDS", "sqlite,postgresql").split(",")
 COMPARE = os.environ.get("METALAKE_BENCH_COMPARE")
+WORKERS = [int(w) for w in os.environ.get("METALAKE_BENCH_WORKERS", "1,2").split(",")]
 POSTGRES_URL = os.environ.get(
     "METALAKE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
@@ -235,6 +244,7 @@ class Measured:
 
     label: str
     fill: bool
+    workers: int
     rate: float  # files/s, best run
     bare_rate: float
     cpu_ms: float  # server CPU per file, median run
@@ -271,8 +281,11 @@ def _measure_once(
     return rate, (samples[1] - samples[0]) * 1000 / len(files)
 
 
-def measure_row(servers: dict[str, ServerProcess], label: str, run: Run, fill: bool) -> Measured:
-    """ROUNDS runs on each server, alternating, each with files never sent before."""
+def measure_row(
+    servers: dict[str, ServerProcess], label: str, run: Run, fill: bool
+) -> list[Measured]:
+    """ROUNDS runs on each server, alternating, each with files never sent before; a row per
+    worker count, each beside the bare server's runs of the same rounds."""
     rates: dict[str, list[float]] = {name: [] for name in servers}
     cpus: dict[str, list[float]] = {name: [] for name in servers}
     for round_ in range(ROUNDS):
@@ -281,17 +294,23 @@ def measure_row(servers: dict[str, ServerProcess], label: str, run: Run, fill: b
             rate, cpu = _measure_once(server, run, files, fill)
             rates[name].append(rate)
             cpus[name].append(cpu)
-    compared = "compared" in servers
-    return Measured(
-        label,
-        fill,
-        max(rates["lake"]),
-        max(rates["bare"]),
-        statistics.median(cpus["lake"]),
-        statistics.median(cpus["bare"]),
-        max(rates["compared"]) if compared else None,
-        statistics.median(cpus["compared"]) if compared else None,
-    )
+    rows = []
+    for workers in WORKERS:
+        lake, compared = f"lake {workers}", f"compared {workers}"
+        rows.append(
+            Measured(
+                label,
+                fill,
+                workers,
+                max(rates[lake]),
+                max(rates["bare"]),
+                statistics.median(cpus[lake]),
+                statistics.median(cpus["bare"]),
+                max(rates[compared]) if compared in servers else None,
+                statistics.median(cpus[compared]) if compared in servers else None,
+            )
+        )
+    return rows
 
 
 def _free_port() -> int:
@@ -384,48 +403,102 @@ def small_files(scratch: Path, backend: str) -> list[Measured]:
     other = " | compared files/s | compared CPU ms/file | CPU / compared" if COMPARE else ""
     _print(
         "",
-        f"| {_TITLES[backend]}: {FILES:,} JPEGs of {size:.0f} KiB | files/s | bare files/s "
-        f"| server CPU ms/file | bare CPU ms/file | CPU / bare{other} |",
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if COMPARE else ""),
+        f"| {_TITLES[backend]}: {FILES:,} JPEGs of {size:.0f} KiB | workers | files/s "
+        f"| bare files/s | server CPU ms/file | bare CPU ms/file | CPU / bare{other} |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if COMPARE else ""),
     )
     rows = []
     with contextlib.ExitStack() as stack:
-        env = stack.enter_context(backend_env(backend, scratch))
         servers: dict[str, ServerProcess] = {
-            "lake": ServerProcess(scratch / backend, scratch / f"{backend}.log", **env),
             "bare": ServerProcess(
                 scratch / f"{backend}-bare",
                 scratch / f"{backend}-bare.log",
                 module="benchmarks.bare_server",
             ),
         }
-        if COMPARE:
-            servers["compared"] = Checkout(
-                Path(COMPARE).resolve(),
-                scratch / f"{backend}-compared",
-                scratch / f"{backend}-compared.log",
-                **env,
+        for workers in WORKERS:
+            # Each its own catalog schema or data directory: runs of one do not slow another's.
+            lake_env = stack.enter_context(backend_env(backend, scratch))
+            lake_env.update(METALAKE_WORKERS=str(workers), METALAKE_HASH_IMAGES="0")
+            name = f"{backend}-{workers}"
+            servers[f"lake {workers}"] = ServerProcess(
+                scratch / name, scratch / f"{name}.log", **lake_env
             )
+            if COMPARE:
+                servers[f"compared {workers}"] = Checkout(
+                    Path(COMPARE).resolve(),
+                    scratch / f"{name}-compared",
+                    scratch / f"{name}-compared.log",
+                    **stack.enter_context(backend_env(backend, scratch)),
+                    METALAKE_WORKERS=str(workers),
+                    METALAKE_HASH_IMAGES="0",
+                )
         for server in servers.values():
             stack.enter_context(server)
             # First calls pay for imports and caches: not measured.
             _measure_once(server, streamed, jpegs(64, f"warm-up {uuid.uuid4().hex}"), True)
         for label, run in RUNS:
             for fill in (False, True):
-                row = measure_row(servers, label, run, fill)
-                rows.append(row)
-                line = (
-                    f"| {label}{', fill_metadata' if fill else ''} | {row.rate:,.0f} "
-                    f"| {row.bare_rate:,.0f} | {row.cpu_ms:.2f} | {row.bare_cpu_ms:.2f} "
-                    f"| {row.cpu_ratio:.1f}x |"
-                )
-                if row.compared_cpu_ms is not None and row.compared_rate is not None:
-                    line += (
-                        f" {row.compared_rate:,.0f} | {row.compared_cpu_ms:.2f} "
-                        f"| {row.cpu_ms / row.compared_cpu_ms:.2f} |"
+                for row in measure_row(servers, label, run, fill):
+                    rows.append(row)
+                    line = (
+                        f"| {label}{', fill_metadata' if fill else ''} | {row.workers} "
+                        f"| {row.rate:,.0f} | {row.bare_rate:,.0f} | {row.cpu_ms:.2f} "
+                        f"| {row.bare_cpu_ms:.2f} | {row.cpu_ratio:.1f}x |"
                     )
-                _print(line)
+                    if row.compared_cpu_ms is not None and row.compared_rate is not None:
+                        line += (
+                            f" {row.compared_rate:,.0f} | {row.compared_cpu_ms:.2f} "
+                            f"| {row.cpu_ms / row.compared_cpu_ms:.2f} |"
+                        )
+                    _print(line)
     return rows
+
+
+def _cpu_until_idle(pid: int) -> float:
+    """The server's CPU seconds once it has been idle for a while: background work caught up.
+
+    Idle: under 10 ms of CPU over 1.5 s, which spans the hasher's one-second poll interval.
+    """
+    deadline = time.monotonic() + 120
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = cpu_seconds(pid)
+        if now - last < 0.010:
+            return now
+        last = now
+    raise RuntimeError("the server did not become idle within 2 minutes")
+
+
+def hashing_cost(scratch: Path) -> float:
+    """Server CPU ms per image that the background near-duplicate hashing adds: one call per
+    file, measured until the server is idle again, with hashing on minus with it off (the
+    embedded default, one process, ROUNDS runs each, alternating; the median of each)."""
+    cpus: dict[str, list[float]] = {"on": [], "off": []}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            hashing: stack.enter_context(
+                ServerProcess(
+                    scratch / f"hashing-{hashing}",
+                    scratch / f"hashing-{hashing}.log",
+                    METALAKE_HASH_IMAGES="1" if hashing == "on" else "0",
+                )
+            )
+            for hashing in cpus
+        }
+        for server in servers.values():
+            _measure_once(server, streamed, jpegs(64, f"warm-up {uuid.uuid4().hex}"), False)
+        for _ in range(ROUNDS):
+            for hashing, server in servers.items():
+                assert server.process is not None
+                pid = server.process.pid
+                _cpu_until_idle(pid)
+                before = cpu_seconds(pid)
+                files = jpegs(FILES, f"hashing {hashing} {uuid.uuid4().hex}")
+                asyncio.run(per_call(server.target, files, False, lambda: None))
+                cpus[hashing].append((_cpu_until_idle(pid) - before) * 1000 / len(files))
+    return statistics.median(cpus["on"]) - statistics.median(cpus["off"])
 
 
 def _available(backend: str) -> bool:
@@ -452,10 +525,16 @@ def main() -> None:
         for backend in BACKENDS:
             if _available(backend):
                 results[backend] = small_files(Path(scratch_name), backend)
-    _print("", "| aim (issue 11) | measured |", "|---|---:|")
+        hashed = hashing_cost(Path(scratch_name))
+    _print(
+        "",
+        f"Near-duplicate hashing in the background (on by default, off in the rows above): "
+        f"{hashed:.2f} ms of server CPU per image, SQLite + local files, one process.",
+    )
+    _print("", "| aim (issue 11), 1 worker | measured |", "|---|---:|")
     for backend, rows in results.items():
-        plain = {row.label: row for row in rows if not row.fill}
-        filled = {row.label: row for row in rows if row.fill}
+        plain = {row.label: row for row in rows if not row.fill and row.workers == 1}
+        filled = {row.label: row for row in rows if row.fill and row.workers == 1}
         for label, row in plain.items():
             added = filled[label].cpu_ms - row.cpu_ms
             _print(

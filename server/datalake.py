@@ -279,7 +279,8 @@ class DatalakeCore:
         """Store the blob, then the item: both under the blob's lock, so that no deletion of the
         same content decides in between that the blob is unused."""
         async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
-            await store_blob()
+            with self.catalog.add_coming():  # a batch committing meanwhile may wait for it
+                await store_blob()
             try:
                 await self.catalog.add(
                     record, upload=upload, default_quota=self._limits.org_storage_quota

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy
 
 from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
+from metalake.server.catalog import items as catalog_items
 from metalake.server.errors import LimitReached, Unavailable
 from tests.tcpproxy import TcpProxy
 from tests.test_catalog import ORG, record
@@ -196,3 +198,54 @@ async def test_a_batch_the_catalog_drops_fails_each_item_unavailable(postgres_ur
             assert used == kept.size + sum(item.size for item in items)
         finally:
             await catalog.close()
+
+
+def _batch_sizes(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    sizes: list[int] = []
+    add_batch = catalog._add_batch
+
+    def counted(items: list[Any]) -> list[Exception | None]:
+        sizes.append(len(items))
+        return add_batch(items)
+
+    monkeypatch.setattr(catalog, "_add_batch", counted)
+    return sizes
+
+
+async def test_an_add_on_its_way_joins_the_batch_that_would_commit_without_it(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await catalog.add(record())  # a first commit: the catalog knows how long one takes
+    # However long commits take and the machine stalls, the batch waits for the add.
+    monkeypatch.setattr(catalog_items, "_MAX_LINGER", 3600.0)
+    monkeypatch.setattr(catalog, "_commit_seconds", 3600.0)
+    sizes = _batch_sizes(catalog, monkeypatch)
+    early, late = record(), record()
+    with catalog.add_coming():  # an upload storing its blob
+        first = asyncio.create_task(catalog.add(early))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the flusher is waiting now
+        assert sizes == []
+    await catalog.add(late)
+    await first
+    assert sizes == [2]
+    assert await catalog.get(ORG, early.id) == early
+    assert await catalog.get(ORG, late.id) == late
+
+
+async def test_an_add_waits_for_none_when_no_other_is_on_its_way(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await catalog.add(record())
+    monkeypatch.setattr(catalog_items, "_MAX_LINGER", 3600.0)
+    monkeypatch.setattr(catalog, "_commit_seconds", 3600.0)
+    alone = record()
+    # A hang detector, not a timing: waiting at all would mean an hour here.
+    await asyncio.wait_for(catalog.add(alone), 60)
+    # One whose blob failed (it never adds) stops the wait as soon as it gives up.
+    waiting = record()
+    with catalog.add_coming():
+        add = asyncio.create_task(catalog.add(waiting))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(add, 60)
+    assert await catalog.get(ORG, waiting.id) == waiting

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -99,6 +101,8 @@ class ItemCatalog(Protocol):
         default_quota: int | None = None,
     ) -> None: ...
 
+    def add_coming(self) -> AbstractContextManager[None]: ...
+
     async def get(self, org: str, data_id: str) -> DataRecord: ...
 
     async def list_page(
@@ -135,6 +139,10 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         super().__init__(engine)
         # Concurrent adds share one transaction and one commit (see _flush_adds).
         self._pending_adds: list[_PendingAdd] = []
+        # Adds on their way (see add_coming), and how long the last batch took to commit.
+        self._adds_coming = 0
+        self._add_arrived: asyncio.Future[None] | None = None
+        self._commit_seconds = 0.0
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
         self._bulk_inserts: dict[Insert, _BulkInsert] = {}
@@ -207,17 +215,58 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
             record, upload, default_quota, asyncio.get_running_loop().create_future()
         )
         self._pending_adds.append(pending)
+        self._wake_flusher()
         if not self._flushing:
             self._flushing = True
             self._flusher = asyncio.create_task(self._flush_adds())
         await pending.done
 
+    @contextmanager
+    def add_coming(self) -> Iterator[None]:
+        """While this is held, an add is on its way (its upload is storing the blob): a batch
+        about to commit waits a little for it (see _gather_adds)."""
+        self._adds_coming += 1
+        try:
+            yield
+        finally:
+            self._adds_coming -= 1
+            self._wake_flusher()  # if it never comes (the blob failed), stop waiting for it
+
+    def _wake_flusher(self) -> None:
+        if self._add_arrived is not None and not self._add_arrived.done():
+            self._add_arrived.set_result(None)
+
+    async def _gather_adds(self) -> None:
+        """Before a batch commits, wait for the adds on their way, for as long as the last
+        commit took (at most _MAX_LINGER).
+
+        A commit costs about the same CPU (and an fsync) whatever its size, and concurrent
+        uploads finish their blobs a few milliseconds apart: without waiting, 16 concurrent
+        uploads committed 1.5 items per batch. Waiting at most one commit's time costs an add
+        at most that much latency, and those that arrive meanwhile would otherwise have waited
+        for this commit to end before starting theirs. An add with none on its way does not
+        wait.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self._commit_seconds, _MAX_LINGER)
+        while self._adds_coming and len(self._pending_adds) < _MAX_BATCH:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._add_arrived = arrived = loop.create_future()
+            try:
+                await asyncio.wait((arrived,), timeout=left)
+            finally:
+                self._add_arrived = None
+
     async def _flush_adds(self) -> None:
         """Commit queued adds in batches: while one batch commits, the next one gathers."""
         try:
             while self._pending_adds:
+                await self._gather_adds()
                 batch = self._pending_adds[:_MAX_BATCH]
                 self._pending_adds = self._pending_adds[_MAX_BATCH:]
+                started = time.monotonic()
                 try:
                     outcomes = await self._run(
                         functools.partial(self._add_batch, batch), write=True
@@ -227,6 +276,7 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                     # (UNAVAILABLE, RESOURCE_EXHAUSTED), each its own exception object, since
                     # one object raised in many tasks would pile their tracebacks up.
                     outcomes = [_each_waiter(error) for _ in batch]
+                self._commit_seconds = time.monotonic() - started
                 for item, outcome in zip(batch, outcomes, strict=True):
                     if item.done.done():
                         continue  # its upload was cancelled meanwhile
@@ -615,6 +665,11 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
 _FEW_LABELS = 5000
 # Concurrent adds committed together at most; bounded so that one transaction stays short.
 _MAX_BATCH = 256
+# The longest a batch waits for adds on their way (see SqlItemCatalog._gather_adds). On the 2-vCPU
+# dev VM (SQLite commits of 5-15 ms under load), waiting up to 5 ms made batches of 16 concurrent
+# uploads 2.5 items instead of 1.5 and the server's CPU per small file 4-13% lower; 10 ms did
+# less well. On PostgreSQL, commits are quicker and so are the waits.
+_MAX_LINGER = 0.005
 
 # The write path's statements, built once: SQLAlchemy compiles each once and reuses it, and
 # executemany sends every row of a batch through it.
