@@ -36,6 +36,7 @@ from metalake.server.observability import (
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
 from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.staging import StagingArea
 from metalake.server.web import HttpFace, start_http
 from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
@@ -98,8 +99,8 @@ def prepare(settings: Settings) -> DataDirectoryLock:
 
 def open_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_url:
-        # data_dir still holds this server's spool and resumable staging.
-        return S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
+        # data_dir still holds this server's spool (and, beside, resumable uploads' staging).
+        return S3BlobStore.from_url(settings.blob_url, local_dir=settings.data_dir)
     return LocalBlobStore(settings.data_dir)
 
 
@@ -114,6 +115,7 @@ def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datala
     return DatalakeCore(
         catalog,
         open_blob_store(settings),
+        StagingArea(settings.data_dir / "uploads"),
         extractor=load_extractor(),
         spool_dir=settings.data_dir / "tmp",
         extract_timeout=settings.extract_timeout,

@@ -29,7 +29,6 @@ from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server import importing, thumbnails
 from metalake.server.blobstore import (
-    UPLOAD_ID,
     BlobStore,
     BlobWriter,
     LocalBlobStore,
@@ -74,7 +73,7 @@ from metalake.server.ingest import (
 )
 from metalake.server.locks import KeyedLocks
 from metalake.server.observability import UPLOADS_IN_FLIGHT
-from metalake.server.resumable import SYNC_EVERY, StagedFile, UploadWrite
+from metalake.server.staging import SYNC_EVERY, UPLOAD_ID, StagedFile, StagingArea, UploadWrite
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +103,7 @@ class DatalakeCore:
         self,
         catalog: Catalog,
         blobs: BlobStore,
+        staging: StagingArea,
         *,
         extractor: MetadataExtractor | None,
         spool_dir: Path,
@@ -116,6 +116,7 @@ class DatalakeCore:
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
+        self.staging = staging
         self.extractor = extractor
         self._spool_dir = spool_dir
         self._extract_timeout = extract_timeout
@@ -241,7 +242,9 @@ class DatalakeCore:
     ) -> DataRecord:
         """Check, fill and commit a fully received file: blob first, then its catalog row."""
         _check_expected_sha256(header, spooled.sha256)
-        filled = await self._fill(header, writer)
+        if header.fill_metadata:
+            await writer.flush()
+        filled = await self._fill(header, writer.spool_path)
         record = _new_record(org, header, spooled, filled)
         return await self._commit(
             record, functools.partial(writer.commit, record.blob_key), upload=upload
@@ -256,16 +259,7 @@ class DatalakeCore:
         sha256 = hashlib.sha256(data).hexdigest()
         _check_expected_sha256(header, sha256)
         content_type = header.content_type or sniff_content_type(data, header.filename)
-        if header.fill_metadata:
-            filled = await fill_metadata(
-                self.extractor,
-                data,
-                filename=header.filename,
-                given=header.metadata,
-                time_limit=self._extract_timeout,
-            )
-        else:
-            filled = _given(header)
+        filled = await self._fill(header, data)
         record = _new_record(org, header, Spooled(len(data), sha256, content_type), filled)
         return await self._commit(record, functools.partial(self.blobs.put, sha256, data))
 
@@ -347,10 +341,8 @@ class DatalakeCore:
         upload = await self._live_upload(org, upload_id)
         if upload.data_id:
             return upload.committed_size, await self.catalog.get(org, upload.data_id)
-        staged = StagedFile(
-            self.blobs.staging_path(upload.staging_key),
-            upload.committed_size,
-            await self._admit_organization(org),
+        staged = self.staging.file(
+            upload.staging_key, upload.committed_size, await self._admit_organization(org)
         )
         finished = False
         try:
@@ -385,23 +377,35 @@ class DatalakeCore:
         if earlier is not None:
             await self._drop_upload(upload)
             return earlier
-        writer = await self.blobs.adopt_staged(upload.staging_key)
+        path = self.staging.path(upload.staging_key)
+        sha256, size = await self.staging.hash(upload.staging_key)
+        head = await asyncio.to_thread(_read_head, path)
+        content_type = header.content_type or detect_content_type(head, header.filename)
         try:
-            head = await asyncio.to_thread(_read_head, writer.spool_path)
-            content_type = header.content_type or detect_content_type(head, header.filename)
-            spooled = Spooled(writer.size, writer.sha256(), content_type)
-            return await self._store(upload.org, header, writer, spooled, upload=upload)
+            return await self._store_staged(upload, header, Spooled(size, sha256, content_type))
         except ContentMismatch:
             # The bytes are not what the client meant: resuming cannot fix them.
-            await writer.abort()
             await self._drop_upload(upload)
             raise
-        except BaseException:
-            await writer.abort()
-            raise
+
+    async def _store_staged(
+        self, upload: UploadRecord, header: UploadHeader, spooled: Spooled
+    ) -> DataRecord:
+        """Check, fill and commit a finished resumable upload, from its staged file. Its staged
+        file stays until the blob is stored: a failure before leaves the upload to finish."""
+        path = self.staging.path(upload.staging_key)
+        _check_expected_sha256(header, spooled.sha256)
+        filled = await self._fill(header, path)
+        record = _new_record(upload.org, header, spooled, filled)
+
+        async def store_blob() -> None:
+            await self.blobs.store_file(path, record.blob_key)
+            await self.staging.discard(upload.staging_key)
+
+        return await self._commit(record, store_blob, upload=upload)
 
     async def _drop_upload(self, upload: UploadRecord) -> None:
-        await self.blobs.discard_staged(upload.staging_key)
+        await self.staging.discard(upload.staging_key)
         await self.catalog.delete_upload(upload)
 
     async def collect_garbage(self, *, orphan_age: timedelta = timedelta(hours=1)) -> Garbage:
@@ -415,11 +419,11 @@ class DatalakeCore:
         for upload in await self.catalog.expired_uploads(now):
             await self._drop_upload(upload)
             garbage.expired_uploads += 1
-        staged = await asyncio.to_thread(self.blobs.staged_upload_ids)
+        staged = await asyncio.to_thread(self.staging.staging_keys)
         in_use = await self.catalog.staging_keys_in_use(staged)
         for key in staged:
             if key not in in_use:
-                await self.blobs.discard_staged(key)
+                await self.staging.discard(key)
                 garbage.orphan_staging_files += 1
         cutoff = now - orphan_age
         await self.catalog.prune_events(now - self._event_retention)
@@ -435,16 +439,16 @@ class DatalakeCore:
                         garbage.orphan_blobs += 1
         return garbage
 
-    async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
+    async def _fill(self, header: UploadHeader, content: Path | bytes | None) -> Filled:
+        """The item's metadata: the client's, completed by the extractors if it asks, from the
+        file's bytes in memory or on local disk."""
         if not header.fill_metadata:
             return _given(header)
-        await writer.flush()
-        spool = writer.spool_path
-        if spool is None:
+        if content is None:
             raise NotImplementedError("metadata extraction needs a store that spools locally")
         return await fill_metadata(
             self.extractor,
-            spool,
+            content,
             filename=header.filename,
             given=header.metadata,
             time_limit=self._extract_timeout,

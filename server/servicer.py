@@ -35,8 +35,8 @@ from metalake.server.importing import HEADER_BYTES, BucketAccessError
 from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 from metalake.server.observability import BYTES_RECEIVED, BYTES_SENT
-from metalake.server.resumable import UploadWrite
 from metalake.server.similarity import Similarity
+from metalake.server.staging import UploadWrite
 from metalake.server.webhooks import Delivery, Webhook, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
