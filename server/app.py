@@ -24,10 +24,11 @@ from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.datadir import DataDirectoryLock
-from metalake.server.datalake import DatalakeCore, Limits
+from metalake.server.datalake import DatalakeCore
 from metalake.server.datasets import Datasets
 from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
+from metalake.server.ingest.pipeline import Limits
 from metalake.server.observability import (
     ObservabilityInterceptor,
     configure_logging,

@@ -130,7 +130,7 @@ class LocalBlobStore:
             # Identical content, its bytes fsynced before they were renamed there (by every
             # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
             # yet: its writer may have died before fsyncing the directory, or be another thread
-            # finishing. The caller holds the blob's lock (DatalakeCore._commit: across a server's
+            # finishing. The caller holds the blob's lock (Ingest._commit: across a server's
             # worker processes too), so no other process is placing or deleting it meanwhile.
             _fsync_directory(target.parent)
             return
