@@ -1,4 +1,8 @@
-"""The datalake: what each RPC does, in domain terms, over a catalog and a blob store."""
+"""The datalake: what each RPC does, in domain terms, over a catalog and a blob store.
+
+Every RPC that brings a file's bytes in goes through the ingest pipeline (`DatalakeCore.ingest`,
+metalake.server.ingest.pipeline); the rest is here.
+"""
 
 from __future__ import annotations
 

@@ -437,9 +437,7 @@ def _first_set(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
 
-def _read_head(path: Path | None) -> bytes:
-    if path is None:
-        return b""
+def _read_head(path: Path) -> bytes:
     with path.open("rb") as handle:
         return handle.read(512)
 
