@@ -215,6 +215,14 @@ def from_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]
 
     Values are returned even when invalid so that every violation can be reported at once.
     """
+    values, violations = read_proto(message)
+    violations.extend(validate(values))
+    return values, violations
+
+
+def read_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]]:
+    """Read a protobuf Metadata into a dict, unchecked, with what could not be read as a value
+    at all (and is not in the dict): `validate` the values for the rest."""
     values: MetadataDict = {}
     violations: list[FieldViolation] = []
     for descriptor, value in message.ListFields():
@@ -235,7 +243,6 @@ def from_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]
         violations.append(
             FieldViolation("metadata.acquired_at_utc_offset", "must not be set without acquired_at")
         )
-    violations.extend(validate(values))
     return values, violations
 
 

@@ -24,10 +24,11 @@ from metalake.server.blobstore import BlobStore, LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.datadir import DataDirectoryLock
-from metalake.server.datalake import DatalakeCore, Limits
+from metalake.server.datalake import DatalakeCore
 from metalake.server.datasets import Datasets
 from metalake.server.faults import watch_catalog
 from metalake.server.ingest import MetadataExtractor
+from metalake.server.ingest.pipeline import Limits
 from metalake.server.observability import (
     ObservabilityInterceptor,
     configure_logging,
@@ -36,6 +37,7 @@ from metalake.server.observability import (
 from metalake.server.s3blobstore import S3BlobStore
 from metalake.server.servicer import DatalakeServicer
 from metalake.server.similarity import Similarity, keep_hashing
+from metalake.server.staging import StagingArea
 from metalake.server.web import HttpFace, start_http
 from metalake.server.webhooks import DeliverySettings, Webhooks, keep_delivering
 from metalake.v1 import datalake_pb2, datalake_pb2_grpc
@@ -98,8 +100,8 @@ def prepare(settings: Settings) -> DataDirectoryLock:
 
 def open_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_url:
-        # data_dir still holds this server's spool and resumable staging.
-        return S3BlobStore.from_url(settings.blob_url, staging_dir=settings.data_dir)
+        # data_dir still holds this server's spool (and, beside, resumable uploads' staging).
+        return S3BlobStore.from_url(settings.blob_url, local_dir=settings.data_dir)
     return LocalBlobStore(settings.data_dir)
 
 
@@ -114,9 +116,10 @@ def build_datalake(settings: Settings, *, migrate: bool | None = None) -> Datala
     return DatalakeCore(
         catalog,
         open_blob_store(settings),
+        StagingArea(settings.data_dir / "uploads"),
         extractor=load_extractor(),
         spool_dir=settings.data_dir / "tmp",
-        extract_timeout=settings.fill_timeout,
+        fill_timeout=settings.fill_timeout,
         download_chunk_size=settings.download_chunk_size,
         upload_ttl=timedelta(seconds=settings.upload_ttl),
         limits=Limits(

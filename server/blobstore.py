@@ -2,7 +2,8 @@
 
 Every store follows one protocol: bytes go into a `BlobWriter` as they arrive; `commit` makes them
 durable and visible under a key in one step, `abort` discards them. Until commit nothing is
-visible under any key, so a reader never sees half a blob.
+visible under any key, so a reader never sees half a blob. A file already complete on local disk
+(a resumable upload, staged by metalake.server.staging) is stored in one step by `store_file`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
-
-UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class BlobWriter(Protocol):
@@ -61,6 +59,11 @@ class BlobStore(Protocol):
         """Store a small blob held in memory, whose SHA-256 is `key`, durably and in one step:
         what a writer's write and commit do, without a spool file."""
 
+    async def store_file(self, path: Path, key: str) -> None:
+        """Store a complete local file, whose SHA-256 is `key`, durably, unless identical content
+        is there already. The file may be moved into the store (a rename, for local blobs on its
+        filesystem) or left where it is (copied elsewhere): the caller removes what is left."""
+
     def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream a blob from `offset`; raises FileNotFoundError when it is missing."""
 
@@ -72,23 +75,6 @@ class BlobStore(Protocol):
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         """Blocking: every committed blob's key and when it was written, for garbage collection."""
-
-    # Resumable uploads keep their bytes so far in a staging file of their own until finished.
-
-    def staging_path(self, upload_id: str) -> Path:
-        """The staging file of an upload; raises ValueError for an id that is not UPLOAD_ID."""
-
-    async def adopt_staged(self, upload_id: str) -> BlobWriter:
-        """A writer over a complete staging file, already hashed; commit stores its bytes.
-
-        Aborting it keeps the staged bytes: the client may still finish the upload.
-        """
-
-    async def discard_staged(self, upload_id: str) -> None:
-        """Remove an upload's staging file, if any."""
-
-    def staged_upload_ids(self) -> list[str]:
-        """Blocking: the ids of every upload with a staging file."""
 
     def discard_spooled(self, *, owner: int | None = None) -> int:
         """Blocking: remove what uploads of a previous process left half-written; only safe
@@ -106,8 +92,7 @@ class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        self._uploads = root / "uploads"
-        for directory in (self._blobs, self._tmp, self._uploads):
+        for directory in (self._blobs, self._tmp):
             directory.mkdir(parents=True, exist_ok=True)
         # Blob directories known to exist (none is ever removed): no mkdir per blob.
         self._directories: set[Path] = set()
@@ -145,7 +130,7 @@ class LocalBlobStore:
             # Identical content, its bytes fsynced before they were renamed there (by every
             # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
             # yet: its writer may have died before fsyncing the directory, or be another thread
-            # finishing. The caller holds the blob's lock (DatalakeCore._commit: across a server's
+            # finishing. The caller holds the blob's lock (Ingest._commit: across a server's
             # worker processes too), so no other process is placing or deleting it meanwhile.
             _fsync_directory(target.parent)
             return
@@ -163,6 +148,17 @@ class LocalBlobStore:
         except BaseException:
             spool.unlink(missing_ok=True)
             raise
+        _fsync_directory(target.parent)
+
+    async def store_file(self, path: Path, key: str) -> None:
+        await asyncio.to_thread(self._store_file, path, self.path_for(key))
+
+    def _store_file(self, path: Path, target: Path) -> None:
+        """One thread hop: fsync the file, rename it into place, fsync the directory. Identical
+        content has an identical key: replacing it changes no byte a reader sees."""
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        self._place(path, target)
         _fsync_directory(target.parent)
 
     def _place(self, spool: Path, target: Path) -> None:
@@ -196,21 +192,6 @@ class LocalBlobStore:
             if path.is_file()
         ]
 
-    def staging_path(self, upload_id: str) -> Path:
-        if not UPLOAD_ID.match(upload_id):
-            raise ValueError(f"invalid upload id {upload_id!r}")
-        return self._uploads / upload_id
-
-    async def adopt_staged(self, upload_id: str) -> LocalBlobWriter:
-        path = self.staging_path(upload_id)
-        return await asyncio.to_thread(LocalBlobWriter.over_existing, self, path)
-
-    async def discard_staged(self, upload_id: str) -> None:
-        await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
-
-    def staged_upload_ids(self) -> list[str]:
-        return staged_files(self._uploads)
-
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         handle = await asyncio.to_thread(open, self.path_for(key), "rb")
         try:
@@ -230,25 +211,13 @@ class LocalBlobStore:
 class LocalBlobWriter:
     """Writes to a spool file; commit is fsync, rename into place, fsync the directory."""
 
-    def __init__(
-        self, store: LocalBlobStore, path: Path, handle: BinaryIO, *, keep_on_abort: bool = False
-    ) -> None:
+    def __init__(self, store: LocalBlobStore, path: Path, handle: BinaryIO) -> None:
         self._store = store
         self._path = path
         self._handle = handle
         self._hash = hashlib.sha256()
         self._size = 0
         self._done = False
-        self._keep_on_abort = keep_on_abort
-
-    @classmethod
-    def over_existing(cls, store: LocalBlobStore, path: Path) -> LocalBlobWriter:
-        """Blocking: reads the file once to hash it."""
-        handle = open(path, "r+b")  # noqa: SIM115  # closed by commit or abort
-        writer = cls(store, path, handle, keep_on_abort=True)
-        writer._hash, writer._size = hash_file(path)
-        handle.seek(0, os.SEEK_END)
-        return writer
 
     @property
     def size(self) -> int:
@@ -298,8 +267,7 @@ class LocalBlobWriter:
         # write failed for want of space: the file goes all the same.
         with contextlib.suppress(OSError):
             self._handle.close()
-        if not self._keep_on_abort:
-            self._path.unlink(missing_ok=True)
+        self._path.unlink(missing_ok=True)
 
 
 def spool_name(suffix: str = ".part") -> str:
@@ -365,22 +333,6 @@ def discard_leftovers(
             leftover.unlink(missing_ok=True)
         count += 1
     return count
-
-
-def staged_files(directory: Path) -> list[str]:
-    """Blocking: the upload ids of the staging files in `directory`; anything else there (a
-    directory, a name that is no upload id) is not a staged upload and is left alone."""
-    return [p.name for p in directory.iterdir() if UPLOAD_ID.match(p.name) and p.is_file()]
-
-
-def hash_file(path: Path) -> tuple[Any, int]:
-    """Blocking: the SHA-256 (a hashlib object, still open to updates) and size of a file."""
-    digest, size = hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-            size += len(block)
-    return digest, size
 
 
 def _fsync_directory(path: Path) -> None:

@@ -1,26 +1,24 @@
-"""The datalake: what each RPC does, in domain terms, over a catalog and a blob store."""
+"""The datalake: what each RPC does, in domain terms, over a catalog and a blob store.
+
+Every RPC that brings a file's bytes in goes through the ingest pipeline (`DatalakeCore.ingest`,
+metalake.server.ingest.pipeline); the rest is here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import functools
 import hashlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
-    Callable,
     Collection,
-    Iterator,
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,9 +27,7 @@ from metalake import labels as label_rules
 from metalake.metadata import FIELDS, FieldViolation, MetadataDict
 from metalake.server import importing, thumbnails
 from metalake.server.blobstore import (
-    UPLOAD_ID,
     BlobStore,
-    BlobWriter,
     LocalBlobStore,
     create_spool_file,
     spool_name,
@@ -40,41 +36,27 @@ from metalake.server.catalog import (
     FACET_FIELDS,
     Catalog,
     DataRecord,
-    DuplicateRequestError,
     Event,
     LabelChange,
-    Organization,
     Page,
     ThumbnailRecord,
-    UploadRecord,
 )
 from metalake.server.errors import (
-    ContentMismatch,
     InvalidRequest,
-    LimitReached,
     NotFound,
     OffsetOutOfRange,
     Refusal,
-    Unavailable,
     invalid_field,
 )
 from metalake.server.ingest import (
     Filled,
     MetadataExtractor,
-    Spooled,
-    UploadHeader,
-    check_filename,
-    check_size,
     detect_content_type,
     fill_metadata,
-    gather_head,
-    prepend,
-    receive,
-    sniff_content_type,
 )
+from metalake.server.ingest.pipeline import Ingest, Limits, delete_blob_if_unused
 from metalake.server.locks import KeyedLocks
-from metalake.server.observability import UPLOADS_IN_FLIGHT
-from metalake.server.resumable import SYNC_EVERY, StagedFile, UploadWrite
+from metalake.server.staging import StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +78,9 @@ class ThumbnailDownload:
 class DatalakeCore:
     """The server's datalake: what every RPC and HTTP route does, over a catalog and a blob store.
 
+    Uploads and extraction go through its ingest pipeline (`ingest`, metalake.server.ingest);
+    reading, changing and deleting items, previews, imports and garbage collection are here.
+
     Not to be confused with the SDK's `metalake.client.Datalake`, which calls a server. It is
     stateless over its catalog and blob store: any number of these can share them.
     """
@@ -104,10 +89,11 @@ class DatalakeCore:
         self,
         catalog: Catalog,
         blobs: BlobStore,
+        staging: StagingArea,
         *,
         extractor: MetadataExtractor | None,
         spool_dir: Path,
-        extract_timeout: float,
+        fill_timeout: float,
         download_chunk_size: int,
         upload_ttl: timedelta = timedelta(hours=24),
         limits: Limits | None = None,
@@ -116,21 +102,28 @@ class DatalakeCore:
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
+        self.staging = staging
         self.extractor = extractor
         self._spool_dir = spool_dir
-        self._extract_timeout = extract_timeout
+        self._fill_timeout = fill_timeout
         self._download_chunk_size = download_chunk_size
         self._blob_locks = KeyedLocks()
-        self._upload_locks = KeyedLocks()
         self._upload_ttl = upload_ttl
         self._event_retention = event_retention
         self._watch_interval = watch_interval
-        self._limits = limits or Limits()
-        self._organizations: dict[str, tuple[float, Organization]] = {}
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._draining = False
+        # Every RPC that brings bytes in: UploadData, UploadDataStream, the resumable upload,
+        # ExtractMetadata.
+        self.ingest = Ingest(
+            catalog,
+            blobs,
+            staging,
+            blob_locks=self._blob_locks,
+            extractor=extractor,
+            spool_dir=spool_dir,
+            fill_timeout=fill_timeout,
+            upload_ttl=upload_ttl,
+            limits=limits or Limits(),
+        )
         self._thumbnail_locks = KeyedLocks()
         # Previews are CPU work in worker threads: one per core at most, so that a page of
         # 100 new thumbnails does not starve uploads (nor hold 100 decoded images at once).
@@ -138,272 +131,18 @@ class DatalakeCore:
         # Reads the objects of items registered in place (ImportObjects).
         self._bucket_reader = importing.LazyReader()
 
-    async def upload(
-        self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
-    ) -> DataRecord:
-        """Store one file for `org`; nothing of it is visible unless this returns."""
-        _check_header(header)
-        earlier = await self._earlier_try(org, header)
-        if earlier is not None:
-            return earlier
-        max_size = await self._admit_organization(org)
-        with self._admission():
-            head = await gather_head(chunks, max_size=max_size)
-            if head.complete:
-                return await self._store_small(org, header, head.data())
-            writer = await self.blobs.create_writer(spool=header.fill_metadata)
-            try:
-                spooled = await receive(
-                    prepend(head.chunks, chunks),
-                    writer,
-                    filename=header.filename,
-                    content_type=header.content_type,
-                    max_size=max_size,
-                )
-                return await self._store(org, header, writer, spooled)
-            except BaseException:
-                await writer.abort()
-                raise
-
-    async def _admit_organization(self, org: str) -> int | None:
-        """Refuse an upload of an organization already at its quota; its largest file size.
-
-        Reads the organization at most every few seconds: this early refusal may be a little
-        late, but the catalog enforces the quota exactly when the item is committed.
-        """
-        cached = self._organizations.get(org)
-        if cached is not None and cached[0] > time.monotonic():
-            organization = cached[1]
-        else:
-            organization = await self.catalog.organization(org)
-            self._organizations[org] = (
-                time.monotonic() + _ORGANIZATION_CACHE_SECONDS,
-                organization,
-            )
-        quota = _first_set(organization.storage_quota, self._limits.org_storage_quota)
-        if quota is not None and organization.used_bytes >= quota:
-            raise LimitReached(f"organization {org!r} has used its storage quota of {quota} bytes")
-        sizes = [
-            self._limits.max_file_size,
-            _first_set(organization.max_file_size, self._limits.org_max_file_size),
-        ]
-        return min((s for s in sizes if s is not None), default=None)
-
     @property
     def draining(self) -> bool:
         """Whether this server refuses new uploads because it is stopping."""
-        return self._draining
+        return self.ingest.draining
 
     def start_draining(self) -> None:
         """Refuse new uploads from now on; those in flight go on."""
-        self._draining = True
+        self.ingest.start_draining()
 
     async def idle(self) -> None:
         """Return once no upload is in flight."""
-        await self._idle.wait()
-
-    @contextmanager
-    def _admission(self) -> Iterator[None]:
-        """Bound the uploads this server runs at once; beyond, ask the client to come back."""
-        if self._draining:
-            raise Unavailable("this server is shutting down: retry, another one will answer")
-        if self._in_flight >= self._limits.max_concurrent_uploads:
-            raise LimitReached(
-                f"this server is running its maximum of {self._limits.max_concurrent_uploads} "
-                "uploads: retry shortly",
-                retry_after=1.0,
-            )
-        self._in_flight += 1
-        UPLOADS_IN_FLIGHT.inc()
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            UPLOADS_IN_FLIGHT.dec()
-            if not self._in_flight:
-                self._idle.set()
-
-    async def _earlier_try(self, org: str, header: UploadHeader) -> DataRecord | None:
-        """The item a previous try of this upload stored (AIP-155), if any."""
-        if not header.request_id:
-            return None
-        return await self.catalog.find_request(org, header.request_id)
-
-    async def _store(
-        self,
-        org: str,
-        header: UploadHeader,
-        writer: BlobWriter,
-        spooled: Spooled,
-        *,
-        upload: UploadRecord | None = None,
-    ) -> DataRecord:
-        """Check, fill and commit a fully received file: blob first, then its catalog row."""
-        _check_expected_sha256(header, spooled.sha256)
-        filled = await self._fill(header, writer)
-        record = _new_record(org, header, spooled, filled)
-        return await self._commit(
-            record, functools.partial(writer.commit, record.blob_key), upload=upload
-        )
-
-    async def _store_small(self, org: str, header: UploadHeader, data: bytes) -> DataRecord:
-        """A file gathered whole in memory: filled from memory, written in one step, no spool.
-
-        Hashed here, on the event loop: the key must be known before its lock is taken, and a
-        small file hashes in about the time a thread hop takes (hashlib releases the GIL).
-        """
-        sha256 = hashlib.sha256(data).hexdigest()
-        _check_expected_sha256(header, sha256)
-        content_type = header.content_type or sniff_content_type(data, header.filename)
-        if header.fill_metadata:
-            filled = await fill_metadata(
-                self.extractor,
-                data,
-                filename=header.filename,
-                given=header.metadata,
-                time_limit=self._extract_timeout,
-            )
-        else:
-            filled = _given(header)
-        record = _new_record(org, header, Spooled(len(data), sha256, content_type), filled)
-        return await self._commit(record, functools.partial(self.blobs.put, sha256, data))
-
-    async def _commit(
-        self,
-        record: DataRecord,
-        store_blob: Callable[[], Awaitable[None]],
-        *,
-        upload: UploadRecord | None = None,
-    ) -> DataRecord:
-        """Store the blob, then the item: both under the blob's lock, so that no deletion of the
-        same content decides in between that the blob is unused."""
-        async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
-            with self.catalog.add_coming():  # a batch committing meanwhile may wait for it
-                await store_blob()
-            try:
-                await self.catalog.add(
-                    record, upload=upload, default_quota=self._limits.org_storage_quota
-                )
-            except DuplicateRequestError as duplicate:
-                # A retry of this upload finished first: its item is this upload's answer.
-                await self._delete_blob_if_unused(record.blob_key)
-                return duplicate.existing
-            except BaseException:
-                await self._delete_blob_if_unused(record.blob_key)
-                raise
-        log.info("stored %s (%s, %d bytes)", record.id, record.content_type, record.size)
-        return record
-
-    # Resumable uploads (google.bytestream style).
-
-    async def start_upload(self, org: str, header: UploadHeader, upload_id: str) -> UploadRecord:
-        """Open a resumable upload, or return the state of the one with this id."""
-        _check_header(header)
-        upload_id = upload_id or uuid.uuid4().hex
-        if not UPLOAD_ID.match(upload_id):
-            raise invalid_field(
-                "upload_id", "must be 1 to 128 of [A-Za-z0-9._-], starting with a letter or digit"
-            )
-        now = datetime.now(UTC)
-        record = UploadRecord(
-            org=org,
-            id=upload_id,
-            staging_key=uuid.uuid4().hex,
-            header=header.to_json(),
-            committed_size=0,
-            created_at=now,
-            expires_at=now + self._upload_ttl,
-        )
-        return await self.catalog.start_upload(record)
-
-    async def query_upload(
-        self, org: str, upload_id: str
-    ) -> tuple[UploadRecord, DataRecord | None]:
-        upload = await self._live_upload(org, upload_id)
-        data = await self.catalog.get(org, upload.data_id) if upload.data_id else None
-        return upload, data
-
-    async def _live_upload(self, org: str, upload_id: str) -> UploadRecord:
-        upload = await self.catalog.get_upload(org, upload_id) if upload_id else None
-        if upload is None or upload.expires_at <= datetime.now(UTC):
-            raise NotFound(upload_id, kind="upload")
-        return upload
-
-    async def write_upload(
-        self, org: str, upload_id: str, writes: AsyncIterator[UploadWrite]
-    ) -> tuple[int, DataRecord | None]:
-        """Append to a resumable upload; store it when a write says finish.
-
-        Returns the committed size and, once finished, the stored item. Bytes the server already
-        committed are skipped, so a client may resend from any offset up to the committed size.
-        """
-        async with self._upload_locks.hold(f"{org}/{upload_id}"):
-            with self._admission():
-                return await self._write_upload(org, upload_id, writes)
-
-    async def _write_upload(
-        self, org: str, upload_id: str, writes: AsyncIterator[UploadWrite]
-    ) -> tuple[int, DataRecord | None]:
-        upload = await self._live_upload(org, upload_id)
-        if upload.data_id:
-            return upload.committed_size, await self.catalog.get(org, upload.data_id)
-        staged = StagedFile(
-            self.blobs.staging_path(upload.staging_key),
-            upload.committed_size,
-            await self._admit_organization(org),
-        )
-        finished = False
-        try:
-            await staged.open()
-            if staged.committed < upload.committed_size:
-                await self.catalog.set_upload_committed(upload, staged.committed)
-            async for write in writes:
-                await staged.write(write.offset, write.data)
-                if staged.unsynced >= SYNC_EVERY:
-                    await self.catalog.set_upload_committed(upload, await staged.sync())
-                if write.finish:
-                    finished = True
-                    break
-        finally:
-            # Whatever arrived before the stream ended or broke is kept, durably. One task does
-            # it all, shielded: a broken stream cancels this call (possibly more than once), and
-            # the bytes must still be recorded as committed for the client's resumption.
-            persisting = asyncio.ensure_future(self._persist_committed(upload, staged))
-            committed = await asyncio.shield(persisting)
-        if not finished:
-            return committed, None
-        return committed, await self._finish_upload(upload)
-
-    async def _persist_committed(self, upload: UploadRecord, staged: StagedFile) -> int:
-        committed = await staged.close()
-        await self.catalog.set_upload_committed(upload, committed)
-        return committed
-
-    async def _finish_upload(self, upload: UploadRecord) -> DataRecord:
-        header = UploadHeader.from_json(upload.header)
-        earlier = await self._earlier_try(upload.org, header)
-        if earlier is not None:
-            await self._drop_upload(upload)
-            return earlier
-        writer = await self.blobs.adopt_staged(upload.staging_key)
-        try:
-            head = await asyncio.to_thread(_read_head, writer.spool_path)
-            content_type = header.content_type or detect_content_type(head, header.filename)
-            spooled = Spooled(writer.size, writer.sha256(), content_type)
-            return await self._store(upload.org, header, writer, spooled, upload=upload)
-        except ContentMismatch:
-            # The bytes are not what the client meant: resuming cannot fix them.
-            await writer.abort()
-            await self._drop_upload(upload)
-            raise
-        except BaseException:
-            await writer.abort()
-            raise
-
-    async def _drop_upload(self, upload: UploadRecord) -> None:
-        await self.blobs.discard_staged(upload.staging_key)
-        await self.catalog.delete_upload(upload)
+        await self.ingest.idle()
 
     async def collect_garbage(self, *, orphan_age: timedelta = timedelta(hours=1)) -> Garbage:
         """Reclaim what no item needs: expired uploads, and blobs without an item.
@@ -414,13 +153,13 @@ class DatalakeCore:
         now = datetime.now(UTC)
         garbage = Garbage()
         for upload in await self.catalog.expired_uploads(now):
-            await self._drop_upload(upload)
+            await self.ingest.drop_upload(upload)
             garbage.expired_uploads += 1
-        staged = await asyncio.to_thread(self.blobs.staged_upload_ids)
+        staged = await asyncio.to_thread(self.staging.staging_keys)
         in_use = await self.catalog.staging_keys_in_use(staged)
         for key in staged:
             if key not in in_use:
-                await self.blobs.discard_staged(key)
+                await self.staging.discard(key)
                 garbage.orphan_staging_files += 1
         cutoff = now - orphan_age
         await self.catalog.prune_events(now - self._event_retention)
@@ -435,21 +174,6 @@ class DatalakeCore:
                         await self.blobs.delete(key)
                         garbage.orphan_blobs += 1
         return garbage
-
-    async def _fill(self, header: UploadHeader, writer: BlobWriter) -> Filled:
-        if not header.fill_metadata:
-            return _given(header)
-        await writer.flush()
-        spool = writer.spool_path
-        if spool is None:
-            raise NotImplementedError("metadata extraction needs a store that spools locally")
-        return await fill_metadata(
-            self.extractor,
-            spool,
-            filename=header.filename,
-            given=header.metadata,
-            time_limit=self._extract_timeout,
-        )
 
     async def get(self, org: str, data_id: str) -> DataRecord:
         _check_id(data_id)
@@ -539,10 +263,7 @@ class DatalakeCore:
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
         # Callers hold the blob's lock, so no upload of the same content commits meanwhile.
-        if importing.is_reference(blob_key):
-            return  # a customer's object registered in place: never ours to delete
-        if not await self.catalog.blob_in_use(blob_key):
-            await self.blobs.delete(blob_key)
+        await delete_blob_if_unused(self.catalog, self.blobs, blob_key)
 
     async def download(self, org: str, data_id: str, *, offset: int = 0) -> Download:
         _check_id(data_id)
@@ -761,7 +482,7 @@ class DatalakeCore:
                 head,
                 filename=filename,
                 given={},
-                time_limit=self._extract_timeout,
+                time_limit=self._fill_timeout,
             )
         now = datetime.now(UTC)
         record = DataRecord(
@@ -813,61 +534,6 @@ class DatalakeCore:
             if not events:
                 await asyncio.sleep(self._watch_interval)
 
-    async def extract(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
-        """What fill_metadata would fill for this file; nothing is stored."""
-        violations = check_filename(filename, "header.filename")
-        if violations:
-            raise InvalidRequest("the extraction header is invalid", violations)
-        with self._admission():
-            head = await gather_head(chunks, max_size=self._limits.max_file_size)
-            if head.complete:
-                return await fill_metadata(
-                    self.extractor,
-                    head.data(),
-                    filename=filename,
-                    given={},
-                    time_limit=self._extract_timeout,
-                )
-            return await self._extract_spooled(filename, prepend(head.chunks, chunks))
-
-    async def _extract_spooled(self, filename: str, chunks: AsyncIterator[bytes]) -> Filled:
-        # A file like an upload's spool file: whatever a crash leaves of it is discarded at the
-        # next start, like theirs (or, named after this process, when a supervisor replaces it).
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
-        spool = self._spool_dir / spool_name(".extract")
-        try:
-            handle = await create_spool_file(spool)
-            try:
-                size = 0
-                async for chunk in chunks:
-                    size += len(chunk)
-                    check_size(size, self._limits.max_file_size)
-                    await asyncio.to_thread(handle.write, chunk)
-                await asyncio.to_thread(handle.flush)
-            finally:
-                with contextlib.suppress(OSError):  # a failed write fails the flush again
-                    handle.close()
-            return await fill_metadata(
-                self.extractor,
-                spool,
-                filename=filename,
-                given={},
-                time_limit=self._extract_timeout,
-            )
-        finally:
-            spool.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one server accepts; both bound its memory and disk use under any load."""
-
-    max_concurrent_uploads: int = 256
-    max_file_size: int | None = None  # bytes; None: no limit
-    # Defaults for organizations without limits of their own (metalake org limits).
-    org_max_file_size: int | None = None
-    org_storage_quota: int | None = None
-
 
 @dataclass
 class Garbage:
@@ -877,9 +543,6 @@ class Garbage:
     orphan_staging_files: int = 0
     orphan_blobs: int = 0
     abandoned_uploads: int = 0
-
-
-_ORGANIZATION_CACHE_SECONDS = 5.0
 
 
 def _encode_resume_token(seq: int) -> str:
@@ -920,57 +583,6 @@ def _label_change(paths: list[str], given: dict[str, str]) -> LabelChange:
         set={k: given[k] for k in keys if k in given},
         remove=tuple(k for k in keys if k not in given),
     )
-
-
-def _first_set(*values: int | None) -> int | None:
-    return next((v for v in values if v is not None), None)
-
-
-def _read_head(path: Path | None) -> bytes:
-    if path is None:
-        return b""
-    with path.open("rb") as handle:
-        return handle.read(512)
-
-
-def _check_expected_sha256(header: UploadHeader, sha256: str) -> None:
-    if header.expected_sha256 and header.expected_sha256 != sha256:
-        raise ContentMismatch(
-            f"the content received hashes to {sha256}, not the expected "
-            f"{header.expected_sha256}: it was corrupted on the way; upload it again",
-            [FieldViolation("header.expected_sha256", "does not match the content")],
-        )
-
-
-def _given(header: UploadHeader) -> Filled:
-    """The metadata as the client gave it: no extraction asked for."""
-    return Filled(dict(header.metadata), dict.fromkeys(header.metadata, "client"))
-
-
-def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled) -> DataRecord:
-    now = datetime.now(UTC)
-    return DataRecord(
-        id=str(uuid.uuid4()),
-        org=org,
-        filename=header.filename,
-        size=spooled.size,
-        sha256=spooled.sha256,
-        content_type=spooled.content_type,
-        blob_key=spooled.sha256,
-        created_at=now,
-        updated_at=now,
-        metadata=filled.metadata,
-        metadata_sources=filled.sources,
-        tags=tuple(sorted(set(header.tags))),
-        request_id=header.request_id,
-        labels=dict(sorted(header.labels.items())),
-    )
-
-
-def _check_header(header: UploadHeader) -> None:
-    violations = header.violations()
-    if violations:
-        raise InvalidRequest("the upload header is invalid", violations)
 
 
 def _check_id(data_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Many files over one stream: each file is an ordinary upload, several in flight at once.
+"""Many files over one stream: each file is an ordinary upload (Ingest.upload, which also checks
+its header), several in flight at once.
 
 The stream reader feeds each file's chunks to its own upload task through a small bounded queue,
 so receiving file k+1 overlaps committing file k, and a fast client still cannot make the server
@@ -21,7 +22,7 @@ _QUEUE_CHUNKS = 4
 
 @dataclass(frozen=True)
 class FileStart:
-    header: UploadHeader | Refusal  # an error: the header did not even parse
+    header: UploadHeader
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,8 @@ async def upload_stream(
                 task.cancel()
 
 
-async def _run(upload: Upload, header: UploadHeader | Refusal, feed: _Feed) -> DataRecord:
+async def _run(upload: Upload, header: UploadHeader, feed: _Feed) -> DataRecord:
     try:
-        if isinstance(header, Refusal):
-            raise header
         return await upload(header, feed.chunks())
     finally:
         feed.close()

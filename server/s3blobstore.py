@@ -39,13 +39,10 @@ from botocore.exceptions import (
 )
 
 from metalake.server.blobstore import (
-    UPLOAD_ID,
     create_spool_file,
     discard_leftovers,
-    hash_file,
     owner_prefix,
     spool_name,
-    staged_files,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +77,7 @@ class S3ConfigurationError(ValueError):
 
 
 class S3BlobStore:
-    """The BlobStore protocol on an S3 bucket. Resumable uploads stage on local disk."""
+    """The BlobStore protocol on an S3 bucket; spool files (for the extractors) on local disk."""
 
     def __init__(
         self,
@@ -88,7 +85,7 @@ class S3BlobStore:
         bucket: str,
         prefix: str,
         *,
-        staging_dir: Path | None = None,
+        local_dir: Path | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         copy_part_size: int = DEFAULT_COPY_PART_SIZE,
     ) -> None:
@@ -99,20 +96,19 @@ class S3BlobStore:
         self.prefix = prefix.strip("/")
         self.part_size = part_size
         self.copy_part_size = copy_part_size
-        # Local disk still holds the spool (for the extractors) and resumable uploads' staging.
-        if staging_dir is None:
-            staging_dir = Path(tempfile.gettempdir()) / "metalake-s3"
-        self._spool = staging_dir / "tmp"
-        self._uploads = staging_dir / "uploads"
-        for directory in (self._spool, self._uploads):
-            directory.mkdir(parents=True, exist_ok=True)
+        # Local disk (the server's data directory) still holds the spool, for the extractors,
+        # and the markers of multipart uploads in flight.
+        if local_dir is None:
+            local_dir = Path(tempfile.gettempdir()) / "metalake-s3"
+        self._spool = local_dir / "tmp"
+        self._spool.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def from_url(
         cls,
         url: str,
         *,
-        staging_dir: Path | None = None,
+        local_dir: Path | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         environ: Mapping[str, str] | None = None,
     ) -> S3BlobStore:
@@ -146,7 +142,7 @@ class S3BlobStore:
             aws_session_token=env.get("AWS_SESSION_TOKEN"),
             config=_client_config(endpoint, env),
         )
-        return cls(client, parsed.netloc, parsed.path, staging_dir=staging_dir, part_size=part_size)
+        return cls(client, parsed.netloc, parsed.path, local_dir=local_dir, part_size=part_size)
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -328,26 +324,11 @@ class S3BlobStore:
         for marker in self._spool.glob(f"*{_key_name(temporary_key)}{_MULTIPART_MARKER}"):
             marker.unlink(missing_ok=True)
 
-    # Resumable uploads stage on this server's disk, then go to S3 when finished.
+    async def store_file(self, path: Path, key: str) -> None:
+        """Upload the file; it stays where it is, for the caller to remove."""
+        await asyncio.to_thread(self._store_file, path, key)
 
-    def staging_path(self, upload_id: str) -> Path:
-        if not UPLOAD_ID.match(upload_id):
-            raise ValueError(f"invalid upload id {upload_id!r}")
-        return self._uploads / upload_id
-
-    async def adopt_staged(self, upload_id: str) -> S3StagedWriter:
-        path = self.staging_path(upload_id)
-        digest, size = await asyncio.to_thread(hash_file, path)
-        return S3StagedWriter(self, path, digest.hexdigest(), size)
-
-    async def discard_staged(self, upload_id: str) -> None:
-        await asyncio.to_thread(self.staging_path(upload_id).unlink, True)
-
-    def staged_upload_ids(self) -> list[str]:
-        return staged_files(self._uploads)
-
-    def store_file(self, path: Path, key: str) -> None:
-        """Blocking: put a local file under a blob key, unless identical content is there."""
+    def _store_file(self, path: Path, key: str) -> None:
         object_key = self.blob_key(key)
         if self._exists(object_key):
             return
@@ -548,40 +529,6 @@ class S3BlobWriter:
             self._spool = None
         if self._spool_path is not None:
             self._spool_path.unlink(missing_ok=True)
-
-
-class S3StagedWriter:
-    """A finished resumable upload, staged on local disk, on its way to S3 at commit."""
-
-    def __init__(self, store: S3BlobStore, path: Path, sha256: str, size: int) -> None:
-        self._store = store
-        self._path = path
-        self._sha256 = sha256
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def spool_path(self) -> Path:
-        return self._path
-
-    def sha256(self) -> str:
-        return self._sha256
-
-    async def write(self, chunk: bytes) -> None:
-        raise RuntimeError("a staged upload is already complete")
-
-    async def flush(self) -> None:
-        """Nothing buffered: the staged file is complete."""
-
-    async def commit(self, key: str) -> None:
-        await asyncio.to_thread(self._store.store_file, self._path, key)
-        await asyncio.to_thread(self._path.unlink, True)
-
-    async def abort(self) -> None:
-        """Keep the staged bytes: the client may still finish the upload."""
 
 
 def _key_name(key: str) -> str:

@@ -35,8 +35,8 @@ from metalake.server.importing import HEADER_BYTES, BucketAccessError
 from metalake.server.ingest import UploadHeader
 from metalake.server.multiplex import FileChunk, FileEnd, FileStart, StreamEvent, upload_stream
 from metalake.server.observability import BYTES_RECEIVED, BYTES_SENT
-from metalake.server.resumable import UploadWrite
 from metalake.server.similarity import Similarity
+from metalake.server.staging import UploadWrite
 from metalake.server.webhooks import Delivery, Webhook, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
@@ -145,6 +145,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         webhooks: Webhooks,
     ) -> None:
         self._datalake = datalake
+        self._ingest = datalake.ingest
         self._datasets = datasets
         self._similarity = similarity
         self._webhooks = webhooks
@@ -159,7 +160,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         if first is None or not first.HasField("header"):
             raise invalid_field("header", "the first message of the stream must carry the header")
         header = _upload_header(first.header)
-        record = await self._datalake.upload(_org(), header, _chunks(request_iterator))
+        record = await self._ingest.upload(_org(), header, _chunks(request_iterator))
         return pb.UploadDataResponse(data=data_to_proto(record))
 
     @_translating_errors
@@ -226,7 +227,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise invalid_field("header", "the first message of the stream must carry the header")
-        filled = await self._datalake.extract(first.header.filename, _chunks(request_iterator))
+        filled = await self._ingest.extract(first.header.filename, _chunks(request_iterator))
         return pb.ExtractMetadataResponse(
             metadata=md.to_proto(filled.metadata), metadata_sources=filled.sources
         )
@@ -236,7 +237,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         self, request: pb.StartUploadRequest, context: Context
     ) -> pb.StartUploadResponse:
         header = _upload_header(request.header)
-        upload = await self._datalake.start_upload(_org(), header, request.upload_id)
+        upload = await self._ingest.start_upload(_org(), header, request.upload_id)
         return pb.StartUploadResponse(
             upload_id=upload.id,
             committed_size=upload.committed_size,
@@ -250,7 +251,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         first = await anext(request_iterator, None)
         if first is None or not first.upload_id:
             raise invalid_field("upload_id", "the first message must name the upload")
-        committed, record = await self._datalake.write_upload(
+        committed, record = await self._ingest.write_upload(
             _org(), first.upload_id, _writes(first, request_iterator)
         )
         return pb.WriteUploadResponse(
@@ -261,7 +262,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
     async def QueryUpload(
         self, request: pb.QueryUploadRequest, context: Context
     ) -> pb.QueryUploadResponse:
-        upload, record = await self._datalake.query_upload(_org(), request.upload_id)
+        upload, record = await self._ingest.query_upload(_org(), request.upload_id)
         return pb.QueryUploadResponse(
             committed_size=upload.committed_size,
             complete=record is not None,
@@ -278,7 +279,7 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
         async def upload(header: UploadHeader, chunks: AsyncIterator[bytes]) -> DataRecord:
             # A backend fault fails this file only (a FileError), like any refusal.
             try:
-                return await self._datalake.upload(org, header, chunks)
+                return await self._ingest.upload(org, header, chunks)
             except Exception as error:
                 domain = _domain_error(error, "UploadDataStream")
                 if domain is None or domain is error:
@@ -574,10 +575,7 @@ async def _stream_events(
     async for message in request_iterator:
         kind = message.WhichOneof("content")
         if kind == "header":
-            try:
-                yield FileStart(_upload_header(message.header))
-            except Refusal as error:
-                yield FileStart(error)
+            yield FileStart(_upload_header(message.header))
         elif kind == "chunk":
             BYTES_RECEIVED.inc(len(message.chunk))
             yield FileChunk(message.chunk)
@@ -633,8 +631,9 @@ async def _chunks(
 
 
 def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
-    values, violations = md.from_proto(message.metadata)
-    header = UploadHeader(
+    """The header as the client sent it: the ingest pipeline checks it (check_header)."""
+    values, unreadable = md.read_proto(message.metadata)
+    return UploadHeader(
         filename=message.filename,
         metadata=values,
         fill_metadata=message.fill_metadata,
@@ -643,13 +642,8 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
         request_id=message.request_id,
         expected_sha256=message.expected_sha256,
         labels=dict(message.labels),
+        unreadable=tuple(md.FieldViolation("header." + v.field, v.description) for v in unreadable),
     )
-    if violations:
-        violations = [md.FieldViolation("header." + v.field, v.description) for v in violations]
-        # Report the header's other problems in the same answer.
-        violations += [v for v in header.violations() if not v.field.startswith("header.metadata")]
-        raise InvalidRequest("the upload header is invalid", violations)
-    return header
 
 
 def data_to_proto(record: DataRecord) -> pb.Data:

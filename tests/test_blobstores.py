@@ -28,6 +28,7 @@ from metalake.server.s3blobstore import (
     S3BlobWriter,
     S3ConfigurationError,
 )
+from metalake.server.staging import StagingArea
 from tests.conftest import S3_ENV
 
 MiB = 1024 * 1024
@@ -40,14 +41,14 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         url: str = request.getfixturevalue("s3_url")
         # The smallest parts S3 allows, so a few MiB exercise multipart uploads, and copies.
-        s3 = S3BlobStore.from_url(url, staging_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
+        s3 = S3BlobStore.from_url(url, local_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
         s3.copy_part_size = MIN_PART_SIZE
         yield s3
 
 
 @pytest.fixture
 async def s3(tmp_path: Path, s3_url: str) -> S3BlobStore:
-    return S3BlobStore.from_url(s3_url, staging_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
+    return S3BlobStore.from_url(s3_url, local_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
 
 
 def sha(data: bytes) -> str:
@@ -350,13 +351,13 @@ def test_plain_http_endpoints_need_consent(tmp_path: Path) -> None:
     env = {**S3_ENV, "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
     del env["AWS_ALLOW_HTTP"]
     with pytest.raises(S3ConfigurationError, match="AWS_ALLOW_HTTP"):
-        S3BlobStore.from_url("s3://bucket/p", staging_dir=tmp_path, environ=env)
+        S3BlobStore.from_url("s3://bucket/p", local_dir=tmp_path, environ=env)
     with pytest.raises(S3ConfigurationError, match="AWS_ALLOW_HTTP"):
         S3BlobStore.from_url(
-            "s3://bucket/p", staging_dir=tmp_path, environ={**env, "AWS_ALLOW_HTTP": "false"}
+            "s3://bucket/p", local_dir=tmp_path, environ={**env, "AWS_ALLOW_HTTP": "false"}
         )
     allowed = S3BlobStore.from_url(
-        "s3://bucket/p", staging_dir=tmp_path, environ={**env, "AWS_ALLOW_HTTP": "true"}
+        "s3://bucket/p", local_dir=tmp_path, environ={**env, "AWS_ALLOW_HTTP": "true"}
     )
     assert allowed.client.meta.endpoint_url == "http://127.0.0.1:9000"
 
@@ -368,7 +369,7 @@ def test_configuration_from_the_url_and_environment(tmp_path: Path) -> None:
         "AWS_ACCESS_KEY_ID": "id",
         "AWS_SECRET_ACCESS_KEY": "secret",
     }
-    store = S3BlobStore.from_url("s3://acme-lake/metalake/", staging_dir=tmp_path, environ=env)
+    store = S3BlobStore.from_url("s3://acme-lake/metalake/", local_dir=tmp_path, environ=env)
     assert (store.bucket, store.prefix, store.part_size) == ("acme-lake", "metalake", 8 * MiB)
     assert store.part_size == DEFAULT_PART_SIZE
     assert store.client.meta.region_name == "eu-west-3"
@@ -388,29 +389,39 @@ def test_configuration_from_the_url_and_environment(tmp_path: Path) -> None:
     assert vars(aws.client.meta.config)["request_checksum_calculation"] == "when_supported"
 
     with pytest.raises(S3ConfigurationError, match="s3://"):
-        S3BlobStore.from_url("https://bucket/p", staging_dir=tmp_path, environ=S3_ENV)
+        S3BlobStore.from_url("https://bucket/p", local_dir=tmp_path, environ=S3_ENV)
     with pytest.raises(S3ConfigurationError, match="https://"):
         S3BlobStore.from_url("s3://bucket/p", environ={"AWS_ENDPOINT_URL": "minio.internal:9000"})
     with pytest.raises(S3ConfigurationError, match="at least"):
         S3BlobStore.from_url("s3://bucket/p", part_size=MiB, environ={})
 
 
-async def test_a_staged_resumable_upload_commits_into_the_store(store: BlobStore) -> None:
+async def test_a_finished_resumable_upload_is_stored_from_its_staged_file(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    staging = StagingArea(tmp_path / "uploads")
+    key = "0123456789abcdef0123456789abcdef"
     data = os.urandom(200_000)
-    staged = store.staging_path("0123456789abcdef0123456789abcdef")
+    staged = staging.path(key)
     staged.write_bytes(data)
-    writer = await store.adopt_staged("0123456789abcdef0123456789abcdef")
-    assert writer.sha256() == sha(data)
-    assert writer.size == len(data)
-    await writer.abort()
-    assert staged.read_bytes() == data  # aborting keeps what the client may still finish
+    (staging.directory / "not-an-upload").mkdir()  # whatever else is there is left alone
+    assert staging.staging_keys() == [key]
+    assert await staging.hash(key) == (sha(data), len(data))
+    assert staged.read_bytes() == data  # hashing keeps what the client may still finish
 
-    writer = await store.adopt_staged("0123456789abcdef0123456789abcdef")
-    await writer.commit(sha(data))
+    await store.store_file(staged, sha(data))
+    await staging.discard(key)
     assert await get(store, sha(data)) == data
     assert not staged.exists()
+    assert staging.staging_keys() == []
+    assert leftovers(store) == []
+    # Identical content staged again is stored again without harm.
+    staged.write_bytes(data)
+    await store.store_file(staged, sha(data))
+    await staging.discard(key)
+    assert await get(store, sha(data)) == data
     with pytest.raises(ValueError, match="invalid upload id"):
-        store.staging_path("../escape")
+        staging.path("../escape")
 
 
 async def test_put_stores_a_small_blob_in_one_step(store: BlobStore) -> None:
@@ -432,7 +443,7 @@ def _restarted(store: BlobStore, tmp_path: Path) -> BlobStore:
     """The same store as a new process would open it, after this one was killed."""
     if isinstance(store, S3BlobStore):
         url = f"s3://{store.bucket}/{store.prefix}"
-        return S3BlobStore.from_url(url, staging_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
+        return S3BlobStore.from_url(url, local_dir=tmp_path / "staging", part_size=MIN_PART_SIZE)
     return LocalBlobStore(tmp_path / "blobs")
 
 
@@ -467,12 +478,12 @@ async def test_start_up_with_the_bucket_away_keeps_what_it_could_not_abort(
     url = f"s3://{s3.bucket}/{s3.prefix}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    away = S3BlobStore.from_url(url, staging_dir=tmp_path / "staging")
+    away = S3BlobStore.from_url(url, local_dir=tmp_path / "staging")
     assert away.discard_spooled() == 0  # starts all the same
     assert len(pending_uploads(s3)) == 1
     # The next start, with the bucket back, finishes the job.
     back = S3BlobStore.from_url(
-        url, staging_dir=tmp_path / "staging", environ={**os.environ, **_moto_env(s3)}
+        url, local_dir=tmp_path / "staging", environ={**os.environ, **_moto_env(s3)}
     )
     assert back.discard_spooled() == 1
     assert leftovers(s3) == []

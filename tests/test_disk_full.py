@@ -16,6 +16,7 @@ import pytest
 
 import metalake.server.blobstore
 import metalake.server.datalake
+import metalake.server.ingest.receiving
 from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
@@ -55,7 +56,11 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     async def create_on_a_full_disk(path: Path) -> Any:
         return FillsUp(await create(path), 100_000)
 
-    for module in (metalake.server.blobstore, metalake.server.datalake):
+    for module in (
+        metalake.server.blobstore,
+        metalake.server.datalake,
+        metalake.server.ingest.receiving,
+    ):
         monkeypatch.setattr(module, "create_spool_file", create_on_a_full_disk)
 
     written: dict[str, int] = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -205,6 +206,43 @@ def test_every_violation_is_reported_at_once(stub: Stub) -> None:
         "header.metadata.longitude",
         "header.tags[0]",
     }
+
+
+def test_each_violation_of_a_header_is_reported_once_whichever_rpc_takes_it(stub: Stub) -> None:
+    """One check of the header, one list: a value the server cannot even read (an offset without
+    its timestamp) beside invalid values and fields, none of them twice."""
+    header = pb.UploadDataHeader(
+        filename="",
+        metadata=pb.Metadata(latitude=100, acquired_at_utc_offset=Duration(seconds=3600)),
+        tags=[""],
+    )
+    expected = [
+        "header.filename",
+        "header.metadata.acquired_at_utc_offset",
+        "header.metadata.latitude",
+        "header.tags[0]",
+    ]
+
+    def fields(error: grpc.RpcError) -> list[str]:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        assert status is not None
+        found = []
+        for detail in status.details:
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request):
+                found += [v.field for v in bad_request.field_violations]
+        return sorted(found)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UploadData(iter([pb.UploadDataRequest(header=header)]))
+    assert fields(caught.value) == expected
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.StartUpload(pb.StartUploadRequest(header=header))
+    assert fields(caught.value) == expected
+    (answer,) = stub.UploadDataStream(
+        iter([pb.UploadDataStreamRequest(header=header), pb.UploadDataStreamRequest(finish=True)])
+    )
+    assert sorted(v.field for v in answer.error.field_violations) == expected
 
 
 @pytest.mark.parametrize("filename", ["", "   ", "x" * 1025, "a\nb"])

@@ -1,21 +1,71 @@
-"""Resumable uploads' bytes on disk: a staging file that only ever grows from what is durable.
+"""Resumable uploads' bytes on this server's disk, until they are finished: the staging area.
 
-A client may resend from any offset up to the committed size (resent bytes are skipped) and a
-server that crashed mid-stream truncates back to it, so the staged file is always a prefix of
-the upload.
+Each upload being staged has one file, `<staging dir>/<staging key>`, that only ever grows from
+what is durable. A client may resend from any offset up to the committed size (resent bytes are
+skipped) and a server that crashed mid-stream truncates back to it, so the staged file is always a
+prefix of the upload. Staged files survive restarts (the client resumes them); garbage collection
+removes those of expired uploads. A finished upload's file is handed to the blob store whole
+(`BlobStore.store_file`), whichever store it is: staging is the same for all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from metalake.server.errors import OffsetOutOfRange, invalid_field
 from metalake.server.ingest import check_size
+
+# Upload ids, and the staging keys that name staged files: never anything a path could escape by.
+UPLOAD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StagingArea:
+    """The directory of staged files, on local disk (with local blobs, on the same filesystem:
+    storing a finished upload is then a rename)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, staging_key: str) -> Path:
+        """The staged file of an upload; raises ValueError for a key that is not UPLOAD_ID."""
+        if not UPLOAD_ID.match(staging_key):
+            raise ValueError(f"invalid upload id {staging_key!r}")
+        return self.directory / staging_key
+
+    def file(self, staging_key: str, committed: int, max_size: int | None) -> StagedFile:
+        """The staged file to append to, `committed` bytes of it durable; see StagedFile."""
+        return StagedFile(self.path(staging_key), committed, max_size)
+
+    async def hash(self, staging_key: str) -> tuple[str, int]:
+        """The SHA-256 (lowercase hex) and size of a complete staged file: read once."""
+        return await asyncio.to_thread(hash_file, self.path(staging_key))
+
+    async def discard(self, staging_key: str) -> None:
+        """Remove an upload's staged file, if any."""
+        await asyncio.to_thread(self.path(staging_key).unlink, True)
+
+    def staging_keys(self) -> list[str]:
+        """Blocking: the keys of every staged file; anything else in the directory (a
+        directory, a name that is no upload id) is not a staged upload and is left alone."""
+        return [p.name for p in self.directory.iterdir() if UPLOAD_ID.match(p.name) and p.is_file()]
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """Blocking: the SHA-256 (lowercase hex) and size of a file."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while block := handle.read(1024 * 1024):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
 
 
 @dataclass(frozen=True)
@@ -32,7 +82,7 @@ SYNC_EVERY = 8 * 1024 * 1024
 
 
 class StagedFile:
-    """A resumable upload's staging file: appends at the committed size, skips resent bytes."""
+    """A resumable upload's staged file: appends at the committed size, skips resent bytes."""
 
     def __init__(self, path: Path, committed: int, max_size: int | None) -> None:
         self._path = path

@@ -1,0 +1,90 @@
+"""Extraction: the client's metadata, completed by the extractor registry from the file's bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from metalake.metadata import FIELDS, MetadataDict, check_value
+from metalake.server.observability import record_extraction
+
+log = logging.getLogger(__name__)
+
+
+class Extraction(Protocol):
+    """What an extractor registry returns for one file."""
+
+    @property
+    def values(self) -> Mapping[str, object]: ...
+
+    @property
+    def sources(self) -> Mapping[str, str]: ...
+
+    @property
+    def errors(self) -> list[tuple[str, str]]: ...
+
+    @property
+    def timings(self) -> Mapping[str, float]: ...
+
+
+class MetadataExtractor(Protocol):
+    """The extractor registry, as the pipeline sees it (see extractors.registry)."""
+
+    def extract(self, path: Path, *, filename: str, missing: Collection[str]) -> Extraction: ...
+
+    def extract_data(
+        self, data: bytes, *, filename: str, missing: Collection[str]
+    ) -> Extraction: ...
+
+
+@dataclass(frozen=True)
+class Filled:
+    metadata: MetadataDict
+    sources: dict[str, str]
+
+
+async def fill_metadata(
+    extractor: MetadataExtractor | None,
+    content: Path | bytes,
+    *,
+    filename: str,
+    given: MetadataDict,
+    time_limit: float,
+) -> Filled:
+    """The client's values, completed by the extractors for the fields it did not give.
+
+    The client's values always win. Extraction runs in a worker thread, on the spooled file or
+    on the bytes of a small file already in memory (`content`); an extractor failure or a
+    timeout only means fewer fields are filled, never a failed upload.
+    """
+    metadata: MetadataDict = dict(given)
+    sources = dict.fromkeys(given, "client")
+    missing = [name for name in FIELDS if name not in given]
+    if extractor is None or not missing:
+        return Filled(metadata, sources)
+    try:
+        if isinstance(content, bytes):
+            extract = functools.partial(extractor.extract_data, content)
+        else:
+            extract = functools.partial(extractor.extract, content)
+        found = await asyncio.wait_for(
+            asyncio.to_thread(extract, filename=filename, missing=missing), time_limit
+        )
+    except TimeoutError:
+        log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)
+        return Filled(metadata, sources)
+    except Exception:
+        log.exception("metadata extraction failed for %r", filename)
+        return Filled(metadata, sources)
+    record_extraction(found.sources, found.errors, found.timings)
+    for name, value in found.values.items():
+        # The registry validates too; this keeps the promise even for a faulty registry.
+        if name in missing and check_value(name, value) is None:
+            metadata[name] = value  # type: ignore[assignment]  # checked just above
+            sources[name] = found.sources.get(name, "unknown")
+    return Filled(metadata, sources)
