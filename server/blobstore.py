@@ -245,7 +245,7 @@ class LocalBlobWriter:
         self._size = 0
         self._done = False
         self._keep_on_abort = keep_on_abort
-        self._written_back = 0  # where the last start_writeback began its range
+        self._written_back = 0  # bytes handed to start_writeback so far: the next range begins here
 
     @classmethod
     def over_existing(cls, store: LocalBlobStore, path: Path) -> LocalBlobWriter:
