@@ -65,13 +65,14 @@ class DurableServicer(pb_grpc.DatalakeServiceServicer):
         in_flight: asyncio.Future[None] | None = None
         try:
             async for message in request_iterator:
-                if not message.chunk:
+                chunk = message.chunk  # each read of a bytes field copies it: read it once
+                if not chunk:
                     continue
-                size += len(message.chunk)
+                size += len(chunk)
                 if in_flight is not None:
                     await in_flight
                 in_flight = asyncio.ensure_future(
-                    asyncio.to_thread(_hash_and_write, digest, handle, message.chunk)
+                    asyncio.to_thread(_hash_and_write, digest, handle, chunk)
                 )
             if in_flight is not None:
                 await in_flight

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
+from metalake.server import blobstore
 from metalake.server.blobstore import BlobStore, BlobWriter, LocalBlobStore
 from metalake.server.s3blobstore import (
     DEFAULT_PART_SIZE,
@@ -437,6 +439,44 @@ async def test_put_stores_a_small_blob_in_one_step(store: BlobStore) -> None:
     assert await get(store, sha(b"")) == b""
     assert leftovers(store) == []
     assert sorted(key for key, _ in store.blob_keys()) == sorted([sha(data), sha(b"")])
+
+
+async def test_a_local_writer_starts_writing_back_behind_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITE_BEHIND bytes, the kernel is asked to start writing what came since the last
+    time (so the fsync at commit has little left to wait for); the bytes stay whole."""
+    started: list[tuple[int, int]] = []
+    start_writeback = blobstore.start_writeback
+
+    def recording(fd: int, offset: int) -> None:
+        started.append((offset, os.fstat(fd).st_size))
+        start_writeback(fd, offset)
+
+    monkeypatch.setattr(blobstore, "start_writeback", recording)
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(2 * blobstore.WRITE_BEHIND + 3 * MiB + 5)
+    await put(store, data, chunk=MiB)
+    step = blobstore.WRITE_BEHIND
+    # From where the last one began to the end: what was written so far, once each.
+    assert started == [(0, step), (step, 2 * step)]
+    assert await get(store, sha(data)) == data
+
+
+def test_starting_writeback_is_a_hint_that_never_fails(tmp_path: Path) -> None:
+    if sys.platform == "linux":
+        assert blobstore._SYNC_FILE_RANGE is not None  # the write-behind runs where it matters
+    path = tmp_path / "file"
+    path.write_bytes(os.urandom(MiB))
+    with path.open("rb+") as handle:
+        blobstore.start_writeback(handle.fileno(), 0)
+    assert path.stat().st_size == MiB
+    reading, writing = os.pipe()  # no pages to write back: the call fails, quietly
+    try:
+        blobstore.start_writeback(writing, 0)
+    finally:
+        os.close(reading)
+        os.close(writing)
 
 
 def _restarted(store: BlobStore, tmp_path: Path) -> BlobStore:
