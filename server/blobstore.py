@@ -100,7 +100,8 @@ class LocalBlobStore:
         self._tmp = root / "tmp"
         for directory in (self._blobs, self._tmp):
             directory.mkdir(parents=True, exist_ok=True)
-        # Blob directories known to exist (none is ever removed): no mkdir per blob.
+        # Blob directories (and their parents) this process made durable (none is ever removed):
+        # no mkdir, nor fsync of their parent, per blob.
         self._directories: set[Path] = set()
         self._creating = threading.Lock()
 
@@ -174,7 +175,7 @@ class LocalBlobStore:
         try:
             os.replace(spool, target)
         except FileNotFoundError:  # its directory was removed behind our back
-            self._directories.discard(directory)
+            self._directories.difference_update((directory, directory.parent))
             self._make_directory(directory)
             os.replace(spool, target)
 
@@ -186,10 +187,14 @@ class LocalBlobStore:
         process (a worker of the same server) may have created it and died before its fsync."""
         with self._creating:
             for level in (directory.parent, directory):
+                if level in self._directories:
+                    # Made durable by this process already (a first level, `ab/`, is shared by
+                    # 256 blob directories): no fsync of `blobs/` for each of them.
+                    continue
                 with contextlib.suppress(FileExistsError):
                     level.mkdir()
                 _fsync_directory(level.parent)
-            self._directories.add(directory)
+                self._directories.add(level)
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
         return [

@@ -479,6 +479,77 @@ def test_starting_writeback_is_a_hint_that_never_fails(tmp_path: Path) -> None:
         os.close(writing)
 
 
+async def test_put_makes_each_new_directory_durable_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new blob directory's entry is durable only once its parent is fsynced: every put
+    fsyncs what its blob needs (its directory, and the parents of directories this process
+    has not made durable), and no parent twice once this process made it durable."""
+    store = LocalBlobStore(tmp_path / "store")
+    synced: list[Path] = []
+    real = blobstore._fsync_directory
+
+    def recorded(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(blobstore, "_fsync_directory", recorded)
+    # Two blobs under the same first level (`ab/`), in different blob directories.
+    first, second = b"", b""
+    for index in range(10_000):
+        data = str(index).encode()
+        if first == b"":
+            first = data
+        elif sha(data)[:2] == sha(first)[:2] and sha(data)[2:4] != sha(first)[2:4]:
+            second = data
+            break
+    blobs = tmp_path / "store" / "blobs"
+    for data in (first, second):
+        synced.clear()
+        await store.put(sha(data), data)
+        target = store.path_for(sha(data))
+        assert target.parent in synced
+        assert target.parent.parent in synced
+        if data is first:
+            assert blobs in synced  # the first level is new too
+        else:
+            assert blobs not in synced  # made durable by the first put already
+        assert await get(store, sha(data)) == data
+    # Another process (a restarted server) trusts nothing it did not make durable itself: a
+    # process may have created the directories and died before its fsync.
+    third = next(
+        data
+        for data in (f"third {index}".encode() for index in range(10_000_000))
+        if sha(data)[:4] == sha(second)[:4]
+    )
+    restarted = LocalBlobStore(tmp_path / "store")
+    synced.clear()
+    await restarted.put(sha(third), third)
+    target = store.path_for(sha(third))
+    assert {target.parent, target.parent.parent, blobs} <= set(synced)
+
+
+async def test_a_directory_fsync_that_fails_fails_the_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "store")
+
+    def fail(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blobstore, "_fsync_directory", fail)
+    data = os.urandom(1000)
+    with pytest.raises(OSError, match="Input/output error"):
+        await store.put(sha(data), data)
+    monkeypatch.undo()
+    # Nothing was taken for durable: the next put fsyncs every level again.
+    synced: list[Path] = []
+    monkeypatch.setattr(blobstore, "_fsync_directory", synced.append)
+    await store.put(sha(data), data)
+    target = store.path_for(sha(data))
+    assert {target.parent, target.parent.parent, tmp_path / "store" / "blobs"} <= set(synced)
+
+
 def _restarted(store: BlobStore, tmp_path: Path) -> BlobStore:
     """The same store as a new process would open it, after this one was killed."""
     if isinstance(store, S3BlobStore):
