@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import shutil
@@ -352,7 +351,9 @@ def discard_leftovers(
 
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The symbols the interpreter is linked with, libc's among them: no library search
+        # (ctypes.util.find_library runs ldconfig in a subprocess, at every server start).
+        libc = ctypes.CDLL(None, use_errno=True)
         function = libc.sync_file_range  # Linux only
     except (OSError, AttributeError):
         return None
