@@ -272,9 +272,13 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
             if left <= 0:
                 return
             self._add_arrived = arrived = loop.create_future()
+            # A timer that ends the wait, rather than asyncio.wait's: it builds a set, callbacks
+            # and a task group per wait, and batches wait often.
+            timer = loop.call_later(left, _wake, arrived)
             try:
-                await asyncio.wait((arrived,), timeout=left)
+                await arrived
             finally:
+                timer.cancel()
                 self._add_arrived = None
 
     async def _flush_adds(self) -> None:
@@ -880,6 +884,11 @@ _COUNT_BYTES = (
     )
     .values(used_bytes=organizations_table.c.used_bytes + bindparam("b_size", type_=BigInteger))
 )
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _each_waiter(error: Exception) -> Exception:
