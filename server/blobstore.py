@@ -181,6 +181,7 @@ class LocalBlobStore:
         self._syncing = threading.Lock()  # held by the one thread syncing and indexing for all
         self._active: _Pack | None = None
         self._pending: list[_Appended] = []
+        self._commit_task: asyncio.Task[None] | None = None  # the group commit in flight
         self._writing = threading.Lock()  # the connection that writes the index
         self._index: sqlite3.Connection | None = None
         self._readers = threading.local()  # a connection per thread, for lookups
@@ -238,23 +239,44 @@ class LocalBlobStore:
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._put, key, data)
+        """A thread hop to append (or store a file), then a wait for the group commit that
+        covers the blob: no thread sits waiting for it."""
+        appended = await asyncio.to_thread(self._put, key, data)
+        if appended is not None:
+            await self._committed(appended)
 
-    def _put(self, key: str, data: bytes) -> None:
-        """One thread hop: stored once, packed or as a file."""
+    def _put(self, key: str, data: bytes) -> _Appended | None:
+        """Blocking: store a blob as a file, or append it to the pack; what was appended, for
+        `_committed` to wait for, None when the blob was stored (or there) already."""
         target = self.path_for(key)
         if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
             self._put_file(target, data)
-            return
+            return None
         # Identical content already stored, packed (its row was committed only once its bytes
         # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
         # a server's worker processes too), so no other process is storing or deleting it.
         if self._locate(key) is not None:
-            return
+            return None
         if target.exists():
             _fsync_directory(target.parent)  # see _put_file
-            return
-        self._make_durable(self._append(key, data))
+            return None
+        return self._append(key, data)
+
+    async def _committed(self, appended: _Appended) -> None:
+        """Wait until the blob's bytes are durable and its row committed, or raise what failed
+        it. Group commit, one in flight per event loop: the blobs appended while one runs are
+        all covered by the next, one thread hop for all of them."""
+        loop = asyncio.get_running_loop()
+        while not appended.done:
+            running = self._commit_task
+            if running is None or running.done() or running.get_loop() is not loop:
+                running = self._commit_task = loop.create_task(
+                    asyncio.to_thread(self._commit_pending)
+                )
+            # Shielded: the commit covers other uploads than a cancelled one.
+            await asyncio.shield(running)
+        if appended.error is not None:
+            raise appended.error
 
     def _put_file(self, target: Path, data: bytes) -> None:
         """Write, fsync, rename into place, fsync the directory."""
@@ -310,17 +332,15 @@ class LocalBlobStore:
                 self._retire(pack)
             return appended
 
-    def _make_durable(self, appended: _Appended) -> None:
-        """Wait until the blob's bytes are durable and its row committed: by this thread, for
-        every blob appended so far, or by the thread doing so already, which covered it or
-        leaves it to the next one. Raises what failed it."""
+    def _commit_pending(self) -> None:
+        """Blocking: make every blob appended so far durable and indexed (or failed: each
+        `_Appended` says). One thread at a time: the loops of several threads may share a
+        store (tests do), never a batch."""
         with self._syncing:
-            if not appended.done:
-                with self._appending:
-                    batch, self._pending = self._pending, []
+            with self._appending:
+                batch, self._pending = self._pending, []
+            if batch:
                 self._commit_batch(batch)
-        if appended.error is not None:
-            raise appended.error
 
     def _commit_batch(self, batch: list[_Appended]) -> None:
         """fdatasync the packs, then index the blobs, in one transaction; in that order: a row
