@@ -439,6 +439,9 @@ async def test_packs_can_be_turned_off(tmp_path: Path) -> None:
     data = os.urandom(1000)
     await packed.put(sha(data), data)
     files = open_blob_store(Settings(data_dir=tmp_path, blob_packs=False))
+    assert isinstance(files, LocalBlobStore)
+    assert packed.packed
+    assert not files.packed
     other = os.urandom(1000)
     await files.put(sha(other), other)
     assert [p.name for p in blob_files(tmp_path)] == [sha(other)]
