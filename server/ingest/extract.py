@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -35,10 +34,8 @@ class Extraction(Protocol):
 class MetadataExtractor(Protocol):
     """The extractor registry, as the pipeline sees it (see extractors.registry)."""
 
-    def extract(self, path: Path, *, filename: str, missing: Collection[str]) -> Extraction: ...
-
-    def extract_data(
-        self, data: bytes, *, filename: str, missing: Collection[str]
+    async def extract_async(
+        self, content: bytes | Path, *, filename: str, missing: Collection[str]
     ) -> Extraction: ...
 
 
@@ -58,9 +55,9 @@ async def fill_metadata(
 ) -> Filled:
     """The client's values, completed by the extractors for the fields it did not give.
 
-    The client's values always win. Extraction runs in a worker thread, on the spooled file or
-    on the bytes of a small file already in memory (`content`); an extractor failure or a
-    timeout only means fewer fields are filled, never a failed upload.
+    The client's values always win. Extraction runs in the registry's worker thread, on the
+    spooled file or on the bytes of a small file already in memory (`content`); an extractor
+    failure or a timeout only means fewer fields are filled, never a failed upload.
     """
     metadata: MetadataDict = dict(given)
     sources = dict.fromkeys(given, "client")
@@ -68,13 +65,9 @@ async def fill_metadata(
     if extractor is None or not missing:
         return Filled(metadata, sources)
     try:
-        if isinstance(content, bytes):
-            extract = functools.partial(extractor.extract_data, content)
-        else:
-            extract = functools.partial(extractor.extract, content)
-        found = await asyncio.wait_for(
-            asyncio.to_thread(extract, filename=filename, missing=missing), time_limit
-        )
+        # asyncio.timeout, not wait_for: no task of its own to create and step per file.
+        async with asyncio.timeout(time_limit):
+            found = await extractor.extract_async(content, filename=filename, missing=missing)
     except TimeoutError:
         log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)
         return Filled(metadata, sources)
