@@ -69,7 +69,7 @@ def test_extract_metadata_reads_small_and_large_files_alike(stub: Stub, size: in
     assert response.metadata_sources["manufacturer"] == "pillow"
 
 
-def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
+async def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
     registry = ExtractorRegistry(builtin_plugins())
     files = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix != ".json")
     if not files:
@@ -79,3 +79,8 @@ def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
         in_memory = registry.extract_data(path.read_bytes(), filename=path.name)
         assert in_memory.values == on_disk.values, path.name
         assert in_memory.sources == on_disk.sources, path.name
+        # What the server awaits, from memory and from its spool file.
+        for content in (path.read_bytes(), path):
+            awaited = await registry.extract_async(content, filename=path.name)
+            assert awaited.values == on_disk.values, path.name
+            assert awaited.sources == on_disk.sources, path.name
