@@ -103,10 +103,28 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+# A block of a file held in memory up to this size is copied out whole: one copy costs less than
+# the window's reads, each a Python call (a JPEG's EXIF block is at most 64 KiB).
+_COPIED_BLOCK = 256 * 1024
+
+
 def open_block(fp: BinaryIO, block: TiffBlock) -> BinaryIO:
     """A seekable file object holding just the block, for a TIFF directory reader."""
     if block.data is not None:
         return io.BytesIO(block.data)
+    if (
+        isinstance(fp, io.BytesIO)
+        and block.length <= _COPIED_BLOCK
+        and block.offset >= 0
+        # Not getbuffer(): it would copy the whole file out of the bytes the BytesIO shares.
+        and block.offset + block.length <= fp.seek(0, io.SEEK_END)
+    ):
+        # The same bytes the window would show, its length included (the block lies inside).
+        fp.seek(block.offset)
+        data = fp.read(block.length)
+        if block.header:
+            data = block.header[: len(data)] + data[len(block.header) :]
+        return io.BytesIO(data)
     window = _Window(fp, block.offset, block.length, block.header)
     # Directory readers do many tiny reads; a buffer makes a 65,535-entry directory cheap.
     return io.BufferedReader(window, 8 * 1024)

@@ -7,6 +7,9 @@ entry-point group and run after the built-ins. See docs/plugins.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -301,6 +304,35 @@ class ExtractorRegistry:
             self._runner.run_with_time_limit(chain, self.timeout)
         return result
 
+    async def extract_async(
+        self,
+        content: bytes | str | os.PathLike[str],
+        *,
+        filename: str | None = None,
+        missing: Iterable[str] = FIELDS,
+    ) -> Extraction:
+        """`extract_data` (for bytes) or `extract` (for a path), awaited on an event loop.
+
+        The loop hands the chain straight to a runner thread, which wakes the loop once when it is
+        done; the time limit is an asyncio timer, not a thread blocked in a wait. A to_thread
+        around `extract` cost two thread hand-offs per file, each waking a thread that then
+        fought for the GIL. The file is opened on the runner thread, never on the loop.
+        Cancelled, the chain is abandoned after its current call.
+        """
+        wanted = frozenset(missing) & frozenset(FIELDS)
+        if not wanted:
+            return Extraction()
+        if isinstance(content, bytes):
+            opener = functools.partial(Source, None, filename, data=content)
+            shown = filename or "<memory>"
+        else:
+            opener = functools.partial(Source, content, filename)
+            shown = filename or Path(content).name
+        result = Extraction()
+        chain = _Chain(self._ordered_calls(), None, wanted, result, shown, opener)
+        await self._runner.run_async(chain, self.timeout)
+        return result
+
 
 class _Chain:
     """One file's extractors, run in order on one thread, merging as they go.
@@ -313,13 +345,16 @@ class _Chain:
     def __init__(
         self,
         calls: list[_Call],
-        source: Source,
+        source: Source | None,
         wanted: frozenset[str],
         result: Extraction,
         shown: str,
+        opener: Callable[[], Source] | None = None,
     ) -> None:
+        """`source`, or None with `opener`, which the chain's thread calls first."""
         self.calls = calls
         self.source = source
+        self.opener = opener
         self.wanted = wanted
         self.result = result
         self.shown = shown
@@ -329,12 +364,27 @@ class _Chain:
         self.done = False
         self.abandoned = False
         self.stuck: dict[str, int] | None = None
+        # The extractor whose stuck thread the watcher counted when it abandoned this chain.
+        self.stuck_name: str | None = None
+        # Why the file could not be opened at all (see `opener`).
+        self.failure: Exception | None = None
+        # Called, under the condition, once the chain is done (an asyncio watcher's wake-up).
+        self.on_done: Callable[[], object] | None = None
 
     def resumed(self) -> _Chain:
         """A new chain over the same file and result, for the extractors after an overrun."""
-        return _Chain(self.calls, self.source, self.wanted, self.result, self.shown)
+        return _Chain(self.calls, self.source, self.wanted, self.result, self.shown, self.opener)
 
     def run(self, start: int) -> None:
+        if self.source is None:
+            try:
+                assert self.opener is not None
+                self.source = self.opener()
+            except Exception as failure:
+                with self.condition:
+                    self.failure = failure
+                    self._finish()
+                return
         for index in range(start, len(self.calls)):
             name, hook = self.calls[index]
             with self.condition:
@@ -368,8 +418,16 @@ class _Chain:
                     if problem is not None:
                         self._record(name, problem, traceback=False)
         with self.condition:
-            self.done = True
-            self.condition.notify_all()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Under the condition: the chain is over, wake whoever watches it."""
+        self.done = True
+        self.condition.notify_all()
+        if self.on_done is not None and not self.abandoned:
+            # RuntimeError: the watcher's event loop is closed, there is nobody to wake.
+            with contextlib.suppress(RuntimeError):
+                self.on_done()
 
     def _record(self, name: str, message: str, *, traceback: bool | BaseException) -> None:
         log.warning("extractor %r skipped on %s: %s", name, self.shown, message, exc_info=traceback)
@@ -496,20 +554,80 @@ class _Runner:
                 deadline = chain.started_at if chain.current is not None else time.monotonic()
                 left = deadline + timeout - time.monotonic()
                 if left <= 0 and chain.current is not None:
-                    chain.abandoned = True
-                    name = chain.calls[chain.current][0]
-                    with self._lock:
-                        self.stuck[name] = self.stuck.get(name, 0) + 1
-                    return chain.current
+                    return self._abandon(chain, chain.current)
                 chain.condition.wait(max(left, 0.001))
+        if chain.failure is not None:
+            raise chain.failure
         return None
+
+    async def run_async(self, chain: _Chain, limit: float | None) -> None:
+        """`run_with_time_limit` for a caller on an event loop (None: no time limit)."""
+        start = 0
+        while start < len(chain.calls):
+            overrun = await self._watch_async(chain, start, limit)
+            if overrun is None:
+                return
+            name = chain.calls[overrun][0]
+            chain._record(name, f"timed out after {limit:g} s", traceback=False)
+            chain = chain.resumed()
+            start = overrun + 1
+
+    async def _watch_async(self, chain: _Chain, start: int, limit: float | None) -> int | None:
+        """`_watch` without a blocked thread: the chain's thread wakes the loop when it is done,
+        a timer when the extractor running now may have overrun."""
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        chain.stuck = self.stuck
+        chain.on_done = functools.partial(loop.call_soon_threadsafe, _wake, woken)
+        self.submit(functools.partial(self._run, chain, start))
+        left = limit
+        try:
+            while True:
+                timer = None if left is None else loop.call_later(left, _wake, woken)
+                try:
+                    await woken
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                with chain.condition:
+                    if chain.done:
+                        break
+                    assert limit is not None  # without a limit only the chain wakes us
+                    deadline = chain.started_at if chain.current is not None else time.monotonic()
+                    left = deadline + limit - time.monotonic()
+                    if left <= 0 and chain.current is not None:
+                        return self._abandon(chain, chain.current)
+                    left = max(left, 0.001)
+                    woken = loop.create_future()
+                    chain.on_done = functools.partial(loop.call_soon_threadsafe, _wake, woken)
+        except asyncio.CancelledError:
+            with chain.condition:
+                # Nobody waits for the rest: stop after the current call (not counted as stuck).
+                chain.abandoned = True
+            raise
+        if chain.failure is not None:
+            raise chain.failure
+        return None
+
+    def _abandon(self, chain: _Chain, index: int) -> int:
+        """Under the chain's condition: give up the chain whose call `index` overran."""
+        chain.abandoned = True
+        name = chain.stuck_name = chain.calls[index][0]
+        with self._lock:
+            self.stuck[name] = self.stuck.get(name, 0) + 1
+        return index
 
     def _run(self, chain: _Chain, start: int) -> None:
         chain.run(start)
         with chain.condition:
-            if not chain.abandoned or chain.current is None:
-                return
-            name = chain.calls[chain.current][0]
+            name = chain.stuck_name
+        if name is None:
+            return
         # The abandoned call has returned at last: one fewer stuck thread for its extractor.
         with self._lock:
             self.stuck[name] -= 1
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)

@@ -7,6 +7,7 @@ carry tokens or metadata values: handlers log ids, sizes, types and outcomes onl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -67,13 +68,20 @@ def record_extraction(
 ) -> None:
     """Count one file's extraction: per extractor, a hit, a miss or an error, and its time."""
     # A derived value is sourced "<extractor>+<how>" ("pillow+gps-clock"): count the extractor.
-    filled = {source.split("+", 1)[0] for source in sources.values()}
+    filled = {source.partition("+")[0] for source in sources.values()}
     failed = {name for name, _ in errors}
-    for name in set(timings) | failed:
-        result = "error" if name in failed else "hit" if name in filled else "miss"
-        EXTRACTOR_RESULTS.labels(name, result).inc()
     for name, seconds in timings.items():
-        EXTRACTOR_SECONDS.labels(name).observe(seconds)
+        result = "error" if name in failed else "hit" if name in filled else "miss"
+        _result_counter(name, result).inc()
+        _duration_histogram(name).observe(seconds)
+    for name in failed.difference(timings):  # timed out or stuck: no time of its own
+        _result_counter(name, "error").inc()
+
+
+# Each file counts every extractor: the labelled children are looked up once, not per file
+# (`labels()` validates and locks every time).
+_result_counter = functools.cache(EXTRACTOR_RESULTS.labels)
+_duration_histogram = functools.cache(EXTRACTOR_SECONDS.labels)
 
 
 def start_metrics_server(listen: str) -> None:

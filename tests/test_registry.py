@@ -6,9 +6,11 @@ Plugins here are small inline classes registered per test; installed entry point
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import threading
+import time
 from collections.abc import Generator, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +27,7 @@ from metalake.extractors.registry import (
 )
 from metalake.extractors.testing import sample_exif, save_with_pillow
 from metalake.metadata import FIELDS
+from metalake.server.ingest.extract import fill_metadata
 
 # A third party spells the marker itself, without importing metalake's.
 third_party_hookimpl = pluggy.HookimplMarker("metalake")
@@ -173,6 +176,84 @@ def test_threads_stuck_in_one_extractor_are_bounded(image: Path, hanging: Hangin
     # Past the cap the extractor is skipped without starting yet another thread.
     assert all("still running" in message for message in messages[4:])
     hanging.release.set()
+
+
+async def test_on_an_event_loop_a_hanging_extractor_times_out_and_the_others_still_count(
+    hanging: Hanging, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = Fixed("before", {"manufacturer": "m"})
+    after = Fixed("after", {"software": "s"})
+    registry = ExtractorRegistry([before, hanging, after], timeout=0.2)
+    with caplog.at_level(logging.WARNING, logger="metalake.extractors.registry"):
+        started = time.monotonic()
+        result = await registry.extract_async(b"not an image at all", filename="slow.jpg")
+    assert time.monotonic() - started < 5
+    assert result.values == {"manufacturer": "m", "software": "s"}
+    assert result.sources == {"manufacturer": "before", "software": "after"}
+    assert [name for name, _ in result.errors] == ["hanging"]
+    assert "timed out" in result.errors[0][1]
+    assert "slow.jpg" in caplog.text
+
+
+async def test_on_an_event_loop_results_match_the_blocking_call(tmp_path: Path) -> None:
+    path = save_with_pillow(tmp_path / "a.jpg", sample_exif())
+    registry = ExtractorRegistry(builtin_plugins())
+    expected = registry.extract(path)
+    for content in (path, path.read_bytes()):
+        found = await registry.extract_async(content, filename="a.jpg")
+        assert (found.values, found.sources, found.errors) == (
+            expected.values,
+            expected.sources,
+            expected.errors,
+        )
+    unlimited = ExtractorRegistry(builtin_plugins(), timeout=None)
+    assert (await unlimited.extract_async(path)).values == expected.values
+
+
+async def test_on_an_event_loop_stuck_threads_are_bounded(image: Path, hanging: Hanging) -> None:
+    registry = ExtractorRegistry([hanging], timeout=0.05)
+    messages = [(await registry.extract_async(image)).errors[0][1] for _ in range(6)]
+    assert all("timed out" in message for message in messages[:4])
+    assert all("still running" in message for message in messages[4:])
+    hanging.release.set()
+
+
+async def test_a_cancelled_extraction_stops_after_the_current_call(
+    image: Path, hanging: Hanging
+) -> None:
+    after = Fixed("after", {"software": "s"})
+    registry = ExtractorRegistry([hanging, after], timeout=30)
+    task = asyncio.create_task(registry.extract_async(image))
+    await asyncio.to_thread(hanging.started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    hanging.release.set()
+    await asyncio.sleep(0.2)
+    assert after.calls == []
+    # A cancelled call is not a stuck one: the extractor is not held against later files.
+    hanging.release.clear()
+    assert registry._runner.stuck.get("hanging", 0) == 0
+
+
+async def test_on_an_event_loop_a_file_that_cannot_be_opened_raises(tmp_path: Path) -> None:
+    registry = ExtractorRegistry([Fixed("fixed", {"software": "s"})])
+    with pytest.raises(FileNotFoundError):
+        await registry.extract_async(tmp_path / "gone.jpg")
+
+
+async def test_fill_metadata_gives_up_at_its_time_limit_and_keeps_the_clients_values(
+    hanging: Hanging,
+) -> None:
+    # Without a per-extractor limit, only fill_metadata's own backstop ends the wait.
+    registry = ExtractorRegistry([hanging], timeout=None)
+    started = time.monotonic()
+    filled = await fill_metadata(
+        registry, b"not an image", filename="a.jpg", given={"software": "s"}, time_limit=0.2
+    )
+    assert time.monotonic() - started < 5
+    assert filled.metadata == {"software": "s"}
+    assert filled.sources == {"software": "client"}
 
 
 def test_non_mapping_results_are_errors_not_crashes(image: Path) -> None:

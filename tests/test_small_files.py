@@ -12,7 +12,7 @@ from metalake import metadata as md
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, stored_blobs
 from tests.test_extract_corpus import CORPUS
 from tests.test_service import Stub, exif_jpeg, upload
 
@@ -47,8 +47,7 @@ def test_an_identical_small_file_is_stored_once(stub: Stub, running_server: Serv
     first, second = upload(stub, content, "a.bin"), upload(stub, content, "b.bin")
     assert first.id != second.id
     assert first.sha256 == second.sha256
-    blobs = [p for p in (running_server.data_dir / "blobs").rglob("*") if p.is_file()]
-    assert [p.name for p in blobs] == [first.sha256]
+    assert stored_blobs(running_server.data_dir) == [first.sha256]
     # Deleting one item keeps the bytes the other still uses.
     stub.DeleteData(pb.DeleteDataRequest(id=first.id))
     download = stub.DownloadData(pb.DownloadDataRequest(id=second.id))
@@ -70,7 +69,7 @@ def test_extract_metadata_reads_small_and_large_files_alike(stub: Stub, size: in
     assert response.metadata_sources["manufacturer"] == "pillow"
 
 
-def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
+async def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
     registry = ExtractorRegistry(builtin_plugins())
     files = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix != ".json")
     if not files:
@@ -80,3 +79,8 @@ def test_extraction_from_memory_finds_what_extraction_from_disk_does() -> None:
         in_memory = registry.extract_data(path.read_bytes(), filename=path.name)
         assert in_memory.values == on_disk.values, path.name
         assert in_memory.sources == on_disk.sources, path.name
+        # What the server awaits, from memory and from its spool file.
+        for content in (path.read_bytes(), path):
+            awaited = await registry.extract_async(content, filename=path.name)
+            assert awaited.values == on_disk.values, path.name
+            assert awaited.sources == on_disk.sources, path.name

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from metalake.metadata import FIELDS, MetadataDict, check_value
+from metalake.metadata import FIELDS, MetadataDict
 from metalake.server.observability import record_extraction
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,8 @@ class Extraction(Protocol):
     """What an extractor registry returns for one file."""
 
     @property
-    def values(self) -> Mapping[str, object]: ...
+    def values(self) -> MetadataDict:
+        """Valid values (`metadata.check_value`), for fields the caller said were missing."""
 
     @property
     def sources(self) -> Mapping[str, str]: ...
@@ -35,10 +35,8 @@ class Extraction(Protocol):
 class MetadataExtractor(Protocol):
     """The extractor registry, as the pipeline sees it (see extractors.registry)."""
 
-    def extract(self, path: Path, *, filename: str, missing: Collection[str]) -> Extraction: ...
-
-    def extract_data(
-        self, data: bytes, *, filename: str, missing: Collection[str]
+    async def extract_async(
+        self, content: bytes | Path, *, filename: str, missing: Collection[str]
     ) -> Extraction: ...
 
 
@@ -58,9 +56,9 @@ async def fill_metadata(
 ) -> Filled:
     """The client's values, completed by the extractors for the fields it did not give.
 
-    The client's values always win. Extraction runs in a worker thread, on the spooled file or
-    on the bytes of a small file already in memory (`content`); an extractor failure or a
-    timeout only means fewer fields are filled, never a failed upload.
+    The client's values always win. Extraction runs in the registry's worker thread, on the
+    spooled file or on the bytes of a small file already in memory (`content`); an extractor
+    failure or a timeout only means fewer fields are filled, never a failed upload.
     """
     metadata: MetadataDict = dict(given)
     sources = dict.fromkeys(given, "client")
@@ -68,13 +66,9 @@ async def fill_metadata(
     if extractor is None or not missing:
         return Filled(metadata, sources)
     try:
-        if isinstance(content, bytes):
-            extract = functools.partial(extractor.extract_data, content)
-        else:
-            extract = functools.partial(extractor.extract, content)
-        found = await asyncio.wait_for(
-            asyncio.to_thread(extract, filename=filename, missing=missing), time_limit
-        )
+        # asyncio.timeout, not wait_for: no task of its own to create and step per file.
+        async with asyncio.timeout(time_limit):
+            found = await extractor.extract_async(content, filename=filename, missing=missing)
     except TimeoutError:
         log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)
         return Filled(metadata, sources)
@@ -82,9 +76,9 @@ async def fill_metadata(
         log.exception("metadata extraction failed for %r", filename)
         return Filled(metadata, sources)
     record_extraction(found.sources, found.errors, found.timings)
-    for name, value in found.values.items():
-        # The registry validates too; this keeps the promise even for a faulty registry.
-        if name in missing and check_value(name, value) is None:
-            metadata[name] = value  # type: ignore[assignment]  # checked just above
-            sources[name] = found.sources.get(name, "unknown")
+    # Valid values for missing fields only, checked by the registry as it merged them: checking
+    # them again here cost as much as the merge itself.
+    metadata.update(found.values)
+    for name in found.values:
+        sources[name] = found.sources.get(name, "unknown")
     return Filled(metadata, sources)
