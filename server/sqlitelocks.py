@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import struct
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,26 +58,66 @@ class WriterLock:
             self._thread_lock.release()
 
 
+# Linux's open file description locks (3.15+): byte-range locks held by an open file, not by
+# a process (so holders in one process exclude each other too, as with flock), dropped when it
+# is closed, by the kernel of a dead process too.
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+BLOB_LOCK_SLOTS = 4096  # by a key's first three hex digits
+
+
 class BlobLocks:
-    """Exclusive use of a blob key across processes: an flock on one of 4,096 files (by the
-    key's first three hex digits) in a directory beside the database."""
+    """Exclusive use of a blob key across processes: a write lock on one of 4,096 bytes (by the
+    key's first three hex digits) of one file beside the database; where open file description
+    locks are missing (not Linux), an flock on one of 4,096 files in a directory beside it.
+
+    One file: the files of the directory are created as keys first use them, and on ext4 a new
+    inode cost about 0.6 ms of kernel CPU on the development VM, as much as the rest of a small
+    upload's storing, for each of the first few thousand uploads of a data directory.
+    """
 
     def __init__(self, database: Path) -> None:
-        self._directory = database.with_name(database.name + ".blob-locks")
-        self._directory.mkdir(exist_ok=True)
+        if _OFD_SETLK is not None:
+            self._file = database.with_name(database.name + ".blob-lock")
+            os.close(os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        else:
+            self._directory = database.with_name(database.name + ".blob-locks")
+            self._directory.mkdir(exist_ok=True)
 
     @asynccontextmanager
     async def hold(self, blob_key: str) -> AsyncIterator[None]:
-        # Its own open file per holder: flock excludes other holders in this process too.
-        fd = os.open(self._directory / blob_key[:3], os.O_RDWR | os.O_CREAT, 0o600)
+        # Its own open file per holder: the lock excludes other holders in this process too.
+        if _OFD_SETLK is not None:
+            fd = os.open(self._file, os.O_RDWR | os.O_CLOEXEC)
+            slot = int(blob_key[:3], 16)
+        else:
+            fd = os.open(self._directory / blob_key[:3], os.O_RDWR | os.O_CREAT, 0o600)
+            slot = -1
         try:
             while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _try_lock(fd, slot):
                     break
-                except BlockingIOError:
-                    # Polled, not waited for in a thread: waiters must not pin worker threads.
-                    await asyncio.sleep(0.01)
+                # Polled, not waited for in a thread: waiters must not pin worker threads.
+                await asyncio.sleep(0.01)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int, slot: int) -> bool:
+    """Lock byte `slot` of the file (an open file description lock), or the whole file (flock)
+    when `slot` is -1, without waiting: whether it is held now."""
+    try:
+        if slot < 0:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            assert _OFD_SETLK is not None
+            fcntl.fcntl(fd, _OFD_SETLK, _byte_range(fcntl.F_WRLCK, slot))
+    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES where a system says so
+        return False
+    return True
+
+
+def _byte_range(kind: int, offset: int) -> bytes:
+    """Linux's struct flock for one byte (l_type, l_whence, l_start, l_len, l_pid: 0 for open
+    file description locks), with its padding to 32 bytes."""
+    return struct.pack("hhqqixxxx", kind, os.SEEK_SET, offset, 1, 0)
