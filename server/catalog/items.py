@@ -162,7 +162,9 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         self._probe: _RequestProbe | None = None
         self._bulk_inserts: dict[Insert, _BulkInsert] = {}
         # A SQLite file: the connection batches commit on, kept (see _batch_transaction).
-        self._keep_batch_connection = _sqlite_file(engine) is not None
+        self._keep_batch_connection = (
+            engine.dialect.name == "sqlite" and _sqlite_file(engine) is not None
+        )
         self._batch_connection: Connection | None = None
 
     async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]:
@@ -272,9 +274,13 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
             if left <= 0:
                 return
             self._add_arrived = arrived = loop.create_future()
+            # A timer that ends the wait, rather than asyncio.wait's: it builds a set, callbacks
+            # and a task group per wait, and batches wait often.
+            timer = loop.call_later(left, _wake, arrived)
             try:
-                await asyncio.wait((arrived,), timeout=left)
+                await arrived
             finally:
+                timer.cancel()
                 self._add_arrived = None
 
     async def _flush_adds(self) -> None:
@@ -880,6 +886,11 @@ _COUNT_BYTES = (
     )
     .values(used_bytes=organizations_table.c.used_bytes + bindparam("b_size", type_=BigInteger))
 )
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _each_waiter(error: Exception) -> Exception:
