@@ -102,7 +102,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
     if settings.blob_url:
         # data_dir still holds this server's spool (and, beside, resumable uploads' staging).
         return S3BlobStore.from_url(settings.blob_url, local_dir=settings.data_dir)
-    return LocalBlobStore(settings.data_dir)
+    return LocalBlobStore(settings.data_dir, packed=settings.blob_packs)
 
 
 def build_datalake(settings: Settings, *, migrate: bool | None = None) -> DatalakeCore:

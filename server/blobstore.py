@@ -11,15 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
+import logging
 import os
 import shutil
+import sqlite3
+import struct
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
+
+log = logging.getLogger(__name__)
 
 # Bytes a writer lets pile up in the page cache before asking the kernel to start writing them
 # to disk (see start_writeback): the fsync at commit then waits for at most about this much.
@@ -91,29 +100,125 @@ class BlobStore(Protocol):
         any server sharing the store)."""
 
 
-class LocalBlobStore:
-    """Blobs as files under a directory: `blobs/ab/cd/<key>`, spooled under `tmp/`."""
+# Blobs `put` in one step up to this size go into a pack (every small upload's, every
+# thumbnail's: at most SMALL_FILE bytes); larger ones, and every blob a writer streams or
+# `store_file` moves, are files of their own.
+PACKED_MAX = 4 * 1024 * 1024
+# A process starts a new pack once its active one has grown past this many bytes.
+PACK_SIZE = 1024 * 1024 * 1024
+# Each record of a pack: this header (magic, the key's 32 bytes, the length), then the bytes.
+# The index is what counts; the headers let a pack be walked, verified, an index rebuilt.
+_RECORD = struct.Struct(">4s32sQ")
+_MAGIC = b"MLB1"
 
-    def __init__(self, root: Path) -> None:
+
+@dataclass(eq=False)
+class _Pack:
+    """A pack this process appends to, holding an exclusive flock on it while it is open."""
+
+    name: str
+    fd: int
+    size: int
+    retired: bool = False  # nothing more is appended: it is full, or a write or sync failed
+    users: int = 0  # appended blobs not yet indexed (or failed): the fd stays open for them
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Appended:
+    """A blob appended to a pack, waiting for the pack's fdatasync and its index row."""
+
+    key: str
+    pack: _Pack
+    offset: int  # of its bytes, past the record's header
+    length: int
+    written_at: float
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Location:
+    pack: str
+    offset: int
+    length: int
+
+
+class LocalBlobStore:
+    """Blobs under a directory. Small ones (`put`) are appended to pack files,
+    `blobs/packs/<pid>-<uuid>.pack`, found through an index, `blobs/packs/index.sqlite3`;
+    the others (a writer's, `store_file`'s) are files, `blobs/ab/cd/<key>`, spooled under `tmp/`.
+
+    Why packs: a file per small blob costs a new inode, a directory entry and two fsyncs each,
+    and that was most of a small upload's server CPU (kernel time allocating inodes). A packed
+    blob costs an append; one fdatasync and one index commit cover every put that arrived
+    meanwhile (group commit).
+
+    Durability: a put appends its record, fdatasyncs the pack, and only then commits its index
+    row: a row never names bytes that are not durable. Bytes appended but never indexed (a crash
+    or a failure in between) are garbage no reader sees. Each process appends to a pack of its
+    own (a server's worker processes share the directory), holding an exclusive flock on it; a
+    pack that no live process holds and no index row names is removed by `discard_spooled` and
+    `discard_abandoned`. `delete` removes the row, then punches the bytes out of the pack.
+
+    With `packed=False`, `put` stores a file per blob too (what older versions did); packed or
+    not, blobs stored either way are read, found and deleted alike.
+    """
+
+    def __init__(self, root: Path, *, packed: bool = True) -> None:
         self._blobs = root / "blobs"
         self._tmp = root / "tmp"
-        for directory in (self._blobs, self._tmp):
+        self._packs = self._blobs / "packs"
+        for directory in (self._blobs, self._tmp, self._packs):
             directory.mkdir(parents=True, exist_ok=True)
+        self.packed = packed
+        self.pack_size = PACK_SIZE
         # Blob directories (and their parents) this process made durable (none is ever removed):
         # no mkdir, nor fsync of their parent, per blob.
         self._directories: set[Path] = set()
         self._creating = threading.Lock()
+        self._appending = threading.Lock()  # the active pack, its size, `_pending`
+        self._syncing = threading.Lock()  # held by the one thread syncing and indexing for all
+        self._active: _Pack | None = None
+        self._pending: list[_Appended] = []
+        self._commit_task: asyncio.Task[None] | None = None  # the group commit in flight
+        self._writing = threading.Lock()  # the connection that writes the index
+        self._index: sqlite3.Connection | None = None
+        self._readers = threading.local()  # a connection per thread, for lookups
+        self._schema_ready = False
+        self._packs_durable = False
+
+    def close(self) -> None:
+        """Blocking: let go of this process's active pack (and its lock: once it holds no blob,
+        it can be removed) and of the index; used again, the store opens new ones."""
+        with self._syncing, self._appending:
+            if self._active is not None:
+                self._retire(self._active)
+        with self._writing:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+            reader: sqlite3.Connection | None = getattr(self._readers, "index", None)
+            if reader is not None:
+                reader.close()
+                self._readers.index = None
 
     def discard_spooled(self, *, owner: int | None = None) -> int:
         """Remove leftovers of uploads a previous process did not finish; returns how many.
 
         Only safe while no upload is running on this directory, i.e. at start-up, or, with
         `owner`, for the files of a process that is dead (they are named after its pid).
+        At start-up, also packs left with no blob in them (see `_reclaim_packs`).
         """
-        return discard_leftovers(self._tmp, owner=owner)
+        count = discard_leftovers(self._tmp, owner=owner)
+        if owner is None:
+            self._reclaim_packs()
+        return count
 
     def discard_abandoned(self, older_than: datetime) -> int:
-        return discard_leftovers(self._tmp, older_than=older_than)
+        count = discard_leftovers(self._tmp, older_than=older_than)
+        self._reclaim_packs()
+        return count
 
     def path_for(self, key: str) -> Path:
         if not key or any(c not in "0123456789abcdef" for c in key):
@@ -122,31 +227,72 @@ class LocalBlobStore:
             raise ValueError(f"invalid blob key {key!r}")
         return self._blobs / key[:2] / key[2:4] / key
 
+    def local_path(self, key: str) -> Path | None:
+        """Blocking: the file holding a blob stored as a file, None when it is not one (packed,
+        or missing): such a blob is read through `read`."""
+        target = self.path_for(key)
+        return target if target.is_file() else None
+
     async def create_writer(self, *, spool: bool = True) -> LocalBlobWriter:
         # The spool is where the bytes are written anyway: `spool` changes nothing here.
         path = self._tmp / spool_name()
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._put, self.path_for(key), data)
+        """A thread hop to append (or store a file), then a wait for the group commit that
+        covers the blob: no thread sits waiting for it."""
+        appended = await asyncio.to_thread(self._put, key, data)
+        if appended is not None:
+            await self._committed(appended)
 
-    def _put(self, target: Path, data: bytes) -> None:
-        """One thread hop: write, fsync, rename into place, fsync the directory."""
+    def _put(self, key: str, data: bytes) -> _Appended | None:
+        """Blocking: store a blob as a file, or append it to the pack; what was appended, for
+        `_committed` to wait for, None when the blob was stored (or there) already."""
+        target = self.path_for(key)
+        if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
+            self._put_file(target, data)
+            return None
+        # Identical content already stored, packed (its row was committed only once its bytes
+        # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
+        # a server's worker processes too), so no other process is storing or deleting it.
+        if self._locate(key) is not None:
+            return None
+        if target.exists():
+            _fsync_directory(target.parent)  # see _put_file
+            return None
+        return self._append(key, data)
+
+    async def _committed(self, appended: _Appended) -> None:
+        """Wait until the blob's bytes are durable and its row committed, or raise what failed
+        it. Group commit, one in flight per event loop: the blobs appended while one runs are
+        all covered by the next, one thread hop for all of them."""
+        loop = asyncio.get_running_loop()
+        while not appended.done:
+            running = self._commit_task
+            if running is None or running.done() or running.get_loop() is not loop:
+                running = self._commit_task = loop.create_task(
+                    asyncio.to_thread(self._commit_pending)
+                )
+            # Shielded: the commit covers other uploads than a cancelled one.
+            await asyncio.shield(running)
+        if appended.error is not None:
+            raise appended.error
+
+    def _put_file(self, target: Path, data: bytes) -> None:
+        """Write, fsync, rename into place, fsync the directory."""
         if target.exists():
             # Identical content, its bytes fsynced before they were renamed there (by every
             # writer: this one, LocalBlobWriter._commit). Only the rename may not be durable
             # yet: its writer may have died before fsyncing the directory, or be another thread
-            # finishing. The caller holds the blob's lock (Ingest._commit: across a server's
-            # worker processes too), so no other process is placing or deleting it meanwhile.
+            # finishing. The caller holds the blob's lock, so no other process is placing or
+            # deleting it meanwhile.
             _fsync_directory(target.parent)
             return
         spool = self._tmp / spool_name()  # named after this process: see discard_spooled
         try:
             fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -155,6 +301,217 @@ class LocalBlobStore:
             spool.unlink(missing_ok=True)
             raise
         _fsync_directory(target.parent)
+
+    # Packs: appending, group commit.
+
+    def _append(self, key: str, data: bytes) -> _Appended:
+        """Append a record to this process's active pack (under a lock: quick, no sync)."""
+        header = _RECORD.pack(_MAGIC, bytes.fromhex(key), len(data))
+        with self._appending:
+            if self._active is None:
+                self._active = self._new_pack()
+            pack = self._active
+            start = pack.size
+            try:
+                _write_all(pack.fd, header)
+                _write_all(pack.fd, data)
+            except BaseException:
+                # A full disk, typically: what was written of the record goes, so that the next
+                # one starts where this one did.
+                try:
+                    os.ftruncate(pack.fd, start)
+                    os.lseek(pack.fd, start, os.SEEK_SET)
+                except OSError:
+                    self._retire(pack)
+                raise
+            pack.size = start + len(header) + len(data)
+            pack.users += 1
+            appended = _Appended(key, pack, start + len(header), len(data), time.time())
+            self._pending.append(appended)
+            if pack.size >= self.pack_size:
+                self._retire(pack)
+            return appended
+
+    def _commit_pending(self) -> None:
+        """Blocking: make every blob appended so far durable and indexed (or failed: each
+        `_Appended` says). One thread at a time: the loops of several threads may share a
+        store (tests do), never a batch."""
+        with self._syncing:
+            with self._appending:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[_Appended]) -> None:
+        """fdatasync the packs, then index the blobs, in one transaction; in that order: a row
+        must never name bytes that are not durable."""
+        packs = list({id(a.pack): a.pack for a in batch}.values())
+        try:
+            for pack in packs:
+                try:
+                    os.fdatasync(pack.fd)
+                except BaseException:
+                    # Which of its pages reached the disk is unknown after a failed sync, and
+                    # a later one may not say: nothing more goes into this pack.
+                    with self._appending:
+                        self._retire(pack)
+                    raise
+            rows = [(a.key, a.pack.name, a.offset, a.length, a.written_at) for a in batch]
+            with self._writing, self._index_errors():
+                index = self._writer()
+                index.execute("BEGIN IMMEDIATE")
+                try:
+                    # OR IGNORE: identical content indexed meanwhile; these bytes are garbage.
+                    index.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?)", rows)
+                    index.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        index.execute("ROLLBACK")
+                    raise
+        except BaseException as error:
+            for appended in batch:
+                appended.error = error
+                # Garbage, never indexed: its space goes back now, not when its pack goes.
+                with contextlib.suppress(OSError):
+                    start = appended.offset - _RECORD.size
+                    free_range(appended.pack.fd, start, appended.length + _RECORD.size)
+        finally:
+            for appended in batch:
+                appended.done = True
+            with self._appending:
+                for appended in batch:
+                    appended.pack.users -= 1
+                for pack in packs:
+                    if pack.retired and pack.users == 0:
+                        self._close(pack)
+
+    def _new_pack(self) -> _Pack:
+        """A new pack, locked, its directory entry durable (under `_appending`)."""
+        while True:
+            name = f"{owner_prefix(os.getpid())}{uuid.uuid4().hex}.pack"
+            path = self._packs / name
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                # Held while this process may append to it: no other process removes it then.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Another process may have taken it for an abandoned empty pack and removed it
+                # between its creation and the lock: then take another one.
+                if os.fstat(fd).st_ino == _inode(path):
+                    if not self._packs_durable:
+                        _fsync_directory(self._blobs)  # `packs/` itself, once per process
+                    _fsync_directory(self._packs)
+                    self._packs_durable = True
+                    return _Pack(name, fd, 0)
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+            os.close(fd)
+
+    def _retire(self, pack: _Pack) -> None:
+        """Append nothing more to `pack`; close it once its blobs are indexed (under
+        `_appending`)."""
+        pack.retired = True
+        if self._active is pack:
+            self._active = None
+        if pack.users == 0:
+            self._close(pack)
+
+    def _close(self, pack: _Pack) -> None:
+        if not pack.closed:
+            pack.closed = True
+            os.close(pack.fd)  # releases the lock: once empty, any process may remove it
+
+    def _reclaim_packs(self) -> int:
+        """Blocking: remove the packs that no index row names and no live process appends to
+        (each holds a lock on its active pack, released when it dies); returns how many.
+
+        Such a pack is one whose blobs were all deleted, or one a crashed process left with
+        nothing indexed in it. A pack with blobs left keeps what a crash left of it (a torn or
+        unindexed record): harmless, never read, gone with the pack.
+        """
+        removed = 0
+        for path in self._packs.glob("*.pack"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # some process's active pack
+                with self._index_errors():
+                    named = self._reader().execute(
+                        "SELECT 1 FROM blobs WHERE pack = ? LIMIT 1", (path.name,)
+                    )
+                    if not named.fetchall() and os.fstat(fd).st_ino == _inode(path):
+                        path.unlink()
+                        removed += 1
+            finally:
+                os.close(fd)
+        if removed:
+            _fsync_directory(self._packs)
+            log.info("removed %d pack(s) with no blob left in them", removed)
+        return removed
+
+    # The index.
+
+    def _connect(self) -> sqlite3.Connection:
+        index = sqlite3.connect(
+            self._packs / "index.sqlite3",
+            timeout=60,  # busy timeout: other processes of the server commit to it too
+            isolation_level=None,  # no implicit transactions: BEGIN where one is meant
+            check_same_thread=False,
+        )
+        # WAL: readers never wait for a writer, and a commit appends to the log. FULL: the log
+        # is synced at each commit, so an acknowledged blob's row survives a power loss.
+        index.execute("PRAGMA journal_mode = WAL")
+        index.execute("PRAGMA synchronous = FULL")
+        if not self._schema_ready:
+            index.execute(
+                "CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, pack TEXT NOT NULL,"
+                " offset INTEGER NOT NULL, length INTEGER NOT NULL, written_at REAL NOT NULL)"
+                " WITHOUT ROWID"
+            )
+            index.execute("CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack)")
+            self._schema_ready = True
+        return index
+
+    def _writer(self) -> sqlite3.Connection:
+        """The connection that writes (under `_writing`)."""
+        if self._index is None:
+            self._index = self._connect()
+        return self._index
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's connection for lookups: they run concurrently, beside a commit."""
+        index: sqlite3.Connection | None = getattr(self._readers, "index", None)
+        if index is None:
+            with self._writing:  # the first one creates the schema
+                index = self._readers.index = self._connect()
+        return index
+
+    def _locate(self, key: str) -> _Location | None:
+        with self._index_errors():
+            rows = (
+                self._reader()
+                .execute("SELECT pack, offset, length FROM blobs WHERE key = ?", (key,))
+                .fetchall()  # all: the statement is done, no read snapshot is kept open
+            )
+        return _Location(*rows[0]) if rows else None
+
+    @contextlib.contextmanager
+    def _index_errors(self) -> Iterator[None]:
+        """SQLite's failures as what they mean to a caller: a full disk is a full disk."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            code = getattr(error, "sqlite_errorcode", 0)
+            if code & 0xFF == _SQLITE_FULL:
+                where = str(self._packs / "index.sqlite3")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where) from error
+            raise
 
     async def store_file(self, path: Path, key: str) -> None:
         await asyncio.to_thread(self._store_file, path, self.path_for(key))
@@ -196,13 +553,23 @@ class LocalBlobStore:
                 self._directories.add(level)
 
     def blob_keys(self) -> list[tuple[str, datetime]]:
-        return [
-            (path.name, datetime.fromtimestamp(path.stat().st_mtime, UTC))
+        found = {
+            path.name: datetime.fromtimestamp(path.stat().st_mtime, UTC)
             for path in self._blobs.glob("*/*/*")
             if path.is_file()
-        ]
+        }
+        with self._index_errors():
+            rows = self._reader().execute("SELECT key, written_at FROM blobs").fetchall()
+        for key, written_at in rows:
+            found.setdefault(key, datetime.fromtimestamp(written_at, UTC))
+        return list(found.items())
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
+        packed = await asyncio.to_thread(self._read_packed, key, offset)
+        if packed is not None:
+            for start in range(0, len(packed), chunk_size):
+                yield packed[start : start + chunk_size]
+            return
         handle = await asyncio.to_thread(open, self.path_for(key), "rb")
         try:
             await asyncio.to_thread(handle.seek, offset)
@@ -211,11 +578,101 @@ class LocalBlobStore:
         finally:
             handle.close()
 
+    def _read_packed(self, key: str, offset: int) -> bytes | None:
+        """A packed blob's bytes from `offset`, None when it is not packed.
+
+        Read whole (a packed blob is small) and checked against the index after the read: a
+        delete removes the row before it punches the bytes out, so bytes read while the row was
+        still there afterwards are the blob's, never the zeros of a hole.
+        """
+        location = self._locate(key)
+        while location is not None:
+            try:
+                data: bytes | None = self._pread(location, offset)
+            except FileNotFoundError:
+                data = None  # the pack is gone: its blobs were all deleted meanwhile?
+            now = self._locate(key)
+            if now == location:
+                if data is None:
+                    raise FileNotFoundError(
+                        errno.ENOENT, "the index names a missing pack", location.pack
+                    )
+                return data
+            location = now  # deleted, or deleted and stored again, meanwhile
+        return None
+
+    def _pread(self, location: _Location, offset: int) -> bytes:
+        path = self._packs / location.pack
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            position = location.offset + min(offset, location.length)
+            end = location.offset + location.length
+            parts = []
+            while position < end:
+                part = os.pread(fd, end - position, position)
+                if not part:
+                    raise OSError(errno.EIO, "a pack is shorter than its index says", str(path))
+                parts.append(part)
+                position += len(part)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self.path_for(key).unlink, True)
+        await asyncio.to_thread(self._delete, key)
+
+    def _delete(self, key: str) -> None:
+        target = self.path_for(key)
+        location = self._unindex(key)
+        if location is not None:
+            self._punch(location)
+        target.unlink(missing_ok=True)
+
+    def _unindex(self, key: str) -> _Location | None:
+        """Remove a packed blob's row, durably; where its bytes were, None when not packed."""
+        with self._writing, self._index_errors():
+            index = self._writer()
+            index.execute("BEGIN IMMEDIATE")
+            try:
+                rows = index.execute(
+                    "SELECT pack, offset, length FROM blobs WHERE key = ?", (key,)
+                ).fetchall()
+                if rows:
+                    index.execute("DELETE FROM blobs WHERE key = ?", (key,))
+                index.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    index.execute("ROLLBACK")
+                raise
+        return _Location(*rows[0]) if rows else None
+
+    def _punch(self, location: _Location) -> None:
+        """Free a deleted blob's bytes in its pack (its record's header stays: the pack can
+        still be walked). The blob is gone already: a failure here is logged, not raised."""
+        path = self._packs / location.pack
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            free_range(fd, location.offset, location.length)
+            os.fdatasync(fd)
+        except OSError:
+            log.exception(
+                "could not free the %d bytes at %d of %s, a deleted blob's: they stay there",
+                location.length,
+                location.offset,
+                path,
+            )
+        finally:
+            os.close(fd)
 
     async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread(self.path_for(key).is_file)
+        return await asyncio.to_thread(self._exists, key)
+
+    def _exists(self, key: str) -> bool:
+        target = self.path_for(key)
+        return self._locate(key) is not None or target.is_file()
 
 
 class LocalBlobWriter:
@@ -379,6 +836,56 @@ def start_writeback(fd: int, offset: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, 0, _SYNC_FILE_RANGE_WRITE)  # 0 bytes: to the end
+
+
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # as in _sync_file_range
+        function = libc.fallocate  # Linux only
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_FALLOCATE = _fallocate()
+# From linux/falloc.h: free the blocks of a range, reading as zeros, the file's size unchanged.
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_SQLITE_FULL = 13
+
+
+def free_range(fd: int, offset: int, length: int) -> None:
+    """Blocking: make a range of a file read as zeros, its disk space freed where the
+    filesystem can punch holes (ext4, XFS, btrfs, tmpfs); elsewhere overwritten with zeros: the
+    bytes gone all the same, the space kept."""
+    if length <= 0:
+        return
+    if _FALLOCATE is not None:
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _FALLOCATE(fd, mode, offset, length) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code))
+    zeros = bytes(min(length, 1024 * 1024))
+    position, end = offset, offset + length
+    while position < end:
+        position += os.pwrite(fd, zeros[: end - position], position)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return -1
 
 
 def _fsync_directory(path: Path) -> None:

@@ -153,6 +153,14 @@ class Settings:
             shown="files under the data directory",
         ),
     )
+    # Off: a file per small blob, as before packs (see LocalBlobStore); both are read either way.
+    blob_packs: bool = field(
+        default=True,
+        metadata=declare(
+            "METALAKE_BLOB_PACKS",
+            "local blobs: small ones appended to pack files (off: a file per blob)",
+        ),
+    )
     migrate: bool = field(
         default=False,
         metadata=declare(

@@ -371,13 +371,8 @@ class DatalakeCore:
                 if not await self.blobs.exists(key):
                     return None
             else:
-                writer = await self.blobs.create_writer(spool=False)
-                try:
-                    await writer.write(content)
-                    await writer.commit(key)
-                except BaseException:
-                    await writer.abort()
-                    raise
+                # In one step, as a small upload's: a preview is small (packed, when local).
+                await self.blobs.put(key, content)
             try:
                 return await self.catalog.add_thumbnail(made)
             except BaseException:
@@ -386,10 +381,13 @@ class DatalakeCore:
 
     @asynccontextmanager
     async def _local_copy(self, record: DataRecord) -> AsyncIterator[Path]:
-        """A local file with the item's bytes: the blob itself when stored locally."""
+        """A local file with the item's bytes: the blob itself when it is a local file (not a
+        packed one: see LocalBlobStore)."""
         if isinstance(self.blobs, LocalBlobStore):
-            yield self.blobs.path_for(record.blob_key)
-            return
+            local = await asyncio.to_thread(self.blobs.local_path, record.blob_key)
+            if local is not None:
+                yield local
+                return
         # A spool file like an upload's: whatever a crash leaves of it is discarded at the
         # next start, like theirs.
         self._spool_dir.mkdir(parents=True, exist_ok=True)

@@ -118,8 +118,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             if code is None:
                 code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            RPCS.labels(method, name).inc()
-            RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+            _rpc_counter(method, name).inc()
+            _rpc_timer(method).observe(time.perf_counter() - started)
 
         def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def run(request: Any, context: Any) -> Any:
@@ -149,6 +149,26 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             return run
 
         return rebuild_handler(handler, unary, streaming, _tolerant)
+
+
+# Each metric's child per label values, looked up once: `labels()` takes a lock and builds a
+# key on every call, and every call is counted and timed.
+_rpc_counters: dict[tuple[str, str], Any] = {}
+_rpc_timers: dict[str, Any] = {}
+
+
+def _rpc_counter(method: str, code: str) -> Any:
+    child = _rpc_counters.get((method, code))
+    if child is None:
+        child = _rpc_counters[(method, code)] = RPCS.labels(method, code)
+    return child
+
+
+def _rpc_timer(method: str) -> Any:
+    child = _rpc_timers.get(method)
+    if child is None:
+        child = _rpc_timers[method] = RPC_SECONDS.labels(method)
+    return child
 
 
 @dataclass(frozen=True)

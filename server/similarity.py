@@ -131,6 +131,13 @@ def _hash_or_none(path: Path) -> ImageHash | None:
         return None
 
 
+def _hash_or_none_in_memory(content: bytes) -> ImageHash | None:
+    try:
+        return hash_image(io.BytesIO(content))
+    except NotAnImageError:
+        return None
+
+
 def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
@@ -297,15 +304,21 @@ class Similarity:
 
     async def _hash_blob(self, blob_key: str) -> ImageHash | None:
         """The hash of a stored blob, None when it is not a decodable image. A local blob is
-        decoded where it lies; another store's is streamed to a temporary file first, never
-        held in memory. An item registered in place (ImportObjects) is not hashed: that would
-        read its whole object from the customer's bucket, where an import reads at most a
-        header."""
+        decoded where it lies (a packed one, small, from memory); another store's is streamed
+        to a temporary file first, never held in memory. An item registered in place
+        (ImportObjects) is not hashed: that would read its whole object from the customer's
+        bucket, where an import reads at most a header."""
         if importing.is_reference(blob_key):
             return None
         if isinstance(self._blobs, LocalBlobStore):
-            local = self._blobs.path_for(blob_key)
-            return await asyncio.to_thread(_hash_or_none, local)
+            local = await asyncio.to_thread(self._blobs.local_path, blob_key)
+            if local is not None:
+                return await asyncio.to_thread(_hash_or_none, local)
+            # Packed: a small blob, decoded from memory (no scratch file per image).
+            content = b"".join(
+                [chunk async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024)]
+            )
+            return await asyncio.to_thread(_hash_or_none_in_memory, content)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         # Named after this process, like spool files: a supervisor removes a dead worker's.
         prefix = owner_prefix(os.getpid())

@@ -14,13 +14,18 @@ blob is unused and deleting it, no process commits the same content (see SqlCata
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import hashlib
 import os
+import struct
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+
+from metalake.server.locks import KeyedLocks
 
 
 class WriterLock:
@@ -58,15 +63,45 @@ class WriterLock:
 
 
 class BlobLocks:
-    """Exclusive use of a blob key across processes: an flock on one of 4,096 files (by the
-    key's first three hex digits) in a directory beside the database."""
+    """Exclusive use of a blob key across processes.
+
+    On Linux, a write lock on one byte of a single lock file beside the database (an open file
+    description lock, F_OFD_SETLK), at an offset taken from the key: two syscalls per hold, on a
+    file opened once. Holders in this process take turns on a keyed asyncio lock first, since
+    the one open file description would let a second holder of the same byte in. Elsewhere, an
+    flock on one of 4,096 files (by the key's first three hex digits), opened per holder.
+    """
 
     def __init__(self, database: Path) -> None:
-        self._directory = database.with_name(database.name + ".blob-locks")
-        self._directory.mkdir(exist_ok=True)
+        self._local = KeyedLocks()
+        self._fd: int | None = None
+        self._directory: Path | None = None
+        if _OFD_SETLK is not None:
+            path = database.with_name(database.name + ".blob-key-locks")
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        else:
+            self._directory = database.with_name(database.name + ".blob-locks")
+            self._directory.mkdir(exist_ok=True)
 
     @asynccontextmanager
     async def hold(self, blob_key: str) -> AsyncIterator[None]:
+        if self._fd is None:
+            async with self._hold_file(blob_key):
+                yield
+            return
+        fd, offset = self._fd, _offset(blob_key)
+        async with self._local.hold(blob_key):
+            # Polled, not waited for in a thread: waiters must not pin worker threads.
+            while not _try_byte_lock(fd, offset):  # noqa: ASYNC110 (another process holds it)
+                await asyncio.sleep(0.01)
+            try:
+                yield
+            finally:
+                _unlock_byte(fd, offset)
+
+    @asynccontextmanager
+    async def _hold_file(self, blob_key: str) -> AsyncIterator[None]:
+        assert self._directory is not None
         # Its own open file per holder: flock excludes other holders in this process too.
         fd = os.open(self._directory / blob_key[:3], os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -75,8 +110,46 @@ class BlobLocks:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    # Polled, not waited for in a thread: waiters must not pin worker threads.
                     await asyncio.sleep(0.01)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases any lock still held
+            self._fd = None
+
+
+# Linux's open file description locks: owned by the open file, not the process, so they are not
+# dropped when another descriptor of the file is closed, and a process's descriptors exclude
+# each other. Released with the file's last descriptor, so by the death of its process too.
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), native alignment.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _offset(blob_key: str) -> int:
+    """The byte standing for a blob key: its first 60 bits (keys are hex SHA-256), else a hash
+    of it; two keys sharing a byte only take turns."""
+    try:
+        return int(blob_key[:15], 16)
+    except ValueError:
+        digest = hashlib.blake2b(blob_key.encode(), digest_size=7).digest()
+        return int.from_bytes(digest, "big")
+
+
+def _try_byte_lock(fd: int, offset: int) -> bool:
+    assert _OFD_SETLK is not None
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):  # held by another process
+            return False
+        raise
+    return True
+
+
+def _unlock_byte(fd: int, offset: int) -> None:
+    assert _OFD_SETLK is not None
+    fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))

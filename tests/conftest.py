@@ -19,6 +19,7 @@ import sqlalchemy
 from moto.server import ThreadedMotoServer
 
 from metalake.server.app import RunningServer, start
+from metalake.server.blobstore import LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.config import Settings
 from metalake.server.schema_versions import engine_url
@@ -159,3 +160,13 @@ def s3_url(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"metalake-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/lake"
+
+
+def stored_blobs(data_dir: Path) -> list[str]:
+    """The key of every blob stored in a data directory's local store, packed or as a file,
+    sorted: what a process that opened it now would find."""
+    store = LocalBlobStore(data_dir)
+    try:
+        return sorted(key for key, _ in store.blob_keys())
+    finally:
+        store.close()

@@ -484,8 +484,9 @@ async def test_put_makes_each_new_directory_durable_once(
 ) -> None:
     """A new blob directory's entry is durable only once its parent is fsynced: every put
     fsyncs what its blob needs (its directory, and the parents of directories this process
-    has not made durable), and no parent twice once this process made it durable."""
-    store = LocalBlobStore(tmp_path / "store")
+    has not made durable), and no parent twice once this process made it durable. (A put of
+    a file per blob, what `packed=False` keeps; writers place their files the same way.)"""
+    store = LocalBlobStore(tmp_path / "store", packed=False)
     synced: list[Path] = []
     real = blobstore._fsync_directory
 
@@ -522,7 +523,7 @@ async def test_put_makes_each_new_directory_durable_once(
         for data in (f"third {index}".encode() for index in range(10_000_000))
         if sha(data)[:4] == sha(second)[:4]
     )
-    restarted = LocalBlobStore(tmp_path / "store")
+    restarted = LocalBlobStore(tmp_path / "store", packed=False)
     synced.clear()
     await restarted.put(sha(third), third)
     target = store.path_for(sha(third))
@@ -532,7 +533,7 @@ async def test_put_makes_each_new_directory_durable_once(
 async def test_a_directory_fsync_that_fails_fails_the_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = LocalBlobStore(tmp_path / "store")
+    store = LocalBlobStore(tmp_path / "store", packed=False)
 
     def fail(path: Path) -> None:
         raise OSError(5, "Input/output error")

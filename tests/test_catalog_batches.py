@@ -249,3 +249,42 @@ async def test_an_add_waits_for_none_when_no_other_is_on_its_way(
         await asyncio.sleep(0)
     await asyncio.wait_for(add, 60)
     assert await catalog.get(ORG, waiting.id) == waiting
+
+
+async def test_concurrent_request_lookups_share_a_query_and_each_gets_its_own_answer(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups asked together are answered by one query per organization, each with the item
+    stored under its own (organization, request id), or None."""
+    mine, theirs = record(request_id="r-1"), record(org="other", request_id="r-1")
+    await _outcomes(catalog, mine, theirs)
+    hops: list[int] = []
+    find_requests = catalog._find_requests
+
+    def counted(wanted: Any) -> Any:
+        hops.append(len(wanted))
+        return find_requests(wanted)
+
+    monkeypatch.setattr(catalog, "_find_requests", counted)
+    asked = [(ORG, "r-1"), ("other", "r-1"), (ORG, "r-2"), ("nobody", "r-1"), (ORG, "r-1")]
+    found = await asyncio.gather(*(catalog.find_request(org, rid) for org, rid in asked))
+    assert found == [mine, theirs, None, None, mine]
+    assert hops == [len(asked)]
+    assert await catalog.find_request(ORG, "r-2") is None  # alone: answered at once, alone
+    assert hops == [len(asked), 1]
+
+
+async def test_request_lookups_the_catalog_fails_fail_each_alone(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(wanted: Any) -> Any:
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("the catalog is away"))
+
+    monkeypatch.setattr(catalog, "_find_requests", broken)
+    outcomes = await asyncio.gather(
+        *(catalog.find_request(ORG, f"r-{i}") for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, Unavailable) for outcome in outcomes), outcomes
+    assert len({id(outcome) for outcome in outcomes}) == 3
+    monkeypatch.undo()
+    assert await catalog.find_request(ORG, "r-0") is None  # and the next lookups work

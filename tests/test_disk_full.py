@@ -20,7 +20,7 @@ import metalake.server.ingest.receiving
 from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, stored_blobs
 from tests.test_faults import retry_info
 from tests.test_service import assert_nothing_stored, exif_jpeg, upload
 
@@ -50,7 +50,9 @@ class FillsUp:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Spool files created from now on have 100 KB of room, and so has each file a small upload
-    is written to in one step (`LocalBlobStore.put`, through os.write)."""
+    is written to in one step (`LocalBlobStore.put`, through os.write): a spool file, or the
+    pack it is appended to, which cannot grow past 100 KB (what a failed append cut off is
+    room again, as on a real disk)."""
     create = metalake.server.blobstore.create_spool_file
 
     async def create_on_a_full_disk(path: Path) -> Any:
@@ -63,31 +65,32 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.setattr(module, "create_spool_file", create_on_a_full_disk)
 
-    written: dict[str, int] = {}
     write = os.write
 
     def write_on_a_full_disk(fd: int, data: bytes | memoryview) -> int:
         path = os.readlink(f"/proc/self/fd/{fd}")
-        if not (path.endswith(".part") and Path(path).parent.name == "tmp"):
+        spooled = path.endswith(".part") and Path(path).parent.name == "tmp"
+        packed = path.endswith(".pack") and Path(path).parent.name == "packs"
+        if not (spooled or packed):
             return write(fd, data)
-        room = 100_000 - written.get(path, 0)
+        room = 100_000 - os.lseek(fd, 0, os.SEEK_CUR)  # appending: where it stands is its size
         if room <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        count = write(fd, memoryview(data)[:room])  # a short write, as Linux's at the limit
-        written[path] = written.get(path, 0) + count
-        return count
+        return write(fd, memoryview(data)[:room])  # a short write, as Linux's at the limit
 
     monkeypatch.setattr(os, "write", write_on_a_full_disk)
 
 
 @pytest.fixture
 def fsync_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync reports the disk full (as ext4 with delayed allocation, or NFS, may)."""
+    """fsync (and fdatasync, which packs use) reports the disk full (as ext4 with delayed
+    allocation, or NFS, may)."""
 
     def fsync(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fsync)
 
 
 def assert_disk_full(error: grpc.RpcError) -> None:
@@ -96,10 +99,9 @@ def assert_disk_full(error: grpc.RpcError) -> None:
     assert retry_info(error) is None  # not a moment's load: the SDK does not hammer it
 
 
-def leftovers(data_dir: Path) -> list[Path]:
-    return [p for p in (data_dir / "tmp").rglob("*")] + [
-        p for p in (data_dir / "blobs").rglob("*") if p.is_file()
-    ]
+def leftovers(data_dir: Path) -> list[str]:
+    """Spool files and stored blobs (packed or files), by name."""
+    return [p.name for p in (data_dir / "tmp").rglob("*")] + stored_blobs(data_dir)
 
 
 def test_a_full_disk_while_spooling_an_upload(
@@ -175,7 +177,7 @@ def test_a_full_disk_while_storing_a_small_upload(
         with pytest.raises(grpc.RpcError) as caught:
             upload(stub, content, "too-big-for-what-is-left")
         assert_disk_full(caught.value)
-    assert [p.name for p in leftovers(running_server.data_dir)] == [first.sha256]
+    assert leftovers(running_server.data_dir) == [first.sha256]
     assert [d.filename for d in stub.ListData(pb.ListDataRequest()).data] == ["fits"]
     assert upload(stub, stored, "same-bytes").sha256 == first.sha256
     monkeypatch.undo()

@@ -14,14 +14,14 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, stored_blobs
 from tests.test_service import assert_nothing_stored, requests, upload, violations
 
 Stub = pb_grpc.DatalakeServiceStub
 
 
 def blob_count(handle: ServerHandle) -> int:
-    return len([p for p in (handle.data_dir / "blobs").rglob("*") if p.is_file()])
+    return len(stored_blobs(handle.data_dir))
 
 
 def test_a_retry_with_the_same_request_id_returns_the_first_item(

@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import serving
+from tests.conftest import serving, stored_blobs
 from tests.serverprocess import ServerProcess
 from tests.test_service import assert_nothing_stored, requests, upload
 
@@ -175,7 +175,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) ->
                     digest.update(message.chunk)
                 assert digest.hexdigest() == sha256
         # No bytes without their item, and no half-written leftovers.
-        blobs = {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+        blobs = set(stored_blobs(data_dir))
         assert blobs == set(listed.values())
         assert list((data_dir / "tmp").iterdir()) == []
 
@@ -197,7 +197,7 @@ def test_storage_quotas_hold_per_organization(tmp_path: Path) -> None:
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "quota" in (caught.value.details() or "")
         assert [d.id for d in stub.ListData(pb.ListDataRequest()).data] == [first.id]
-        assert len([p for p in (handle.data_dir / "blobs").rglob("*") if p.is_file()]) == 1
+        assert len(stored_blobs(handle.data_dir)) == 1
 
         # Deleting frees the space; an organization's own limits override the defaults.
         stub.DeleteData(pb.DeleteDataRequest(id=first.id))

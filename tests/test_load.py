@@ -20,6 +20,7 @@ import pytest
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import loadclient
+from tests.conftest import stored_blobs
 from tests.serverprocess import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_64_client_processes_store_every_file_exactly_once(tmp_path: Path) -> No
     assert retries["call"] + retries["stream"] > 0, "no upload was refused: raise the load"
     # Nothing left half-written, and one blob per distinct content (each file is distinct).
     assert list((data_dir / "tmp").iterdir()) == []
-    assert sum(1 for p in (data_dir / "blobs").rglob("*") if p.is_file()) == expected
+    assert len(stored_blobs(data_dir)) == expected
 
 
 def _generated(size: int, chunk: int) -> Iterator[pb.UploadDataRequest]:

@@ -42,7 +42,7 @@ from metalake.server.faults import backend_fault
 from metalake.server.schema_versions import engine_url
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import S3_ENV, ServerHandle, serving
+from tests.conftest import S3_ENV, ServerHandle, serving, stored_blobs
 from tests.tcpproxy import TcpProxy
 from tests.test_faults import retry_info
 from tests.test_service import requests, upload
@@ -197,7 +197,7 @@ def test_a_catalog_outage_is_unavailable_and_the_same_server_recovers(
         upload(stub, again[0], "late-0", request_id=again[1])
         assert_intact(stub, sent)
         _collect_garbage(handle)
-        blobs = {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+        blobs = set(stored_blobs(data_dir))
         assert blobs == {hashlib.sha256(c).hexdigest() for c in sent.values()}
         assert list((data_dir / "tmp").iterdir()) == []
 

@@ -24,7 +24,7 @@ from PIL import Image
 from metalake import metadata as md
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, stored_blobs
 
 Stub = pb_grpc.DatalakeServiceStub
 
@@ -77,9 +77,8 @@ def stored_files(data_dir: Path) -> list[Path]:
 
 def assert_nothing_stored(stub: Stub, data_dir: Path) -> None:
     assert list(stub.ListData(pb.ListDataRequest()).data) == []
-    leftovers = [p for p in (data_dir / "blobs").rglob("*") if p.is_file()]
-    leftovers += [p for p in (data_dir / "tmp").rglob("*") if p.is_file()]
-    assert leftovers == []
+    assert stored_blobs(data_dir) == []
+    assert [p for p in (data_dir / "tmp").rglob("*") if p.is_file()] == []
 
 
 def test_upload_then_get_round_trips_content_and_metadata(stub: Stub) -> None:
@@ -325,8 +324,7 @@ def test_delete_removes_the_item_and_bytes_no_other_item_uses(
 ) -> None:
     first = upload(stub, b"same bytes", "a")
     second = upload(stub, b"same bytes", "b")
-    blobs = running_server.data_dir / "blobs"
-    assert len([p for p in blobs.rglob("*") if p.is_file()]) == 1  # stored once
+    assert len(stored_blobs(running_server.data_dir)) == 1  # stored once
 
     stub.DeleteData(pb.DeleteDataRequest(id=first.id))
     with pytest.raises(grpc.RpcError) as caught:

@@ -12,7 +12,7 @@ from metalake import metadata as md
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, stored_blobs
 from tests.test_extract_corpus import CORPUS
 from tests.test_service import Stub, exif_jpeg, upload
 
@@ -47,8 +47,7 @@ def test_an_identical_small_file_is_stored_once(stub: Stub, running_server: Serv
     first, second = upload(stub, content, "a.bin"), upload(stub, content, "b.bin")
     assert first.id != second.id
     assert first.sha256 == second.sha256
-    blobs = [p for p in (running_server.data_dir / "blobs").rglob("*") if p.is_file()]
-    assert [p.name for p in blobs] == [first.sha256]
+    assert stored_blobs(running_server.data_dir) == [first.sha256]
     # Deleting one item keeps the bytes the other still uses.
     stub.DeleteData(pb.DeleteDataRequest(id=first.id))
     download = stub.DownloadData(pb.DownloadDataRequest(id=second.id))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from metalake.server.sqlitelocks import BlobLocks, WriterLock
 
@@ -62,3 +66,76 @@ def test_a_blob_key_is_held_by_one_holder_at_a_time(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert entered == ["a", "c", "b"]
+
+
+# Another process holding a blob key's byte for a while (OFD lock, as BlobLocks takes it).
+HOLD_BYTE = """
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+offset = int(sys.argv[2][:15], 16)
+fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="open file description locks")
+def test_a_blob_key_held_by_another_process_waits_until_it_is_free(tmp_path: Path) -> None:
+    locks = BlobLocks(tmp_path / "catalog.sqlite3")
+    key = "ab" * 32
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLD_BYTE,
+            str(tmp_path / "catalog.sqlite3.blob-key-locks"),
+            key,
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline() == b"held\n"
+
+        async def run() -> float:
+            async with locks.hold("cd" * 32):  # another key: free
+                pass
+            started = time.monotonic()
+            async with locks.hold(key):
+                return time.monotonic() - started
+
+        waited = asyncio.run(run())
+        assert other.wait(30) == 0
+        assert waited >= 0.2  # it waited for the other process to let go (or die)
+    finally:
+        other.kill()
+        locks.close()
+
+
+def test_a_blob_key_held_by_a_killed_process_is_free(tmp_path: Path) -> None:
+    locks = BlobLocks(tmp_path / "catalog.sqlite3")
+    key = "ef" * 32
+
+    async def hold() -> None:
+        async with locks.hold(key):
+            pass
+
+    if hasattr(fcntl, "F_OFD_SETLK"):
+        other = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                HOLD_BYTE,
+                str(tmp_path / "catalog.sqlite3.blob-key-locks"),
+                key,
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert other.stdout is not None
+        assert other.stdout.readline() == b"held\n"
+        other.kill()
+        other.wait(30)
+    asyncio.run(asyncio.wait_for(hold(), 5))
+    locks.close()

@@ -26,7 +26,7 @@ from metalake.server.errors import NotFound
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
-from tests.conftest import ServerHandle, serving
+from tests.conftest import ServerHandle, serving, stored_blobs
 from tests.test_service import upload, violations
 
 Stub = pb_grpc.DatalakeServiceStub
@@ -181,7 +181,7 @@ def test_bad_sizes_and_unknown_items(stub: Stub) -> None:
 
 
 def blob_files(data_dir: Path) -> set[str]:
-    return {p.name for p in (data_dir / "blobs").rglob("*") if p.is_file()}
+    return set(stored_blobs(data_dir))
 
 
 def used_bytes(handle: ServerHandle) -> int:

@@ -27,7 +27,7 @@ from metalake.server.blobstore import LocalBlobStore
 from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
-from tests.conftest import S3_ENV
+from tests.conftest import S3_ENV, stored_blobs
 from tests.serverprocess import ServerProcess
 from tests.test_faults import held_open
 from tests.test_service import requests, upload
@@ -479,5 +479,5 @@ def test_workers_storing_and_deleting_the_same_small_files_keep_every_blob_in_us
             body = b"".join(m.chunk for m in stub.DownloadData(request, timeout=20))
             assert hashlib.sha256(body).hexdigest() == item.data.sha256
             stored.add(item.data.sha256)
-    blobs = {p.name for p in (two_workers.data_dir / "blobs").rglob("*") if p.is_file()}
+    blobs = set(stored_blobs(two_workers.data_dir))
     assert blobs == stored

@@ -92,6 +92,9 @@ class SqlDatabase:
 
 
 def _sqlite_file(engine: Engine) -> Path | None:
+    """The file of a SQLite catalog; None for any other (a PostgreSQL URL names a database too)."""
+    if engine.dialect.name != "sqlite":
+        return None
     database = engine.url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None

@@ -62,6 +62,8 @@ class SqlBlobHolds(SqlDatabase):
     async def close(self) -> None:
         if self._blob_locks is not None:
             await asyncio.to_thread(self._blob_locks.close)
+        if self._blob_file_locks is not None:
+            self._blob_file_locks.close()
         await super().close()
 
 

@@ -1,0 +1,448 @@
+"""Small blobs packed into append-only pack files (LocalBlobStore.put): found through the
+index, read in parts, stored once whichever way identical content came, their bytes punched
+out when deleted, never indexed before they are durable, one pack per process, and a crash's
+torn record harmless. The contract every store keeps is in test_blobstores.py."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metalake.server import blobstore
+from metalake.server.app import open_blob_store
+from metalake.server.blobstore import LocalBlobStore
+from metalake.server.config import Settings
+
+MiB = 1024 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def get(store: LocalBlobStore, key: str, offset: int = 0, chunk_size: int = 100_000) -> bytes:
+    return b"".join([c async for c in store.read(key, offset=offset, chunk_size=chunk_size)])
+
+
+def packs(root: Path) -> list[Path]:
+    return sorted((root / "blobs" / "packs").glob("*.pack"))
+
+
+def blob_files(root: Path) -> list[Path]:
+    """Blobs stored as files of their own (not packed)."""
+    return [p for p in (root / "blobs").glob("*/*/*") if p.is_file()]
+
+
+def killed(store: LocalBlobStore) -> None:
+    """What the death of the store's process does to it: its files are closed (its lock on
+    its active pack released), whatever it was doing left unfinished."""
+    for pack in {
+        id(p): p for p in [store._active, *(a.pack for a in store._pending)] if p
+    }.values():
+        store._close(pack)
+
+
+def indexed(root: Path) -> list[str]:
+    """What a process that just started finds in the index."""
+    other = LocalBlobStore(root)
+    try:
+        return sorted(key for key, _ in other.blob_keys())
+    finally:
+        other.close()
+
+
+async def test_packed_blobs_round_trip_in_parts_and_from_offsets(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    blobs = [os.urandom(size) for size in (160 * 1024, 1, 0, MiB, 12_345)]
+    for data in blobs:
+        await store.put(sha(data), data)
+    assert blob_files(tmp_path) == []  # no file, no directory per blob
+    (pack,) = packs(tmp_path)
+    header = blobstore._RECORD.size
+    assert pack.stat().st_size == sum(len(d) + header for d in blobs)
+    for data in blobs:
+        key = sha(data)
+        assert await store.exists(key)
+        assert store.local_path(key) is None  # read through the store, not as a file
+        assert await get(store, key) == data
+        parts = [c async for c in store.read(key, chunk_size=1000)]
+        assert all(len(p) == 1000 for p in parts[:-1])
+        assert b"".join(parts) == data
+        for offset in {0, 1, len(data) // 2, max(len(data) - 1, 0), len(data), len(data) + 10}:
+            assert await get(store, key, offset=offset, chunk_size=777) == data[offset:]
+    assert sorted(k for k, _ in store.blob_keys()) == sorted({sha(d) for d in blobs})
+    assert indexed(tmp_path) == sorted({sha(d) for d in blobs})  # durable, seen by another
+
+    gone = blobs[0]
+    await store.delete(sha(gone))
+    assert not await store.exists(sha(gone))
+    with pytest.raises(FileNotFoundError):
+        await get(store, sha(gone))
+    await store.delete(sha(gone))  # a missing blob is not an error
+    for data in blobs[1:]:
+        assert await get(store, sha(data)) == data
+    # Stored again after its deletion: packed again, readable again.
+    await store.put(sha(gone), gone)
+    assert await get(store, sha(gone)) == gone
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_identical_content_is_stored_once_packed_or_as_a_file(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(50_000)
+    await store.put(sha(data), data)
+    size = packs(tmp_path)[0].stat().st_size
+    await store.put(sha(data), data)
+    assert packs(tmp_path)[0].stat().st_size == size  # not appended twice
+    assert [k for k, _ in store.blob_keys()] == [sha(data)]
+
+    # Stored as a file first (a streamed or resumable upload, an older version's data dir):
+    # a put finds it there and packs nothing.
+    other = os.urandom(60_000)
+    writer = await store.create_writer(spool=False)
+    await writer.write(other)
+    await writer.commit(sha(other))
+    await store.put(sha(other), other)
+    assert packs(tmp_path)[0].stat().st_size == size
+    assert store.local_path(sha(other)) == store.path_for(sha(other))
+    assert sorted(k for k, _ in store.blob_keys()) == sorted([sha(data), sha(other)])
+    assert await get(store, sha(other), offset=5) == other[5:]
+
+    # Packed and then also committed as a file: listed once, deleted both ways at once.
+    writer = await store.create_writer(spool=False)
+    await writer.write(data)
+    await writer.commit(sha(data))
+    assert sorted(k for k, _ in store.blob_keys()) == sorted([sha(data), sha(other)])
+    assert await get(store, sha(data)) == data
+    await store.delete(sha(data))
+    await store.delete(sha(other))
+    assert not await store.exists(sha(data))
+    assert store.blob_keys() == []
+    assert blob_files(tmp_path) == []
+
+
+async def test_blobs_stored_as_files_by_an_older_version_still_read(tmp_path: Path) -> None:
+    data = os.urandom(70_000)
+    old = LocalBlobStore(tmp_path, packed=False)
+    await old.put(sha(data), data)
+    assert [p.name for p in blob_files(tmp_path)] == [sha(data)]
+    assert packs(tmp_path) == []
+
+    store = LocalBlobStore(tmp_path)
+    assert await store.exists(sha(data))
+    assert await get(store, sha(data), offset=3) == data[3:]
+    assert [k for k, _ in store.blob_keys()] == [sha(data)]
+    assert store.local_path(sha(data)) == store.path_for(sha(data))
+    await store.delete(sha(data))
+    assert blob_files(tmp_path) == []
+    assert not await store.exists(sha(data))
+
+
+@pytest.mark.parametrize("punching", [True, False], ids=["hole", "zeros"])
+async def test_a_deleted_blob_s_bytes_are_gone_from_its_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punching: bool
+) -> None:
+    if not punching:  # a filesystem (or OS) that cannot punch holes: overwritten with zeros
+        monkeypatch.setattr(blobstore, "_FALLOCATE", None)
+    store = LocalBlobStore(tmp_path)
+    first, deleted, last = (os.urandom(256 * 1024) for _ in range(3))
+    for data in (first, deleted, last):
+        await store.put(sha(data), data)
+    (pack,) = packs(tmp_path)
+    size = pack.stat().st_size
+    assert deleted in pack.read_bytes()
+    await store.delete(sha(deleted))
+    content = pack.read_bytes()
+    assert deleted[:4096] not in content
+    assert deleted[-4096:] not in content
+    assert first in content
+    assert last in content
+    assert bytes(len(deleted)) in content  # reads as zeros now
+    assert pack.stat().st_size == size  # offsets of the others unchanged
+    if punching and sys.platform == "linux":
+        # Its blocks returned to the filesystem (tmp_path: ext4, xfs or tmpfs, which all punch).
+        assert pack.stat().st_blocks * 512 <= size - 200 * 1024
+    assert await get(store, sha(first)) == first
+    assert await get(store, sha(last)) == last
+
+
+async def test_no_blob_is_indexed_before_its_pack_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(100_000)
+    seen_at_sync: list[list[str]] = []
+    real = os.fdatasync
+
+    def observed(fd: int) -> None:
+        seen_at_sync.append(indexed(tmp_path))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", observed)
+    await store.put(sha(data), data)
+    assert seen_at_sync == [[]]  # synced while not yet indexed
+    assert indexed(tmp_path) == [sha(data)]  # indexed once synced
+
+    def fails(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", fails)
+    lost = os.urandom(100_000)
+    with pytest.raises(OSError, match="Input/output error"):
+        await store.put(sha(lost), lost)
+    assert not await store.exists(sha(lost))
+    assert indexed(tmp_path) == [sha(data)]
+    with pytest.raises(FileNotFoundError):
+        await get(store, sha(lost))
+    # Nothing more goes into a pack whose sync failed: the next put starts another.
+    monkeypatch.setattr(os, "fdatasync", real)
+    await store.put(sha(lost), lost)
+    assert len(packs(tmp_path)) == 2
+    assert await get(store, sha(lost)) == lost
+    assert await get(store, sha(data)) == data
+
+
+async def test_an_index_on_a_full_disk_fails_the_put_with_enospc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    kept = os.urandom(1000)
+    await store.put(sha(kept), kept)
+    real = store._writer
+
+    class Full:
+        def __init__(self, index: Any) -> None:
+            self.index = index
+
+        def executemany(self, *args: Any) -> Any:
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = 13
+            raise error
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.index, name)
+
+    monkeypatch.setattr(store, "_writer", lambda: Full(real()))
+    data = os.urandom(1000)
+    with pytest.raises(OSError, match="No space left") as caught:
+        await store.put(sha(data), data)
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert indexed(tmp_path) == [sha(kept)]  # rolled back: nothing half-indexed
+    await store.put(sha(data), data)
+    assert await get(store, sha(data)) == data
+
+
+async def test_a_full_disk_while_appending_cuts_the_record_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    first = os.urandom(10_000)
+    await store.put(sha(first), first)
+    (pack,) = packs(tmp_path)
+    size = pack.stat().st_size
+    real = os.write
+
+    def short_then_full(fd: int, data: Any) -> int:
+        if len(data) > 1000:
+            real(fd, memoryview(data)[:500])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    big = os.urandom(50_000)
+    with pytest.raises(OSError, match="No space left") as caught:
+        await store.put(sha(big), big)
+    assert caught.value.errno == errno.ENOSPC
+    assert pack.stat().st_size == size  # what was written of it is gone
+    monkeypatch.undo()
+    assert not await store.exists(sha(big))
+    await store.put(sha(big), big)  # appended where the failed one began
+    assert packs(tmp_path) == [pack]
+    assert pack.stat().st_size == size + blobstore._RECORD.size + len(big)
+    assert await get(store, sha(first)) == first
+    assert await get(store, sha(big)) == big
+
+
+async def test_concurrent_puts_share_one_sync_and_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: the puts that arrive while a sync runs are covered by the next one."""
+    store = LocalBlobStore(tmp_path)
+    syncing, release = threading.Event(), threading.Event()
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        syncs.append(fd)
+        syncing.set()
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    blobs = [os.urandom(20_000) for _ in range(6)]
+    first = asyncio.create_task(store.put(sha(blobs[0]), blobs[0]))
+    assert await asyncio.to_thread(syncing.wait, 10)
+    rest = [asyncio.create_task(store.put(sha(d), d)) for d in blobs[1:]]
+    for _ in range(1000):  # until every other put appended and waits
+        if len(store._pending) == len(rest):
+            break
+        await asyncio.sleep(0.01)
+    assert len(store._pending) == len(rest)
+    assert indexed(tmp_path) == []
+    release.set()
+    await asyncio.gather(first, *rest)
+    assert len(syncs) == 2
+    assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
+
+
+async def test_two_stores_on_one_directory_append_to_packs_of_their_own(tmp_path: Path) -> None:
+    """What a server's worker processes do: each appends to its own pack, reads the other's."""
+    one, two = LocalBlobStore(tmp_path), LocalBlobStore(tmp_path)
+    mine = [os.urandom(30_000 + i) for i in range(20)]
+    theirs = [os.urandom(40_000 + i) for i in range(20)]
+
+    async def put_all(store: LocalBlobStore, blobs: list[bytes]) -> None:
+        await asyncio.gather(*(store.put(sha(d), d) for d in blobs))
+
+    await asyncio.gather(put_all(one, mine), put_all(two, theirs))
+    assert len(packs(tmp_path)) == 2
+    for data in mine + theirs:
+        assert await get(one, sha(data)) == data
+        assert await get(two, sha(data)) == data
+    # Reclaiming spares a pack another live store appends to, even one with no blob left.
+    for data in theirs:
+        await one.delete(sha(data))
+    assert one.discard_abandoned(datetime.now(UTC)) == 0
+    assert len(packs(tmp_path)) == 2
+    two.close()  # released (as a dead process's): nothing in it, it goes
+    one.discard_abandoned(datetime.now(UTC))
+    assert len(packs(tmp_path)) == 1
+    for data in mine:
+        assert await get(two, sha(data)) == data  # reopens what it closed
+
+
+def test_another_process_puts_into_its_own_pack(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(100_000)
+    asyncio.run(store.put(sha(data), data))
+    script = (
+        "import asyncio, hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from metalake.server.blobstore import LocalBlobStore\n"
+        "store = LocalBlobStore(Path(sys.argv[1]))\n"
+        "data = bytes(range(256)) * 1000\n"
+        "asyncio.run(store.put(hashlib.sha256(data).hexdigest(), data))\n"
+        "print(hashlib.sha256(data).hexdigest())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    theirs = done.stdout.strip()
+    assert len(packs(tmp_path)) == 2
+    assert asyncio.run(get(store, theirs)) == bytes(range(256)) * 1000
+    # That process is gone and its pack holds a blob: kept, at start-up too.
+    assert store.discard_spooled() == 0
+    assert len(packs(tmp_path)) == 2
+    more = os.urandom(1000)
+    asyncio.run(store.put(sha(more), more))
+    assert len(packs(tmp_path)) == 2  # still appending to its own
+    assert asyncio.run(get(store, sha(data))) == data
+
+
+async def test_a_torn_record_left_by_a_crash_is_harmless(tmp_path: Path) -> None:
+    crashed = LocalBlobStore(tmp_path)
+    kept = [os.urandom(80_000) for _ in range(3)]
+    for data in kept:
+        await crashed.put(sha(data), data)
+    # Killed in the middle of appending the next one: half its bytes there, never indexed.
+    torn = os.urandom(80_000)
+    appended = crashed._append(sha(torn), torn)
+    (pack,) = packs(tmp_path)
+    os.truncate(pack, appended.offset + 1000)
+    killed(crashed)
+
+    restarted = LocalBlobStore(tmp_path)
+    restarted.discard_spooled()
+    assert packs(tmp_path) == [pack]  # blobs are left in it: kept
+    for data in kept:
+        assert await get(restarted, sha(data)) == data
+    assert not await restarted.exists(sha(torn))
+    await restarted.put(sha(torn), torn)  # into a pack of its own
+    assert len(packs(tmp_path)) == 2
+    assert await get(restarted, sha(torn)) == torn
+    assert sorted(k for k, _ in restarted.blob_keys()) == sorted(sha(d) for d in [*kept, torn])
+
+
+async def test_a_pack_left_with_nothing_indexed_is_removed_at_start_up(tmp_path: Path) -> None:
+    crashed = LocalBlobStore(tmp_path)
+    never = os.urandom(5000)
+    crashed._append(sha(never), never)
+    killed(crashed)  # before its sync
+    (pack,) = packs(tmp_path)
+    restarted = LocalBlobStore(tmp_path)
+    assert restarted.discard_spooled() == 0  # counts unfinished uploads, not packs
+    assert packs(tmp_path) == []
+    assert not await restarted.exists(sha(never))
+    assert not pack.exists()
+
+
+async def test_a_full_pack_is_followed_by_a_new_one(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    store.pack_size = 100_000
+    blobs = [os.urandom(40_000 + i) for i in range(7)]
+    for data in blobs:
+        await store.put(sha(data), data)
+    assert len(packs(tmp_path)) == 3  # 3 records fill one past 100 kB
+    assert all(p.stat().st_size < 100_000 + 41_000 for p in packs(tmp_path))
+    for data in blobs:
+        assert await get(store, sha(data)) == data
+    # Once every blob of the full ones is deleted, they go; the active one stays.
+    for data in blobs:
+        await store.delete(sha(data))
+    store.discard_abandoned(datetime.now(UTC))
+    assert len(packs(tmp_path)) == 1
+
+
+async def test_a_read_never_returns_the_zeros_of_a_delete_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(100_000)
+    await store.put(sha(data), data)
+    real = store._pread
+
+    def deleted_right_after(location: Any, offset: int) -> bytes:
+        real(location, offset)
+        store._delete(sha(data))  # between the read and its check
+        return real(location, offset)  # the zeros the punch left
+
+    monkeypatch.setattr(store, "_pread", deleted_right_after)
+    with pytest.raises(FileNotFoundError):
+        await get(store, sha(data))
+
+
+async def test_packs_can_be_turned_off(tmp_path: Path) -> None:
+    packed = open_blob_store(Settings(data_dir=tmp_path))
+    assert isinstance(packed, LocalBlobStore)
+    data = os.urandom(1000)
+    await packed.put(sha(data), data)
+    files = open_blob_store(Settings(data_dir=tmp_path, blob_packs=False))
+    assert isinstance(files, LocalBlobStore)
+    assert packed.packed
+    assert not files.packed
+    other = os.urandom(1000)
+    await files.put(sha(other), other)
+    assert [p.name for p in blob_files(tmp_path)] == [sha(other)]
+    assert await get(files, sha(data)) == data  # what was packed stays readable
