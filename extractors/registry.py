@@ -241,14 +241,12 @@ class ExtractorRegistry:
         """
         calls = self._calls
         if calls is None:
-            extractors, wrappers = self._impls()
+            extractors, _ = self._impls()
             plugins = {impl.plugin_name: impl.plugin for impl in extractors}
             calls = [
                 _Call(
                     impl.plugin_name,
-                    _direct(impl)
-                    if not wrappers
-                    else self._pm.subset_hook_caller(
+                    self._pm.subset_hook_caller(
                         HOOK,
                         remove_plugins=[p for n, p in plugins.items() if n != impl.plugin_name],
                     ),
@@ -475,21 +473,6 @@ def _merge_one(
         else:
             log.debug("extractor %r: invalid %s dropped: %r", name, key, value)
     return None
-
-
-def _direct(impl: pluggy.HookImpl) -> Callable[..., list[object]]:
-    """One extractor called as pluggy calls a hook of one implementation and no wrapper: with
-    the arguments it declares, its result (unless None) the one item of a list. Pluggy's own
-    call cost about 4 us, more than some extractors' work; with a wrapper registered, every
-    call goes through pluggy."""
-    function, argnames, kwargnames = impl.function, tuple(impl.argnames), tuple(impl.kwargnames)
-
-    def call(**given: object) -> list[object]:
-        keywords = {name: given[name] for name in kwargnames if name in given}
-        result = function(*[given[name] for name in argnames], **keywords)
-        return [] if result is None else [result]
-
-    return call
 
 
 def _version_of(plugin: object) -> str | None:
