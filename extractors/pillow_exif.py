@@ -7,17 +7,13 @@ with `Image.open` (lazily: pixel data is never decoded) and read with `getexif()
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import io
 import logging
-import warnings
 from collections.abc import Mapping
 from fractions import Fraction
 from typing import IO, Any
 
 import pillow_heif
-from PIL import Image, ImageFile, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from metalake.extractors.containers import open_block
 from metalake.extractors.fields import (
@@ -117,7 +113,7 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
     """One directory, each tag decoded on its own so that one corrupt tag loses only itself."""
     bigtiff = head[2:4] in (b"+\x00", b"\x00+")
     try:
-        info = _Directory(head if bigtiff else head[:8], group=group)
+        info = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8], group=group)
         stream.seek(offset)
         info.load(stream)
     except Exception as error:  # a hostile file: keep what the other directories give
@@ -133,131 +129,6 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
         if value is not None:
             out[tag] = value
     return out
-
-
-# sha256 of the source of Pillow's `ImageFileDirectory_v2.load` that `_Directory.load` follows
-# (Pillow 13.0); with any other, Pillow's own load runs.
-_PILLOW_LOAD = "25e7f2ddc7447f97f80f51dbb3526a40ba5f312eb44026dd28cd35f1685c36cc"
-
-
-def _pillow_load_source_hash() -> str | None:
-    try:
-        source = inspect.getsource(TiffImagePlugin.ImageFileDirectory_v2.load)
-    except (OSError, TypeError):
-        return None
-    return hashlib.sha256(source.encode()).hexdigest()
-
-
-class _Directory(TiffImagePlugin.ImageFileDirectory_v2):
-    """Pillow's directory, loading the values of the mapped tags only.
-
-    Pillow's `load` reads every tag's value (a camera's MakerNote alone is kilobytes) and formats
-    a debug message per tag; about a third of this extractor's time on a camera JPEG. This `load`
-    is Pillow's step for step, the same limits, warnings and errors, the same bytes kept for the
-    mapped tags, but the others' values are only checked to be there, never copied: a truncated
-    one still ends the directory as it does in Pillow. tests/test_extract_builtin.py compares
-    the two on the corpus and on damaged directories.
-    """
-
-    def load(self, fp: IO[bytes]) -> None:
-        if not _FOLLOWS_PILLOW:
-            super().load(fp)
-            return
-        self.reset()
-        self._offset = fp.tell()
-        fp.seek(0, io.SEEK_END)
-        end = limit = fp.tell()
-        fp.seek(self._offset)
-        if self._tag_data_limit is not None:
-            limit = min(limit, self._tag_data_limit)
-        self._tag_data_size = 0
-        bigtiff = self._bigtiff
-        entry, entry_size, inline = ("HHQ8s", 20, 8) if bigtiff else ("HHL4s", 12, 4)
-        dispatch = self._load_dispatch
-        tagdata = self._tagdata
-        # Tags not kept that Pillow would have stored: a later duplicate is skipped, as there.
-        dropped: set[int] = set()
-        # Whether the stream's last byte is readable, then every byte before it is too.
-        whole: bool | None = None
-        try:
-            (tag_count,) = (
-                self._unpack("Q", self._ensure_read(fp, 8))
-                if bigtiff
-                else self._unpack("H", self._ensure_read(fp, 2))
-            )
-            total_size = 0
-            for _ in range(tag_count):
-                tag, typ, count, data = self._unpack(entry, self._ensure_read(fp, entry_size))
-                if tag in tagdata or tag in dropped:
-                    continue
-                kept = tag in MAPPED_TAGS
-                entry_type = dispatch.get(typ)
-                if entry_type is None:
-                    continue  # an unsupported type: Pillow ignores the tag
-                size = count * entry_type[0]
-                if size > inline:
-                    (offset,) = self._unpack("Q" if bigtiff else "L", data)
-                    if offset >= 2**63:
-                        warnings.warn("Tag offset too large", stacklevel=1)
-                        continue
-                    total_size += size
-                    if total_size > limit:
-                        warnings.warn(
-                            f"Tag data larger than file. Skipping tag {tag}", stacklevel=1
-                        )
-                        continue
-                    self._tag_data_size += size
-                    if not kept:
-                        # Pillow's read of the value would raise "Truncated File Read".
-                        if offset + size > end:
-                            raise OSError("Truncated File Read")
-                        if whole is None:
-                            whole = _readable(fp, end - 1)
-                        if not whole and not _readable(fp, offset + size - 1):
-                            raise OSError("Truncated File Read")
-                        dropped.add(tag)
-                        continue
-                    here = fp.tell()
-                    fp.seek(offset)
-                    data = ImageFile._safe_read(fp, size)
-                    fp.seek(here)
-                else:
-                    data = data[:size]
-                if len(data) != size:
-                    warnings.warn(
-                        "Possibly corrupt EXIF data.  "
-                        f"Expecting to read {size} bytes but only got {len(data)}."
-                        f" Skipping tag {tag}",
-                        stacklevel=1,
-                    )
-                    continue
-                if not data:
-                    continue
-                if not kept:
-                    dropped.add(tag)
-                    continue
-                tagdata[tag] = data
-                self.tagtype[tag] = typ
-            (self.next,) = (
-                self._unpack("Q", self._ensure_read(fp, 8))
-                if bigtiff
-                else self._unpack("L", self._ensure_read(fp, 4))
-            )
-        except OSError as error:
-            warnings.warn(str(error), stacklevel=1)
-            return
-
-
-def _readable(fp: IO[bytes], position: int) -> bool:
-    """Whether the byte at `position` can be read; the stream's position is kept."""
-    here = fp.tell()
-    fp.seek(position)
-    found = len(fp.read(1)) == 1
-    fp.seek(here)
-    return found
-
-
-_FOLLOWS_PILLOW = _pillow_load_source_hash() == _PILLOW_LOAD
 
 
 def _read_with_image_open(

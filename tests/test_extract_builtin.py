@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -12,7 +11,6 @@ from typing import Any, BinaryIO
 import pytest
 from PIL import Image, ImageFile
 
-from metalake.extractors import pillow_exif
 from metalake.extractors.containers import SCAN_LIMIT
 from metalake.extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
@@ -395,73 +393,3 @@ def test_a_scanned_format_reads_a_bounded_header(
     assert values["manufacturer"] == "Metalake Optics"
     # The EXIF scan and the XMP scan each read at most SCAN_LIMIT; buffers add a little.
     assert counted_reads.read_total <= 2 * SCAN_LIMIT + 70_000
-
-
-def _pillow_readings(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
-    """(`pillow_exif`'s reading of `data` with its own directory load, with Pillow's load)."""
-    found = []
-    for follows in (True, False):
-        monkeypatch.setattr(pillow_exif, "_FOLLOWS_PILLOW", follows)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            directories = pillow_exif._read(Source(None, "a", data=data))
-        found.append((directories.ifd0, directories.exif, directories.gps, directories.complete))
-    return found[0], found[1]
-
-
-def _damaged(data: bytes, count: int) -> list[bytes]:
-    """`data` cut short, and with one byte changed, at `count` places spread over its head."""
-    span = min(len(data), 16 * 1024)
-    places = sorted({2 + index * (span - 3) // count for index in range(count)})
-    cut = [data[:place] for place in places]
-    flipped = [data[:place] + bytes([data[place] ^ 0xFF]) + data[place + 1 :] for place in places]
-    return cut + flipped
-
-
-def test_pillow_extractor_reads_what_pillows_own_load_reads(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    if not pillow_exif._FOLLOWS_PILLOW:
-        pytest.skip("this Pillow's directory load is not the one pillow_exif follows")
-    corpus = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
-    files = [
-        path.read_bytes()
-        for path in sorted(corpus.rglob("*"))
-        if path.is_file() and path.suffix not in (".json", ".md")
-    ]
-    files.append(save_with_pillow(tmp_path / "a.jpg", sample_exif()).read_bytes())
-    files += [wrap_tiff(container, tiff_bytes(sample_exif())) for container in WRAPPERS]
-    files += _odd_directories()
-    for data in files:
-        for variant in [data, *_damaged(data, 60)]:
-            ours, pillows = _pillow_readings(variant, monkeypatch)
-            assert ours == pillows
-
-
-def _odd_directories() -> list[bytes]:
-    """Little-endian TIFFs whose IFD0 holds, between Make and Software, entries that try the
-    bookkeeping of tags no field maps: a duplicate whose second copy points past the end (Pillow
-    skips it unread), a value past the end (Pillow stops there), an unknown type."""
-    make, software, other = 0x010F, 0x0131, 0x9999
-
-    def tiff(middle: list[tuple[int, int, int, int]]) -> bytes:
-        entries = [(make, 2, 6, 0), *middle, (software, 2, 5, 0)]
-        values_at = 8 + 2 + 12 * len(entries) + 4
-        values = b"Canon\x00" + b"abcd\x00" + b"12345678"
-        table = b""
-        for tag, typ, count, value in entries:
-            if tag == make:
-                value = values_at
-            elif tag == software:
-                value = values_at + 6
-            table += struct.pack("<HHLL", tag, typ, count, value)
-        ifd = struct.pack("<H", len(entries)) + table + struct.pack("<L", 0)
-        return b"II*\x00" + struct.pack("<L", 8) + ifd + values
-
-    inside, past = 8 + 2 + 12 * 4 + 4 + 11, 1 << 20  # "12345678", and past the end
-    return [
-        tiff([(other, 7, 8, inside), (other, 7, 8, past)]),
-        tiff([(other, 7, 8, past), (other, 7, 8, inside)]),
-        tiff([(other, 7, 8, inside), (other, 99, 8, past)]),
-        tiff([(other, 7, 3, 0), (other, 7, 8, past)]),
-    ]
