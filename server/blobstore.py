@@ -125,6 +125,17 @@ class _Pack:
 
 
 @dataclass(eq=False)
+class _Queued:
+    """A blob `put` asked to pack, waiting for the group commit that appends, syncs and indexes
+    it (or finds it stored already)."""
+
+    key: str
+    data: bytes
+    done: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
 class _Appended:
     """A blob appended to a pack, waiting for the pack's fdatasync and its index row."""
 
@@ -177,10 +188,11 @@ class LocalBlobStore:
         # no mkdir, nor fsync of their parent, per blob.
         self._directories: set[Path] = set()
         self._creating = threading.Lock()
-        self._appending = threading.Lock()  # the active pack, its size, `_pending`
+        self._appending = threading.Lock()  # the active pack, its size
+        self._queuing = threading.Lock()  # `_pending`: stores may be shared by threads' loops
         self._syncing = threading.Lock()  # held by the one thread syncing and indexing for all
         self._active: _Pack | None = None
-        self._pending: list[_Appended] = []
+        self._pending: list[_Queued] = []  # puts waiting for the next group commit
         self._commit_task: asyncio.Task[None] | None = None  # the group commit in flight
         self._writing = threading.Lock()  # the connection that writes the index
         self._index: sqlite3.Connection | None = None
@@ -239,35 +251,24 @@ class LocalBlobStore:
         return LocalBlobWriter(self, path, await create_spool_file(path))
 
     async def put(self, key: str, data: bytes) -> None:
-        """A thread hop to append (or store a file), then a wait for the group commit that
-        covers the blob: no thread sits waiting for it."""
-        appended = await asyncio.to_thread(self._put, key, data)
-        if appended is not None:
-            await self._committed(appended)
-
-    def _put(self, key: str, data: bytes) -> _Appended | None:
-        """Blocking: store a blob as a file, or append it to the pack; what was appended, for
-        `_committed` to wait for, None when the blob was stored (or there) already."""
+        """A small blob waits for the group commit that covers it, which appends it (no thread
+        hop of its own: one hop per batch appends, syncs and indexes every blob queued
+        meanwhile); any other is stored as a file, in a thread hop."""
         target = self.path_for(key)
         if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
-            self._put_file(target, data)
-            return None
-        # Identical content already stored, packed (its row was committed only once its bytes
-        # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
-        # a server's worker processes too), so no other process is storing or deleting it.
-        if self._locate(key) is not None:
-            return None
-        if target.exists():
-            _fsync_directory(target.parent)  # see _put_file
-            return None
-        return self._append(key, data)
+            await asyncio.to_thread(self._put_file, target, data)
+            return
+        queued = _Queued(key, data)
+        with self._queuing:
+            self._pending.append(queued)
+        await self._committed(queued)
 
-    async def _committed(self, appended: _Appended) -> None:
+    async def _committed(self, queued: _Queued) -> None:
         """Wait until the blob's bytes are durable and its row committed, or raise what failed
-        it. Group commit, one in flight per event loop: the blobs appended while one runs are
-        all covered by the next, one thread hop for all of them."""
+        it. Group commit, one in flight per event loop: the blobs queued while one runs are all
+        covered by the next, one thread hop for all of them."""
         loop = asyncio.get_running_loop()
-        while not appended.done:
+        while not queued.done:
             running = self._commit_task
             if running is None or running.done() or running.get_loop() is not loop:
                 running = self._commit_task = loop.create_task(
@@ -275,8 +276,21 @@ class LocalBlobStore:
                 )
             # Shielded: the commit covers other uploads than a cancelled one.
             await asyncio.shield(running)
-        if appended.error is not None:
-            raise appended.error
+        if queued.error is not None:
+            raise queued.error
+
+    def _pack(self, queued: _Queued) -> _Appended | None:
+        """Blocking: append a queued blob to the pack; None when it is stored already."""
+        # Identical content already stored, packed (its row was committed only once its bytes
+        # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
+        # a server's worker processes too), so no other process is storing or deleting it.
+        if self._locate(queued.key) is not None:
+            return None
+        target = self.path_for(queued.key)
+        if target.exists():
+            _fsync_directory(target.parent)  # see _put_file
+            return None
+        return self._append(queued.key, queued.data)
 
     def _put_file(self, target: Path, data: bytes) -> None:
         """Write, fsync, rename into place, fsync the directory."""
@@ -327,20 +341,34 @@ class LocalBlobStore:
             pack.size = start + len(header) + len(data)
             pack.users += 1
             appended = _Appended(key, pack, start + len(header), len(data), time.time())
-            self._pending.append(appended)
             if pack.size >= self.pack_size:
                 self._retire(pack)
             return appended
 
     def _commit_pending(self) -> None:
-        """Blocking: make every blob appended so far durable and indexed (or failed: each
-        `_Appended` says). One thread at a time: the loops of several threads may share a
-        store (tests do), never a batch."""
+        """Blocking: append every blob queued so far, make them durable and index them (or fail
+        each one that failed: each `_Queued` says). One thread at a time: the loops of several
+        threads may share a store (tests do), never a batch."""
         with self._syncing:
-            with self._appending:
-                batch, self._pending = self._pending, []
-            if batch:
-                self._commit_batch(batch)
+            with self._queuing:
+                queued, self._pending = self._pending, []
+            batch: list[tuple[_Queued, _Appended]] = []
+            for blob in queued:
+                try:
+                    appended = self._pack(blob)
+                except BaseException as error:  # a full disk: this blob fails, not the others
+                    blob.error = error
+                    continue
+                if appended is not None:
+                    batch.append((blob, appended))
+            try:
+                if batch:
+                    self._commit_batch([appended for _, appended in batch])
+            finally:
+                for blob, appended in batch:
+                    blob.error = appended.error
+                for blob in queued:
+                    blob.done = True
 
     def _commit_batch(self, batch: list[_Appended]) -> None:
         """fdatasync the packs, then index the blobs, in one transaction; in that order: a row

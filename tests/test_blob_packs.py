@@ -47,10 +47,8 @@ def blob_files(root: Path) -> list[Path]:
 def killed(store: LocalBlobStore) -> None:
     """What the death of the store's process does to it: its files are closed (its lock on
     its active pack released), whatever it was doing left unfinished."""
-    for pack in {
-        id(p): p for p in [store._active, *(a.pack for a in store._pending)] if p
-    }.values():
-        store._close(pack)
+    if store._active is not None:
+        store._close(store._active)
 
 
 def indexed(root: Path) -> list[str]:
@@ -273,6 +271,33 @@ async def test_a_full_disk_while_appending_cuts_the_record_off(
     assert pack.stat().st_size == size + blobstore._RECORD.size + len(big)
     assert await get(store, sha(first)) == first
     assert await get(store, sha(big)) == big
+
+
+async def test_a_blob_that_cannot_be_appended_fails_alone_in_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit appends every put queued meanwhile: a full disk on one of them fails that
+    upload only; the others are stored, durable and indexed."""
+    store = LocalBlobStore(tmp_path)
+    fits, too_big = os.urandom(2_000), os.urandom(60_000)
+    real = os.write
+
+    def full_past_50k(fd: int, data: Any) -> int:
+        if len(data) > 50_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full_past_50k)
+    results = await asyncio.gather(
+        store.put(sha(too_big), too_big), store.put(sha(fits), fits), return_exceptions=True
+    )
+    monkeypatch.undo()
+    assert isinstance(results[0], OSError)
+    assert results[0].errno == errno.ENOSPC
+    assert results[1] is None
+    assert indexed(tmp_path) == [sha(fits)]
+    assert await get(store, sha(fits)) == fits
+    assert not await store.exists(sha(too_big))
 
 
 async def test_concurrent_puts_share_one_sync_and_one_commit(
