@@ -151,24 +151,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         return rebuild_handler(handler, unary, streaming, _tolerant)
 
 
-# Each metric's child per label values, looked up once: `labels()` takes a lock and builds a
-# key on every call, and every call is counted and timed.
-_rpc_counters: dict[tuple[str, str], Any] = {}
-_rpc_timers: dict[str, Any] = {}
-
-
-def _rpc_counter(method: str, code: str) -> Any:
-    child = _rpc_counters.get((method, code))
-    if child is None:
-        child = _rpc_counters[(method, code)] = RPCS.labels(method, code)
-    return child
-
-
-def _rpc_timer(method: str) -> Any:
-    child = _rpc_timers.get(method)
-    if child is None:
-        child = _rpc_timers[method] = RPC_SECONDS.labels(method)
-    return child
+# Every call is counted and timed: the labelled children are looked up once, as the
+# extractors' are (`labels()` takes a lock and builds a key on every call).
+_rpc_counter = functools.cache(RPCS.labels)
+_rpc_timer = functools.cache(RPC_SECONDS.labels)
 
 
 @dataclass(frozen=True)

@@ -122,18 +122,12 @@ def hash_image(source: str | Path | BinaryIO) -> ImageHash:
         raise NotAnImageError(str(error) or type(error).__name__) from None
 
 
-def _hash_or_none(path: Path) -> ImageHash | None:
-    if not path.is_file():
-        raise FileNotFoundError(path)
+def _hash_or_none(image: Path | bytes) -> ImageHash | None:
+    """The hash of an image file, or of an image's bytes in memory; None when it is none."""
+    if isinstance(image, Path) and not image.is_file():
+        raise FileNotFoundError(image)
     try:
-        return hash_image(path)
-    except NotAnImageError:
-        return None
-
-
-def _hash_or_none_in_memory(content: bytes) -> ImageHash | None:
-    try:
-        return hash_image(io.BytesIO(content))
+        return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
     except NotAnImageError:
         return None
 
@@ -318,7 +312,7 @@ class Similarity:
             content = b"".join(
                 [chunk async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024)]
             )
-            return await asyncio.to_thread(_hash_or_none_in_memory, content)
+            return await asyncio.to_thread(_hash_or_none, content)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         # Named after this process, like spool files: a supervisor removes a dead worker's.
         prefix = owner_prefix(os.getpid())

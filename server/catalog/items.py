@@ -162,9 +162,7 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         self._probe: _RequestProbe | None = None
         self._bulk_inserts: dict[Insert, _BulkInsert] = {}
         # A SQLite file: the connection batches commit on, kept (see _batch_transaction).
-        self._keep_batch_connection = (
-            engine.dialect.name == "sqlite" and _sqlite_file(engine) is not None
-        )
+        self._keep_batch_connection = _sqlite_file(engine) is not None
         self._batch_connection: Connection | None = None
 
     async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]:
