@@ -492,19 +492,33 @@ class LocalBlobStore:
             isolation_level=None,  # no implicit transactions: BEGIN where one is meant
             check_same_thread=False,
         )
-        # WAL: readers never wait for a writer, and a commit appends to the log. FULL: the log
-        # is synced at each commit, so an acknowledged blob's row survives a power loss.
-        index.execute("PRAGMA journal_mode = WAL")
+        # FULL: the log is synced at each commit, so an acknowledged blob's row survives a
+        # power loss.
         index.execute("PRAGMA synchronous = FULL")
         if not self._schema_ready:
+            self._set_up(index)
+            self._schema_ready = True
+        return index
+
+    def _set_up(self, index: sqlite3.Connection) -> None:
+        """Make the index a WAL database with its table, under an exclusive lock on the packs
+        directory: two processes switching a new database to WAL at once can fail with
+        "database is locked" at once (SQLite's deadlock avoidance skips the busy timeout),
+        which the worker processes of a server starting on a new data directory would hit.
+        WAL (readers never wait for a writer, a commit appends to the log) is kept in the
+        file: later connections need not ask."""
+        fd = os.open(self._packs, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            index.execute("PRAGMA journal_mode = WAL")
             index.execute(
                 "CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, pack TEXT NOT NULL,"
                 " offset INTEGER NOT NULL, length INTEGER NOT NULL, written_at REAL NOT NULL)"
                 " WITHOUT ROWID"
             )
             index.execute("CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack)")
-            self._schema_ready = True
-        return index
+        finally:
+            os.close(fd)  # releases the lock
 
     def _writer(self) -> sqlite3.Connection:
         """The connection that writes (under `_writing`)."""
