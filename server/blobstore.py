@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -72,6 +73,13 @@ class BlobStore(Protocol):
     async def put(self, key: str, data: bytes) -> None:
         """Store a small blob held in memory, whose SHA-256 is `key`, durably and in one step:
         what a writer's write and commit do, without a spool file."""
+
+    def put_deferred(self, key: str, data: bytes) -> Callable[[], None] | None:
+        """Queue a small blob, whose SHA-256 is `key`, without storing it yet; the blocking
+        function returned stores it durably (with every blob queued meanwhile: group commit) or
+        raises what failed it. The caller runs that function in a worker thread before relying
+        on the blob: the catalog's batch does, before committing the item that refers to it, so
+        that one thread hop covers both. None when this store does not defer blobs: `put` it."""
 
     async def store_file(self, path: Path, key: str) -> None:
         """Store a complete local file, whose SHA-256 is `key`, durably, unless identical content
@@ -254,14 +262,36 @@ class LocalBlobStore:
         """A small blob waits for the group commit that covers it, which appends it (no thread
         hop of its own: one hop per batch appends, syncs and indexes every blob queued
         meanwhile); any other is stored as a file, in a thread hop."""
-        target = self.path_for(key)
-        if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
-            await asyncio.to_thread(self._put_file, target, data)
+        queued = self._queue(key, data)
+        if queued is None:
+            await asyncio.to_thread(self._put_file, self.path_for(key), data)
             return
+        await self._committed(queued)
+
+    def put_deferred(self, key: str, data: bytes) -> Callable[[], None] | None:
+        queued = self._queue(key, data)
+        if queued is None:
+            return None
+        return functools.partial(self._make_durable, queued)
+
+    def _queue(self, key: str, data: bytes) -> _Queued | None:
+        """Queue a blob for the next group commit; None when it is not one to pack."""
+        self.path_for(key)  # checks the key
+        if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
+            return None
         queued = _Queued(key, data)
         with self._queuing:
             self._pending.append(queued)
-        await self._committed(queued)
+        return queued
+
+    def _make_durable(self, queued: _Queued) -> None:
+        """Blocking: return once a queued blob is durable and indexed (committing it, and every
+        blob queued with it, unless another thread's commit took it), or raise what failed it."""
+        if not queued.done:
+            # Once it holds the sync lock, every blob queued before this call is committed.
+            self._commit_pending()
+        if queued.error is not None:
+            raise queued.error
 
     async def _committed(self, queued: _Queued) -> None:
         """Wait until the blob's bytes are durable and its row committed, or raise what failed

@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -160,6 +160,9 @@ class S3BlobStore:
 
     async def put(self, key: str, data: bytes) -> None:
         await asyncio.to_thread(self._put, self.blob_key(key), data)
+
+    def put_deferred(self, key: str, data: bytes) -> Callable[[], None] | None:
+        return None  # one PUT per object, concurrent: nothing to gain in another's thread
 
     def _put(self, object_key: str, data: bytes) -> None:
         """One conditional PUT, straight to the final key: If-None-Match refuses it (412) when

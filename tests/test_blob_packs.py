@@ -332,6 +332,61 @@ async def test_concurrent_puts_share_one_sync_and_one_commit(
     assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
 
 
+async def test_a_deferred_put_is_stored_when_made_durable_with_those_queued_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """put_deferred queues the bytes; the function it returns (the catalog's batch runs it)
+    stores them, and every blob queued meanwhile, with one sync; the others' functions then
+    find theirs durable already."""
+    store = LocalBlobStore(tmp_path)
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    blobs = [os.urandom(20_000) for _ in range(3)]
+    steps = [store.put_deferred(sha(data), data) for data in blobs]
+    assert not await store.exists(sha(blobs[0]))
+    assert indexed(tmp_path) == []
+    for step in steps:
+        assert step is not None
+        await asyncio.to_thread(step)
+    assert len(syncs) == 1
+    assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
+    assert [await get(store, sha(d)) for d in blobs] == blobs
+
+
+async def test_a_deferred_put_raises_what_failed_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = os.urandom(20_000)
+    step = store.put_deferred(sha(data), data)
+    assert step is not None
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        await asyncio.to_thread(step)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert not await store.exists(sha(data))
+
+
+async def test_only_blobs_to_pack_are_deferred(tmp_path: Path) -> None:
+    """What is not packed (packs off, or over PACKED_MAX) is `put` as before: no deferral."""
+    small, big = os.urandom(1_000), os.urandom(blobstore.PACKED_MAX + 1)
+    assert LocalBlobStore(tmp_path / "off", packed=False).put_deferred(sha(small), small) is None
+    assert LocalBlobStore(tmp_path / "on").put_deferred(sha(big), big) is None
+    with pytest.raises(ValueError, match="invalid blob key"):
+        LocalBlobStore(tmp_path / "on").put_deferred("../etc/passwd", small)
+
+
 async def test_two_stores_on_one_directory_append_to_packs_of_their_own(tmp_path: Path) -> None:
     """What a server's worker processes do: each appends to its own pack, reads the other's."""
     one, two = LocalBlobStore(tmp_path), LocalBlobStore(tmp_path)

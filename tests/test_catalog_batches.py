@@ -7,6 +7,8 @@ land in the same batch. Run against every catalog engine: SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +18,7 @@ import sqlalchemy
 
 from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
 from metalake.server.catalog import items as catalog_items
-from metalake.server.errors import LimitReached, Unavailable
+from metalake.server.errors import LimitReached, NotFound, Unavailable
 from tests.tcpproxy import TcpProxy
 from tests.test_catalog import ORG, record
 
@@ -43,6 +45,42 @@ async def test_an_item_that_breaks_a_constraint_fails_alone(catalog: SqlCatalog)
     assert (await catalog.organization(ORG)).used_bytes == 3 * stored.size
     events = await catalog.events_after(ORG, 0, filter="", limit=10)
     assert [e.record.id for e in events] == [stored.id, before.id, after.id]
+
+
+async def test_an_item_whose_step_before_commit_fails_is_refused_alone(
+    catalog: SqlCatalog,
+) -> None:
+    """`before_commit` (a blob made durable) runs before its item commits; when it raises, that
+    item is refused with its error and nothing of it is stored; the batch's others commit."""
+    steps: list[str] = []
+    ok, failing, plain = record(), record(), record()
+
+    def durable(item: DataRecord) -> None:
+        # Not committed yet: the step runs before the row exists.
+        with pytest.raises(NotFound):
+            catalog._get(ORG, item.id)
+        steps.append(item.id)
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    outcomes = await asyncio.gather(
+        catalog.add(ok, before_commit=lambda: durable(ok)),
+        catalog.add(failing, before_commit=full_disk),
+        catalog.add(plain),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    # As a full disk is answered anywhere: RESOURCE_EXHAUSTED, the OSError its cause.
+    assert isinstance(outcomes[1], LimitReached)
+    assert isinstance(outcomes[1].__cause__, OSError)
+    assert steps == [ok.id]
+    assert await catalog.get(ORG, ok.id) == ok
+    assert await catalog.get(ORG, plain.id) == plain
+    page = await catalog.list_page(ORG, filter="", order_by="", page_size=10, page_token="")
+    assert failing.id not in [r.id for r in page.records]
+    assert (await catalog.organization(ORG)).used_bytes == 2 * ok.size
 
 
 async def test_retries_in_one_batch_store_once(catalog: SqlCatalog) -> None:

@@ -72,15 +72,19 @@ class SqlDatabase:
         return await self._run(work, write=write)
 
     async def _run(self, work: Callable[[], _T], *, write: bool = False) -> _T:
-        if write and self._write_lock is not None:
-            lock = self._write_lock
+        return await asyncio.to_thread(self._under_write_lock(work) if write else work)
 
-            def locked() -> _T:
-                with lock:
-                    return work()
+    def _under_write_lock(self, work: Callable[[], _T]) -> Callable[[], _T]:
+        """`work`, made to hold SQLite's writer lock while it runs (elsewhere, `work` itself)."""
+        lock = self._write_lock
+        if lock is None:
+            return work
 
-            return await asyncio.to_thread(locked)
-        return await asyncio.to_thread(work)
+        def locked() -> _T:
+            with lock:
+                return work()
+
+        return locked
 
     def _scalar(self, statement: Any) -> Any:
         with self._engine.connect() as connection:

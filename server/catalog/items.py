@@ -85,6 +85,7 @@ class _PendingAdd:
     upload: UploadRecord | None
     default_quota: int | None
     done: asyncio.Future[None]
+    before_commit: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ItemCatalog(Protocol):
         *,
         upload: UploadRecord | None = None,
         default_quota: int | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None: ...
 
     def add_coming(self) -> AbstractContextManager[None]: ...
@@ -222,15 +224,25 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         *,
         upload: UploadRecord | None = None,
         default_quota: int | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         """Store an item, counting its bytes against its organization's storage quota (its own,
         else `default_quota`); with `upload`, also mark that resumable upload finished by it.
 
         Returns once the item is committed. Concurrent adds are committed together (one
         transaction, one fsync), each still accepted or refused on its own.
+
+        `before_commit` is a blocking step that must succeed before the item may be committed
+        (its blob made durable: BlobStore.put_deferred); the batch runs it in its own thread,
+        before taking the writer lock, so that one thread hop covers the blob and the row. If
+        it raises, the item is refused with that error and nothing of it is committed.
         """
         pending = _PendingAdd(
-            record, upload, default_quota, asyncio.get_running_loop().create_future()
+            record,
+            upload,
+            default_quota,
+            asyncio.get_running_loop().create_future(),
+            before_commit,
         )
         self._pending_adds.append(pending)
         self._wake_flusher()
@@ -290,9 +302,7 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                 self._pending_adds = self._pending_adds[_MAX_BATCH:]
                 started = time.monotonic()
                 try:
-                    outcomes = await self._run(
-                        functools.partial(self._add_batch, batch), write=True
-                    )
+                    outcomes = await asyncio.to_thread(self._prepare_and_add, batch)
                 except Exception as error:
                     # Every add of the batch fails with it: each as the backend fault it is
                     # (UNAVAILABLE, RESOURCE_EXHAUSTED), each its own exception object, since
@@ -393,6 +403,25 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         )
 
     # Synchronous halves, run in worker threads.
+
+    def _prepare_and_add(self, items: list[_PendingAdd]) -> list[Exception | None]:
+        """Each item's `before_commit` (outside the writer lock: another process's batch need not
+        wait for this one's blobs), then the items whose step succeeded, in one transaction."""
+        outcomes: list[Exception | None] = [None] * len(items)
+        for index, item in enumerate(items):
+            if item.before_commit is not None:
+                try:
+                    item.before_commit()
+                except Exception as error:
+                    outcomes[index] = _each_waiter(error)
+        ready = [index for index, outcome in enumerate(outcomes) if outcome is None]
+        if ready:
+            add = self._under_write_lock(
+                functools.partial(self._add_batch, [items[index] for index in ready])
+            )
+            for index, outcome in zip(ready, add(), strict=True):
+                outcomes[index] = outcome
+        return outcomes
 
     def _add_batch(self, items: list[_PendingAdd]) -> list[Exception | None]:
         """Many items in one transaction, so one commit (one fsync) covers them all.
