@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -118,6 +119,10 @@ PACK_SIZE = 1024 * 1024 * 1024
 # The index is what counts; the headers let a pack be walked, verified, an index rebuilt.
 _RECORD = struct.Struct(">4s32sQ")
 _MAGIC = b"MLB1"
+# Keys are lower-case hex content hashes (see `path_for`).
+_KEY = re.compile(r"[0-9a-f]+")
+# Keys looked up in one query (SQLite allows 32,766 parameters; batches hold at most 256 blobs).
+_LOOKUP_KEYS = 500
 
 
 @dataclass(eq=False)
@@ -241,7 +246,7 @@ class LocalBlobStore:
         return count
 
     def path_for(self, key: str) -> Path:
-        if not key or any(c not in "0123456789abcdef" for c in key):
+        if not _KEY.fullmatch(key):
             # Keys are content hashes chosen by the server; anything else is a bug, and must
             # never become a path.
             raise ValueError(f"invalid blob key {key!r}")
@@ -309,12 +314,13 @@ class LocalBlobStore:
         if queued.error is not None:
             raise queued.error
 
-    def _pack(self, queued: _Queued) -> _Appended | None:
-        """Blocking: append a queued blob to the pack; None when it is stored already."""
+    def _pack(self, queued: _Queued, indexed: bool) -> _Appended | None:
+        """Blocking: append a queued blob to the pack; None when it is stored already
+        (`indexed`: in a pack, or as a file)."""
         # Identical content already stored, packed (its row was committed only once its bytes
         # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
         # a server's worker processes too), so no other process is storing or deleting it.
-        if self._locate(queued.key) is not None:
+        if indexed:
             return None
         target = self.path_for(queued.key)
         if target.exists():
@@ -383,9 +389,17 @@ class LocalBlobStore:
             with self._queuing:
                 queued, self._pending = self._pending, []
             batch: list[tuple[_Queued, _Appended]] = []
-            for blob in queued:
+            try:
+                indexed = self._indexed([blob.key for blob in queued])
+            except BaseException as error:  # an unreadable index: no blob can be stored
+                for blob in queued:
+                    blob.error = error
+                queued_to_pack = []
+            else:
+                queued_to_pack = queued
+            for blob in queued_to_pack:
                 try:
-                    appended = self._pack(blob)
+                    appended = self._pack(blob, blob.key in indexed)
                 except BaseException as error:  # a full disk: this blob fails, not the others
                     blob.error = error
                     continue
@@ -563,6 +577,21 @@ class LocalBlobStore:
             with self._writing:  # the first one creates the schema
                 index = self._readers.index = self._connect()
         return index
+
+    def _indexed(self, keys: list[str]) -> set[str]:
+        """Which of these keys the index holds: one query for a batch of blobs."""
+        found: set[str] = set()
+        for start in range(0, len(keys), _LOOKUP_KEYS):
+            part = keys[start : start + _LOOKUP_KEYS]
+            marks = ",".join("?" * len(part))
+            with self._index_errors():
+                rows = (
+                    self._reader()
+                    .execute(f"SELECT key FROM blobs WHERE key IN ({marks})", part)
+                    .fetchall()
+                )
+            found.update(key for (key,) in rows)
+        return found
 
     def _locate(self, key: str) -> _Location | None:
         with self._index_errors():
