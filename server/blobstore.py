@@ -724,6 +724,16 @@ class LocalBlobStore:
 
     def _delete(self, key: str) -> None:
         target = self.path_for(key)
+        # A put of this blob still queued is withdrawn (an upload that was cancelled before its
+        # item committed deletes its blob): once the group commit in flight, which may be
+        # storing it, is done, so that no index row for it appears after this delete.
+        with self._syncing, self._queuing:
+            withdrawn = [queued for queued in self._pending if queued.key == key]
+            if withdrawn:
+                self._pending = [queued for queued in self._pending if queued.key != key]
+        for queued in withdrawn:
+            queued.error = FileNotFoundError(errno.ENOENT, "deleted before it was stored", key)
+            queued.done = True
         location = self._unindex(key)
         if location is not None:
             self._punch(location)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +82,56 @@ async def test_an_item_whose_step_before_commit_fails_is_refused_alone(
     page = await catalog.list_page(ORG, filter="", order_by="", page_size=10, page_token="")
     assert failing.id not in [r.id for r in page.records]
     assert (await catalog.organization(ORG)).used_bytes == 2 * ok.size
+
+
+async def test_an_add_cancelled_before_its_batch_commits_nothing(catalog: SqlCatalog) -> None:
+    """A client that went away before its item was taken into a batch: nothing of it commits."""
+    entered, release = threading.Event(), threading.Event()
+    first, cancelled = record(), record(request_id="r-cancelled")
+
+    def held() -> None:
+        entered.set()
+        release.wait(10)
+
+    # The first add's batch holds the flusher, so the second waits, untaken, until cancelled.
+    holding = asyncio.create_task(catalog.add(first, before_commit=held))
+    assert await asyncio.to_thread(entered.wait, 10)
+    waiting = asyncio.create_task(catalog.add(cancelled))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    release.set()
+    await holding
+    assert await catalog.find_request(ORG, "r-cancelled") is None
+    assert (await catalog.organization(ORG)).used_bytes == first.size
+
+
+async def test_an_add_cancelled_while_its_blob_is_made_durable_commits_nothing(
+    catalog: SqlCatalog,
+) -> None:
+    """Cancelled while its batch runs its step: the item does not commit, and the cancelled
+    call returns only once the batch is done with it, so that its caller, deleting the item's
+    blob unless an item uses it, never races an item still committing."""
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    item = record(request_id="r-mid-commit")
+
+    def step() -> None:
+        entered.set()
+        release.wait(10)
+        finished.set()
+
+    adding = asyncio.create_task(catalog.add(item, before_commit=step))
+    assert await asyncio.to_thread(entered.wait, 10)
+    adding.cancel()
+    await asyncio.sleep(0.05)
+    assert not adding.done()  # waits for the batch's outcome
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    assert finished.is_set()
+    assert await catalog.find_request(ORG, "r-mid-commit") is None
+    assert (await catalog.organization(ORG)).used_bytes == 0
 
 
 async def test_retries_in_one_batch_store_once(catalog: SqlCatalog) -> None:

@@ -79,13 +79,16 @@ class DuplicateRequestError(Exception):
         super().__init__(f"request id {existing.request_id!r} already stored as {existing.id}")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _PendingAdd:
     record: DataRecord
     upload: UploadRecord | None
     default_quota: int | None
     done: asyncio.Future[None]
     before_commit: Callable[[], None] | None = None
+    # What the caller awaits (`done`, shielded): cancelled the moment the caller is.
+    waiter: asyncio.Future[None] | None = None
+    taken: bool = False  # a batch is committing it
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,21 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         if not self._flushing:
             self._flushing = True
             self._flusher = asyncio.create_task(self._flush_adds())
-        await pending.done
+        pending.waiter = asyncio.shield(pending.done)
+        try:
+            await pending.waiter
+        except asyncio.CancelledError:
+            # The caller was cancelled (its client went away). An item no batch has taken is
+            # withdrawn: nothing of it commits. One whose batch is committing may commit
+            # still: wait for the outcome, so that a caller cleaning up after the cancellation
+            # (deleting the item's blob unless an item uses it) finds the item if it exists.
+            if not pending.taken:
+                with contextlib.suppress(ValueError):
+                    self._pending_adds.remove(pending)
+            else:
+                with contextlib.suppress(Exception):
+                    await pending.done
+            raise
 
     @contextmanager
     def add_coming(self) -> Iterator[None]:
@@ -300,6 +317,12 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                 await self._gather_adds()
                 batch = self._pending_adds[:_MAX_BATCH]
                 self._pending_adds = self._pending_adds[_MAX_BATCH:]
+                # Callers cancelled meanwhile withdraw their items (see `add`).
+                batch = [item for item in batch if not _withdrawn(item)]
+                if not batch:
+                    continue
+                for item in batch:
+                    item.taken = True
                 started = time.monotonic()
                 try:
                     outcomes = await asyncio.to_thread(self._prepare_and_add, batch)
@@ -414,6 +437,11 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                     item.before_commit()
                 except Exception as error:
                     outcomes[index] = _each_waiter(error)
+            if outcomes[index] is None and _withdrawn(item):
+                # Cancelled while its blob was made durable: still nothing of it commits (its
+                # caller deletes the blob). Read from this thread, a cancellation may be seen
+                # late; then the item commits, as one cancelled a moment later would.
+                outcomes[index] = _Withdrawn()
         ready = [index for index, outcome in enumerate(outcomes) if outcome is None]
         if ready:
             add = self._under_write_lock(
@@ -918,6 +946,15 @@ _COUNT_BYTES = (
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _Withdrawn(Exception):
+    """An add whose caller was cancelled before its item committed: nothing of it was."""
+
+
+def _withdrawn(item: _PendingAdd) -> bool:
+    """Whether the caller of this add was cancelled before a batch took it."""
+    return item.waiter is not None and item.waiter.cancelled()
 
 
 def _each_waiter(error: Exception) -> Exception:
