@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import re
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -91,7 +91,14 @@ def start_metrics_server(listen: str) -> None:
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Gives each call a request id (the client's `x-request-id`, else a new one), returns it in
-    trailing metadata, and counts and times the call by method and status code."""
+    trailing metadata, and counts and times the call by method and status code.
+
+    Each method's handler is wrapped once and reused while the interceptors after this one
+    return the same handler (they do unless they wrap it per call, as auth does for a token's
+    caller): wrapping per call rebuilt the handler and its closures on every upload."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -101,54 +108,70 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = (details.method or "").rsplit("/", 1)[-1]
-        offered = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
-        request_id = (
-            offered
-            if isinstance(offered, str) and _CLIENT_REQUEST_ID.match(offered)
-            else uuid.uuid4().hex
-        )
+        method = details.method or ""
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _observed(handler, method.rsplit("/", 1)[-1])
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-        def begin(context: Any) -> float:
-            begin_call(context, request_id)
-            return time.perf_counter()
 
-        def end(context: Any, started: float, error: BaseException | None) -> None:
-            code = context.code()
-            if code is None:
-                code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            _rpc_counter(method, name).inc()
-            _rpc_timer(method).observe(time.perf_counter() - started)
+def _observed(handler: Handler, method: str) -> Handler:
+    """`handler` with every call given its request id, counted and timed."""
+    counted = functools.partial(_rpc_counter, method)
+    timer = _rpc_timer(method)
 
-        def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: Any) -> Any:
-                started, error = begin(context), None
-                try:
-                    return await behaviour(await _decoded(request, context), context)
-                except BaseException as caught:
-                    error = caught
-                    raise
-                finally:
-                    end(context, started, error)
+    def begin(context: Any) -> float:
+        begin_call(context, _request_id_of(context))
+        return time.perf_counter()
 
-            return run
+    def end(context: Any, started: float, error: BaseException | None) -> None:
+        code = context.code()
+        if code is None:
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+        counted(code.name if isinstance(code, grpc.StatusCode) else str(code)).inc()
+        timer.observe(time.perf_counter() - started)
 
-        def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            async def run(request: Any, context: Any) -> Any:
-                started, error = begin(context), None
-                try:
-                    async for response in behaviour(await _decoded(request, context), context):
-                        yield response
-                except BaseException as caught:
-                    error = caught
-                    raise
-                finally:
-                    end(context, started, error)
+    def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: Any) -> Any:
+            started, error = begin(context), None
+            try:
+                return await behaviour(await _decoded(request, context), context)
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                end(context, started, error)
 
-            return run
+        return run
 
-        return rebuild_handler(handler, unary, streaming, _tolerant)
+    def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: Any) -> Any:
+            started, error = begin(context), None
+            try:
+                async for response in behaviour(await _decoded(request, context), context):
+                    yield response
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                end(context, started, error)
+
+        return run
+
+    return rebuild_handler(handler, unary, streaming, _tolerant)
+
+
+def _request_id_of(context: Any) -> str:
+    """The client's `x-request-id` when it is a sensible one, else a new random id."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            if isinstance(value, str) and _CLIENT_REQUEST_ID.match(value):
+                return value
+            break
+    # Not a secret, only unique: no system call per request, as uuid4's urandom is.
+    return f"{random.getrandbits(128):032x}"
 
 
 # Every call is counted and timed: the labelled children are looked up once, as the
