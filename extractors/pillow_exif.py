@@ -1,21 +1,26 @@
 """Built-in extractor `pillow`: EXIF read by Pillow's TIFF directory reader.
 
 The EXIF blocks are located by `extractors.containers` (headers only, every format metalake
-accepts) and their IFD0, Exif and GPS directories read with Pillow. Files no walker knows are opened
-with `Image.open` (lazily: pixel data is never decoded) and read with `getexif().get_ifd(...)`.
+accepts) and their IFD0, Exif and GPS directories read with Pillow; the GPS directory only when a
+capture time without its offset asks for the GPS clock (the `gps` extractor reads positions on its
+own). Files no walker knows are opened with `Image.open` (lazily: pixel data is never decoded)
+and read with `getexif().get_ifd(...)`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from fractions import Fraction
 from typing import IO, Any
 
 import pillow_heif
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
-from metalake.extractors.containers import open_block
+from metalake.extractors.containers import TiffBlock, open_block
 from metalake.extractors.fields import (
     EXIF_FIELDS,
     EXIF_IFD,
@@ -41,70 +46,139 @@ pillow_heif.register_heif_opener()
 def metalake_extract_metadata(source: Source, missing: frozenset[str]) -> Mapping[str, object]:
     if not missing & EXIF_FIELDS:
         return {}
-    directories = read_directories(source)
+    reading = _reading(source)
+    found = exif_fields(reading.directories.ifd0, reading.directories.exif)
+    moment = found.get("acquired_at")
+    if "acquired_at" in missing and isinstance(moment, datetime) and moment.tzinfo is None:
+        # Only a capture time without its offset needs the GPS directory (the GPS clock may
+        # give the offset): the one directory of three that is read only when needed.
+        directories = read_directories(source)
+        found = exif_fields(directories.ifd0, directories.exif, directories.gps)
     # Tells the `exifread` extractor, without either importing the other, that a second reading
     # of the same blocks would add nothing (see exifread_exif).
-    source.memo(READ_COMPLETE, lambda: directories.complete)
-    return exif_fields(directories.ifd0, directories.exif, directories.gps)
+    source.memo(READ_COMPLETE, lambda: _complete(source))
+    return found
 
 
 def read_directories(source: Source) -> ExifDirectories:
-    """The file's EXIF directories as Pillow reads them, parsed once per file."""
-    return source.memo("pillow.directories", lambda: _read(source))
+    """The file's EXIF directories as Pillow reads them, GPS included, parsed once per file."""
+    reading = _reading(source)
+    if reading.gps_pending:
+        with reading.lock:
+            _read_gps(source, reading)
+    return reading.directories
 
 
-def _read(source: Source) -> ExifDirectories:
-    directories = ExifDirectories()
+@dataclass
+class _Reading:
+    """A file's EXIF directories as Pillow reads them: IFD0 and Exif at once, GPS on demand."""
+
+    directories: ExifDirectories
+    # Per block, in file order: its GPS directory as read so far.
+    gps: list[dict[int, Raw]] = field(default_factory=list)
+    # (block index, block, offset) of the GPS directories IFD0 points to, not read yet.
+    gps_pending: list[tuple[int, TiffBlock, int]] = field(default_factory=list)
+    # Every block and every directory its IFD0 points to read, the GPS ones not read yet aside.
+    complete: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _reading(source: Source) -> _Reading:
+    return source.memo("pillow.reading", lambda: _read(source))
+
+
+def _complete(source: Source) -> bool:
+    """Whether Pillow read every directory that matters completely: then another reader of the
+    same blocks would add nothing. A GPS directory left unread does not count against it: the
+    fields needed none (only a capture time without an offset does, and then it is read), so
+    another reader's GPS directory would add nothing either."""
+    reading = _reading(source)
+    # A text tag read as a number (a duplicate tag of another type, which Pillow keeps in
+    # place of the text exiftool shows) is no complete reading: let another reader try.
+    return reading.complete and all(
+        isinstance(reading.directories.ifd0.get(tag, b""), bytes) for tag in TEXT_TAGS
+    )
+
+
+def _read(source: Source) -> _Reading:
+    reading = _Reading(ExifDirectories())
     container, blocks = locate(source)
     if blocks:
         complete = True
         with source.open() as fp:
-            for block in blocks:
-                ifd0, exif, gps = _read_block(open_block(fp, block))
-                directories.merge(block.role, ifd0, exif, gps)
-                complete = (
-                    complete
-                    and bool(ifd0)
-                    and all(
-                        found or tag not in ifd0
-                        for tag, found in ((EXIF_IFD, exif), (GPS_IFD, gps))
-                    )
-                )
-        # A text tag read as a number (a duplicate tag of another type, which Pillow keeps in
-        # place of the text exiftool shows) is no complete reading: let another reader try.
-        directories.complete = complete and all(
-            isinstance(directories.ifd0.get(tag, b""), bytes) for tag in TEXT_TAGS
-        )
+            for index, block in enumerate(blocks):
+                stream = open_block(fp, block)
+                head = stream.read(16)
+                first = _first_directory(stream, head)
+                exif = _sub_directory(stream, head, first, EXIF_IFD)
+                gps: dict[int, Raw] = {}
+                offset = _pointer(first, GPS_IFD)
+                if offset is not None:
+                    if block.role in ("tiff", "rw2"):
+                        reading.gps_pending.append((index, block, offset))
+                    else:  # rare (CR3 blocks): read at once
+                        gps = _directory(stream, head, offset, GPS_IFD)
+                        complete = complete and bool(gps)
+                complete = complete and bool(first) and (bool(exif) or EXIF_IFD not in first)
+                reading.directories.merge(block.role, first, exif, gps)
+                reading.gps.append(reading.directories.gps if block.role == "gps" else gps)
+                reading.directories.gps = {}
+        reading.complete = complete
+        _merge_gps(reading)
     elif container is None or (container == "bmff" and _is_heif(source.head)):
-        directories.merge("tiff", *_read_with_image_open(source))
-    return directories
+        reading.directories.merge("tiff", *_read_with_image_open(source))
+    return reading
+
+
+def _read_gps(source: Source, reading: _Reading) -> None:
+    """Under the reading's lock: read the GPS directories not read yet."""
+    pending, reading.gps_pending = reading.gps_pending, []
+    with source.open() as fp:
+        for index, block, offset in pending:
+            stream = open_block(fp, block)
+            gps = _directory(stream, stream.read(16), offset, GPS_IFD)
+            reading.gps[index] = gps
+            reading.complete = reading.complete and bool(gps)
+    _merge_gps(reading)
+
+
+def _merge_gps(reading: _Reading) -> None:
+    """The file's GPS directory: each tag from the first block that has it (as `merge`)."""
+    merged: dict[int, Raw] = {}
+    for gps in reading.gps:
+        for tag, value in gps.items():
+            merged.setdefault(tag, value)
+    reading.directories.gps = merged
 
 
 def _is_heif(head: bytes) -> bool:
     return head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 
 
-def _read_block(stream: IO[bytes]) -> tuple[dict[int, Raw], dict[int, Raw], dict[int, Raw]]:
-    head = stream.read(16)
+def _first_directory(stream: IO[bytes], head: bytes) -> dict[int, Raw]:
     bigtiff = head[2:4] in (b"+\x00", b"\x00+")
     try:
         # Rejects anything but a TIFF header, so a garbage block yields nothing.
         probe = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8])
     except Exception:  # SyntaxError, struct.error, ...: not a TIFF header
-        return {}, {}, {}
-    ifd0 = _directory(stream, head, probe.next, None)
-    exif = _sub_directory(stream, head, ifd0, EXIF_IFD)
-    gps = _sub_directory(stream, head, ifd0, GPS_IFD)
-    return ifd0, exif, gps
+        return {}
+    return _directory(stream, head, probe.next, None)
+
+
+def _pointer(ifd0: dict[int, Raw], tag: int) -> int | None:
+    pointer = ifd0.get(tag)
+    if isinstance(pointer, tuple) and pointer:
+        pointer = pointer[0]
+    if not isinstance(pointer, int) or pointer <= 0:
+        return None
+    return pointer
 
 
 def _sub_directory(
     stream: IO[bytes], head: bytes, ifd0: dict[int, Raw], tag: int
 ) -> dict[int, Raw]:
-    pointer = ifd0.get(tag)
-    if isinstance(pointer, tuple) and pointer:
-        pointer = pointer[0]
-    if not isinstance(pointer, int) or pointer <= 0:
+    pointer = _pointer(ifd0, tag)
+    if pointer is None:
         return {}
     return _directory(stream, head, pointer, tag)
 

@@ -15,7 +15,7 @@ from metalake.extractors.fields import (
     Raw,
 )
 from metalake.extractors.source import Source
-from metalake.extractors.tiffread import read_tiff
+from metalake.extractors.tiffread import read_directory, read_tiff
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +62,29 @@ def locate(source: Source) -> tuple[str | None, list[TiffBlock]]:
     return container, blocks
 
 
-def _located(source: Source) -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
-    """(family, sound blocks, the blocks among them that may lead to a GPS directory)."""
+# A block that leads to a GPS directory, with the offset IFD0 gives for it (None: the block's first
+# directory is the GPS directory).
+_GpsBlock = tuple[TiffBlock, int | None]
 
-    def walk() -> tuple[str | None, list[TiffBlock], list[TiffBlock]]:
+
+def _located(source: Source) -> tuple[str | None, list[TiffBlock], list[_GpsBlock]]:
+    """(family, sound blocks, the blocks among them that lead to a GPS directory)."""
+
+    def walk() -> tuple[str | None, list[TiffBlock], list[_GpsBlock]]:
         with source.open() as fp:
             try:
                 container, blocks = find_exif(fp, source.head, source.size)
                 # A block without a TIFF header, or whose first directory runs past its end, is
                 # corrupt: exiftool reads nothing from it ("Bad IFD0 directory", "Malformed APP1
                 # EXIF segment"), and no reader may guess from it or search the file on its own.
-                sound, with_gps = [], []
+                sound: list[TiffBlock] = []
+                with_gps: list[_GpsBlock] = []
                 for block in blocks:
-                    ok, gps = _check(fp, block)
+                    ok, gps, pointer = _check(fp, block)
                     if ok:
                         sound.append(block)
                     if ok and gps:
-                        with_gps.append(block)
+                        with_gps.append((block, pointer))
                 return (CORRUPT if blocks and not sound else container), sound, with_gps
             except Exception:
                 # A walker bug, not the file's fault: logged once, and no block is found.
@@ -100,20 +106,17 @@ def read_gps(source: Source) -> dict[int, Raw]:
         if not blocks:
             return {}
         with source.open() as fp:
-            for block in blocks:
+            for block, pointer in blocks:
                 stream = open_block(fp, block)
-                if block.role == "gps":  # its first directory is the GPS directory
+                if pointer is None:  # its first directory is the GPS directory
                     found = read_tiff(stream, block.length, strict=False, sub_directories=())
-                else:
-                    found = read_tiff(
-                        stream,
-                        block.length,
-                        strict=False,
-                        ifd0_tags=frozenset({GPS_IFD}),
-                        sub_directories=(GPS_IFD,),
-                    )
-                if found is not None:
-                    directories.merge(block.role, *found)
+                    if found is not None:
+                        directories.merge(block.role, *found)
+                    continue
+                # IFD0's pointer, noted while locating: IFD0 is not read again.
+                order = "<" if stream.read(2) == b"II" else ">"
+                gps = read_directory(stream, order, pointer, block.length, strict=False)
+                directories.merge(block.role, {}, {}, gps or {})
         return directories.gps
 
     return source.memo("tiffdirs.gps", read)
@@ -122,15 +125,22 @@ def read_gps(source: Source) -> dict[int, Raw]:
 _GPS_POINTER = frozenset({GPS_IFD})
 
 
-def _check(fp: BinaryIO, block: TiffBlock) -> tuple[bool, bool]:
-    """(whether a block has a TIFF header and an IFD0 within it, whether it may lead to a GPS
-    directory), decoding no tag but IFD0's GPS pointer."""
+def _check(fp: BinaryIO, block: TiffBlock) -> tuple[bool, bool, int | None]:
+    """(whether a block has a TIFF header and an IFD0 within it, whether it leads to a GPS
+    directory, the offset IFD0 gives for it), decoding no tag but IFD0's GPS pointer."""
     stream = open_block(fp, block)
     if stream.read(4) in (b"II+\x00", b"MM\x00+"):
-        return True, False  # BigTIFF: left to Pillow, which reads it
+        return True, False, None  # BigTIFF: left to Pillow, which reads it
     found = read_tiff(
         stream, block.length, strict=False, ifd0_tags=_GPS_POINTER, sub_directories=()
     )
     if found is None:
-        return False, False
-    return True, block.role == "gps" or (block.role != "exif" and GPS_IFD in found[0])
+        return False, False, None
+    if block.role == "gps":
+        return True, True, None
+    pointer = found[0].get(GPS_IFD)
+    if isinstance(pointer, tuple):
+        pointer = pointer[0] if pointer else None
+    if block.role == "exif" or not isinstance(pointer, int) or isinstance(pointer, bool):
+        return True, False, None  # no GPS directory to read (read_tiff would find none)
+    return True, True, pointer

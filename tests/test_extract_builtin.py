@@ -292,6 +292,43 @@ def test_a_recorded_offset_wins_over_the_gps_clock(
     assert result.sources["acquired_at"] == "pillow"
 
 
+def test_pillow_reads_the_gps_directory_only_for_a_capture_time_without_offset(
+    registry: ExtractorRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalake.extractors import pillow_exif
+
+    reads: list[str] = []
+    read_gps = pillow_exif._read_gps
+
+    def counted(source: Source, reading: Any) -> None:
+        reads.append(source.filename or "")
+        read_gps(source, reading)
+
+    monkeypatch.setattr(pillow_exif, "_read_gps", counted)
+    # A recorded offset (the sample's): Pillow's reading of the GPS directory would add nothing.
+    recorded = registry.extract(save_with_pillow(tmp_path / "recorded.jpg", sample_exif()))
+    assert reads == []
+    assert recorded.sources["acquired_at"] == "pillow"
+    assert recorded.sources["latitude"] == "gps"
+    # exifread does not read again what Pillow did not need to read.
+    assert recorded.timings.keys() >= {"exifread"}
+    assert "exifread" not in recorded.sources.values()
+    # The client gave the capture time: nothing needs the GPS directory either.
+    exif = _clock_exif("2021:06:01 14:34:56", "2021:06:01", (12, 34, 56))
+    exif[0x010F] = "Metalake Optics"  # Make
+    naive = save_with_pillow(tmp_path / "naive.jpg", exif)
+    given = registry.extract(naive, filename="given.jpg", missing=["manufacturer"])
+    assert reads == []
+    assert given.values == {"manufacturer": "Metalake Optics"}
+    # A capture time without an offset: the GPS clock may give it, so the directory is read.
+    clock = registry.extract(naive, filename="clock.jpg")
+    assert reads == ["clock.jpg"]
+    moment = clock.values["acquired_at"]
+    assert isinstance(moment, datetime)
+    assert moment.isoformat() == "2021-06-01T14:34:56+02:00"
+    assert clock.sources["acquired_at"] == "pillow+gps-clock"
+
+
 def test_each_builtin_works_alone(tmp_path: Path) -> None:
     """Built-ins are independent plugins: none imports or runs another's parser."""
     path = save_with_pillow(tmp_path / "alone.jpg", sample_exif())
