@@ -18,8 +18,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import botocore.auth
 import pytest
-from botocore.exceptions import ClientError, ResponseStreamingError
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
 
 from metalake.server import blobstore
 from metalake.server.blobstore import BlobStore, BlobWriter, LocalBlobStore
@@ -324,6 +326,84 @@ async def test_a_download_resumes_where_a_broken_connection_left_it(
     monkeypatch.setattr(s3.client, "get_object", flaky)
     assert await get(s3, key, offset=10) == data[10:]
     assert ranges == ["bytes=10-", "bytes=100010-"]
+
+
+async def test_small_puts_go_direct_once_botocore_showed_how(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first small put (botocore's), the others are signed exactly as botocore signs
+    them and sent without it; stored, and found stored, all the same."""
+    sent: list[dict[str, Any]] = []
+    s3.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
+    )
+    session = s3.client._endpoint.http_session  # type: ignore[attr-defined]
+    wire: list[dict[str, Any]] = []  # every request sent, botocore's too
+    send = session.send
+
+    def recording(request: Any) -> Any:
+        wire.append(dict(request.headers))
+        return send(request)
+
+    monkeypatch.setattr(session, "send", recording)
+    # One instant for both signatures: the same request must get the same one.
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: datetime(2026, 1, 2, 3))
+    first, second = os.urandom(1000), os.urandom(200_000)
+    await s3.put(sha(first), first)
+    assert len(sent) == 1  # through botocore: the store learns how
+    await s3.put(sha(first), first)  # there already (412): fine, and direct
+    await s3.put(sha(second), second)
+    assert len(sent) == 1
+    assert len(wire) == 3
+    assert wire[1]["Authorization"] == sent[0]["Authorization"].decode()
+    assert wire[1]["X-Amz-Content-SHA256"] == sha(first)  # the key signs the body
+    assert await get(s3, sha(first)) == first
+    assert await get(s3, sha(second)) == second
+    assert leftovers(s3) == []
+
+
+@pytest.mark.parametrize("failure", ["connection", "answer"])
+async def test_a_direct_put_that_fails_goes_through_botocore(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A direct put that broke is sent again through botocore (with its retries); an answer
+    botocore would not have got (here a 403) turns direct puts off."""
+    warm = os.urandom(100)
+    await s3.put(sha(warm), warm)  # botocore's, to learn from
+    session = s3.client._endpoint.http_session  # type: ignore[attr-defined]
+    send = session.send
+    direct = 0
+
+    def failing(request: Any) -> Any:
+        nonlocal direct
+        if "amz-sdk-invocation-id" not in request.headers:  # not botocore's: a direct put
+            direct += 1
+            if failure == "connection":
+                raise EndpointConnectionError(endpoint_url=request.url)
+            return AWSResponse(request.url, 403, HTTPHeaders(), _NoBody())
+        return send(request)
+
+    monkeypatch.setattr(session, "send", failing)
+    through_botocore = 0
+    put_object = s3.client.put_object
+
+    def counted(**kwargs: Any) -> Any:
+        nonlocal through_botocore
+        through_botocore += 1
+        return put_object(**kwargs)
+
+    monkeypatch.setattr(s3.client, "put_object", counted)
+    blobs = [os.urandom(1000) for _ in range(2)]
+    for data in blobs:
+        await s3.put(sha(data), data)
+        assert await get(s3, sha(data)) == data
+    assert through_botocore == 2
+    assert direct == (2 if failure == "connection" else 1)
+
+
+class _NoBody:
+    def stream(self) -> list[bytes]:
+        return []
 
 
 def breaks_after_one_read(read: Callable[[int | None], bytes]) -> Callable[[int | None], bytes]:
