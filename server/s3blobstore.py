@@ -30,11 +30,8 @@ from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
     IncompleteReadError,
     ReadTimeoutError,
@@ -47,6 +44,7 @@ from metalake.server.blobstore import (
     owner_prefix,
     spool_name,
 )
+from metalake.server.s3puts import DirectPuts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -105,7 +103,15 @@ class S3BlobStore:
             local_dir = Path(tempfile.gettempdir()) / "metalake-s3"
         self._spool = local_dir / "tmp"
         self._spool.mkdir(parents=True, exist_ok=True)
-        self._direct = _DirectPuts(client, bucket, self._key("blobs") + "/")
+        config = client.meta.config
+        self._direct = DirectPuts(
+            client,
+            bucket,
+            self._key("blobs") + "/",
+            connect_timeout=float(getattr(config, "connect_timeout", None) or CONNECT_TIMEOUT),
+            read_timeout=float(getattr(config, "read_timeout", None) or 60),
+            max_connections=int(getattr(config, "max_pool_connections", None) or 10),
+        )
 
     @classmethod
     def from_url(
@@ -163,16 +169,21 @@ class S3BlobStore:
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._put, self.blob_key(key), data)
-
-    def _put(self, object_key: str, data: bytes) -> None:
         """One conditional PUT, straight to the final key: If-None-Match refuses it (412) when
         the content is there already, so no HEAD first. A server that ignores the condition
         overwrites identical bytes, which changes nothing a reader sees.
 
-        Sent directly when it can be (see _DirectPuts); through botocore, with its retries,
-        whenever that did not store it."""
-        if self._direct.put(object_key, data):
+        Sent directly (see s3puts.DirectPuts): from the event loop when it can be, else from a
+        worker thread; through botocore, with its retries and its errors, whenever that did
+        not store it."""
+        object_key = self.blob_key(key)
+        sent = await self._direct.send(object_key, data)
+        if sent:
+            return
+        await asyncio.to_thread(self._put, object_key, data, direct=sent is None)
+
+    def _put(self, object_key: str, data: bytes, *, direct: bool = True) -> None:
+        if direct and self._direct.put(object_key, data):
             return
         try:
             self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
@@ -361,117 +372,6 @@ class S3BlobStore:
             target_key,
             Config=TransferConfig(multipart_threshold=size, multipart_chunksize=size),
         )
-
-
-class _DirectPuts:
-    """Small blobs' PutObject requests, signed and sent without botocore's per-request work.
-
-    A small upload is one PutObject, and botocore spent about 1.2 ms of CPU on each beyond
-    the HTTP exchange itself (parameter validation, serialization, endpoint rules, an event
-    emitted at every step, hashing the body to sign it, parsing the answer): over a quarter of
-    the server's CPU per small file on PostgreSQL + S3. What a PutObject of a blob needs is
-    known once botocore sent one: its URL (endpoint, addressing style, bucket and prefix as
-    botocore resolved them) and signing scope. A `before-send` handler notes them from the
-    first put of a blob that botocore sends; later ones are signed with botocore's own SigV4
-    signer and sent on the client's own HTTP session (its pool, TLS, proxy and timeout
-    settings).
-
-    Integrity as before, at no cost: the payload is signed with its SHA-256, which is the
-    blob's key, so S3 refuses a body altered on the way (botocore hashed the body again to sign
-    it). Anything but "stored" (200) or "already there" (412) -- an error answer, a broken
-    connection -- returns False, and the caller sends the put again through botocore, which
-    retries, and raises what the client is told. An answer that botocore would not get
-    either (a 4xx other than 409) turns direct puts off for good, in case this endpoint does not
-    take them.
-    """
-
-    def __init__(self, client: S3Client, bucket: str, blob_prefix: str) -> None:
-        self._client = client
-        self._bucket = bucket
-        self._blob_prefix = blob_prefix
-        # (URL up to the blob's key, user agent, signing name, signing region), once learned.
-        self._learned: tuple[str, str, str, str] | None = None
-        self._off = False
-        client.meta.events.register("before-send.s3.PutObject", self._learn)
-
-    def _learn(self, request: Any, **_: Any) -> None:
-        """botocore's `before-send` event: note how it sends a blob's PutObject."""
-        if self._learned is not None or self._off:
-            return
-        try:
-            context = request.context
-            params = context["input_params"]
-            signing = context["signing"]
-            url, key = request.url, params["Key"]
-            if (
-                params["Bucket"] != self._bucket
-                or not key.startswith(self._blob_prefix)
-                or context.get("auth_type") not in ("v4", "s3v4")
-                or signing.get("signing_name") != "s3"
-                or not signing.get("region")
-            ):
-                return
-            blob = key[len(self._blob_prefix) :]
-            if len(blob) != 64 or not url.endswith("/" + blob) or "?" in url:
-                return
-            agent = request.headers.get("User-Agent", b"")
-            self._learned = (
-                url[: -len(blob)],
-                agent.decode() if isinstance(agent, bytes) else str(agent),
-                signing["signing_name"],
-                signing["region"],
-            )
-        except (KeyError, AttributeError, TypeError):
-            return  # a botocore that keeps these elsewhere: every put goes through it
-
-    def put(self, object_key: str, data: bytes) -> bool:
-        """Store a blob whose key (its SHA-256) ends `object_key`, unless identical content is
-        there; False when it was not sent, or not stored."""
-        learned = self._learned
-        blob = object_key.rsplit("/", 1)[-1]
-        if learned is None or self._off or len(blob) != 64:
-            return False
-        credentials = self._client._request_signer._credentials  # type: ignore[attr-defined]
-        if credentials is None:
-            return False
-        url, agent, service, region = learned
-        request = AWSRequest(
-            method="PUT",
-            url=url + blob,
-            data=data,
-            headers={"If-None-Match": "*", "User-Agent": agent},
-        )
-        request.context["payload_sha256"] = blob
-        try:
-            _KnownPayloadAuth(credentials.get_frozen_credentials(), service, region).add_auth(
-                request
-            )
-            response = self._client._endpoint.http_session.send(  # type: ignore[attr-defined]
-                request.prepare()
-            )
-            response.content  # noqa: B018 -- read to the end: the connection goes back to the pool
-        except BotoCoreError as error:
-            log.debug("a direct PutObject failed (%s); sending it through botocore", error)
-            return False
-        status = response.status_code
-        if status in (200, 412):
-            return True
-        if 400 <= status < 500 and status != 409:
-            self._off = True
-            log.warning(
-                "the S3 endpoint answered %d to a direct PutObject: small blobs go through "
-                "botocore from now on",
-                status,
-            )
-        return False
-
-
-class _KnownPayloadAuth(S3SigV4Auth):
-    """SigV4 for S3 with the body's SHA-256 already known (the blob's key), not hashed again."""
-
-    def payload(self, request: Any) -> str:
-        known: str = request.context["payload_sha256"]
-        return known
 
 
 class S3BlobWriter:
