@@ -44,7 +44,6 @@ from metalake.server.blobstore import (
     owner_prefix,
     spool_name,
 )
-from metalake.server.s3puts import DirectPuts
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -103,15 +102,6 @@ class S3BlobStore:
             local_dir = Path(tempfile.gettempdir()) / "metalake-s3"
         self._spool = local_dir / "tmp"
         self._spool.mkdir(parents=True, exist_ok=True)
-        config = client.meta.config
-        self._direct = DirectPuts(
-            client,
-            bucket,
-            self._key("blobs") + "/",
-            connect_timeout=float(getattr(config, "connect_timeout", None) or CONNECT_TIMEOUT),
-            read_timeout=float(getattr(config, "read_timeout", None) or 60),
-            max_connections=int(getattr(config, "max_pool_connections", None) or 10),
-        )
 
     @classmethod
     def from_url(
@@ -169,22 +159,12 @@ class S3BlobStore:
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, self.blob_key(key), data)
+
+    def _put(self, object_key: str, data: bytes) -> None:
         """One conditional PUT, straight to the final key: If-None-Match refuses it (412) when
         the content is there already, so no HEAD first. A server that ignores the condition
-        overwrites identical bytes, which changes nothing a reader sees.
-
-        Sent directly (see s3puts.DirectPuts): from the event loop when it can be, else from a
-        worker thread; through botocore, with its retries and its errors, whenever that did
-        not store it."""
-        object_key = self.blob_key(key)
-        sent = await self._direct.send(object_key, data)
-        if sent:
-            return
-        await asyncio.to_thread(self._put, object_key, data, direct=sent is None)
-
-    def _put(self, object_key: str, data: bytes, *, direct: bool = True) -> None:
-        if direct and self._direct.put(object_key, data):
-            return
+        overwrites identical bytes, which changes nothing a reader sees."""
         try:
             self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
         except ClientError as error:

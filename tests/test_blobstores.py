@@ -10,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import botocore.auth
 import pytest
-from botocore.awsrequest import AWSResponse, HTTPHeaders
-from botocore.exceptions import ClientError, EndpointConnectionError, ResponseStreamingError
+from botocore.exceptions import ClientError, ResponseStreamingError
 
 from metalake.server import blobstore
 from metalake.server.blobstore import BlobStore, BlobWriter, LocalBlobStore
@@ -328,186 +324,6 @@ async def test_a_download_resumes_where_a_broken_connection_left_it(
     monkeypatch.setattr(s3.client, "get_object", flaky)
     assert await get(s3, key, offset=10) == data[10:]
     assert ranges == ["bytes=10-", "bytes=100010-"]
-
-
-async def test_small_puts_go_direct_once_botocore_showed_how(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After the first small put (botocore's), the others are sent from the event loop, signed
-    exactly as botocore signs them; stored, and found stored, all the same."""
-    sent: list[dict[str, Any]] = []
-    s3.client.meta.events.register(
-        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
-    )
-    # One instant for botocore's signature and ours: the same request must get the same one.
-    instant = datetime(2026, 1, 2, 3, 4, 5)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: instant)
-    first, second = os.urandom(1000), os.urandom(200_000)
-    await s3.put(sha(first), first)
-    assert len(sent) == 1  # through botocore: the store learns how
-    await s3.put(sha(first), first)  # there already (412): fine, and direct
-    await s3.put(sha(second), second)
-    assert len(sent) == 1
-    target = s3._direct._target
-    assert target is not None
-    credentials = s3.client._request_signer._credentials  # type: ignore[attr-defined]
-    ours = s3._direct.signed_headers(
-        target, credentials.get_frozen_credentials(), sha(first), instant.replace(tzinfo=UTC)
-    )
-    assert ours["Authorization"] == sent[0]["Authorization"].decode()
-    assert ours["X-Amz-Content-SHA256"] == sha(first)  # the key signs the body
-    assert await get(s3, sha(first)) == first
-    assert await get(s3, sha(second)) == second
-    assert leftovers(s3) == []
-
-
-async def test_where_the_loop_cannot_send_puts_go_direct_from_a_thread(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Behind a proxy (say), the direct put goes on botocore's HTTP session from a worker
-    thread: signed as botocore signs it, without botocore."""
-    sent: list[dict[str, Any]] = []
-    s3.client.meta.events.register(
-        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers))
-    )
-    session = s3.client._endpoint.http_session  # type: ignore[attr-defined]
-    wire: list[dict[str, Any]] = []  # every request sent, botocore's too
-    send = session.send
-
-    def recording(request: Any) -> Any:
-        wire.append(dict(request.headers))
-        return send(request)
-
-    monkeypatch.setattr(session, "send", recording)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: datetime(2026, 1, 2, 3))
-    first, second = os.urandom(1000), os.urandom(200_000)
-    await s3.put(sha(first), first)
-    assert s3._direct._target is not None
-    s3._direct._target = replace(s3._direct._target, scheme=None)  # not from the loop
-    await s3.put(sha(first), first)
-    await s3.put(sha(second), second)
-    assert len(sent) == 1
-    assert len(wire) == 3
-    assert wire[1]["Authorization"] == sent[0]["Authorization"].decode()
-    assert wire[1]["X-Amz-Content-SHA256"] == sha(first)
-    assert await get(s3, sha(first)) == first
-    assert await get(s3, sha(second)) == second
-
-
-@pytest.mark.parametrize("sender", ["loop", "thread"])
-@pytest.mark.parametrize("failure", ["connection", "answer"])
-async def test_a_direct_put_that_fails_goes_through_botocore(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, failure: str, sender: str
-) -> None:
-    """A direct put that broke is sent again through botocore (with its retries); an answer
-    botocore would not have got (here a 403) turns direct puts off."""
-    warm = os.urandom(100)
-    await s3.put(sha(warm), warm)  # botocore's, to learn from
-    direct = 0
-    target = s3._direct._target
-    assert target is not None
-    if sender == "loop":
-        if failure == "connection":
-            s3._direct._target = replace(target, port=_closed_port())  # refused
-        request = s3._direct._request
-
-        async def answering(*args: Any) -> tuple[int, bool]:
-            nonlocal direct
-            direct += 1
-            if failure == "answer":
-                return 403, False
-            return await request(*args)
-
-        monkeypatch.setattr(s3._direct, "_request", answering)
-    else:
-        s3._direct._target = replace(target, scheme=None)
-        session = s3.client._endpoint.http_session  # type: ignore[attr-defined]
-        send = session.send
-
-        def failing(request: Any) -> Any:
-            nonlocal direct
-            if "amz-sdk-invocation-id" not in request.headers:  # not botocore's: a direct put
-                direct += 1
-                if failure == "connection":
-                    raise EndpointConnectionError(endpoint_url=request.url)
-                return AWSResponse(request.url, 403, HTTPHeaders(), _NoBody())
-            return send(request)
-
-        monkeypatch.setattr(session, "send", failing)
-    through_botocore = 0
-    put_object = s3.client.put_object
-
-    def counted(**kwargs: Any) -> Any:
-        nonlocal through_botocore
-        through_botocore += 1
-        return put_object(**kwargs)
-
-    monkeypatch.setattr(s3.client, "put_object", counted)
-    blobs = [os.urandom(1000) for _ in range(2)]
-    for data in blobs:
-        await s3.put(sha(data), data)
-        assert await get(s3, sha(data)) == data
-    assert through_botocore == 2
-    if failure == "answer":
-        assert direct == 1  # then turned off
-    else:
-        assert direct == (2 if sender == "thread" else 0)  # the loop's: refused, unsent
-
-
-class _NoBody:
-    def stream(self) -> list[bytes]:
-        return []
-
-
-async def test_direct_puts_keep_their_connections(s3: S3BlobStore) -> None:
-    """Against an endpoint that keeps connections open (S3 does; moto does not), direct puts
-    reuse them, and one the endpoint closed while it was kept is replaced, unnoticed."""
-    warm = os.urandom(100)
-    await s3.put(sha(warm), warm)  # botocore's, to learn from
-    target = s3._direct._target
-    assert target is not None
-    accepted: list[asyncio.StreamWriter] = []
-    requests: list[bytes] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                requests.append(head + await reader.readexactly(length))
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    s3._direct._target = replace(target, hostname="127.0.0.1", host=f"127.0.0.1:{port}", port=port)
-    try:
-        blobs = [os.urandom(1000 * (n + 1)) for n in range(4)]
-        for data in blobs[:3]:
-            assert await s3._direct.send(s3.blob_key(sha(data)), data)
-        assert len(accepted) == 1
-        accepted[0].close()  # the endpoint closes the kept connection
-        await asyncio.sleep(0.1)
-        assert await s3._direct.send(s3.blob_key(sha(blobs[3])), blobs[3])
-        assert len(accepted) == 2
-        assert [r.endswith(data) for r, data in zip(requests, blobs, strict=True)] == [True] * 4
-    finally:
-        s3._direct.close()
-        for writer in accepted:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.05)  # the transports close on the loop's next turns
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def breaks_after_one_read(read: Callable[[int | None], bytes]) -> Callable[[int | None], bytes]:
