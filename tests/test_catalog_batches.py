@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ import sqlalchemy
 from metalake.server.catalog import DataRecord, DuplicateRequestError, SqlCatalog
 from metalake.server.catalog import items as catalog_items
 from metalake.server.errors import LimitReached, NotFound, Unavailable
+from metalake.server.schema_versions import engine_url
 from tests.tcpproxy import TcpProxy
 from tests.test_catalog import ORG, record
 
@@ -244,6 +246,102 @@ async def test_holders_of_one_blob_take_turns(postgres_url: str) -> None:
         for catalog in catalogs:
             await catalog.close()
     assert overlaps == 1
+
+
+async def test_concurrent_holds_share_a_statement(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, the holds asked together are taken by one statement (one round trip and
+    one worker thread hop), and released together too; each holder still holds its own."""
+    catalog = SqlCatalog.open(postgres_url, migrate=True)
+    locks = catalog._blob_locks
+    assert locks is not None
+    statements: list[tuple[list[int], list[int]]] = []
+    real = locks._run
+
+    ran = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def counted(unlocks: list[int], takes: list[int]) -> list[bool]:
+        statements.append((unlocks, takes))
+        loop.call_soon_threadsafe(ran.set)
+        return real(unlocks, takes)
+
+    monkeypatch.setattr(locks, "_run", counted)
+    held = asyncio.Event()
+    keys = [uuid.uuid4().hex * 2 for _ in range(16)]
+
+    async def hold(key: str) -> None:
+        async with catalog.hold_blob(key):
+            await held.wait()
+
+    try:
+        holders = [asyncio.create_task(hold(key)) for key in keys]
+        await asyncio.wait_for(ran.wait(), 10)
+        await asyncio.sleep(0.1)
+        assert statements == [([], [int(key[:15], 16) for key in keys])]
+        assert await _advisory_locks_held(postgres_url, keys) == 16
+        held.set()
+        await asyncio.gather(*holders)
+        assert len(statements) == 2
+        assert sorted(statements[1][0]) == sorted(statements[0][1])
+        assert await _advisory_locks_held(postgres_url, keys) == 0
+    finally:
+        await catalog.close()
+
+
+async def test_a_holder_cancelled_while_its_lock_is_taken_leaves_it_free(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalogs = [SqlCatalog.open(postgres_url, migrate=True) for _ in range(2)]
+    locks = catalogs[0]._blob_locks
+    assert locks is not None
+    real, asked = locks._run, asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(unlocks: list[int], takes: list[int]) -> list[bool]:
+        if takes:
+            loop.call_soon_threadsafe(asked.set)
+            time.sleep(0.2)
+        return real(unlocks, takes)
+
+    monkeypatch.setattr(locks, "_run", slow)
+    try:
+        holder = asyncio.create_task(_hold_forever(catalogs[0], "ab" * 32))
+        await asyncio.wait_for(asked.wait(), 10)
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        # The lock the statement took for nobody is released: another server gets it.
+        async with asyncio.timeout(10), catalogs[1].hold_blob("ab" * 32):
+            pass
+    finally:
+        for catalog in catalogs:
+            await catalog.close()
+
+
+async def _hold_forever(catalog: SqlCatalog, key: str) -> None:
+    async with catalog.hold_blob(key):
+        await asyncio.Event().wait()
+
+
+async def _advisory_locks_held(postgres_url: str, keys: list[str]) -> int:
+    """How many of the blob keys' advisory locks some session holds (other tests' aside)."""
+    query = sqlalchemy.text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = ANY(:ids)"
+    )
+
+    def count() -> int:
+        engine = sqlalchemy.create_engine(engine_url(postgres_url))
+        try:
+            with engine.connect() as connection:
+                ids = [int(key[:15], 16) for key in keys]
+                return int(connection.execute(query, {"ids": ids}).scalar_one())
+        finally:
+            engine.dispose()
+
+    return await asyncio.to_thread(count)
 
 
 @pytest.mark.parametrize("size", [1, 300])

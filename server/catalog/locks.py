@@ -10,17 +10,20 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from metalake.server.catalog.database import SqlDatabase, _connect_defaults, _sqlite_file
+from metalake.server.catalog.items import _each_waiter
 from metalake.server.locks import KeyedLocks
 from metalake.server.sqlitelocks import BlobLocks
 
 log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 
 class BlobHolds(Protocol):
@@ -67,8 +70,15 @@ class SqlBlobHolds(SqlDatabase):
         await super().close()
 
 
-_TRY_LOCK = text("SELECT pg_try_advisory_lock(:id)")
-_UNLOCK = text("SELECT pg_advisory_unlock(:id)")
+# Many locks taken (released) in one statement: one round trip, one worker thread hop, for
+# every holder that asked meanwhile. WITH ORDINALITY keeps the answers in the order asked.
+_TRY_LOCKS = text(
+    "SELECT pg_try_advisory_lock(id) FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY "
+    "AS wanted(id, n) ORDER BY n"
+)
+_UNLOCKS = text("SELECT pg_advisory_unlock(id) FROM unnest(CAST(:ids AS bigint[])) AS held(id)")
+# Seconds a holder waits before trying again for a lock another session holds.
+_RETRY_SECONDS = 0.01
 
 
 class _AdvisoryLocks:
@@ -81,6 +91,10 @@ class _AdvisoryLocks:
     connection per concurrent upload and worker (its 16th holder waiting for the pool), where
     this costs one per process, whatever the concurrency. A session lock is re-entrant within
     its session, so holders of one key in this process queue here first.
+
+    Every upload takes a lock and releases it: the locks and releases asked while a statement
+    runs go together in the next one (releases first), so concurrent uploads share a worker
+    thread hop and a round trip rather than taking two each (see _flush).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -91,41 +105,86 @@ class _AdvisoryLocks:
         self._connection: Connection | None = None
         self._use = threading.Lock()  # one statement at a time on the connection
         self._local = KeyedLocks()
+        self._locking: list[tuple[int, asyncio.Future[bool]]] = []
+        self._unlocking: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def hold(self, lock_id: int) -> AsyncIterator[None]:
         async with self._local.hold(str(lock_id)):
             # Polled rather than a blocking call, so that waiters do not pin worker threads:
             # the lock lives in PostgreSQL, there is no local event to wait on.
-            while not await asyncio.to_thread(self._try_lock, lock_id):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+            while not await self._ask(self._locking, lock_id):  # noqa: ASYNC110
+                await asyncio.sleep(_RETRY_SECONDS)
             try:
                 yield
             finally:
-                await asyncio.shield(asyncio.to_thread(self._unlock, lock_id))
+                await asyncio.shield(self._ask(self._unlocking, lock_id))
 
-    def _try_lock(self, lock_id: int) -> bool:
-        with self._use:
-            while True:
-                fresh = self._connection is None
+    def _ask(self, queue: list[tuple[int, asyncio.Future[_R]]], lock_id: int) -> asyncio.Future[_R]:
+        """Queue a lock (or a release) for the next statement; its answer."""
+        answer: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        queue.append((lock_id, answer))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return answer
+
+    async def _flush(self) -> None:
+        """Run the queued releases and locks, a statement each, until none is left; those
+        asked while one runs go in the next. Nothing waits on purpose."""
+        try:
+            while self._locking or self._unlocking:
+                locking, self._locking = self._locking, []
+                unlocking, self._unlocking = self._unlocking, []
                 try:
-                    return bool(self._session().execute(_TRY_LOCK, {"id": lock_id}).scalar())
-                except DBAPIError:
-                    self._drop()
-                    # The pool's pre-ping, for the one connection kept out of the pool: one
-                    # that died while it sat there (the catalog restarted, a proxy cut it) is
-                    # replaced once; a new one failing means the catalog is away.
-                    if fresh:
-                        raise
+                    taken = await asyncio.to_thread(
+                        self._run, [i for i, _ in unlocking], [i for i, _ in locking]
+                    )
+                except Exception as error:
+                    for _, answer in locking:
+                        if not answer.done():
+                            answer.set_exception(_each_waiter(error))
+                    taken = []
+                for _, done in unlocking:
+                    if not done.done():
+                        done.set_result(None)
+                for (lock_id, answer), got in zip(locking, taken, strict=False):
+                    if not answer.done():
+                        answer.set_result(got)
+                    elif got:
+                        # Its holder was cancelled meanwhile: nobody will release it.
+                        released = asyncio.get_running_loop().create_future()
+                        self._unlocking.append((lock_id, released))
+        finally:
+            self._flusher = None
 
-    def _unlock(self, lock_id: int) -> None:
+    def _run(self, unlocks: list[int], locks: list[int]) -> list[bool]:
         with self._use:
+            if unlocks:
+                self._unlock(unlocks)
+            return self._try_lock(locks) if locks else []
+
+    def _try_lock(self, lock_ids: list[int]) -> list[bool]:
+        while True:
+            fresh = self._connection is None
             try:
-                self._session().execute(_UNLOCK, {"id": lock_id})
+                rows = self._session().execute(_TRY_LOCKS, {"ids": lock_ids})
+                return [bool(row[0]) for row in rows]
             except DBAPIError:
-                # A broken connection took its session's locks with it: nothing to release.
-                log.warning("could not release blob lock %d; reconnecting", lock_id)
                 self._drop()
+                # The pool's pre-ping, for the one connection kept out of the pool: one
+                # that died while it sat there (the catalog restarted, a proxy cut it) is
+                # replaced once; a new one failing means the catalog is away.
+                if fresh:
+                    raise
+
+    def _unlock(self, lock_ids: list[int]) -> None:
+        try:
+            self._session().execute(_UNLOCKS, {"ids": lock_ids})
+        except DBAPIError:
+            # A broken connection took its session's locks with it: nothing to release.
+            log.warning("could not release %d blob lock(s); reconnecting", len(lock_ids))
+            self._drop()
 
     def _session(self) -> Connection:
         if self._connection is None:
