@@ -371,8 +371,10 @@ class _Chain:
         # Called, under the condition, once the chain is done (an asyncio watcher's wake-up).
         self.on_done: Callable[[], object] | None = None
 
-    def resumed(self) -> _Chain:
-        """A new chain over the same file and result, for the extractors after an overrun."""
+    def after_overrun(self, index: int, limit: float) -> _Chain:
+        """Record that call `index` ran past `limit`; a new chain over the same file and result
+        for the extractors after it (this one still belongs to the stuck thread)."""
+        self._record(self.calls[index][0], f"timed out after {limit:g} s", traceback=False)
         return _Chain(self.calls, self.source, self.wanted, self.result, self.shown, self.opener)
 
     def run(self, start: int) -> None:
@@ -539,10 +541,7 @@ class _Runner:
             overrun = self._watch(chain, start, timeout)
             if overrun is None:
                 return
-            name = chain.calls[overrun][0]
-            chain._record(name, f"timed out after {timeout:g} s", traceback=False)
-            # A fresh chain for the rest: the abandoned one still belongs to the stuck thread.
-            chain = chain.resumed()
+            chain = chain.after_overrun(overrun, timeout)
             start = overrun + 1
 
     def _watch(self, chain: _Chain, start: int, timeout: float) -> int | None:
@@ -567,9 +566,8 @@ class _Runner:
             overrun = await self._watch_async(chain, start, limit)
             if overrun is None:
                 return
-            name = chain.calls[overrun][0]
-            chain._record(name, f"timed out after {limit:g} s", traceback=False)
-            chain = chain.resumed()
+            assert limit is not None  # without a limit nothing overruns
+            chain = chain.after_overrun(overrun, limit)
             start = overrun + 1
 
     async def _watch_async(self, chain: _Chain, start: int, limit: float | None) -> int | None:

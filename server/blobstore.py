@@ -157,7 +157,6 @@ class _Appended:
     offset: int  # of its bytes, past the record's header
     length: int
     written_at: float
-    done: bool = False
     error: BaseException | None = None
 
 
@@ -246,10 +245,7 @@ class LocalBlobStore:
         return count
 
     def path_for(self, key: str) -> Path:
-        if not _KEY.fullmatch(key):
-            # Keys are content hashes chosen by the server; anything else is a bug, and must
-            # never become a path.
-            raise ValueError(f"invalid blob key {key!r}")
+        _check_key(key)
         return self._blobs / key[:2] / key[2:4] / key
 
     def local_path(self, key: str) -> Path | None:
@@ -281,7 +277,7 @@ class LocalBlobStore:
 
     def _queue(self, key: str, data: bytes) -> _Queued | None:
         """Queue a blob for the next group commit; None when it is not one to pack."""
-        self.path_for(key)  # checks the key
+        _check_key(key)
         if not (self.packed and len(key) == 64 and len(data) <= PACKED_MAX):
             return None
         queued = _Queued(key, data)
@@ -448,8 +444,6 @@ class LocalBlobStore:
                     start = appended.offset - _RECORD.size
                     free_range(appended.pack.fd, start, appended.length + _RECORD.size)
         finally:
-            for appended in batch:
-                appended.done = True
             with self._appending:
                 for appended in batch:
                     appended.pack.users -= 1
@@ -984,6 +978,13 @@ def free_range(fd: int, offset: int, length: int) -> None:
     position, end = offset, offset + length
     while position < end:
         position += os.pwrite(fd, zeros[: end - position], position)
+
+
+def _check_key(key: str) -> None:
+    if not _KEY.fullmatch(key):
+        # Keys are content hashes chosen by the server; anything else is a bug, and must never
+        # become a path.
+        raise ValueError(f"invalid blob key {key!r}")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -79,24 +79,32 @@ time.sleep(float(sys.argv[3]))
 """
 
 
-@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="open file description locks")
-def test_a_blob_key_held_by_another_process_waits_until_it_is_free(tmp_path: Path) -> None:
-    locks = BlobLocks(tmp_path / "catalog.sqlite3")
-    key = "ab" * 32
+def hold_byte_in_another_process(
+    database: Path, key: str, seconds: float
+) -> subprocess.Popen[bytes]:
+    """Another process holding `key`'s byte of `database`'s lock file, once it holds it."""
     other = subprocess.Popen(
         [
             sys.executable,
             "-c",
             HOLD_BYTE,
-            str(tmp_path / "catalog.sqlite3.blob-key-locks"),
+            str(database.with_name(database.name + ".blob-key-locks")),
             key,
-            "0.5",
+            str(seconds),
         ],
         stdout=subprocess.PIPE,
     )
+    assert other.stdout is not None
+    assert other.stdout.readline() == b"held\n"
+    return other
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_OFD_SETLK"), reason="open file description locks")
+def test_a_blob_key_held_by_another_process_waits_until_it_is_free(tmp_path: Path) -> None:
+    locks = BlobLocks(tmp_path / "catalog.sqlite3")
+    key = "ab" * 32
+    other = hold_byte_in_another_process(tmp_path / "catalog.sqlite3", key, 0.5)
     try:
-        assert other.stdout is not None
-        assert other.stdout.readline() == b"held\n"
 
         async def run() -> float:
             async with locks.hold("cd" * 32):  # another key: free
@@ -122,19 +130,7 @@ def test_a_blob_key_held_by_a_killed_process_is_free(tmp_path: Path) -> None:
             pass
 
     if hasattr(fcntl, "F_OFD_SETLK"):
-        other = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                HOLD_BYTE,
-                str(tmp_path / "catalog.sqlite3.blob-key-locks"),
-                key,
-                "60",
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert other.stdout is not None
-        assert other.stdout.readline() == b"held\n"
+        other = hold_byte_in_another_process(tmp_path / "catalog.sqlite3", key, 60)
         other.kill()
         other.wait(30)
     asyncio.run(asyncio.wait_for(hold(), 5))

@@ -286,15 +286,15 @@ class Ingest:
         batch then makes them durable in its own thread just before committing their item, one
         thread hop (and one batch) for both instead of one each."""
         async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
-            made_durable = None
+            store: Callable[[], Awaitable[None]]
             if isinstance(blob, bytes):
                 made_durable = self.blobs.put_deferred(record.blob_key, blob)
-                if made_durable is None:
-                    blob = functools.partial(self.blobs.put, record.blob_key, blob)
+                store = functools.partial(self.blobs.put, record.blob_key, blob)
+            else:
+                made_durable, store = None, blob
             if made_durable is None:
-                assert not isinstance(blob, bytes)
                 with self.catalog.add_coming():  # a batch committing meanwhile may wait for it
-                    await blob()
+                    await store()
             try:
                 await self.catalog.add(
                     record,
