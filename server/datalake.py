@@ -107,7 +107,6 @@ class DatalakeCore:
         self._spool_dir = spool_dir
         self._fill_timeout = fill_timeout
         self._download_chunk_size = download_chunk_size
-        self._blob_locks = KeyedLocks()
         self._upload_ttl = upload_ttl
         self._event_retention = event_retention
         self._watch_interval = watch_interval
@@ -117,7 +116,6 @@ class DatalakeCore:
             catalog,
             blobs,
             staging,
-            blob_locks=self._blob_locks,
             extractor=extractor,
             spool_dir=spool_dir,
             fill_timeout=fill_timeout,
@@ -169,7 +167,7 @@ class DatalakeCore:
         )
         for key, modified in await asyncio.to_thread(self.blobs.blob_keys):
             if modified < cutoff:
-                async with self._blob_locks.hold(key), self.catalog.hold_blob(key):
+                async with self.catalog.hold_blob(key):
                     if not await self.catalog.blob_in_use(key):
                         await self.blobs.delete(key)
                         garbage.orphan_blobs += 1
@@ -258,7 +256,7 @@ class DatalakeCore:
 
     async def _release_blob(self, blob_key: str) -> None:
         """Delete a blob no item refers to any more; identical content shares one blob."""
-        async with self._blob_locks.hold(blob_key), self.catalog.hold_blob(blob_key):
+        async with self.catalog.hold_blob(blob_key):
             await self._delete_blob_if_unused(blob_key)
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
@@ -366,7 +364,7 @@ class DatalakeCore:
         key = made.blob_key
         if key is None:
             return await self.catalog.add_thumbnail(made)
-        async with self._blob_locks.hold(key), self.catalog.hold_blob(key):
+        async with self.catalog.hold_blob(key):
             if content is None:
                 if not await self.blobs.exists(key):
                     return None

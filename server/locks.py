@@ -3,26 +3,69 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import contextlib
+from types import TracebackType
 
 
 class KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+    """One asyncio lock per key, dropped when nobody holds or waits for it.
+
+    Taken once per upload, so a free key costs a dict entry and nothing else: no lock object,
+    no future, no generator. Waiters are served in the order they came.
+    """
 
     def __init__(self) -> None:
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._users: defaultdict[str, int] = defaultdict(int)
+        # A key held -> the futures of its waiters, first come first.
+        self._held: dict[str, list[asyncio.Future[None]]] = {}
 
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        self._users[key] += 1
+    def hold(self, key: str) -> KeyHold:
+        """`async with locks.hold(key):` runs its body while no other holder of `key` does."""
+        return KeyHold(self, key)
+
+    async def acquire(self, key: str) -> None:
+        waiters = self._held.get(key)
+        if waiters is None:
+            self._held[key] = []
+            return
+        turn = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
         try:
-            async with self._locks[key]:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key]
-                del self._locks[key]
+            await turn
+        except asyncio.CancelledError:
+            if turn.cancelled():
+                with contextlib.suppress(ValueError):
+                    waiters.remove(turn)
+            else:
+                # The key was handed over just as this waiter was cancelled: hand it on.
+                self.release(key)
+            raise
+
+    def release(self, key: str) -> None:
+        waiters = self._held[key]
+        while waiters:
+            turn = waiters.pop(0)
+            if not turn.done():  # a waiter cancelled meanwhile has left
+                turn.set_result(None)
+                return
+        del self._held[key]
+
+
+class KeyHold:
+    """Holding one key of KeyedLocks, as an async context manager."""
+
+    __slots__ = ("_key", "_locks")
+
+    def __init__(self, locks: KeyedLocks, key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._key)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._locks.release(self._key)

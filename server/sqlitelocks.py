@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -83,21 +83,12 @@ class BlobLocks:
             self._directory = database.with_name(database.name + ".blob-locks")
             self._directory.mkdir(exist_ok=True)
 
-    @asynccontextmanager
-    async def hold(self, blob_key: str) -> AsyncIterator[None]:
+    def hold(self, blob_key: str) -> AbstractAsyncContextManager[None]:
+        """`async with locks.hold(key):` runs its body while no other holder of `key`, in this
+        process or another, does."""
         if self._fd is None:
-            async with self._hold_file(blob_key):
-                yield
-            return
-        fd, offset = self._fd, _offset(blob_key)
-        async with self._local.hold(blob_key):
-            # Polled, not waited for in a thread: waiters must not pin worker threads.
-            while not _try_byte_lock(fd, offset):  # noqa: ASYNC110 (another process holds it)
-                await asyncio.sleep(0.01)
-            try:
-                yield
-            finally:
-                _unlock_byte(fd, offset)
+            return self._hold_file(blob_key)
+        return _ByteHold(self._local, self._fd, blob_key)
 
     @asynccontextmanager
     async def _hold_file(self, blob_key: str) -> AsyncIterator[None]:
@@ -127,6 +118,41 @@ class BlobLocks:
 _OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
 # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), native alignment.
 _FLOCK = struct.Struct("hhqqi4x")
+
+
+class _ByteHold:
+    """Holding a blob key's byte: this process's holders take turns first (`local`).
+
+    An async context manager of its own rather than a generator: every upload takes one."""
+
+    __slots__ = ("_fd", "_key", "_local", "_offset")
+
+    def __init__(self, local: KeyedLocks, fd: int, blob_key: str) -> None:
+        self._local = local
+        self._fd = fd
+        self._key = blob_key
+        self._offset = _offset(blob_key)
+
+    async def __aenter__(self) -> None:
+        await self._local.acquire(self._key)
+        try:
+            # Polled, not waited for in a thread: waiters must not pin worker threads.
+            while not _try_byte_lock(self._fd, self._offset):  # noqa: ASYNC110 (another process)
+                await asyncio.sleep(0.01)
+        except BaseException:
+            self._local.release(self._key)
+            raise
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            _unlock_byte(self._fd, self._offset)
+        finally:
+            self._local.release(self._key)
 
 
 def _offset(blob_key: str) -> int:

@@ -84,11 +84,13 @@ class _PendingAdd:
     record: DataRecord
     upload: UploadRecord | None
     default_quota: int | None
+    # What the caller awaits: cancelled the moment the caller is, else the item's outcome.
     done: asyncio.Future[None]
     before_commit: Callable[[], None] | None = None
-    # What the caller awaits (`done`, shielded): cancelled the moment the caller is.
-    waiter: asyncio.Future[None] | None = None
     taken: bool = False  # a batch is committing it
+    settled: bool = False  # its batch is over: it committed, or not
+    # A caller cancelled while its batch commits waits on this for the batch to end.
+    batch_over: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,20 +254,20 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         if not self._flushing:
             self._flushing = True
             self._flusher = asyncio.create_task(self._flush_adds())
-        pending.waiter = asyncio.shield(pending.done)
         try:
-            await pending.waiter
+            await pending.done
         except asyncio.CancelledError:
-            # The caller was cancelled (its client went away). An item no batch has taken is
-            # withdrawn: nothing of it commits. One whose batch is committing may commit
-            # still: wait for the outcome, so that a caller cleaning up after the cancellation
-            # (deleting the item's blob unless an item uses it) finds the item if it exists.
+            # The caller was cancelled (its client went away), and `done` with it. An item no
+            # batch has taken is withdrawn: nothing of it commits. One whose batch is
+            # committing may commit still: wait for the batch, so that a caller cleaning up
+            # after the cancellation (deleting the item's blob unless an item uses it) finds
+            # the item if it exists.
             if not pending.taken:
                 with contextlib.suppress(ValueError):
                     self._pending_adds.remove(pending)
-            else:
-                with contextlib.suppress(Exception):
-                    await pending.done
+            elif not pending.settled:
+                pending.batch_over = asyncio.get_running_loop().create_future()
+                await pending.batch_over
             raise
 
     @contextmanager
@@ -333,6 +335,9 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                     outcomes = [_each_waiter(error) for _ in batch]
                 self._commit_seconds = time.monotonic() - started
                 for item, outcome in zip(batch, outcomes, strict=True):
+                    item.settled = True
+                    if item.batch_over is not None and not item.batch_over.done():
+                        item.batch_over.set_result(None)
                     if item.done.done():
                         continue  # its upload was cancelled meanwhile
                     if outcome is None:
@@ -953,8 +958,8 @@ class _Withdrawn(Exception):
 
 
 def _withdrawn(item: _PendingAdd) -> bool:
-    """Whether the caller of this add was cancelled before a batch took it."""
-    return item.waiter is not None and item.waiter.cancelled()
+    """Whether the caller of this add was cancelled (before its item committed)."""
+    return item.done.cancelled()
 
 
 def _each_waiter(error: Exception) -> Exception:

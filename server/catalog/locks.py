@@ -27,7 +27,8 @@ _R = TypeVar("_R")
 
 
 class BlobHolds(Protocol):
-    """Exclusive use of a blob key."""
+    """Exclusive use of a blob key, within this process and across every server sharing the
+    catalog."""
 
     def hold_blob(self, blob_key: str) -> AbstractAsyncContextManager[None]: ...
 
@@ -44,23 +45,22 @@ class SqlBlobHolds(SqlDatabase):
             database = _sqlite_file(engine)
             self._blob_file_locks = BlobLocks(database) if database else None
         self._blob_locks = _AdvisoryLocks(engine) if engine.dialect.name == "postgresql" else None
+        self._process_locks = KeyedLocks()
 
-    @asynccontextmanager
-    async def hold_blob(self, blob_key: str) -> AsyncIterator[None]:
-        """Exclusive use of a blob key across every server sharing this catalog: between
-        deciding a blob is unused and deleting it, nobody may commit the same content.
+    def hold_blob(self, blob_key: str) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of a blob key, among this process's tasks and across every server
+        sharing this catalog: between deciding a blob is unused and deleting it, nobody may
+        commit the same content.
 
         On PostgreSQL, a session advisory lock (see _AdvisoryLocks). On a SQLite file, a file
         lock (the processes sharing it are one server's workers; see sqlitelocks.BlobLocks).
+        On a catalog in memory, which no other process can share, an asyncio lock.
         """
         if self._blob_locks is not None:
-            async with self._blob_locks.hold(int(blob_key[:15], 16)):
-                yield
-        elif self._blob_file_locks is not None:
-            async with self._blob_file_locks.hold(blob_key):
-                yield
-        else:
-            yield
+            return self._blob_locks.hold(int(blob_key[:15], 16))
+        if self._blob_file_locks is not None:
+            return self._blob_file_locks.hold(blob_key)
+        return self._process_locks.hold(blob_key)
 
     async def close(self) -> None:
         if self._blob_locks is not None:

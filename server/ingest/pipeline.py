@@ -90,7 +90,6 @@ class Ingest:
         blobs: BlobStore,
         staging: StagingArea,
         *,
-        blob_locks: KeyedLocks,
         extractor: MetadataExtractor | None,
         spool_dir: Path,
         fill_timeout: float,
@@ -101,8 +100,6 @@ class Ingest:
         self.blobs = blobs
         self.staging = staging
         self.extractor = extractor
-        # Shared with the datalake's deletions: a blob's lock covers committing and deleting it.
-        self._blob_locks = blob_locks
         self._spool_dir = spool_dir
         self._fill_timeout = fill_timeout
         self._upload_locks = KeyedLocks()
@@ -285,7 +282,7 @@ class Ingest:
         Bytes in memory the store may take deferred (BlobStore.put_deferred): the catalog's
         batch then makes them durable in its own thread just before committing their item, one
         thread hop (and one batch) for both instead of one each."""
-        async with self._blob_locks.hold(record.blob_key), self.catalog.hold_blob(record.blob_key):
+        async with self.catalog.hold_blob(record.blob_key):
             store: Callable[[], Awaitable[None]]
             if isinstance(blob, bytes):
                 made_durable = self.blobs.put_deferred(record.blob_key, blob)
@@ -313,7 +310,8 @@ class Ingest:
         return record
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
-        # Callers hold the blob's lock, so no deletion of the same content runs meanwhile.
+        # Callers hold the blob (catalog.hold_blob), so no deletion of the same content runs
+        # meanwhile.
         await delete_blob_if_unused(self.catalog, self.blobs, blob_key)
 
     # Resumable uploads (google.bytestream style): bytes staged until a write finishes them.
@@ -439,7 +437,7 @@ class Ingest:
 
 
 async def delete_blob_if_unused(catalog: Catalog, blobs: BlobStore, blob_key: str) -> None:
-    """Delete a blob no item refers to; the caller holds its lock (catalog.hold_blob too)."""
+    """Delete a blob no item refers to; the caller holds it (catalog.hold_blob)."""
     if importing.is_reference(blob_key):
         return  # a customer's object registered in place: never ours to delete
     if not await catalog.blob_in_use(blob_key):
