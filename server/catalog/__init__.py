@@ -30,6 +30,7 @@ from metalake.server.catalog.database import SqlDatabase
 from metalake.server.catalog.events import Event, EventLog, EventType, SqlEventLog
 from metalake.server.catalog.facets import FACET_FIELDS, FacetCatalog, SqlFacetCatalog
 from metalake.server.catalog.items import (
+    AddComing,
     DuplicateRequestError,
     ItemCatalog,
     Page,
@@ -59,6 +60,7 @@ from metalake.server.catalog.uploads import SqlUploadCatalog, UploadCatalog, Upl
 
 __all__ = [
     "FACET_FIELDS",
+    "AddComing",
     "BlobHolds",
     "Catalog",
     "DataRecord",

@@ -13,7 +13,7 @@ import operator
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -118,7 +118,7 @@ class ItemCatalog(Protocol):
         before_commit: Callable[[], None] | None = None,
     ) -> None: ...
 
-    def add_coming(self) -> AbstractContextManager[None]: ...
+    def add_coming(self) -> AddComing: ...
 
     async def get(self, org: str, data_id: str) -> DataRecord: ...
 
@@ -147,6 +147,33 @@ class ItemCatalog(Protocol):
     async def imported_under(self, org: str, request_prefix: str) -> list[tuple[str, str]]: ...
 
     async def replace_content(self, org: str, record: DataRecord) -> DataRecord: ...
+
+
+class AddComing:
+    """An add on its way to a SqlItemCatalog (see `add_coming`): over once `arrived` is called
+    (just before the add, or when the upload will not add after all), or on leaving a `with`.
+    """
+
+    __slots__ = ("_catalog", "_over")
+
+    def __init__(self, catalog: SqlItemCatalog) -> None:
+        self._catalog = catalog
+        self._over = False
+        catalog._adds_coming += 1
+
+    def arrived(self) -> None:
+        if not self._over:
+            self._over = True
+            self._catalog._adds_coming -= 1
+            # The add is queued next, or never comes (its upload failed): either way a batch
+            # waiting for it may go on.
+            self._catalog._wake_flusher()
+
+    def __enter__(self) -> AddComing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.arrived()
 
 
 class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
@@ -270,16 +297,11 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                 await pending.batch_over
             raise
 
-    @contextmanager
-    def add_coming(self) -> Iterator[None]:
-        """While this is held, an add is on its way (its upload is storing the blob): a batch
-        about to commit waits a little for it (see _gather_adds)."""
-        self._adds_coming += 1
-        try:
-            yield
-        finally:
-            self._adds_coming -= 1
-            self._wake_flusher()  # if it never comes (the blob failed), stop waiting for it
+    def add_coming(self) -> AddComing:
+        """An add on its way (a small upload still arriving, a blob being stored) until it
+        arrives or the upload gives up: meanwhile a batch about to commit waits a little for it
+        (see _gather_adds)."""
+        return AddComing(self)
 
     def _wake_flusher(self) -> None:
         if self._add_arrived is not None and not self._add_arrived.done():
@@ -290,11 +312,11 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
         commit took (at most _MAX_LINGER).
 
         A commit costs about the same CPU (and an fsync) whatever its size, and concurrent
-        uploads finish their blobs a few milliseconds apart: without waiting, 16 concurrent
-        uploads committed 1.5 items per batch. Waiting at most one commit's time costs an add
-        at most that much latency, and those that arrive meanwhile would otherwise have waited
-        for this commit to end before starting theirs. An add with none on its way does not
-        wait.
+        uploads reach their add a few milliseconds apart: without waiting, 16 concurrent
+        uploads committed 1.5 items per batch, and one stream with 16 small files in flight
+        about 3. Waiting at most one commit's time costs an add at most that much latency, and
+        those that arrive meanwhile would otherwise have waited for this commit to end before
+        starting theirs. An add with none on its way does not wait.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(self._commit_seconds, _MAX_LINGER)

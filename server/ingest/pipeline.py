@@ -36,6 +36,7 @@ from metalake.metadata import FieldViolation
 from metalake.server import importing
 from metalake.server.blobstore import BlobStore, BlobWriter
 from metalake.server.catalog import (
+    AddComing,
     Catalog,
     DataRecord,
     DuplicateRequestError,
@@ -120,10 +121,13 @@ class Ingest:
         if earlier is not None:
             return earlier
         max_size = await self._admit_organization(org)
-        with self._admission():
+        # Until it proves large or fails, the upload's catalog add is on its way: a batch about
+        # to commit waits a little for it, so that files arriving together commit together.
+        with self._admission(), self.catalog.add_coming() as coming:
             head = await gather_head(chunks, max_size=max_size)
             if head.complete:
-                return await self._store_small(org, header, head.data())
+                return await self._store_small(org, header, head.data(), coming)
+            coming.arrived()  # a large file: its add is far off
             writer = await self.blobs.create_writer(spool=header.fill_metadata)
             try:
                 spooled = await receive(
@@ -240,7 +244,9 @@ class Ingest:
         record = _new_record(org, header, spooled, filled)
         return await self._commit(record, functools.partial(writer.commit, record.blob_key))
 
-    async def _store_small(self, org: str, header: UploadHeader, data: bytes) -> DataRecord:
+    async def _store_small(
+        self, org: str, header: UploadHeader, data: bytes, coming: AddComing
+    ) -> DataRecord:
         """A file gathered whole in memory: filled from memory, written in one step, no spool.
 
         Hashed here, on the event loop: the key must be known before its lock is taken, and a
@@ -251,7 +257,7 @@ class Ingest:
         content_type = header.content_type or sniff_content_type(data, header.filename)
         filled = await self._fill(header, data)
         record = _new_record(org, header, Spooled(len(data), sha256, content_type), filled)
-        return await self._commit(record, data)
+        return await self._commit(record, data, coming=coming)
 
     async def _fill(self, header: UploadHeader, content: Path | bytes | None) -> Filled:
         """The item's metadata: the client's, completed by the extractors if it asks, from the
@@ -274,6 +280,7 @@ class Ingest:
         blob: bytes | Callable[[], Awaitable[None]],
         *,
         upload: UploadRecord | None = None,
+        coming: AddComing | None = None,
     ) -> DataRecord:
         """Store the blob (`blob`: its bytes, or what stores it), then the item: both under the
         blob's lock, so that no deletion of the same content decides in between that the blob
@@ -281,7 +288,10 @@ class Ingest:
 
         Bytes in memory the store may take deferred (BlobStore.put_deferred): the catalog's
         batch then makes them durable in its own thread just before committing their item, one
-        thread hop (and one batch) for both instead of one each."""
+        thread hop (and one batch) for both instead of one each.
+
+        `coming`: the upload's add, announced to the catalog since its bytes began to arrive
+        (else announced here, while the blob is stored)."""
         async with self.catalog.hold_blob(record.blob_key):
             store: Callable[[], Awaitable[None]]
             if isinstance(blob, bytes):
@@ -289,8 +299,8 @@ class Ingest:
                 store = functools.partial(self.blobs.put, record.blob_key, blob)
             else:
                 made_durable, store = None, blob
-            if made_durable is None:
-                with self.catalog.add_coming():  # a batch committing meanwhile may wait for it
+            with coming or self.catalog.add_coming():  # a batch committing may wait for it
+                if made_durable is None:
                     await store()
             try:
                 await self.catalog.add(
