@@ -48,6 +48,7 @@ DEFAULT_TIMEOUT = 5.0
 # Threads of one extractor still running past their time limit; beyond this the extractor is
 # skipped until one of them returns, so a plugin that hangs on every file cannot pile up threads.
 MAX_STUCK_PER_EXTRACTOR = 4
+_FIELD_SET = frozenset(FIELDS)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ class ExtractorRegistry:
     ) -> Extraction:
         """Fill the fields in `missing` from the file at `path`; never raises for the file's
         content (only OSError when the file cannot be opened at all)."""
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         return self._extract(Source(path, filename), wanted, filename or Path(path).name)
@@ -290,7 +291,7 @@ class ExtractorRegistry:
         self, data: bytes, filename: str | None = None, missing: Iterable[str] = FIELDS
     ) -> Extraction:
         """`extract` for a file whose bytes are in memory already: nothing is read from disk."""
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         return self._extract(Source(None, filename, data=data), wanted, filename or "<memory>")
@@ -319,7 +320,7 @@ class ExtractorRegistry:
         fought for the GIL. The file is opened on the runner thread, never on the loop.
         Cancelled, the chain is abandoned after its current call.
         """
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         if isinstance(content, bytes):
@@ -392,7 +393,7 @@ class _Chain:
             with self.condition:
                 if self.abandoned:
                     return
-                remaining = self.wanted - self.result.values.keys()
+                remaining = self.wanted.difference(self.result.values)
                 if not remaining:
                     break
                 if self.stuck is not None and self.stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR:
@@ -464,7 +465,8 @@ def _merge_one(
 ) -> str | None:
     if produced is None:
         return None
-    if not isinstance(produced, Mapping):
+    # A dict (what extractors return) first: isinstance against the Mapping ABC costs more.
+    if type(produced) is not dict and not isinstance(produced, Mapping):
         return f"returned {type(produced).__name__}, not a mapping"
     try:
         items = list(produced.items())
