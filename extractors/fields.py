@@ -6,6 +6,7 @@ Both TIFF directory readers (Pillow's and exifread's) hand their values over in 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -188,6 +189,9 @@ def to_int(value: Raw | None) -> int | None:
     return scalar
 
 
+_NUMBER_TYPES = (int, float)
+
+
 def to_float(value: Raw | None) -> float | None:
     """A finite number from an integer or rational; a zero denominator is no value."""
     scalar = first(value)
@@ -195,7 +199,7 @@ def to_float(value: Raw | None) -> float | None:
         if scalar.den == 0:
             return None
         number = scalar.num / scalar.den
-    elif isinstance(scalar, int | float) and not isinstance(scalar, bool):
+    elif isinstance(scalar, _NUMBER_TYPES) and not isinstance(scalar, bool):
         number = float(scalar)
     else:
         return None
@@ -211,18 +215,26 @@ def parse_datetime(value: Raw | None, offset: Raw | None) -> datetime | None:
     if match is None:
         return None
     try:
-        year, month, day, hour, minute, second = (int(part) for part in match.groups())
+        year, month, day, hour, minute, second = map(int, match.groups())
         moment = datetime(year, month, day, hour, minute, second)
     except ValueError:  # '0000:00:00 00:00:00', month 13, ...
         return None
     offset_text = to_text(offset)
     offset_match = _OFFSET.match(offset_text) if offset_text else None
     if offset_match is not None:
-        sign, hours, minutes = offset_match.groups()
-        delta = timedelta(hours=int(hours), minutes=int(minutes))
-        if delta < timedelta(hours=24):
-            moment = moment.replace(tzinfo=timezone(-delta if sign == "-" else delta))
+        zone = _zone(*offset_match.groups())
+        if zone is not None:
+            moment = moment.replace(tzinfo=zone)
     return moment
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(sign: str, hours: str, minutes: str) -> timezone | None:
+    """The fixed offset `±HH:MM` (None past a day), made once: a file's offset is one of few."""
+    delta = timedelta(hours=int(hours), minutes=int(minutes))
+    if delta >= timedelta(hours=24):
+        return None
+    return timezone(-delta if sign == "-" else delta)
 
 
 def dms_to_degrees(value: Raw | None) -> float | None:
@@ -341,12 +353,15 @@ def gps_fields(gps: Directory) -> MetadataDict:
     return valid(values)
 
 
+_VALUE_TYPES = (float, str, datetime)
+
+
 def valid(values: Mapping[str, object]) -> MetadataDict:
     """Only the values that pass the metadata model's checks; the others are no value."""
     out: MetadataDict = {}
     for field, value in values.items():
         if value is None:
             continue
-        if isinstance(value, float | str | datetime) and check_value(field, value) is None:
+        if isinstance(value, _VALUE_TYPES) and check_value(field, value) is None:
             out[field] = value
     return out

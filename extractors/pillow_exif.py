@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import pillow_heif
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
@@ -194,7 +194,7 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
         log.debug("unreadable TIFF directory at %s: %r", offset, error)
         return {}
     out: dict[int, Raw] = {}
-    for tag in MAPPED_TAGS.intersection(info.keys()):
+    for tag in MAPPED_TAGS.intersection(info):  # its keys, without a KeysView around them
         try:
             value = normalize(info[tag])
         except Exception as error:
@@ -254,6 +254,13 @@ def normalize(value: object) -> Raw | None:
     if kind is tuple:
         items = [normalize(item) for item in value]  # type: ignore[attr-defined]
         return tuple(item for item in items if item is not None)
+    if kind is str:
+        # Pillow decodes ASCII as Latin-1, which is lossless: recover the bytes.
+        return cast(str, value).encode("latin-1", "replace")
+    if kind is TiffImagePlugin.IFDRational:
+        # Exactly Pillow's rational: isinstance against it (a numbers.Rational, an ABC) costs more.
+        rational = cast(TiffImagePlugin.IFDRational, value)
+        return Rational(int(rational.numerator), int(rational.denominator))
     if isinstance(value, TiffImagePlugin.IFDRational):
         return Rational(int(value.numerator), int(value.denominator))
     if isinstance(value, Fraction):

@@ -48,6 +48,7 @@ DEFAULT_TIMEOUT = 5.0
 # Threads of one extractor still running past their time limit; beyond this the extractor is
 # skipped until one of them returns, so a plugin that hangs on every file cannot pile up threads.
 MAX_STUCK_PER_EXTRACTOR = 4
+_FIELD_SET = frozenset(FIELDS)
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ class ExtractorRegistry:
     ) -> Extraction:
         """Fill the fields in `missing` from the file at `path`; never raises for the file's
         content (only OSError when the file cannot be opened at all)."""
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         return self._extract(Source(path, filename), wanted, filename or Path(path).name)
@@ -290,7 +291,7 @@ class ExtractorRegistry:
         self, data: bytes, filename: str | None = None, missing: Iterable[str] = FIELDS
     ) -> Extraction:
         """`extract` for a file whose bytes are in memory already: nothing is read from disk."""
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         return self._extract(Source(None, filename, data=data), wanted, filename or "<memory>")
@@ -319,7 +320,7 @@ class ExtractorRegistry:
         fought for the GIL. The file is opened on the runner thread, never on the loop.
         Cancelled, the chain is abandoned after its current call.
         """
-        wanted = frozenset(missing) & frozenset(FIELDS)
+        wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
         if isinstance(content, bytes):
@@ -392,7 +393,7 @@ class _Chain:
             with self.condition:
                 if self.abandoned:
                     return
-                remaining = self.wanted - self.result.values.keys()
+                remaining = self.wanted.difference(self.result.values)
                 if not remaining:
                     break
                 if self.stuck is not None and self.stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR:
@@ -423,9 +424,18 @@ class _Chain:
             self._finish()
 
     def _finish(self) -> None:
-        """Under the condition: the chain is over, wake whoever watches it."""
+        """Under the condition: the chain is over, wake a thread waiting on it (an event loop
+        watching it is woken by the runner once its thread is done with the chain)."""
         self.done = True
         self.condition.notify_all()
+
+    def wake_watcher(self) -> None:
+        """Wake the event loop watching this chain, if one does and still waits for it.
+
+        Called by the chain's thread once it is done with the chain and holds no lock, as the
+        last thing before it waits for its next job: the loop woken then runs without finding
+        that thread still busy (under the condition, or holding the GIL for its book-keeping).
+        """
         if self.on_done is not None and not self.abandoned:
             # RuntimeError: the watcher's event loop is closed, there is nobody to wake.
             with contextlib.suppress(RuntimeError):
@@ -455,7 +465,8 @@ def _merge_one(
 ) -> str | None:
     if produced is None:
         return None
-    if not isinstance(produced, Mapping):
+    # A dict (what extractors return) first: isinstance against the Mapping ABC costs more.
+    if type(produced) is not dict and not isinstance(produced, Mapping):
         return f"returned {type(produced).__name__}, not a mapping"
     try:
         items = list(produced.items())
@@ -495,12 +506,17 @@ class _Worker(threading.Thread):
     def __init__(self, runner: _Runner) -> None:
         super().__init__(name="metalake-extractor", daemon=True)
         self.runner = runner
-        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # A job returns what to call once its thread is idle again (an event loop's wake-up).
+        self.jobs: queue.SimpleQueue[Callable[[], Callable[[], None] | None]] = queue.SimpleQueue()
 
     def run(self) -> None:
         while True:
-            self.jobs.get()()
-            if not self.runner.idle(self):
+            wake = self.jobs.get()()
+            idle = self.runner.idle(self)
+            if wake is not None:
+                # Last: the loop it wakes must not find this thread still at work.
+                wake()
+            if not idle:
                 return
 
 
@@ -519,7 +535,7 @@ class _Runner:
         self._idle: list[_Worker] = []
         self.stuck: dict[str, int] = {}
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], Callable[[], None] | None]) -> None:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         if worker is None:
@@ -587,6 +603,10 @@ class _Runner:
                 finally:
                     if timer is not None:
                         timer.cancel()
+                if chain.done:
+                    # Set under the condition before the chain's thread woke us: nothing left
+                    # to decide, and no lock to take from a thread that may still hold it.
+                    break
                 with chain.condition:
                     if chain.done:
                         break
@@ -615,15 +635,17 @@ class _Runner:
             self.stuck[name] = self.stuck.get(name, 0) + 1
         return index
 
-    def _run(self, chain: _Chain, start: int) -> None:
+    def _run(self, chain: _Chain, start: int) -> Callable[[], None]:
+        """Run the chain; what wakes its watcher (see `_Worker.run`)."""
         chain.run(start)
-        with chain.condition:
-            name = chain.stuck_name
-        if name is None:
-            return
-        # The abandoned call has returned at last: one fewer stuck thread for its extractor.
-        with self._lock:
-            self.stuck[name] -= 1
+        # No lock needed: a chain is abandoned (and `stuck_name` set) only while it is not done,
+        # under the condition, and `run` returns only after taking the condition once more.
+        name = chain.stuck_name
+        if name is not None:
+            # The abandoned call has returned at last: one fewer stuck thread for its extractor.
+            with self._lock:
+                self.stuck[name] -= 1
+        return chain.wake_watcher
 
 
 def _wake(woken: asyncio.Future[None]) -> None:

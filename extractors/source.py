@@ -68,9 +68,10 @@ class Source:
         The lock is not held while computing: an extractor abandoned on timeout may still be
         inside `compute`, and the next one must not wait on it.
         """
-        with self._lock:
-            if key in self._memo:
-                return self._memo[key]  # type: ignore[return-value]
+        # A value once stored is never replaced: reading it needs no lock (a dict lookup is
+        # atomic), the common case once the first extractor has parsed the file.
+        if key in self._memo:
+            return self._memo[key]  # type: ignore[return-value]
         value = compute()
         with self._lock:
             self._memo.setdefault(key, value)

@@ -29,6 +29,8 @@ _TYPES: dict[int, tuple[str, int]] = {
     12: ("d", 8),
     13: ("I", 4),
 }
+# One directory entry: tag, type, count, value or offset.
+_ENTRY = {order: struct.Struct(order + "HHI4s") for order in "<>"}
 MAX_ENTRIES = 1024  # more than any real directory has
 MAX_VALUE = 64 * 1024  # bytes of one mapped tag's value
 
@@ -60,8 +62,7 @@ def read_directory(
         return None
     out: dict[int, Raw] = {}
     unknown = 0
-    for index in range(len(entries) // 12):
-        tag, kind, number, value = struct.unpack_from(order + "HHI4s", entries, 12 * index)
+    for tag, kind, number, value in _ENTRY[order].iter_unpack(entries):
         if kind not in _TYPES:
             unknown += 1
             continue

@@ -84,12 +84,18 @@ def check_string(value: str, *, max_length: int = MAX_STRING_LENGTH) -> str | No
     return None
 
 
+_DAY = timedelta(hours=24)
+
+
 def check_value(field: str, value: object) -> str | None:
     """Return why `value` is not a valid `field`, or None when it is."""
     if field in FLOAT_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, float | int):
+        if type(value) is float:  # the common case, without building a union type per call
+            number = value
+        elif isinstance(value, bool) or not isinstance(value, float | int):
             return f"must be a number, got {type(value).__name__}"
-        number = float(value)
+        else:
+            number = float(value)
         if not math.isfinite(number):
             return f"must be a finite number, got {number}"
         if field == "latitude" and not -90.0 <= number <= 90.0:
@@ -105,7 +111,7 @@ def check_value(field: str, value: object) -> str | None:
         offset = value.utcoffset()
         if offset is None:
             return None
-        if offset.microseconds or abs(offset) >= timedelta(hours=24):
+        if offset.microseconds or abs(offset) >= _DAY:
             return f"UTC offset must be whole seconds within ±24h, got {offset}"
         try:
             instant = value.astimezone(UTC)

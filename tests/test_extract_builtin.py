@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import struct
-from datetime import datetime
+from datetime import datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 from PIL import Image, ImageFile
+from PIL.TiffImagePlugin import IFDRational
 
 from metalake.extractors.containers import SCAN_LIMIT
 from metalake.extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
+from metalake.extractors.pillow_exif import normalize
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.extractors.source import Source
 from metalake.extractors.testing import (
@@ -218,6 +221,30 @@ def test_text_and_dates_follow_exiftool() -> None:
     aware = parse_datetime(b"2020:02:03 04:05:06.123", b"-05:30")
     assert aware is not None
     assert aware.isoformat() == "2020-02-03T04:05:06-05:30"
+    # Offsets are made once and shared; one of a day or more is no offset.
+    again = parse_datetime(b"2021:01:01 00:00:00", b"-05:30")
+    assert again is not None
+    assert again.tzinfo is aware.tzinfo
+    utc = parse_datetime(b"2021:01:01 00:00:00", b"-00:00")
+    assert utc is not None
+    assert utc.utcoffset() == timedelta(0)
+    naive = parse_datetime(b"2021:01:01 00:00:00", b"+24:00")
+    assert naive is not None
+    assert naive.tzinfo is None
+
+
+def test_pillow_values_are_normalized_by_exact_type_and_by_kind() -> None:
+    assert normalize("Canon") == b"Canon"
+    assert normalize(IFDRational(3, 4)) == Rational(3, 4)
+    assert normalize((IFDRational(1, 2), "x", 7, None)) == (Rational(1, 2), b"x", 7)
+    assert normalize(Fraction(5, 2)) == Rational(5, 2)
+    assert normalize(True) == 1
+
+    class Text(str):
+        pass
+
+    assert normalize(Text("sub")) == b"sub"
+    assert normalize(object()) is None
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")

@@ -218,6 +218,37 @@ async def test_on_an_event_loop_stuck_threads_are_bounded(image: Path, hanging: 
     hanging.release.set()
 
 
+async def test_on_an_event_loop_the_chains_thread_is_idle_before_the_loop_resumes() -> None:
+    # The thread wakes the loop as the last thing it does: the loop never finds it still busy,
+    # so files extracted one after another all run on one thread.
+    registry = ExtractorRegistry([Fixed("fixed", {"software": "s"})])
+    workers = []
+    for _ in range(5):
+        found = await registry.extract_async(b"not an image", filename="a.bin")
+        assert found.values == {"software": "s"}
+        workers.append(list(registry._runner._idle))
+    assert len(workers[0]) == 1
+    assert all(idle == workers[0] for idle in workers)
+
+
+async def test_on_an_event_loop_an_overrun_call_that_returns_frees_its_extractor(
+    image: Path, hanging: Hanging
+) -> None:
+    after = Fixed("after", {"manufacturer": "m"})
+    registry = ExtractorRegistry([hanging, after], timeout=0.05)
+    found = await registry.extract_async(image)
+    assert found.values == {"manufacturer": "m"}
+    assert "timed out" in found.errors[0][1]
+    assert registry._runner.stuck == {"hanging": 1}
+    hanging.release.set()
+    # Released, the abandoned thread takes itself off the count, reading its chain without a lock.
+    for _ in range(500):
+        if registry._runner.stuck == {"hanging": 0}:
+            break
+        await asyncio.sleep(0.01)
+    assert registry._runner.stuck == {"hanging": 0}
+
+
 async def test_a_cancelled_extraction_stops_after_the_current_call(
     image: Path, hanging: Hanging
 ) -> None:
