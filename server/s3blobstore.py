@@ -168,8 +168,15 @@ class S3BlobStore:
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=env.get("AWS_SESSION_TOKEN"),
         )
-        client = session.client("s3", endpoint_url=endpoint, config=_client_config(endpoint, env))
-        objects = _object_store(parsed.netloc, endpoint, session, _max_attempts(env))
+        # A private CA (a self-hosted MinIO's, say) for both: boto3 would read the variable from
+        # the process environment by itself, obstore takes the certificates.
+        ca_bundle = env.get("AWS_CA_BUNDLE") or None
+        client = session.client(
+            "s3", endpoint_url=endpoint, config=_client_config(endpoint, env), verify=ca_bundle
+        )
+        objects = _object_store(
+            parsed.netloc, endpoint, session, _max_attempts(env), _certificates(ca_bundle)
+        )
         return cls(
             client, objects, parsed.netloc, parsed.path, local_dir=local_dir, part_size=part_size
         )
@@ -613,7 +620,11 @@ def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
 
 
 def _object_store(
-    bucket: str, endpoint: str | None, session: boto3.session.Session, attempts: int
+    bucket: str,
+    endpoint: str | None,
+    session: boto3.session.Session,
+    attempts: int,
+    certificates: bytes | None,
 ) -> S3Store:
     """obstore's client of `bucket`, configured as `_client_config` configures boto3's: the same
     endpoint and addressing, region, credentials (boto3's own, from `session`), timeouts and
@@ -639,6 +650,8 @@ def _object_store(
         "timeout": timedelta(seconds=REQUEST_TIMEOUT),
         "pool_max_idle_per_host": str(MAX_POOL_CONNECTIONS),
     }
+    if certificates is not None:
+        client_options["root_certificate"] = certificates
     # object_store retries 5xx answers, throttling, dropped and refused connections, as
     # botocore's standard mode does; AWS_MAX_ATTEMPTS counts tries, the first included.
     retries: RetryConfig = {
@@ -652,6 +665,18 @@ def _object_store(
         retry_config=retries,
         credential_provider=_credentials(session),
     )
+
+
+def _certificates(ca_bundle: str | None) -> bytes | None:
+    """The PEM certificates of AWS_CA_BUNDLE, read once at start-up."""
+    if ca_bundle is None:
+        return None
+    try:
+        return Path(ca_bundle).read_bytes()
+    except OSError as error:
+        raise S3ConfigurationError(
+            f"AWS_CA_BUNDLE names {ca_bundle}, which cannot be read: {error.strerror}"
+        ) from error
 
 
 def _credentials(session: boto3.session.Session) -> Callable[[], S3Credential]:

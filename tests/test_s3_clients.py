@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,8 +31,10 @@ from metalake.server.s3blobstore import (
     CONNECT_TIMEOUT,
     READ_TIMEOUT,
     S3BlobStore,
+    S3ConfigurationError,
 )
 from tests.conftest import S3_ENV
+from tests.test_auth import _certificate, _pem
 
 # What either client raises when a request fails.
 FAILURES = (ObstoreError, BotoCoreError, ClientError)
@@ -154,6 +157,8 @@ class CannedS3:
         canned = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers botocore's Expect: 100-continue
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -179,9 +184,16 @@ class CannedS3:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
 
-    def store(self, tmp_path: Path, attempts: int) -> S3BlobStore:
+    def store(self, tmp_path: Path, attempts: int, **more: str) -> S3BlobStore:
         env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint, "AWS_MAX_ATTEMPTS": str(attempts)}
-        return S3BlobStore.from_url("s3://canned/lake", local_dir=tmp_path, environ=env)
+        return S3BlobStore.from_url("s3://canned/lake", local_dir=tmp_path, environ={**env, **more})
+
+    def serve_tls(self, certificate: Path, key: Path) -> None:
+        """Answer over TLS, at https://localhost:<port>, with this certificate."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certificate, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.endpoint = f"https://localhost:{self.server.server_port}"
 
 
 @pytest.fixture
@@ -275,3 +287,33 @@ async def test_without_credentials_both_clients_fail_alike(
     assert backend_fault(by_obstore.value) is None
     assert backend_fault(by_boto3.value) is None
     assert "Unable to locate credentials" in str(by_obstore.value)
+
+
+async def test_both_clients_trust_the_private_ca_of_aws_ca_bundle(tmp_path: Path) -> None:
+    ca = _certificate("private CA", None)
+    certificate, key = _pem(*_certificate("localhost", ca))
+    (tmp_path / "server.pem").write_bytes(certificate)
+    (tmp_path / "server.key").write_bytes(key)
+    (tmp_path / "ca.pem").write_bytes(_pem(*ca)[0])
+    canned = CannedS3()
+    canned.serve_tls(tmp_path / "server.pem", tmp_path / "server.key")
+    thread = threading.Thread(target=canned.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        trusting = canned.store(tmp_path, 1, AWS_CA_BUNDLE=str(tmp_path / "ca.pem"))
+        await trusting.put(sha(b"x"), b"x")
+        trusting.client.put_object(Bucket="canned", Key="lake/blobs/x", Body=b"x")
+        assert canned.requests == [("PUT", "*"), ("PUT", None)]
+        # Without it, neither trusts the endpoint, and nothing reaches it.
+        canned.requests.clear()
+        unknown = canned.store(tmp_path, 1)
+        with pytest.raises(ObstoreError, match="InvalidCertificate"):
+            await unknown.put(sha(b"x"), b"x")
+        with pytest.raises(BotoCoreError, match="CERTIFICATE_VERIFY_FAILED"):
+            unknown.client.put_object(Bucket="canned", Key="lake/blobs/x", Body=b"x")
+        assert canned.requests == []
+    finally:
+        canned.server.shutdown()
+        canned.server.server_close()
+    with pytest.raises(S3ConfigurationError, match="AWS_CA_BUNDLE"):
+        canned.store(tmp_path, 1, AWS_CA_BUNDLE=str(tmp_path / "missing.pem"))
