@@ -206,9 +206,11 @@ class S3BlobStore:
                 self.objects, object_key, data, mode="create", use_multipart=False
             )
         except AlreadyExistsError:
-            # 412: identical content is stored already. 409 (obstore tells them apart only in
-            # its message): another conditional write of this key is in flight, which may yet
-            # fail; wait for no one, and write it unless it is there by now.
+            # 412: identical content is stored already; 409: another conditional write of this
+            # key is in flight, which may yet fail. obstore raises the same error for both (the
+            # status is only in its message), so both take a HEAD: wait for no one, and write
+            # it unless it is there by now. A deduplicated blob costs that HEAD more than with
+            # boto3, which told them apart.
             if not await self._object_exists(object_key):
                 await obstore.put_async(self.objects, object_key, data, use_multipart=False)
 
