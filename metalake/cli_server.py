@@ -38,6 +38,7 @@ SERVER_IMPORTS = frozenset(
         "grpc_health",  # grpcio-health-checking
         "grpc_reflection",  # grpcio-reflection
         "lark",
+        "obstore",
         "pillow_heif",
         "pluggy",
         "prometheus_client",

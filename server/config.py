@@ -542,9 +542,9 @@ ELSEWHERE: tuple[Variable, ...] = (
     ),
 )
 
-# boto3's own variables, read the way AWS tools read them (server/s3blobstore.py and
-# server/importing.py): documented in the S3 section of docs/operations.md, which a test compares
-# with this list and with the code.
+# AWS tools' own variables, read the way they read them, for both S3 clients (boto3 and obstore,
+# server/s3blobstore.py; boto3 in server/importing.py): documented in the S3 section of
+# docs/operations.md, which a test compares with this list and with the code.
 S3_VARIABLES = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
@@ -554,6 +554,7 @@ S3_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_ALLOW_HTTP",
+    "AWS_CA_BUNDLE",
     "AWS_MAX_ATTEMPTS",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",

@@ -1,12 +1,12 @@
 """Backend faults in domain terms: which failures of the catalog, the bucket or the local disk a
 client can retry, and which mean the storage is full.
 
-The catalog (SQLAlchemy over SQLite or PostgreSQL) and the blob stores (files, boto3) raise their
-own exceptions. A backend that is unreachable, timing out or dropping the connection is
-temporary: `Unavailable` with a retry delay, so clients retry (an upload with a request id,
-a read, a resumable upload from its committed size). A full disk, here or under the catalog, is
-`LimitReached`. Everything else (constraint violations, bugs) is left alone, and stays
-an internal error.
+The catalog (SQLAlchemy over SQLite or PostgreSQL) and the blob stores (files; on S3, boto3 and
+obstore) raise their own exceptions. A backend that is unreachable, timing out or dropping the
+connection is temporary: `Unavailable` with a retry delay, so clients retry (an upload with a
+request id, a read, a resumable upload from its committed size). A full disk, here or under the
+catalog, is `LimitReached`. Everything else (constraint violations, bugs) is left alone, and
+stays an internal error.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterator
 
 from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from obstore.exceptions import GenericError as ObjectStoreError
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -53,6 +55,11 @@ _S3_TRANSIENT_CODES = {
     "ThrottlingException",
     "RequestLimitExceeded",
 }
+# What obstore's catch-all error says of an answer the bucket gave (it has no attributes for
+# them): "... Server returned non-2xx status code: 503 Service Unavailable: <Error><Code>...".
+# Without a status the request never got an answer: refused, reset, timed out.
+_OBSTORE_STATUS = re.compile(r"status code: (\d{3})\b")
+_S3_ERROR_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 
 
 def backend_fault(error: BaseException) -> BackendFault | None:
@@ -129,9 +136,26 @@ def _bucket_fault(error: BaseException) -> BackendFault | None:
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-        if status >= 500 or code in _S3_TRANSIENT_CODES:
+        if _transient_answer(status, code):
+            return _unavailable("the object store", error)
+    if isinstance(error, ObjectStoreError):
+        # obstore's other errors are answers that retrying does not change: not found, already
+        # exists, a failed precondition, access denied (PermissionDeniedError), no valid
+        # credentials (UnauthenticatedError). This one is everything else: retries spent on a
+        # bucket that did not answer, or answered 5xx; or a client error with no class of its own.
+        message = str(error)
+        answered = _OBSTORE_STATUS.search(message)
+        if answered is None:
+            return _unavailable("the object store", error)
+        named = _S3_ERROR_CODE.search(message)
+        if _transient_answer(int(answered.group(1)), named.group(1) if named else ""):
             return _unavailable("the object store", error)
     return None
+
+
+def _transient_answer(status: int, code: str) -> bool:
+    """Whether S3 answering `status` with the error `code` means "come back later"."""
+    return status >= 500 or status == 429 or code in _S3_TRANSIENT_CODES
 
 
 def _unavailable(backend: str, error: BaseException) -> Unavailable:

@@ -8,6 +8,13 @@ unless identical content is already there. A failed upload aborts its multipart 
 
 Configured the way AWS tools are: AWS_ENDPOINT_URL, AWS_REGION (or AWS_DEFAULT_REGION),
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; a plain-HTTP endpoint only with AWS_ALLOW_HTTP=true.
+
+Two clients share those settings, built side by side in `from_url`: obstore (Apache Arrow's
+Rust object_store) sends the one-step conditional PUT of each small blob, the per-file hot path,
+for about a third of botocore's CPU per request; boto3 does the rest (multipart uploads and
+copies, ranged reads that resume, listings, clean-up), whose cost per request is small beside
+the bytes or the rarity of the call. Both go to the same endpoint with the same credentials
+(obstore's are boto3's, through its credential chain), timeouts and tries.
 """
 
 from __future__ import annotations
@@ -23,20 +30,25 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 import boto3
+import obstore
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
     IncompleteReadError,
+    NoCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from obstore.auth.boto3 import Boto3CredentialProvider
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import S3Store
 
 from metalake.server.blobstore import (
     create_spool_file,
@@ -48,6 +60,7 @@ from metalake.server.blobstore import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef, GetObjectOutputTypeDef
+    from obstore.store import ClientConfig, RetryConfig, S3Config, S3Credential
 
 # S3 parts are at least 5 MiB (but the last); 8 MiB keeps a part's upload well above per-request
 # overheads while bounding what one upload buffers.
@@ -60,9 +73,19 @@ DEFAULT_COPY_PART_SIZE = 256 * 1024 * 1024
 # Each upload holds a connection while a part travels; botocore's default pool (10) would make
 # concurrent uploads open and discard connections.
 MAX_POOL_CONNECTIONS = 64
-# Tries of each S3 request (AWS_MAX_ATTEMPTS overrides), and seconds to connect.
+# Tries of each S3 request (AWS_MAX_ATTEMPTS overrides), and seconds to connect, and to wait
+# for each read of an answer (botocore's default), in both clients.
 DEFAULT_MAX_ATTEMPTS = 5
 CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+# object_store also bounds a whole request (connecting to the end of the answer; its default
+# is 30 s) and the time a request may spend in retries (its default, 3 minutes, would hold an
+# upload that long on an endpoint answering 5xx).
+REQUEST_TIMEOUT = 60.0
+RETRY_TIMEOUT = 30.0
+# How long obstore keeps credentials it took from boto3's chain before asking again: below the
+# 10 minutes of validity botocore keeps at least when it refreshes temporary ones.
+CREDENTIALS_TTL = timedelta(minutes=5)
 # How many times one download asks again for the rest after its connection to S3 broke.
 _READ_RESUMPTIONS = 3
 _BROKEN_STREAM = (ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
@@ -82,6 +105,7 @@ class S3BlobStore:
     def __init__(
         self,
         client: S3Client,
+        objects: S3Store,
         bucket: str,
         prefix: str,
         *,
@@ -89,9 +113,12 @@ class S3BlobStore:
         part_size: int = DEFAULT_PART_SIZE,
         copy_part_size: int = DEFAULT_COPY_PART_SIZE,
     ) -> None:
+        """`client` and `objects` (obstore's store on `bucket`, no prefix of its own) must
+        reach the same bucket with the same credentials: `from_url` builds both."""
         if part_size < MIN_PART_SIZE or copy_part_size < MIN_PART_SIZE:
             raise S3ConfigurationError(f"part sizes must be at least {MIN_PART_SIZE} bytes")
         self.client = client
+        self.objects = objects
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_size = part_size
@@ -133,16 +160,26 @@ class S3BlobStore:
                     f"the S3 endpoint {endpoint} is plain HTTP: credentials and data would "
                     "travel unencrypted. Use https, or set AWS_ALLOW_HTTP=true if you mean it."
                 )
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
+        # One session: its credentials (from the environment, or boto3's chain) sign both
+        # clients' requests.
+        session = boto3.session.Session(
             region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=env.get("AWS_SESSION_TOKEN"),
-            config=_client_config(endpoint, env),
         )
-        return cls(client, parsed.netloc, parsed.path, local_dir=local_dir, part_size=part_size)
+        # A private CA (a self-hosted MinIO's, say) for both: boto3 would read the variable from
+        # the process environment by itself, obstore takes the certificates.
+        ca_bundle = env.get("AWS_CA_BUNDLE") or None
+        client = session.client(
+            "s3", endpoint_url=endpoint, config=_client_config(endpoint, env), verify=ca_bundle
+        )
+        objects = _object_store(
+            parsed.netloc, endpoint, session, _max_attempts(env), _certificates(ca_bundle)
+        )
+        return cls(
+            client, objects, parsed.netloc, parsed.path, local_dir=local_dir, part_size=part_size
+        )
 
     def _key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -159,25 +196,43 @@ class S3BlobStore:
         return S3BlobWriter(self, self._key("tmp", uuid.uuid4().hex), spool_file)
 
     async def put(self, key: str, data: bytes) -> None:
-        await asyncio.to_thread(self._put, self.blob_key(key), data)
+        """One conditional PUT, straight to the final key: If-None-Match refuses it when the
+        content is there already, so no HEAD first. A server that ignores the condition
+        overwrites identical bytes, which changes nothing a reader sees. obstore's runtime (Rust
+        threads) sends it and completes the awaited future: no worker thread hop per blob."""
+        object_key = self.blob_key(key)
+        try:
+            await obstore.put_async(
+                self.objects, object_key, data, mode="create", use_multipart=False
+            )
+        except AlreadyExistsError:
+            # 412: identical content is stored already; 409: another conditional write of this
+            # key is in flight, which may yet fail. obstore raises the same error for both (the
+            # status is only in its message), so both take a HEAD: wait for no one, and write
+            # it unless it is there by now. A deduplicated blob costs that HEAD more than with
+            # boto3, which told them apart.
+            if not await self._object_exists(object_key):
+                await obstore.put_async(self.objects, object_key, data, use_multipart=False)
 
     def put_deferred(self, key: str, data: bytes) -> Callable[[], None] | None:
         return None  # one PUT per object, concurrent: nothing to gain in another's thread
 
-    def _put(self, object_key: str, data: bytes) -> None:
-        """One conditional PUT, straight to the final key: If-None-Match refuses it (412) when
-        the content is there already, so no HEAD first. A server that ignores the condition
-        overwrites identical bytes, which changes nothing a reader sees."""
+    def _put_blocking(self, object_key: str, data: bytes) -> None:
+        """`put`'s conditional PUT, for a caller already in a worker thread."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, IfNoneMatch="*")
-        except ClientError as error:
-            if _status(error) == 412:
-                return  # identical content is stored already
-            if _status(error) != 409:
-                raise
-            # 409: another conditional write of this key is in flight; wait for no one.
-            if not self._exists(object_key):
-                self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
+            obstore.put(self.objects, object_key, data, mode="create", use_multipart=False)
+        except AlreadyExistsError:
+            try:
+                obstore.head(self.objects, object_key)
+            except FileNotFoundError:
+                obstore.put(self.objects, object_key, data, use_multipart=False)
+
+    async def _object_exists(self, object_key: str) -> bool:
+        try:
+            await obstore.head_async(self.objects, object_key)
+        except FileNotFoundError:
+            return False
+        return True
 
     async def read(self, key: str, *, offset: int = 0, chunk_size: int) -> AsyncIterator[bytes]:
         """Stream with a ranged GetObject, `chunk_size` bytes in memory at a time.
@@ -461,12 +516,11 @@ class S3BlobWriter:
             self._check_open()
             store, client, bucket = self._store, self._store.client, self._store.bucket
             final = store.blob_key(key)
-            exists = store._exists(final)
             if self._upload_id is None:
-                # Smaller than a part: one PUT, straight to its final key (atomic in S3).
-                if not exists:
-                    client.put_object(Bucket=bucket, Key=final, Body=bytes(self._buffer))
-            elif exists:
+                # Smaller than a part: one conditional PUT, straight to its final key (atomic in
+                # S3), as `put` sends.
+                store._put_blocking(final, bytes(self._buffer))
+            elif store._exists(final):
                 # Identical content is stored already: drop this copy without completing it.
                 self._abort_upload()
             else:
@@ -540,20 +594,23 @@ def _key_name(key: str) -> str:
 
 def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
     """botocore settings for AWS itself, or for another S3-compatible server at `endpoint`."""
-    # botocore retries what fails transiently (AWS_MAX_ATTEMPTS tries in all); past them the
-    # client is told UNAVAILABLE and retries the call. Connecting gets CONNECT_TIMEOUT seconds:
-    # botocore's 60 would hold an upload a minute per try on an endpoint that went away.
-    retries: Any = {"max_attempts": _max_attempts(env), "mode": "standard"}
+    # botocore retries what fails transiently (AWS_MAX_ATTEMPTS tries in all: its own
+    # `max_attempts` would count retries); past them the client is told UNAVAILABLE and retries
+    # the call. Connecting gets CONNECT_TIMEOUT seconds: botocore's 60 would hold an upload a
+    # minute per try on an endpoint that went away.
+    retries: Any = {"total_max_attempts": _max_attempts(env), "mode": "standard"}
     if endpoint is None:
         return Config(
             retries=retries,
             max_pool_connections=MAX_POOL_CONNECTIONS,
             connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
         )
     return Config(
         retries=retries,
         max_pool_connections=MAX_POOL_CONNECTIONS,
         connect_timeout=CONNECT_TIMEOUT,
+        read_timeout=READ_TIMEOUT,
         # Path-style addressing works on every S3-compatible server, not only AWS.
         s3={"addressing_style": "path"},
         # botocore >= 1.36 sends CRC checksums (and trailers) by default, which MinIO, Ceph, GCS
@@ -562,6 +619,79 @@ def _client_config(endpoint: str | None, env: Mapping[str, str]) -> Config:
         request_checksum_calculation=_checksum_setting(env, "AWS_REQUEST_CHECKSUM_CALCULATION"),
         response_checksum_validation=_checksum_setting(env, "AWS_RESPONSE_CHECKSUM_VALIDATION"),
     )
+
+
+def _object_store(
+    bucket: str,
+    endpoint: str | None,
+    session: boto3.session.Session,
+    attempts: int,
+    certificates: bytes | None,
+) -> S3Store:
+    """obstore's client of `bucket`, configured as `_client_config` configures boto3's: the same
+    endpoint and addressing, region, credentials (boto3's own, from `session`), timeouts and
+    tries. Everything that changes what a request does is set here, not left to the AWS_*
+    variables obstore would otherwise read from the process environment."""
+    config: S3Config = {
+        "region": session.region_name,
+        # Path-style keys for other S3-compatible servers; on AWS, virtual-hosted ones, as
+        # boto3 uses there (but for bucket names with dots, which TLS certificates do not cover).
+        "virtual_hosted_style_request": endpoint is None and "." not in bucket,
+        "conditional_put": "etag",  # If-None-Match: *, as S3 and the others understand it
+        "skip_signature": False,
+        "unsigned_payload": False,
+        "request_payer": False,
+        "s3_express": False,
+    }
+    if endpoint is not None:
+        config["endpoint"] = endpoint
+    client_options: ClientConfig = {
+        "allow_http": endpoint is not None and endpoint.startswith("http://"),  # consented
+        "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
+        "read_timeout": timedelta(seconds=READ_TIMEOUT),
+        "timeout": timedelta(seconds=REQUEST_TIMEOUT),
+        "pool_max_idle_per_host": str(MAX_POOL_CONNECTIONS),
+    }
+    if certificates is not None:
+        client_options["root_certificate"] = certificates
+    # object_store retries 5xx answers, throttling, dropped and refused connections, as
+    # botocore's standard mode does; AWS_MAX_ATTEMPTS counts tries, the first included.
+    retries: RetryConfig = {
+        "max_retries": attempts - 1,
+        "retry_timeout": timedelta(seconds=RETRY_TIMEOUT),
+    }
+    return S3Store(
+        bucket,
+        config=config,
+        client_options=client_options,
+        retry_config=retries,
+        credential_provider=_credentials(session),
+    )
+
+
+def _certificates(ca_bundle: str | None) -> bytes | None:
+    """The PEM certificates of AWS_CA_BUNDLE, read once at start-up."""
+    if ca_bundle is None:
+        return None
+    try:
+        return Path(ca_bundle).read_bytes()
+    except OSError as error:
+        raise S3ConfigurationError(
+            f"AWS_CA_BUNDLE names {ca_bundle}, which cannot be read: {error.strerror}"
+        ) from error
+
+
+def _credentials(session: boto3.session.Session) -> Callable[[], S3Credential]:
+    """boto3's credentials for obstore's requests: the same chain (environment, profile,
+    instance or pod role), refreshed by botocore. Without any, each request fails as boto3's
+    would, unauthenticated (an internal error, logged with boto3's reason)."""
+    if session.get_credentials() is None:
+
+        def missing() -> S3Credential:
+            raise NoCredentialsError()
+
+        return missing
+    return Boto3CredentialProvider(session, ttl=CREDENTIALS_TTL)
 
 
 def _max_attempts(env: Mapping[str, str]) -> int:
