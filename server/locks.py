@@ -8,7 +8,8 @@ from types import TracebackType
 
 
 class KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it.
+    """One holder per key at a time among asyncio tasks; nothing is kept for a key nobody
+    holds or waits for.
 
     Taken once per upload, so a free key costs a dict entry and nothing else: no lock object,
     no future, no generator. Waiters are served in the order they came.

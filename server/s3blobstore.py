@@ -222,9 +222,7 @@ class S3BlobStore:
         try:
             obstore.put(self.objects, object_key, data, mode="create", use_multipart=False)
         except AlreadyExistsError:
-            try:
-                obstore.head(self.objects, object_key)
-            except FileNotFoundError:
+            if not self._exists(object_key):
                 obstore.put(self.objects, object_key, data, use_multipart=False)
 
     async def _object_exists(self, object_key: str) -> bool:

@@ -87,9 +87,8 @@ class _PendingAdd:
     # What the caller awaits: cancelled the moment the caller is, else the item's outcome.
     done: asyncio.Future[None]
     before_commit: Callable[[], None] | None = None
-    taken: bool = False  # a batch is committing it
-    settled: bool = False  # its batch is over: it committed, or not
-    # A caller cancelled while its batch commits waits on this for the batch to end.
+    # Set when a batch takes the item, done when that batch is over (it committed, or not): a
+    # caller cancelled meanwhile waits on it.
     batch_over: asyncio.Future[None] | None = None
 
 
@@ -289,11 +288,10 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
             # committing may commit still: wait for the batch, so that a caller cleaning up
             # after the cancellation (deleting the item's blob unless an item uses it) finds
             # the item if it exists.
-            if not pending.taken:
+            if pending.batch_over is None:
                 with contextlib.suppress(ValueError):
                     self._pending_adds.remove(pending)
-            elif not pending.settled:
-                pending.batch_over = asyncio.get_running_loop().create_future()
+            else:
                 await pending.batch_over
             raise
 
@@ -345,8 +343,9 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                 batch = [item for item in batch if not _withdrawn(item)]
                 if not batch:
                     continue
+                loop = asyncio.get_running_loop()
                 for item in batch:
-                    item.taken = True
+                    item.batch_over = loop.create_future()
                 started = time.monotonic()
                 try:
                     outcomes = await asyncio.to_thread(self._prepare_and_add, batch)
@@ -357,8 +356,8 @@ class SqlItemCatalog(SqlOrganizationCatalog, SqlEventLog):
                     outcomes = [_each_waiter(error) for _ in batch]
                 self._commit_seconds = time.monotonic() - started
                 for item, outcome in zip(batch, outcomes, strict=True):
-                    item.settled = True
-                    if item.batch_over is not None and not item.batch_over.done():
+                    assert item.batch_over is not None
+                    if not item.batch_over.done():  # a caller cancelled twice stops waiting
                         item.batch_over.set_result(None)
                     if item.done.done():
                         continue  # its upload was cancelled meanwhile
