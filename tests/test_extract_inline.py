@@ -1,0 +1,214 @@
+"""Trusted extractors on a small file's bytes run on the event loop's thread, interrupted past a
+budget and run again on a runner thread (extractors.interrupt, ExtractorRegistry.extract_async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from metalake.extractors import Source, hookimpl, interrupt
+from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
+from metalake.extractors.testing import sample_exif, save_with_pillow
+
+
+class Recording:
+    """Fills one field and records the thread each call ran on."""
+
+    def __init__(self, name: str, field: str) -> None:
+        self.NAME = name
+        self.field = field
+        self.threads: list[threading.Thread] = []
+
+    @hookimpl
+    def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        self.threads.append(threading.current_thread())
+        return {self.field: f"from {self.NAME}"}
+
+
+class SlowOnTheLoop:
+    """Spins on the main thread, swallowing the first interruption as a bare `except:` would,
+    and answers at once anywhere else."""
+
+    NAME = "slow"
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.swallowed = 0
+
+    @hookimpl
+    def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        self.threads.append(threading.current_thread())
+        while threading.current_thread() is threading.main_thread():
+            try:
+                time.sleep(0.001)
+            except BaseException:
+                if self.swallowed:
+                    raise
+                self.swallowed += 1
+        return {"software": "slow but sure"}
+
+
+class SpinningEverywhere:
+    NAME = "spinning"
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    @hookimpl
+    def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        while not self.stop.is_set():
+            time.sleep(0.001)
+        return {"software": "never seen"}
+
+
+@pytest.fixture
+def spinning() -> Iterator[SpinningEverywhere]:
+    plugin = SpinningEverywhere()
+    try:
+        yield plugin
+    finally:
+        plugin.stop.set()  # let the abandoned thread finish
+
+
+def no_timer_left() -> bool:
+    return signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+async def test_trusted_extractors_run_on_the_loops_thread_and_the_others_on_a_runner() -> None:
+    trusted = Recording("trusted", "software")
+    other = Recording("other", "manufacturer")
+    registry = ExtractorRegistry([trusted, other], trusted=["trusted"])
+    found = await registry.extract_async(b"small file", filename="a.bin")
+    assert found.values == {"software": "from trusted", "manufacturer": "from other"}
+    assert found.sources == {"software": "trusted", "manufacturer": "other"}
+    assert trusted.threads == [threading.main_thread()]
+    assert other.threads[0] is not threading.main_thread()
+    assert no_timer_left()
+
+
+async def test_an_untrusted_extractor_before_a_trusted_one_sends_the_whole_chain_away() -> None:
+    # The order is the contract: a trusted extractor after an untrusted one runs after it.
+    other = Recording("other", "manufacturer")
+    trusted = Recording("trusted", "software")
+    registry = ExtractorRegistry([other, trusted], trusted=["trusted"])
+    await registry.extract_async(b"small file", filename="a.bin")
+    assert trusted.threads[0] is not threading.main_thread()
+
+
+async def test_a_spooled_file_is_never_read_on_the_loop(tmp_path: Path) -> None:
+    trusted = Recording("trusted", "software")
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"a file on disk")
+    registry = ExtractorRegistry([trusted], trusted=["trusted"])
+    assert (await registry.extract_async(path)).values == {"software": "from trusted"}
+    assert trusted.threads[0] is not threading.main_thread()
+
+
+async def test_with_a_wrapper_around_every_call_nothing_runs_on_the_loop() -> None:
+    class Wrapper:
+        NAME = "wrapper"
+
+        @hookimpl(wrapper=True)
+        def metalake_extract_metadata(self) -> Iterator[None]:
+            return (yield)
+
+    trusted = Recording("trusted", "software")
+    registry = ExtractorRegistry([trusted, Wrapper()], trusted=["trusted"])
+    assert (await registry.extract_async(b"x", filename="a.bin")).values == {
+        "software": "from trusted"
+    }
+    assert trusted.threads[0] is not threading.main_thread()
+
+
+async def test_a_trusted_extractor_past_its_budget_is_interrupted_and_run_again_elsewhere(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    slow = SlowOnTheLoop()
+    after = Recording("after", "manufacturer")
+    registry = ExtractorRegistry([slow, after], trusted=["slow", "after"])
+    found = await registry.extract_async(b"hostile", filename="hostile.bin")
+    # Interrupted again after it swallowed the first interruption.
+    assert slow.swallowed == 1
+    # Its value, from its second run; the extractor after it ran on the runner thread too.
+    assert found.values == {"software": "slow but sure", "manufacturer": "from after"}
+    assert found.errors == []
+    assert slow.threads[0] is threading.main_thread()
+    assert slow.threads[1] is not threading.main_thread()
+    assert after.threads == [slow.threads[1]]
+    assert "ran past 0.05 s on the event loop on hostile.bin" in caplog.text
+    assert no_timer_left()
+
+
+async def test_an_extractor_stuck_everywhere_times_out_on_the_runner(
+    spinning: SpinningEverywhere,
+) -> None:
+    registry = ExtractorRegistry([spinning], timeout=0.2, trusted=["spinning"])
+    found = await registry.extract_async(b"x", filename="a.bin")
+    assert found.values == {}
+    assert found.errors == [("spinning", "timed out after 0.2 s")]
+    assert no_timer_left()
+
+
+async def test_results_on_the_loop_match_the_runners(tmp_path: Path) -> None:
+    content = save_with_pillow(tmp_path / "a.jpg", sample_exif()).read_bytes()
+    names = [name for name, _ in builtin_plugins()]
+    expected = await ExtractorRegistry(builtin_plugins()).extract_async(content, filename="a.jpg")
+    inline = ExtractorRegistry(builtin_plugins(), trusted=names)
+    found = await inline.extract_async(content, filename="a.jpg")
+    assert found.values
+    assert found.values == expected.values
+    assert found.sources == expected.sources
+
+
+def test_the_servers_registry_trusts_the_built_ins_only() -> None:
+    registry = ExtractorRegistry.from_environment({})
+    assert registry.trusted == {name for name, _ in builtin_plugins()}
+
+
+def test_off_the_main_thread_the_loop_hands_every_call_to_a_runner() -> None:
+    trusted = Recording("trusted", "software")
+    registry = ExtractorRegistry([trusted], trusted=["trusted"])
+    caller: list[threading.Thread] = []
+
+    def run() -> None:
+        caller.append(threading.current_thread())
+        asyncio.run(registry.extract_async(b"x", filename="a.bin"))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert trusted.threads
+    assert trusted.threads[0] not in (caller[0], threading.main_thread())
+
+
+def test_a_sigalrm_handler_of_someone_else_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def theirs(signum: int, frame: object) -> None:
+        pass
+
+    monkeypatch.setattr(interrupt, "_installed", None)
+    previous = signal.signal(signal.SIGALRM, theirs)
+    try:
+        assert not interrupt.available()
+        assert signal.getsignal(signal.SIGALRM) is theirs
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_call_within_its_budget_returns_and_leaves_no_timer() -> None:
+    assert interrupt.available()
+    assert interrupt.call(1.0, lambda value: value * 2, value=21) == 42
+    assert no_timer_left()
+    with pytest.raises(ZeroDivisionError):
+        interrupt.call(1.0, lambda: 1 / 0)
+    assert no_timer_left()
+    # A late alarm, once no call runs, interrupts nothing.
+    signal.setitimer(signal.ITIMER_REAL, 0.001)
+    time.sleep(0.05)
+    assert no_timer_left()
