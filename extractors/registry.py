@@ -49,9 +49,10 @@ DEFAULT_TIMEOUT = 5.0
 # Threads of one extractor still running past their time limit; beyond this the extractor is
 # skipped until one of them returns, so a plugin that hangs on every file cannot pile up threads.
 MAX_STUCK_PER_EXTRACTOR = 4
-# Seconds a trusted extractor may run on the event loop's thread (see `extract_async`) before it
-# is interrupted and run again on a runner thread: far above what a camera file's metadata
-# takes (well under a millisecond), short enough that a hostile file stalls the loop little.
+# Seconds the trusted extractors may run on the event loop's thread for one file (see
+# `extract_async`) before the one running is interrupted and run again on a runner thread: far
+# above what a camera file's metadata takes (well under a millisecond), short enough that a
+# hostile file stalls the loop little.
 INLINE_BUDGET = 0.05
 _FIELD_SET = frozenset(FIELDS)
 
@@ -337,10 +338,11 @@ class ExtractorRegistry:
         Bytes in memory (a small file) go first to the leading trusted extractors, called right
         here on the loop's thread: they do no I/O, and the hand-off to a runner thread and back
         cost about as much as they do (0.1-0.2 ms per camera JPEG). Python cannot stop a thread
-        but can interrupt its main thread, so this happens only there (`interrupt`): a call
-        past INLINE_BUDGET is interrupted and made again, on a fresh reading of the bytes, by
-        a runner thread, where the time limit applies. A hostile file stalls the loop for the
-        budget at most, and its values are still extracted as well as they can be.
+        but can interrupt its main thread, so this happens only there (`interrupt`): the call
+        still running when the file's INLINE_BUDGET is spent is interrupted and made again, on
+        a fresh reading of the bytes, by a runner thread, where the time limit applies. A
+        hostile file stalls the loop for about the budget, and its values are still extracted
+        as well as they can be.
 
         The rest of the chain (or all of it, for a spooled file) goes to a runner thread, which
         wakes the loop once when it is done; the time limit is an asyncio timer, not a thread
@@ -452,9 +454,11 @@ class _Chain:
             self._finish()
 
     def run_inline(self, stop: int, budget: float) -> int:
-        """Calls before `stop`, on this thread (the main one, see `interrupt`), each
-        interrupted past `budget` seconds: the index of the call to go on from elsewhere (the
-        interrupted one, or `stop`), or the number of calls if nothing is left to do."""
+        """Calls before `stop`, on this thread (the main one, see `interrupt`), all of them in
+        `budget` seconds, the one running when they are spent interrupted: the index of the call
+        to go on from elsewhere (that one, or `stop`), or the number of calls if nothing is left
+        to do."""
+        deadline = time.monotonic() + budget
         for index in range(stop):
             name, hook = self.calls[index]
             remaining = self._remaining(name)
@@ -463,16 +467,19 @@ class _Chain:
             if not remaining:
                 return len(self.calls)
             self.started_at = time.monotonic()
+            left = deadline - self.started_at
             try:
-                produced = interrupt.call(budget, hook, source=self.source, missing=remaining)
+                if left <= 0:
+                    raise interrupt.OverBudget
+                produced = interrupt.call(left, hook, source=self.source, missing=remaining)
                 error: Exception | None = None
             except interrupt.OverBudget:
                 log.warning(
-                    "extractor %r ran past %g s on the event loop on %s: running it again on a "
-                    "worker thread",
-                    name,
+                    "the event loop's %g s for %s were spent with extractor %r to run: it runs "
+                    "on a worker thread",
                     budget,
                     self.shown,
+                    name,
                 )
                 return index
             except Exception as caught:

@@ -142,7 +142,32 @@ async def test_a_trusted_extractor_past_its_budget_is_interrupted_and_run_again_
     assert slow.threads[0] is threading.main_thread()
     assert slow.threads[1] is not threading.main_thread()
     assert after.threads == [slow.threads[1]]
-    assert "ran past 0.05 s on the event loop on hostile.bin" in caplog.text
+    assert "loop's 0.05 s for hostile.bin were spent with extractor 'slow' to run" in caplog.text
+    assert no_timer_left()
+
+
+class Sleeping(Recording):
+    def __init__(self, name: str, field: str, seconds: float) -> None:
+        super().__init__(name, field)
+        self.seconds = seconds
+
+    @hookimpl
+    def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        self.threads.append(threading.current_thread())
+        time.sleep(self.seconds)
+        return {self.field: f"from {self.NAME}"}
+
+
+async def test_the_budget_is_for_all_of_a_files_calls_on_the_loop() -> None:
+    # Each within the budget, together past it: the second is interrupted and made again.
+    first = Sleeping("first", "software", 0.03)
+    second = Sleeping("second", "manufacturer", 0.03)
+    registry = ExtractorRegistry([first, second], trusted=["first", "second"])
+    found = await registry.extract_async(b"x", filename="a.bin")
+    assert found.values == {"software": "from first", "manufacturer": "from second"}
+    assert first.threads == [threading.main_thread()]
+    assert second.threads[0] is threading.main_thread()
+    assert second.threads[1] is not threading.main_thread()
     assert no_timer_left()
 
 
