@@ -52,9 +52,12 @@ def upload(stub: pb_grpc.DatalakeServiceStub, content: bytes, name: str, **meta:
     return answer.data
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path / "data", tmp_path / "server.log") as running:
+@pytest.fixture(params=["1", "2"], ids=["one process", "two workers"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    # Each worker process runs its event loop on its own main thread, as a lone server does.
+    with ServerProcess(
+        tmp_path / "data", tmp_path / "server.log", METALAKE_WORKERS=request.param
+    ) as running:
         yield running
 
 
