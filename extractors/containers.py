@@ -500,11 +500,9 @@ def _heif_exif(fp: BinaryIO, start: int, end: int, size: int) -> list[TiffBlock]
             block = _exif_with_offset(fp, "heif", offset, stop)
             return [block] if block else []
         # Split over extents: join them (bounded), then read the joined bytes.
-        data = b""
-        for offset, length in extents:
-            if len(data) + length > MAX_INLINE_EXIF:
-                return []
-            data += _read_at(fp, offset, length)
+        data = _joined(fp, extents, size, to_the_end=False)
+        if data is None:
+            return []
         inner = _exif_with_offset(io.BytesIO(data), "heif", 0, len(data))
         if inner is None:
             return []
@@ -559,15 +557,31 @@ def heif_item(fp: BinaryIO, size: int, item_type: bytes, content_type: bytes = b
         idat_start = children[b"idat"][0] if b"idat" in children else None
         for item_id, extents in _heif_locations(fp, *children[b"iloc"], idat_start):
             if item_id in wanted and extents:
-                data = b""
-                for offset, length in extents:
-                    length = length or size - offset  # zero: to the end of the file
-                    if len(data) + length > MAX_INLINE_EXIF:
-                        return None
-                    data += _read_at(fp, offset, length)
-                return data
+                return _joined(fp, extents, size, to_the_end=True)
         return None
     return None
+
+
+def _joined(
+    fp: BinaryIO, extents: list[tuple[int, int]], size: int, *, to_the_end: bool
+) -> bytes | None:
+    """The extents' bytes one after the other, or None past MAX_INLINE_EXIF bytes. With
+    `to_the_end`, a zero length means "to the end of the file" (else it reads nothing).
+
+    Joined once at the end: `data += part` copied all that came before at every extent; 65,535
+    extents of 60 bytes (a 513 KiB file) cost 34 s of CPU.
+    """
+    parts: list[bytes] = []
+    total = 0
+    for offset, length in extents:
+        if to_the_end:
+            length = length or size - offset
+        if total + length > MAX_INLINE_EXIF:
+            return None
+        part = _read_at(fp, offset, length)
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def bmff_boxes(fp: BinaryIO, size: int) -> list[tuple[bytes, int, int]]:
