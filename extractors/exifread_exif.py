@@ -3,8 +3,14 @@
 Runs for the fields the extractors before it left empty, unless one of them recorded (in the
 source's memo, `tiffdirs.READ_COMPLETE`) that it read every directory of the file completely:
 the same tags, read again, would add nothing. Reads the EXIF blocks `extractors.containers`
-located, and JPEG and HEIF files in which it located none (exifread searches them its own way).
+located, and JPEG files in which it located none (exifread searches them its own way).
 It imports no other extractor: with `pillow` disabled it reads everything itself.
+
+Not HEIF files in which none was located: exifread's own HEIF search loops forever on a box
+whose 64-bit size is 0 (it seeks back to the box it just read), and reads an iloc box's
+zero-width extents one by one, 65,535 of them for every 6 bytes; in Python, so a time limit
+stops the call, but the abandoned thread spins on. Where it would find an Exif item, the
+walker has found it already.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def _read(source: Source) -> ExifDirectories:
         if blocks:
             for block in blocks:
                 directories.merge(block.role, *_process(open_block(fp, block)))
-        elif container in ("jpeg", "bmff"):
+        elif container == "jpeg":
             directories.merge("tiff", *_process(fp))
     return directories
 

@@ -476,3 +476,20 @@ def test_an_item_split_into_many_extents_is_joined_in_linear_time() -> None:
         "assert found.values['manufacturer'] == 'Metalake Optics', found\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+
+
+def test_a_heif_box_of_size_zero_does_not_hang_the_fallback_reader() -> None:
+    # exifread's own HEIF search, which ran on HEIF files in which no EXIF was located, seeks
+    # back to a box whose 64-bit size is 0 and reads it again, forever: a 48-byte file spun an
+    # abandoned thread at full CPU. Run apart, so that a regression fails, not hangs.
+    script = (
+        "import struct\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "ftyp = struct.pack('>I4s', 24, b'ftyp') + b'heic\\x00\\x00\\x00\\x00mif1heic'\n"
+        "data = ftyp + struct.pack('>I4sQ', 1, b'free', 0) + bytes(8)\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(data, 'stuck.heic')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
