@@ -18,6 +18,9 @@ from metalake.extractors.tiffread import read_tiff
 
 # Loops over segments, chunks and boxes stop here: real files have a few dozen.
 MAX_ITEMS = 4096
+# Extents listed in one iloc box, all items together: as many as one item may have. A reader
+# of zero-width fields consumes no byte per extent, so the count, not the box's size, bounds it.
+MAX_EXTENTS = 65_535
 # EXIF carried as text (PNG "Raw profile" chunks) or split over extents is read into memory.
 MAX_INLINE_EXIF = 4 * 1024 * 1024
 
@@ -617,13 +620,20 @@ def _parse_iloc(data: bytes, idat_start: int | None) -> list[tuple[int, list[tup
 
     count = number(2) if version < 2 else number(4)
     items: list[tuple[int, list[tuple[int, int]]]] = []
+    extents_left = MAX_EXTENTS
     for _ in range(min(count, MAX_ITEMS)):
         item_id = number(2 if version < 2 else 4)
         method = number(2) & 0xF if version in (1, 2) else 0
         number(2)  # data reference index
         base = number(base_size)
         extents: list[tuple[int, int]] = []
-        for _ in range(number(2)):
+        extent_count = number(2)
+        extents_left -= extent_count
+        if extents_left < 0:
+            # With zero-width fields, 6 bytes of an item listed 65,535 extents: 4,096 such items
+            # (24 KiB) cost 150 s of CPU, the box is no list of real files' items.
+            raise struct.error("too many iloc extents")
+        for _ in range(extent_count):
             if index_size:
                 number(index_size)
             offset, length = number(offset_size), number(length_size)

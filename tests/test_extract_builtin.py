@@ -493,3 +493,30 @@ def test_a_heif_box_of_size_zero_does_not_hang_the_fallback_reader() -> None:
         "assert found.values == {} and found.errors == [], found\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def test_an_iloc_box_of_zero_width_extents_is_read_in_bounded_time(tmp_path: Path) -> None:
+    # iloc with zero-width offsets and lengths: 6 bytes of an item list 65,535 extents that
+    # take no byte. 4,096 such items (24 KiB) cost 150 s of CPU. Run apart, so that a
+    # regression fails, not hangs.
+    infe = _box(b"infe", b"\x02\x00\x00\x00" + struct.pack(">HH", 1, 0) + b"Exif\x00")
+    iinf = _box(b"iinf", b"\x00\x00\x00\x00" + struct.pack(">H", 1) + infe)
+    items = b"".join(struct.pack(">HHH", item, 0, 65_535) for item in range(1, 4097))
+    iloc = _box(b"iloc", b"\x00\x00\x00\x00" + b"\x00\x00" + struct.pack(">H", 4096) + items)
+    ftyp = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
+    path = tmp_path / "extents.heic"
+    path.write_bytes(ftyp + _box(b"meta", b"\x00\x00\x00\x00" + iinf + iloc))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'extents.heic')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
