@@ -12,11 +12,24 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from PIL.TiffImagePlugin import IFDRational
 
+from metalake.extractors import tiffread
 from metalake.extractors.containers import SCAN_LIMIT
-from metalake.extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
+from metalake.extractors.fields import (
+    GPS_LATITUDE,
+    MAKE,
+    MAPPED_TAGS,
+    XRESOLUTION,
+    Rational,
+    dms_to_degrees,
+    gps_fields,
+    parse_datetime,
+    to_text,
+)
 from metalake.extractors.pillow_exif import normalize
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.extractors.source import Source
@@ -520,3 +533,105 @@ def test_an_iloc_box_of_zero_width_extents_is_read_in_bounded_time(tmp_path: Pat
         "assert found.values == {} and found.errors == [], found\n"
     )
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+
+
+def _read_directory_decoding_every_entry(
+    fp: BinaryIO, order: str, offset: int, length: int, *, strict: bool
+) -> dict[int, object] | None:
+    """tiffread.read_directory as it was: every entry decoded in turn, the last kept."""
+    if offset < 8 or offset + 2 > length:
+        return None
+    fp.seek(offset)
+    raw_count = fp.read(2)
+    if len(raw_count) < 2:
+        return None
+    count = struct.unpack(order + "H", raw_count)[0]
+    if count == 0 or (strict and count > tiffread.MAX_ENTRIES) or offset + 2 + 12 * count > length:
+        return None
+    entries = fp.read(12 * min(count, tiffread.MAX_ENTRIES))
+    if len(entries) < 12 * min(count, tiffread.MAX_ENTRIES):
+        return None
+    out: dict[int, object] = {}
+    unknown = 0
+    for index in range(len(entries) // 12):
+        tag, kind, number, value = struct.unpack_from(order + "HHI4s", entries, 12 * index)
+        if kind not in tiffread._TYPES:
+            unknown += 1
+            continue
+        if tag not in MAPPED_TAGS:
+            continue
+        code, size = tiffread._TYPES[kind]
+        total = size * number
+        if total > tiffread.MAX_VALUE or number == 0:
+            continue
+        if total > 4:
+            pointer = struct.unpack(order + "I", value)[0]
+            if pointer + total > length:
+                continue
+            fp.seek(pointer)
+            value = fp.read(total)
+            if len(value) < total:
+                continue
+        decoded = tiffread._decode(order, kind, code, number, value[:total])
+        if decoded is not None:
+            out[tag] = decoded
+    if strict and unknown * 4 > count:
+        return None
+    return out
+
+
+_ENTRY_TAGS = st.sampled_from([MAKE, XRESOLUTION, GPS_LATITUDE, 0x9999])
+
+
+@given(
+    order=st.sampled_from("<>"),
+    entries=st.lists(
+        st.tuples(
+            _ENTRY_TAGS,
+            st.integers(0, 14),
+            st.one_of(st.integers(0, 12), st.integers(0, 2**32 - 1)),
+            st.integers(0, 200),
+        ),
+        max_size=12,
+    ),
+    tail=st.binary(max_size=160),
+    strict=st.booleans(),
+)
+def test_a_directory_keeps_the_last_duplicate_as_before(
+    order: str, entries: list[tuple[int, int, int, int]], tail: bytes, strict: bool
+) -> None:
+    # read_directory decodes, of duplicate entries, only the last that decodes: the same
+    # directory as decoding them all in turn and keeping the last, in every case.
+    packed = b"".join(
+        struct.pack(order + "HHII", tag, kind, number, pointer)
+        for tag, kind, number, pointer in entries
+    )
+    data = b"II*\x00" + bytes(4) + struct.pack(order + "H", len(entries)) + packed + tail
+    expected = _read_directory_decoding_every_entry(
+        io.BytesIO(data), order, 8, len(data), strict=strict
+    )
+    assert tiffread.read_directory(io.BytesIO(data), order, 8, len(data), strict=strict) == (
+        expected
+    )
+
+
+def test_a_directory_of_duplicates_is_decoded_once_per_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1,023 GPSLatitude entries of 8,191 rationals each, then one of 3, all at the same offset
+    # (a 76 KiB GPS directory): each was decoded in turn, 5 s of CPU for the last one's value.
+    decoded: list[int] = []
+    decode = tiffread._decode
+
+    def counted(order: str, kind: int, code: str, number: int, data: bytes) -> object:
+        decoded.append(number)
+        return decode(order, kind, code, number, data)
+
+    monkeypatch.setattr(tiffread, "_decode", counted)
+    entries = struct.pack("<HHII", GPS_LATITUDE, 5, 8191, 8 + 2 + 12 * 1024 + 4) * 1023
+    latitude = struct.pack("<HHII", GPS_LATITUDE, 5, 3, 8 + 2 + 12 * 1024 + 4)
+    data = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1024) + entries + latitude
+    data += bytes(4) + struct.pack("<6I", 12, 1, 30, 1, 0, 1) + bytes(65_504)
+    gps = tiffread.read_directory(io.BytesIO(data), "<", 8, len(data), strict=False)
+    assert gps == {GPS_LATITUDE: (Rational(12, 1), Rational(30, 1), Rational(0, 1))}
+    assert decoded == [3]
