@@ -635,3 +635,32 @@ def test_a_directory_of_duplicates_is_decoded_once_per_tag(
     gps = tiffread.read_directory(io.BytesIO(data), "<", 8, len(data), strict=False)
     assert gps == {GPS_LATITUDE: (Rational(12, 1), Rational(30, 1), Rational(0, 1))}
     assert decoded == [3]
+
+
+def test_a_directory_of_long_duplicate_texts_is_not_read_again_and_again(
+    tmp_path: Path,
+) -> None:
+    # 65,535 entries of one unmapped ASCII tag, each the same 2 MiB text: exifread read the
+    # text at every entry (a 1 MiB file of 43,000 such entries: 12 s of CPU), the time growing
+    # as the square of the size. Run apart, so that a regression fails, not hangs.
+    entries = 65_535
+    text_at = 8 + 2 + 12 * entries + 4
+    directory = struct.pack("<HHII", 0x010D, 2, 2 * 1024 * 1024, text_at) * entries
+    path = tmp_path / "texts.tif"
+    path.write_bytes(
+        b"II*\x00"
+        + struct.pack("<IH", 8, entries)
+        + directory
+        + bytes(4)
+        + b"a" * (2 * 1024 * 1024)
+    )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'texts.tif')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
