@@ -219,11 +219,19 @@ def _tiff_at(
 
 
 def _jpeg_blocks(fp: BinaryIO, start: int, end: int, container: str = "jpeg") -> list[TiffBlock]:
+    return _jpeg_walk(fp, start, end, container, MAX_ITEMS)[0]
+
+
+def _jpeg_walk(
+    fp: BinaryIO, start: int, end: int, container: str, steps: int
+) -> tuple[list[TiffBlock], int]:
+    """The EXIF block of the JPEG at `start`, walking at most `steps` markers, and the number
+    of steps taken."""
     pos = start + 2
-    for _ in range(MAX_ITEMS):
+    for step in range(1, steps + 1):
         head = _read_at(fp, pos, 4)
         if len(head) < 2 or head[0] != 0xFF:
-            return []
+            return [], step
         marker = head[1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
@@ -232,14 +240,14 @@ def _jpeg_blocks(fp: BinaryIO, start: int, end: int, container: str = "jpeg") ->
             pos += 2
             continue
         if marker in (0xD9, 0xDA) or len(head) < 4:  # image data begins: no metadata after it
-            return []
+            return [], step
         length = struct.unpack(">H", head[2:4])[0]
         if length < 2 or pos + 2 + length > end:
-            return []
+            return [], step
         if marker == 0xE1 and length >= 8 and _read_at(fp, pos + 4, 6)[:5] == b"Exif\x00":
-            return [TiffBlock(container, pos + 10, length - 8)]
+            return [TiffBlock(container, pos + 10, length - 8)], step
         pos += 2 + length
-    return []
+    return [], steps
 
 
 def _walk_jpeg(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
@@ -746,14 +754,20 @@ def _walk_x3f(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
         return scan_for_tiff(fp, size, "x3f")
     count = min(struct.unpack("<I", header[8:12])[0], MAX_ITEMS)
     entries = _read_at(fp, directory + 12, 12 * count)
+    # The previews' markers are walked MAX_ITEMS in all, not each: 4,096 entries naming one
+    # preview of 4,000 markers (a 64 KiB file) walked 16 million of them, 1.6 ms per entry.
+    steps = MAX_ITEMS
     for index in range(len(entries) // 12):
         offset, length, kind = struct.unpack_from("<II4s", entries, 12 * index)
         if kind != b"IMA2" or length <= 28 or offset + length > size:
             continue
         if _read_at(fp, offset, 16) == b"SECi\x00\x00\x02\x00\x02\x00\x00\x00\x12\x00\x00\x00":
-            blocks = _jpeg_blocks(fp, offset + 28, offset + length, "x3f")
+            blocks, taken = _jpeg_walk(fp, offset + 28, offset + length, "x3f", steps)
             if blocks:
                 return blocks
+            steps -= taken
+            if steps <= 0:
+                return []
     return []
 
 
