@@ -610,9 +610,9 @@ def test_a_directory_keeps_the_last_duplicate_as_before(
     expected = _read_directory_decoding_every_entry(
         io.BytesIO(data), order, 8, len(data), strict=strict
     )
-    assert tiffread.read_directory(io.BytesIO(data), order, 8, len(data), strict=strict) == (
-        expected
-    )
+    found = tiffread.read_directory(io.BytesIO(data), order, 8, len(data), strict=strict)
+    # Compared as text: a float entry may hold NaN, which is not equal to itself.
+    assert repr(found and sorted(found.items())) == repr(expected and sorted(expected.items()))
 
 
 def test_a_directory_of_duplicates_is_decoded_once_per_tag(
