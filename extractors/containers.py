@@ -18,6 +18,9 @@ from metalake.extractors.tiffread import read_tiff
 
 # Loops over segments, chunks and boxes stop here: real files have a few dozen.
 MAX_ITEMS = 4096
+# Extents listed in one iloc box, all items together: as many as one item may have. A reader
+# of zero-width fields consumes no byte per extent, so the count, not the box's size, bounds it.
+MAX_EXTENTS = 65_535
 # EXIF carried as text (PNG "Raw profile" chunks) or split over extents is read into memory.
 MAX_INLINE_EXIF = 4 * 1024 * 1024
 
@@ -216,11 +219,19 @@ def _tiff_at(
 
 
 def _jpeg_blocks(fp: BinaryIO, start: int, end: int, container: str = "jpeg") -> list[TiffBlock]:
+    return _jpeg_walk(fp, start, end, container, MAX_ITEMS)[0]
+
+
+def _jpeg_walk(
+    fp: BinaryIO, start: int, end: int, container: str, steps: int
+) -> tuple[list[TiffBlock], int]:
+    """The EXIF block of the JPEG at `start`, walking at most `steps` markers, and the number
+    of steps taken."""
     pos = start + 2
-    for _ in range(MAX_ITEMS):
+    for step in range(1, steps + 1):
         head = _read_at(fp, pos, 4)
         if len(head) < 2 or head[0] != 0xFF:
-            return []
+            return [], step
         marker = head[1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
@@ -229,14 +240,14 @@ def _jpeg_blocks(fp: BinaryIO, start: int, end: int, container: str = "jpeg") ->
             pos += 2
             continue
         if marker in (0xD9, 0xDA) or len(head) < 4:  # image data begins: no metadata after it
-            return []
+            return [], step
         length = struct.unpack(">H", head[2:4])[0]
         if length < 2 or pos + 2 + length > end:
-            return []
+            return [], step
         if marker == 0xE1 and length >= 8 and _read_at(fp, pos + 4, 6)[:5] == b"Exif\x00":
-            return [TiffBlock(container, pos + 10, length - 8)]
+            return [TiffBlock(container, pos + 10, length - 8)], step
         pos += 2 + length
-    return []
+    return [], steps
 
 
 def _walk_jpeg(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
@@ -500,11 +511,9 @@ def _heif_exif(fp: BinaryIO, start: int, end: int, size: int) -> list[TiffBlock]
             block = _exif_with_offset(fp, "heif", offset, stop)
             return [block] if block else []
         # Split over extents: join them (bounded), then read the joined bytes.
-        data = b""
-        for offset, length in extents:
-            if len(data) + length > MAX_INLINE_EXIF:
-                return []
-            data += _read_at(fp, offset, length)
+        data = _joined(fp, extents, size, to_the_end=False)
+        if data is None:
+            return []
         inner = _exif_with_offset(io.BytesIO(data), "heif", 0, len(data))
         if inner is None:
             return []
@@ -559,15 +568,31 @@ def heif_item(fp: BinaryIO, size: int, item_type: bytes, content_type: bytes = b
         idat_start = children[b"idat"][0] if b"idat" in children else None
         for item_id, extents in _heif_locations(fp, *children[b"iloc"], idat_start):
             if item_id in wanted and extents:
-                data = b""
-                for offset, length in extents:
-                    length = length or size - offset  # zero: to the end of the file
-                    if len(data) + length > MAX_INLINE_EXIF:
-                        return None
-                    data += _read_at(fp, offset, length)
-                return data
+                return _joined(fp, extents, size, to_the_end=True)
         return None
     return None
+
+
+def _joined(
+    fp: BinaryIO, extents: list[tuple[int, int]], size: int, *, to_the_end: bool
+) -> bytes | None:
+    """The extents' bytes one after the other, or None past MAX_INLINE_EXIF bytes. With
+    `to_the_end`, a zero length means "to the end of the file" (else it reads nothing).
+
+    Joined once at the end: `data += part` copied all that came before at every extent; 65,535
+    extents of 60 bytes (a 513 KiB file) cost 34 s of CPU.
+    """
+    parts: list[bytes] = []
+    total = 0
+    for offset, length in extents:
+        if to_the_end:
+            length = length or size - offset
+        if total + length > MAX_INLINE_EXIF:
+            return None
+        part = _read_at(fp, offset, length)
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def bmff_boxes(fp: BinaryIO, size: int) -> list[tuple[bytes, int, int]]:
@@ -603,13 +628,20 @@ def _parse_iloc(data: bytes, idat_start: int | None) -> list[tuple[int, list[tup
 
     count = number(2) if version < 2 else number(4)
     items: list[tuple[int, list[tuple[int, int]]]] = []
+    extents_left = MAX_EXTENTS
     for _ in range(min(count, MAX_ITEMS)):
         item_id = number(2 if version < 2 else 4)
         method = number(2) & 0xF if version in (1, 2) else 0
         number(2)  # data reference index
         base = number(base_size)
         extents: list[tuple[int, int]] = []
-        for _ in range(number(2)):
+        extent_count = number(2)
+        extents_left -= extent_count
+        if extents_left < 0:
+            # With zero-width fields, 6 bytes of an item listed 65,535 extents: 4,096 such items
+            # (24 KiB) cost 150 s of CPU, the box is no list of real files' items.
+            raise struct.error("too many iloc extents")
+        for _ in range(extent_count):
             if index_size:
                 number(index_size)
             offset, length = number(offset_size), number(length_size)
@@ -722,14 +754,20 @@ def _walk_x3f(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
         return scan_for_tiff(fp, size, "x3f")
     count = min(struct.unpack("<I", header[8:12])[0], MAX_ITEMS)
     entries = _read_at(fp, directory + 12, 12 * count)
+    # The previews' markers are walked MAX_ITEMS in all, not each: 4,096 entries naming one
+    # preview of 4,000 markers (a 64 KiB file) walked 16 million of them, 1.6 ms per entry.
+    steps = MAX_ITEMS
     for index in range(len(entries) // 12):
         offset, length, kind = struct.unpack_from("<II4s", entries, 12 * index)
         if kind != b"IMA2" or length <= 28 or offset + length > size:
             continue
         if _read_at(fp, offset, 16) == b"SECi\x00\x00\x02\x00\x02\x00\x00\x00\x12\x00\x00\x00":
-            blocks = _jpeg_blocks(fp, offset + 28, offset + length, "x3f")
+            blocks, taken = _jpeg_walk(fp, offset + 28, offset + length, "x3f", steps)
             if blocks:
                 return blocks
+            steps -= taken
+            if steps <= 0:
+                return []
     return []
 
 

@@ -499,6 +499,27 @@ def _heif_with_item(item_type: bytes, name_and_type: bytes, payload: bytes) -> b
     return ftyp + meta(offset) + _box(b"mdat", payload)
 
 
+def heif_with_split_item(
+    item_type: bytes, name_and_type: bytes, payload: bytes, extents: int, filler: bytes
+) -> bytes:
+    """A HEIF file whose one item is `payload` followed by `filler`, repeated to make `extents`
+    extents in all (at most 65,535): an item split into pieces, which a reader joins."""
+    ftyp = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
+    hdlr = _box(b"hdlr", bytes(8) + b"pict" + bytes(13))
+    infe = _box(b"infe", b"\x02\x00\x00\x00" + struct.pack(">HH", 1, 0) + item_type + name_and_type)
+    iinf = _box(b"iinf", b"\x00\x00\x00\x00" + struct.pack(">H", 1) + infe)
+
+    def meta(offset: int) -> bytes:
+        # iloc version 0, 4-byte offsets and lengths, no base offset.
+        iloc = b"\x00\x00\x00\x00" + bytes([0x44, 0x00]) + struct.pack(">HHHH", 1, 1, 0, extents)
+        iloc += struct.pack(">II", offset, len(payload))
+        iloc += struct.pack(">II", offset + len(payload), len(filler)) * (extents - 1)
+        return _box(b"meta", b"\x00\x00\x00\x00" + hdlr + iinf + _box(b"iloc", iloc))
+
+    offset = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(offset) + _box(b"mdat", payload + filler)
+
+
 def wrap_xmp(container: str, packet: bytes, exif: Image.Exif | None = None) -> bytes:
     """A minimal file of `container` format (see `XMP_WRAPPERS`) carrying the XMP `packet`, and
     for JPEG, PNG and WebP also `exif`, where each format keeps them."""

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 from PIL.TiffImagePlugin import IFDRational
 
+from metalake.extractors import tiffread
 from metalake.extractors.containers import SCAN_LIMIT
-from metalake.extractors.fields import Rational, dms_to_degrees, gps_fields, parse_datetime, to_text
+from metalake.extractors.fields import (
+    GPS_LATITUDE,
+    MAKE,
+    MAPPED_TAGS,
+    XRESOLUTION,
+    Rational,
+    dms_to_degrees,
+    gps_fields,
+    parse_datetime,
+    to_text,
+)
 from metalake.extractors.pillow_exif import normalize
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.extractors.source import Source
@@ -457,3 +472,213 @@ def test_a_scanned_format_reads_a_bounded_header(
     assert values["manufacturer"] == "Metalake Optics"
     # The EXIF scan and the XMP scan each read at most SCAN_LIMIT; buffers add a little.
     assert counted_reads.read_total <= 2 * SCAN_LIMIT + 70_000
+
+
+def test_an_item_split_into_many_extents_is_joined_in_linear_time() -> None:
+    # 65,535 extents of 60 bytes: joined with `data += part`, every extent copied all the bytes
+    # before it (34 s of CPU for this 513 KiB file). Run apart, so that a regression fails.
+    script = (
+        "import struct\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "from metalake.extractors.testing import heif_with_split_item, sample_exif, tiff_bytes\n"
+        "payload = struct.pack('>I', 6) + b'Exif\\x00\\x00' + tiff_bytes(sample_exif())\n"
+        "data = heif_with_split_item(b'Exif', b'\\x00', payload, 65_535, bytes(60))\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(data, 'split.heic')\n"
+        "assert found.values['manufacturer'] == 'Metalake Optics', found\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+
+
+def test_a_heif_box_of_size_zero_does_not_hang_the_fallback_reader() -> None:
+    # exifread's own HEIF search, which ran on HEIF files in which no EXIF was located, seeks
+    # back to a box whose 64-bit size is 0 and reads it again, forever: a 48-byte file spun an
+    # abandoned thread at full CPU. Run apart, so that a regression fails, not hangs.
+    script = (
+        "import struct\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "ftyp = struct.pack('>I4s', 24, b'ftyp') + b'heic\\x00\\x00\\x00\\x00mif1heic'\n"
+        "data = ftyp + struct.pack('>I4sQ', 1, b'free', 0) + bytes(8)\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(data, 'stuck.heic')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def test_an_iloc_box_of_zero_width_extents_is_read_in_bounded_time(tmp_path: Path) -> None:
+    # iloc with zero-width offsets and lengths: 6 bytes of an item list 65,535 extents that
+    # take no byte. 4,096 such items (24 KiB) cost 150 s of CPU. Run apart, so that a
+    # regression fails, not hangs.
+    infe = _box(b"infe", b"\x02\x00\x00\x00" + struct.pack(">HH", 1, 0) + b"Exif\x00")
+    iinf = _box(b"iinf", b"\x00\x00\x00\x00" + struct.pack(">H", 1) + infe)
+    items = b"".join(struct.pack(">HHH", item, 0, 65_535) for item in range(1, 4097))
+    iloc = _box(b"iloc", b"\x00\x00\x00\x00" + b"\x00\x00" + struct.pack(">H", 4096) + items)
+    ftyp = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
+    path = tmp_path / "extents.heic"
+    path.write_bytes(ftyp + _box(b"meta", b"\x00\x00\x00\x00" + iinf + iloc))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'extents.heic')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+
+
+def _read_directory_decoding_every_entry(
+    fp: BinaryIO, order: str, offset: int, length: int, *, strict: bool
+) -> dict[int, object] | None:
+    """tiffread.read_directory as it was: every entry decoded in turn, the last kept."""
+    if offset < 8 or offset + 2 > length:
+        return None
+    fp.seek(offset)
+    raw_count = fp.read(2)
+    if len(raw_count) < 2:
+        return None
+    count = struct.unpack(order + "H", raw_count)[0]
+    if count == 0 or (strict and count > tiffread.MAX_ENTRIES) or offset + 2 + 12 * count > length:
+        return None
+    entries = fp.read(12 * min(count, tiffread.MAX_ENTRIES))
+    if len(entries) < 12 * min(count, tiffread.MAX_ENTRIES):
+        return None
+    out: dict[int, object] = {}
+    unknown = 0
+    for index in range(len(entries) // 12):
+        tag, kind, number, value = struct.unpack_from(order + "HHI4s", entries, 12 * index)
+        if kind not in tiffread._TYPES:
+            unknown += 1
+            continue
+        if tag not in MAPPED_TAGS:
+            continue
+        code, size = tiffread._TYPES[kind]
+        total = size * number
+        if total > tiffread.MAX_VALUE or number == 0:
+            continue
+        if total > 4:
+            pointer = struct.unpack(order + "I", value)[0]
+            if pointer + total > length:
+                continue
+            fp.seek(pointer)
+            value = fp.read(total)
+            if len(value) < total:
+                continue
+        decoded = tiffread._decode(order, kind, code, number, value[:total])
+        if decoded is not None:
+            out[tag] = decoded
+    if strict and unknown * 4 > count:
+        return None
+    return out
+
+
+_ENTRY_TAGS = st.sampled_from([MAKE, XRESOLUTION, GPS_LATITUDE, 0x9999])
+
+
+@given(
+    order=st.sampled_from("<>"),
+    entries=st.lists(
+        st.tuples(
+            _ENTRY_TAGS,
+            st.integers(0, 14),
+            st.one_of(st.integers(0, 12), st.integers(0, 2**32 - 1)),
+            st.integers(0, 200),
+        ),
+        max_size=12,
+    ),
+    tail=st.binary(max_size=160),
+    strict=st.booleans(),
+)
+def test_a_directory_keeps_the_last_duplicate_as_before(
+    order: str, entries: list[tuple[int, int, int, int]], tail: bytes, strict: bool
+) -> None:
+    # read_directory decodes, of duplicate entries, only the last that decodes: the same
+    # directory as decoding them all in turn and keeping the last, in every case.
+    packed = b"".join(
+        struct.pack(order + "HHII", tag, kind, number, pointer)
+        for tag, kind, number, pointer in entries
+    )
+    data = b"II*\x00" + bytes(4) + struct.pack(order + "H", len(entries)) + packed + tail
+    expected = _read_directory_decoding_every_entry(
+        io.BytesIO(data), order, 8, len(data), strict=strict
+    )
+    found = tiffread.read_directory(io.BytesIO(data), order, 8, len(data), strict=strict)
+    # Compared as text: a float entry may hold NaN, which is not equal to itself.
+    assert repr(found and sorted(found.items())) == repr(expected and sorted(expected.items()))
+
+
+def test_a_directory_of_duplicates_is_decoded_once_per_tag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1,023 GPSLatitude entries of 8,191 rationals each, then one of 3, all at the same offset
+    # (a 76 KiB GPS directory): each was decoded in turn, 5 s of CPU for the last one's value.
+    decoded: list[int] = []
+    decode = tiffread._decode
+
+    def counted(order: str, kind: int, code: str, number: int, data: bytes) -> object:
+        decoded.append(number)
+        return decode(order, kind, code, number, data)
+
+    monkeypatch.setattr(tiffread, "_decode", counted)
+    entries = struct.pack("<HHII", GPS_LATITUDE, 5, 8191, 8 + 2 + 12 * 1024 + 4) * 1023
+    latitude = struct.pack("<HHII", GPS_LATITUDE, 5, 3, 8 + 2 + 12 * 1024 + 4)
+    data = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1024) + entries + latitude
+    data += bytes(4) + struct.pack("<6I", 12, 1, 30, 1, 0, 1) + bytes(65_504)
+    gps = tiffread.read_directory(io.BytesIO(data), "<", 8, len(data), strict=False)
+    assert gps == {GPS_LATITUDE: (Rational(12, 1), Rational(30, 1), Rational(0, 1))}
+    assert decoded == [3]
+
+
+def test_a_directory_of_long_duplicate_texts_is_not_read_again_and_again(
+    tmp_path: Path,
+) -> None:
+    # 65,535 entries of one unmapped ASCII tag, each the same 2 MiB text: exifread read the
+    # text at every entry (a 1 MiB file of 43,000 such entries: 12 s of CPU), the time growing
+    # as the square of the size. Run apart, so that a regression fails, not hangs.
+    entries = 65_535
+    text_at = 8 + 2 + 12 * entries + 4
+    directory = struct.pack("<HHII", 0x010D, 2, 2 * 1024 * 1024, text_at) * entries
+    path = tmp_path / "texts.tif"
+    path.write_bytes(
+        b"II*\x00"
+        + struct.pack("<IH", 8, entries)
+        + directory
+        + bytes(4)
+        + b"a" * (2 * 1024 * 1024)
+    )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'texts.tif')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+
+
+def test_an_x3f_naming_one_preview_many_times_walks_it_a_bounded_number_of_times(
+    registry: ExtractorRegistry, tmp_path: Path, counted_reads: type[CountingFile]
+) -> None:
+    # 4,096 directory entries naming the same JPEG preview of 4,000 markers and no EXIF (a
+    # 64 KiB file): each entry walked the preview again, 16 million markers, 6.7 s of CPU.
+    markers = b"\xff\xe2\x00\x02" * 4000
+    preview = b"SECi\x00\x00\x02\x00\x02\x00\x00\x00\x12\x00\x00\x00" + bytes(12)
+    preview += b"\xff\xd8" + markers + b"\xff\xd9"
+    head = b"FOVb" + bytes(60)
+    directory = b"SECd" + bytes(4) + struct.pack("<I", 4096)
+    directory += struct.pack("<II4s", len(head), len(preview), b"IMA2") * 4096
+    path = tmp_path / "previews.x3f"
+    path.write_bytes(head + preview + directory + struct.pack("<I", len(head) + len(preview)))
+    assert registry.extract(path).values == {}
+    # The directory, the markers once (4 bytes each) and the XMP scan of the whole file.
+    assert counted_reads.read_total <= 3 * path.stat().st_size
