@@ -682,3 +682,26 @@ def test_an_x3f_naming_one_preview_many_times_walks_it_a_bounded_number_of_times
     assert registry.extract(path).values == {}
     # The directory, the markers once (4 bytes each) and the XMP scan of the whole file.
     assert counted_reads.read_total <= 3 * path.stat().st_size
+
+
+def test_many_blocks_share_one_read_budget(tmp_path: Path) -> None:
+    # A CR3 of 4,096 CMT1 boxes, each a tiny TIFF whose Exif pointer leads to a count of 65,535
+    # entries past its end (144 KiB): exifread read each block's 65,535 entries, 0.14 s a
+    # block, 64 blocks 9.5 s. Run apart, so that a regression fails, not hangs.
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x8769, 4, 1, 26)
+    tiff += bytes(4) + b"\xff\xff"
+    uuid = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48") + _box(b"CMT1", tiff) * 4096
+    path = tmp_path / "blocks.cr3"
+    path.write_bytes(
+        _box(b"ftyp", b"crx \x00\x00\x00\x01crx isom") + _box(b"moov", _box(b"uuid", uuid))
+    )
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from metalake.extractors.registry import ExtractorRegistry\n"
+        "registry = ExtractorRegistry.from_environment({})\n"
+        "registry.timeout = None\n"
+        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'blocks.cr3')\n"
+        "assert found.values == {} and found.errors == [], found\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
