@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
@@ -40,12 +38,14 @@ from metalake.extractors.testing import (
     as_json_fields,
     exiftool_fields,
     exiftool_path,
+    heif_with_split_item,
     same_fields,
     sample_exif,
     save_with_pillow,
     tiff_bytes,
     wrap_tiff,
 )
+from tests.hangguard import extract_apart
 
 needs_exiftool = pytest.mark.skipif(
     exiftool_path() is None,
@@ -474,38 +474,24 @@ def test_a_scanned_format_reads_a_bounded_header(
     assert counted_reads.read_total <= 2 * SCAN_LIMIT + 70_000
 
 
-def test_an_item_split_into_many_extents_is_joined_in_linear_time() -> None:
+def test_an_item_split_into_many_extents_is_joined_in_linear_time(tmp_path: Path) -> None:
     # 65,535 extents of 60 bytes: joined with `data += part`, every extent copied all the bytes
     # before it (34 s of CPU for this 513 KiB file). Run apart, so that a regression fails.
-    script = (
-        "import struct\n"
-        "from metalake.extractors.registry import ExtractorRegistry\n"
-        "from metalake.extractors.testing import heif_with_split_item, sample_exif, tiff_bytes\n"
-        "payload = struct.pack('>I', 6) + b'Exif\\x00\\x00' + tiff_bytes(sample_exif())\n"
-        "data = heif_with_split_item(b'Exif', b'\\x00', payload, 65_535, bytes(60))\n"
-        "registry = ExtractorRegistry.from_environment({})\n"
-        "registry.timeout = None\n"
-        "found = registry.extract_data(data, 'split.heic')\n"
-        "assert found.values['manufacturer'] == 'Metalake Optics', found\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+    payload = struct.pack(">I", 6) + b"Exif\x00\x00" + tiff_bytes(sample_exif())
+    path = tmp_path / "split.heic"
+    path.write_bytes(heif_with_split_item(b"Exif", b"\x00", payload, 65_535, bytes(60)))
+    values, _ = extract_apart(path)
+    assert values["manufacturer"] == "Metalake Optics"
 
 
-def test_a_heif_box_of_size_zero_does_not_hang_the_fallback_reader() -> None:
+def test_a_heif_box_of_size_zero_does_not_hang_the_fallback_reader(tmp_path: Path) -> None:
     # exifread's own HEIF search, which ran on HEIF files in which no EXIF was located, seeks
     # back to a box whose 64-bit size is 0 and reads it again, forever: a 48-byte file spun an
     # abandoned thread at full CPU. Run apart, so that a regression fails, not hangs.
-    script = (
-        "import struct\n"
-        "from metalake.extractors.registry import ExtractorRegistry\n"
-        "ftyp = struct.pack('>I4s', 24, b'ftyp') + b'heic\\x00\\x00\\x00\\x00mif1heic'\n"
-        "data = ftyp + struct.pack('>I4sQ', 1, b'free', 0) + bytes(8)\n"
-        "registry = ExtractorRegistry.from_environment({})\n"
-        "registry.timeout = None\n"
-        "found = registry.extract_data(data, 'stuck.heic')\n"
-        "assert found.values == {} and found.errors == [], found\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=20)
+    ftyp = struct.pack(">I4s", 24, b"ftyp") + b"heic\x00\x00\x00\x00mif1heic"
+    path = tmp_path / "stuck.heic"
+    path.write_bytes(ftyp + struct.pack(">I4sQ", 1, b"free", 0) + bytes(8))
+    assert extract_apart(path) == ({}, [])
 
 
 def _box(kind: bytes, payload: bytes) -> bytes:
@@ -523,16 +509,7 @@ def test_an_iloc_box_of_zero_width_extents_is_read_in_bounded_time(tmp_path: Pat
     ftyp = _box(b"ftyp", b"heic\x00\x00\x00\x00mif1heic")
     path = tmp_path / "extents.heic"
     path.write_bytes(ftyp + _box(b"meta", b"\x00\x00\x00\x00" + iinf + iloc))
-    script = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from metalake.extractors.registry import ExtractorRegistry\n"
-        "registry = ExtractorRegistry.from_environment({})\n"
-        "registry.timeout = None\n"
-        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'extents.heic')\n"
-        "assert found.values == {} and found.errors == [], found\n"
-    )
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+    assert extract_apart(path) == ({}, [])
 
 
 def _read_directory_decoding_every_entry(
@@ -654,16 +631,7 @@ def test_a_directory_of_long_duplicate_texts_is_not_read_again_and_again(
         + bytes(4)
         + b"a" * (2 * 1024 * 1024)
     )
-    script = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from metalake.extractors.registry import ExtractorRegistry\n"
-        "registry = ExtractorRegistry.from_environment({})\n"
-        "registry.timeout = None\n"
-        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'texts.tif')\n"
-        "assert found.values == {} and found.errors == [], found\n"
-    )
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+    assert extract_apart(path) == ({}, [])
 
 
 def test_an_x3f_naming_one_preview_many_times_walks_it_a_bounded_number_of_times(
@@ -695,13 +663,4 @@ def test_many_blocks_share_one_read_budget(tmp_path: Path) -> None:
     path.write_bytes(
         _box(b"ftyp", b"crx \x00\x00\x00\x01crx isom") + _box(b"moov", _box(b"uuid", uuid))
     )
-    script = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from metalake.extractors.registry import ExtractorRegistry\n"
-        "registry = ExtractorRegistry.from_environment({})\n"
-        "registry.timeout = None\n"
-        "found = registry.extract_data(Path(sys.argv[1]).read_bytes(), 'blocks.cr3')\n"
-        "assert found.values == {} and found.errors == [], found\n"
-    )
-    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=20)
+    assert extract_apart(path) == ({}, [])
