@@ -221,7 +221,7 @@ def _read_with_image_open(
         # Pillow's guard did its job: the file claims too many pixels to be opened safely.
         log.warning("not opening %s: %s", source.filename or source, error)
         return {}, {}, {}
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, NotImplementedError) as error:
+    except _UNREADABLE as error:
         fp.close()
         log.debug("Pillow cannot open %s: %r", source.filename or source, error)
         return {}, {}, {}
@@ -230,9 +230,19 @@ def _read_with_image_open(
             # Never reached (PNG has a walker), and must not be: getexif() on a PNG whose eXIf
             # chunk follows IDAT decodes the whole image.
             return {}, {}, {}
-        exif = image.getexif()
-        ifd0 = _normalized(dict(exif))
-        return ifd0, _normalized(exif.get_ifd(EXIF_IFD)), _normalized(exif.get_ifd(GPS_IFD))
+        try:
+            exif = image.getexif()
+            ifd0 = _normalized(dict(exif))
+            return ifd0, _normalized(exif.get_ifd(EXIF_IFD)), _normalized(exif.get_ifd(GPS_IFD))
+        except _UNREADABLE as error:
+            # An image Pillow opens whose EXIF is broken (a mutated HEIF: "not a TIFF file"):
+            # no EXIF to read, as for a file it cannot open, not a failure of this extractor.
+            log.debug("Pillow cannot read the EXIF of %s: %r", source.filename or source, error)
+            return {}, {}, {}
+
+
+# What Pillow raises for a file, or an EXIF block, it cannot read.
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, NotImplementedError)
 
 
 def _normalized(directory: dict[int, Any]) -> dict[int, Raw]:

@@ -664,3 +664,21 @@ def test_many_blocks_share_one_read_budget(tmp_path: Path) -> None:
         _box(b"ftyp", b"crx \x00\x00\x00\x01crx isom") + _box(b"moov", _box(b"uuid", uuid))
     )
     assert extract_apart(path) == ({}, [])
+
+
+def test_an_image_whose_exif_pillow_cannot_read_has_no_exif_and_no_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found on mutated HEIF files, which Pillow opens (pillow_heif) when no walker located their
+    # EXIF: getexif() then raised "not a TIFF file", and the registry logged the extractor as
+    # failed. Here a GIF, which no walker reads, stands in for them.
+    def broken(image: Image.Image) -> Image.Exif:
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    gif = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(gif, "GIF")
+    found = ExtractorRegistry(builtin_plugins()).extract_data(gif.getvalue(), "a.gif")
+    assert found.values == {}
+    assert found.errors == []
+    assert "pillow" in found.timings  # it ran, and found nothing
