@@ -71,7 +71,7 @@ def _read(source: Source) -> ExifDirectories:
 
 
 class ReadBudgetSpent(Exception):
-    """exifread read more of a block than any real file makes it read."""
+    """exifread read more of a file than any real file makes it read."""
 
 
 class _Allowance:
