@@ -310,19 +310,18 @@ class LocalBlobStore:
         if queued.error is not None:
             raise queued.error
 
-    def _pack(self, queued: _Queued, indexed: bool) -> _Appended | None:
-        """Blocking: append a queued blob to the pack; None when it is stored already
-        (`indexed`: in a pack, or as a file)."""
-        # Identical content already stored, packed (its row was committed only once its bytes
-        # were durable) or as a file. The caller holds the blob's lock (Ingest._commit: across
-        # a server's worker processes too), so no other process is storing or deleting it.
+    def _stored_already(self, queued: _Queued, indexed: bool) -> bool:
+        """Blocking: whether identical content is stored already, packed (`indexed`: its row
+        was committed only once its bytes were durable) or as a file. The caller holds the
+        blob's lock (Ingest._commit: across a server's worker processes too), so no other
+        process is storing or deleting it."""
         if indexed:
-            return None
+            return True
         target = self.path_for(queued.key)
         if target.exists():
             _fsync_directory(target.parent)  # see _put_file
-            return None
-        return self._append(queued.key, queued.data)
+            return True
+        return False
 
     def _put_file(self, target: Path, data: bytes) -> None:
         """Write, fsync, rename into place, fsync the directory."""
@@ -350,32 +349,87 @@ class LocalBlobStore:
 
     # Packs: appending, group commit.
 
+    def _append_all(self, blobs: list[_Queued]) -> list[_Appended | BaseException]:
+        """Append the records of a batch's blobs to the active pack, each blob's outcome in
+        order: where it went, or what failed it.
+
+        One writev per pack rather than two writes per blob: each system call also hands the
+        event loop's thread the GIL and takes it back, and a batch's blobs go to one pack but
+        at a size boundary. If a write fails (a full disk), what it wrote goes and its blobs
+        are appended one at a time, so that only those that do not fit fail.
+        """
+        outcomes: list[_Appended | BaseException] = []
+        with self._appending:
+            position = 0
+            while position < len(blobs):
+                if self._active is None:
+                    try:
+                        self._active = self._new_pack()
+                    except BaseException as error:
+                        outcomes.extend([error] * (len(blobs) - position))
+                        break
+                pack = self._active
+                group, end = [], pack.size
+                for blob in blobs[position:]:
+                    group.append(blob)
+                    end += _RECORD.size + len(blob.data)
+                    if end >= self.pack_size:
+                        break  # the pack is full after this one
+                position += len(group)
+                try:
+                    _writev_all(pack.fd, [part for blob in group for part in _record(blob)])
+                except BaseException:
+                    self._forget_writes(pack, pack.size)
+                    for blob in group:
+                        try:
+                            outcomes.append(self._append_locked(blob.key, blob.data))
+                        except BaseException as error:
+                            outcomes.append(error)
+                    continue
+                now = time.time()
+                for blob in group:
+                    start = pack.size
+                    pack.size = start + _RECORD.size + len(blob.data)
+                    pack.users += 1
+                    outcomes.append(
+                        _Appended(blob.key, pack, start + _RECORD.size, len(blob.data), now)
+                    )
+                if pack.size >= self.pack_size:
+                    self._retire(pack)
+        return outcomes
+
+    def _forget_writes(self, pack: _Pack, start: int) -> None:
+        """A failed write (a full disk, typically): what it wrote goes, so that the next record
+        starts where it did (under `_appending`)."""
+        try:
+            os.ftruncate(pack.fd, start)
+            os.lseek(pack.fd, start, os.SEEK_SET)
+        except OSError:
+            self._retire(pack)
+
     def _append(self, key: str, data: bytes) -> _Appended:
         """Append a record to this process's active pack (under a lock: quick, no sync)."""
-        header = _RECORD.pack(_MAGIC, bytes.fromhex(key), len(data))
         with self._appending:
-            if self._active is None:
-                self._active = self._new_pack()
-            pack = self._active
-            start = pack.size
-            try:
-                _write_all(pack.fd, header)
-                _write_all(pack.fd, data)
-            except BaseException:
-                # A full disk, typically: what was written of the record goes, so that the next
-                # one starts where this one did.
-                try:
-                    os.ftruncate(pack.fd, start)
-                    os.lseek(pack.fd, start, os.SEEK_SET)
-                except OSError:
-                    self._retire(pack)
-                raise
-            pack.size = start + len(header) + len(data)
-            pack.users += 1
-            appended = _Appended(key, pack, start + len(header), len(data), time.time())
-            if pack.size >= self.pack_size:
-                self._retire(pack)
-            return appended
+            return self._append_locked(key, data)
+
+    def _append_locked(self, key: str, data: bytes) -> _Appended:
+        header = _RECORD.pack(_MAGIC, bytes.fromhex(key), len(data))
+        if self._active is None:
+            self._active = self._new_pack()
+        pack = self._active
+        start = pack.size
+        try:
+            _write_all(pack.fd, header)
+            _write_all(pack.fd, data)
+        except BaseException:
+            self._forget_writes(pack, start)
+            raise
+        pack.size = start + len(header) + len(data)
+        pack.users += 1
+        appended = _Appended(key, pack, start + len(header), len(data), time.time())
+        if pack.size >= self.pack_size:
+            self._retire(pack)
+        return appended
 
     def _commit_pending(self) -> None:
         """Blocking: append every blob queued so far, make them durable and index them (or fail
@@ -393,14 +447,18 @@ class LocalBlobStore:
                 queued_to_pack = []
             else:
                 queued_to_pack = queued
+            to_append = []
             for blob in queued_to_pack:
                 try:
-                    appended = self._pack(blob, blob.key in indexed)
-                except BaseException as error:  # a full disk: this blob fails, not the others
+                    if not self._stored_already(blob, blob.key in indexed):
+                        to_append.append(blob)
+                except BaseException as error:  # this blob fails, not the others
                     blob.error = error
-                    continue
-                if appended is not None:
-                    batch.append((blob, appended))
+            for blob, outcome in zip(to_append, self._append_all(to_append), strict=True):
+                if isinstance(outcome, _Appended):
+                    batch.append((blob, outcome))
+                else:  # a full disk: this blob fails, not the others
+                    blob.error = outcome
             try:
                 if batch:
                     self._commit_batch([appended for _, appended in batch])
@@ -991,6 +1049,27 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _record(blob: _Queued) -> tuple[bytes, bytes]:
+    """A packed blob's record: its header, then its bytes."""
+    return _RECORD.pack(_MAGIC, bytes.fromhex(blob.key), len(blob.data)), blob.data
+
+
+# At most this many buffers per writev (Linux's IOV_MAX is 1,024).
+_WRITEV_BUFFERS = 1024
+
+
+def _writev_all(fd: int, buffers: list[bytes]) -> None:
+    """Write all the buffers, in order, in as few system calls as the kernel allows."""
+    views = [memoryview(buffer) for buffer in buffers if buffer]
+    while views:
+        written = os.writev(fd, views[:_WRITEV_BUFFERS])
+        while written and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _inode(path: Path) -> int:

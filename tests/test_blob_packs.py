@@ -51,6 +51,13 @@ def killed(store: LocalBlobStore) -> None:
         store._close(store._active)
 
 
+def disk_writes(monkeypatch: pytest.MonkeyPatch, write: Any) -> None:
+    """Make `write` (os.write's signature) the disk's answer to every write; a writev writes its
+    buffers as one."""
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: write(fd, b"".join(buffers)))
+
+
 def indexed(root: Path) -> list[str]:
     """What a process that just started finds in the index."""
     other = LocalBlobStore(root)
@@ -258,7 +265,7 @@ async def test_a_full_disk_while_appending_cuts_the_record_off(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
 
-    monkeypatch.setattr(os, "write", short_then_full)
+    disk_writes(monkeypatch, short_then_full)
     big = os.urandom(50_000)
     with pytest.raises(OSError, match="No space left") as caught:
         await store.put(sha(big), big)
@@ -287,7 +294,7 @@ async def test_a_blob_that_cannot_be_appended_fails_alone_in_its_batch(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
 
-    monkeypatch.setattr(os, "write", full_past_50k)
+    disk_writes(monkeypatch, full_past_50k)
     results = await asyncio.gather(
         store.put(sha(too_big), too_big), store.put(sha(fits), fits), return_exceptions=True
     )
@@ -332,6 +339,41 @@ async def test_concurrent_puts_share_one_sync_and_one_commit(
     assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
 
 
+async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit's blobs go to the pack in one writev per pack (not two writes per blob,
+    each a hand-off of the GIL); a full pack still ends at the record that fills it."""
+    store = LocalBlobStore(tmp_path)
+    store.pack_size = 100_000
+    writes: list[int] = []
+    real_write, real_writev = os.write, os.writev
+
+    def write(fd: int, data: Any) -> int:
+        writes.append(1)
+        return real_write(fd, data)
+
+    def writev(fd: int, buffers: Any) -> int:
+        writes.append(len(buffers))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
+    blobs = [os.urandom(30_000 + i) for i in range(7)]
+    steps = [store.put_deferred(sha(data), data) for data in blobs]
+    assert steps[0] is not None
+    await asyncio.to_thread(steps[0])  # commits all seven: one batch
+    monkeypatch.undo()
+    # 4 records fill the first pack past 100 kB, 3 go to the next: a writev each.
+    assert writes == [8, 6]
+    assert sorted(p.stat().st_size for p in packs(tmp_path)) == sorted(
+        [sum(blobstore._RECORD.size + len(d) for d in part) for part in (blobs[:4], blobs[4:])]
+    )
+    assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
+    for data in blobs:
+        assert await get(store, sha(data)) == data
+
+
 async def test_a_deferred_put_is_stored_when_made_durable_with_those_queued_beside_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -370,7 +412,7 @@ async def test_a_deferred_put_raises_what_failed_it(
     def full(fd: int, data: Any) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", full)
+    disk_writes(monkeypatch, full)
     with pytest.raises(OSError, match="No space left") as raised:
         await asyncio.to_thread(step)
     monkeypatch.undo()

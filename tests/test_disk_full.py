@@ -50,9 +50,9 @@ class FillsUp:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Spool files created from now on have 100 KB of room, and so has each file a small upload
-    is written to in one step (`LocalBlobStore.put`, through os.write): a spool file, or the
-    pack it is appended to, which cannot grow past 100 KB (what a failed append cut off is
-    room again, as on a real disk)."""
+    is written to in one step (`LocalBlobStore.put`, through os.write or os.writev): a spool
+    file, or the pack it is appended to, which cannot grow past 100 KB (what a failed append cut
+    off is room again, as on a real disk)."""
     create = metalake.server.blobstore.create_spool_file
 
     async def create_on_a_full_disk(path: Path) -> Any:
@@ -79,6 +79,10 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
         return write(fd, memoryview(data)[:room])  # a short write, as Linux's at the limit
 
     monkeypatch.setattr(os, "write", write_on_a_full_disk)
+    # A writev writes its buffers as one write would.
+    monkeypatch.setattr(
+        os, "writev", lambda fd, buffers: write_on_a_full_disk(fd, b"".join(buffers))
+    )
 
 
 @pytest.fixture
