@@ -6,8 +6,10 @@ torn record harmless. The contract every store keeps is in test_blobstores.py.""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import sqlite3
 import subprocess
@@ -371,6 +373,55 @@ async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
     )
     assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
     for data in blobs:
+        assert await get(store, sha(data)) == data
+
+
+def cached_bytes(path: Path) -> int:
+    """How many of a file's bytes are in the page cache: mincore(2) over a mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(flag & 1 for flag in pages) * page
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here (macOS)")
+async def test_synced_blobs_leave_the_page_cache_but_the_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs are written once and read seldom: once synced, all but their last CACHED_TAIL
+    bytes are let go of the page cache, which every stored blob would fill otherwise."""
+    monkeypatch.setattr(blobstore, "CACHED_TAIL", 2 * MiB)
+    store = LocalBlobStore(tmp_path)
+    blobs = [os.urandom(MiB // 2) for _ in range(24)]  # 12 MiB
+    for data in blobs:
+        await store.put(sha(data), data)
+    (pack,) = packs(tmp_path)
+    cached = cached_bytes(pack)
+    # The tail, and at most one step of pages not yet let go.
+    assert cached <= 2 * MiB + blobstore._UNCACHE_STEP + MiB // 2
+    assert cached >= 2 * MiB - MiB // 2  # the latest blobs are still cached
+    for data in blobs:  # read back from the disk
         assert await get(store, sha(data)) == data
 
 
