@@ -302,6 +302,10 @@ def _walk_rw2(fp: BinaryIO, size: int, standard: bytes) -> list[TiffBlock]:
 
 def _walk_png(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
     pos = 8
+    # All of a file's text chunks inflate to this much at most, together: one profile's hex
+    # text (two digits a byte) fits, and a file of many chunks that each inflate that far and
+    # then prove not to be EXIF costs it once, not once a chunk (120 such chunks per MiB).
+    room = 2 * MAX_INLINE_EXIF
     for _ in range(MAX_ITEMS):
         chunk = _read_at(fp, pos, 8)
         if len(chunk) < 8:
@@ -313,32 +317,48 @@ def _walk_png(fp: BinaryIO, head: bytes, size: int) -> list[TiffBlock]:
         if kind == b"eXIf":
             block = _tiff_at(fp, "png", data_start, data_start + length)
             return [block] if block else []
-        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= MAX_INLINE_EXIF:
-            data = _png_raw_profile(kind, _read_at(fp, data_start, length))
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= MAX_INLINE_EXIF and room > 0:
+            data, inflated = _png_raw_profile(kind, _read_at(fp, data_start, length), room)
             if data is not None:
                 return [TiffBlock("png", 0, len(data), data=data)]
+            room -= inflated
         if kind == b"IEND":
             return []
         pos = data_start + length + 4  # skips IDAT without reading it
     return []
 
 
-def _png_raw_profile(kind: bytes, data: bytes) -> bytes | None:
-    """EXIF in ImageMagick's "Raw profile type exif" text chunk: a length then hex digits."""
+def _png_raw_profile(kind: bytes, data: bytes, room: int) -> tuple[bytes | None, int]:
+    """EXIF in ImageMagick's "Raw profile type exif" text chunk (a length then hex digits), and
+    how many bytes it inflated (at most `room`)."""
     keyword, _, rest = data.partition(b"\x00")
     if keyword not in (b"Raw profile type exif", b"Raw profile type APP1"):
-        return None
+        return None, 0
+    inflated = 0
     if kind == b"zTXt":
-        text = _inflate(rest[1:])
+        text = _inflate(rest[1:], limit=room)
+        inflated = _cost(text, room)
     elif kind == b"iTXt":
         flag, method = rest[:1], rest[1:2]
         # iTXt: compression flag, method, language NUL, translated keyword NUL, text.
         parts = rest[2:].split(b"\x00", 2)
         if len(parts) < 3:
-            return None
-        text = _inflate(parts[2]) if flag == b"\x01" and method == b"\x00" else parts[2]
+            return None, 0
+        text = parts[2]
+        if flag == b"\x01" and method == b"\x00":
+            text = _inflate(parts[2], limit=room)
+            inflated = _cost(text, room)
     else:
         text = rest
+    return _raw_profile_exif(text), inflated
+
+
+def _cost(inflated: bytes | None, room: int) -> int:
+    # A stream found broken may have inflated all it could first: it takes all the room.
+    return room if inflated is None else len(inflated)
+
+
+def _raw_profile_exif(text: bytes | None) -> bytes | None:
     if text is None:
         return None
     lines = text.split(b"\n", 3)
@@ -353,11 +373,11 @@ def _png_raw_profile(kind: bytes, data: bytes) -> bytes | None:
     return raw if _looks_like_tiff(raw) else None
 
 
-def _inflate(data: bytes, *, raw: bool = False) -> bytes | None:
+def _inflate(data: bytes, *, raw: bool = False, limit: int = 2 * MAX_INLINE_EXIF) -> bytes | None:
     inflater = zlib.decompressobj(-15 if raw else 15)
     try:
         # Bounded: a small compressed chunk must not expand into gigabytes.
-        out = inflater.decompress(data, MAX_INLINE_EXIF * 2)
+        out = inflater.decompress(data, limit)
     except zlib.error:
         return None
     return out

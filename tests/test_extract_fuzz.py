@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from metalake.extractors import containers
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.extractors.testing import sample_exif, tiff_bytes, wrap_tiff
 from metalake.metadata import check_value
@@ -192,6 +193,40 @@ def test_a_65535_entry_directory_is_read_within_bounds(tmp_path: Path) -> None:
     result = REGISTRY.extract(path)
     assert result.errors == []
     assert result.values == {"manufacturer": "None"}  # the first of 65,535 Make entries
+
+
+def test_many_text_chunks_inflate_no_more_than_one_profile_could(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each "Raw profile" chunk may inflate to 8 MiB before its text proves not to be EXIF; a
+    PNG of many such chunks (120 fit in a MiB) costs that once, not once a chunk."""
+    inflated: list[int] = []
+
+    class Counted:
+        def __init__(self, wbits: int) -> None:
+            self._inflater = zlib.decompressobj(wbits)
+
+        def decompress(self, data: bytes, max_length: int) -> bytes:
+            out = self._inflater.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+    class CountingZlib:
+        error = zlib.error
+        decompressobj = Counted
+
+    monkeypatch.setattr(containers, "zlib", CountingZlib)
+    text = zlib.compress(b"\nexif\n 4194304\n" + b"z" * containers.MAX_INLINE_EXIF * 2, 9)
+    chunk_data = b"Raw profile type exif\x00\x00" + text
+    chunk = struct.pack(">I4s", len(chunk_data), b"zTXt") + chunk_data + b"\x00" * 4
+    plain = wrap_tiff("png-late", b"")
+    path = tmp_path / "many-texts.png"
+    path.write_bytes(plain[:33] + chunk * 20 + plain[33:])
+    result = REGISTRY.extract(path)
+    assert result.errors == []
+    assert result.values == {}
+    assert len(inflated) >= 1
+    assert sum(inflated) <= 2 * containers.MAX_INLINE_EXIF  # not 20 times that
 
 
 def test_decompression_bombs_stay_bounded(tmp_path: Path) -> None:
