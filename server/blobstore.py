@@ -876,7 +876,11 @@ class LocalBlobWriter:
         self._handle.write(chunk)
         self._size += len(chunk)
         if self._size - self._written_back >= WRITE_BEHIND:
-            start_writeback(self._handle.fileno(), self._written_back)
+            fd = self._handle.fileno()
+            # What earlier steps wrote back is clean by now, mostly: its pages go (those still
+            # being written stay), and the next writes reuse them (see _uncache).
+            drop_cached(fd, 0, self._written_back)
+            start_writeback(fd, self._written_back)
             self._written_back = self._size
 
     async def flush(self) -> None:
@@ -889,6 +893,7 @@ class LocalBlobWriter:
         target = self._store.path_for(key)
         self._handle.flush()
         os.fsync(self._handle.fileno())
+        drop_cached(self._handle.fileno(), 0, self._size)  # all clean now
         self._handle.close()
         # Identical content has an identical key: replacing it changes no byte a reader sees.
         # Placed as a small file's is, its directories created durably.
@@ -1068,11 +1073,18 @@ def _uncache(pack: _Pack) -> None:
     0.036-0.243 ms with the pages kept (five runs each).
     """
     end = pack.size - CACHED_TAIL
-    if _FADVISE is None or end - pack.cached_from < _UNCACHE_STEP:
-        return
-    with contextlib.suppress(OSError):  # only advice
-        _FADVISE(pack.fd, pack.cached_from, end - pack.cached_from, os.POSIX_FADV_DONTNEED)
-    pack.cached_from = end
+    if end - pack.cached_from >= _UNCACHE_STEP:
+        drop_cached(pack.fd, pack.cached_from, end)
+        pack.cached_from = end
+
+
+def drop_cached(fd: int, start: int, end: int) -> None:
+    """Blocking, briefly: let the kernel drop a file's cached pages in [start, end) that are
+    clean (on disk); those still dirty or being written stay. Only advice: where the call is
+    missing (macOS) or fails, nothing changes but memory use."""
+    if _FADVISE is not None and end > start:
+        with contextlib.suppress(OSError):
+            _FADVISE(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS

@@ -6,10 +6,8 @@ torn record harmless. The contract every store keeps is in test_blobstores.py.""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import hashlib
-import mmap
 import os
 import sqlite3
 import subprocess
@@ -25,6 +23,7 @@ from metalake.server import blobstore
 from metalake.server.app import open_blob_store
 from metalake.server.blobstore import LocalBlobStore
 from metalake.server.config import Settings
+from tests.pagecache import cached_bytes
 
 MiB = 1024 * 1024
 
@@ -374,35 +373,6 @@ async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
     assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
     for data in blobs:
         assert await get(store, sha(data)) == data
-
-
-def cached_bytes(path: Path) -> int:
-    """How many of a file's bytes are in the page cache: mincore(2) over a mapping of it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    size, page = path.stat().st_size, mmap.PAGESIZE
-    pages = (ctypes.c_ubyte * ((size + page - 1) // page))()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        try:
-            assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            libc.munmap(address, size)
-    finally:
-        os.close(fd)
-    return sum(flag & 1 for flag in pages) * page
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here (macOS)")

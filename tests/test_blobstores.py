@@ -32,6 +32,7 @@ from metalake.server.s3blobstore import (
 )
 from metalake.server.staging import StagingArea
 from tests.conftest import S3_ENV
+from tests.pagecache import cached_bytes
 
 MiB = 1024 * 1024
 
@@ -460,6 +461,29 @@ async def test_a_local_writer_starts_writing_back_behind_itself(
     step = blobstore.WRITE_BEHIND
     # From where the last one began to the end: what was written so far, once each.
     assert started == [(0, step), (step, 2 * step)]
+    assert await get(store, sha(data)) == data
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here (macOS)")
+async def test_a_big_blob_s_pages_leave_the_page_cache_behind_its_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob a writer streams is written once and read seldom: at each write-behind step the
+    pages already on disk are let go (and the next writes reuse them), and at commit all of
+    them; a big upload does not fill the page cache."""
+    monkeypatch.setattr(blobstore, "WRITE_BEHIND", MiB)
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(9 * MiB)
+    writer = await store.create_writer()
+    await write_all(writer, data[: 8 * MiB], MiB)
+    spool = writer.spool_path
+    assert spool is not None
+    with spool.open("rb") as handle:
+        os.fdatasync(handle.fileno())  # the disk caught up with the writer
+    await writer.write(data[8 * MiB :])  # the next step lets go of all it wrote back
+    assert cached_bytes(spool) <= MiB  # the last step's, still being written
+    await writer.commit(sha(data))
+    assert cached_bytes(store.path_for(sha(data))) == 0
     assert await get(store, sha(data)) == data
 
 
