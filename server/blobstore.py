@@ -369,9 +369,10 @@ class LocalBlobStore:
                 if self._active is None:
                     try:
                         self._active = self._new_pack()
-                    except BaseException as error:
-                        outcomes.extend([error] * (len(blobs) - position))
-                        break
+                    except BaseException as error:  # this blob fails; the next one tries again
+                        outcomes.append(error)
+                        position += 1
+                        continue
                 pack = self._active
                 group, end = [], pack.size
                 for blob in blobs[position:]:

@@ -422,6 +422,28 @@ async def test_a_deferred_put_is_stored_when_made_durable_with_those_queued_besi
     assert [await get(store, sha(d)) for d in blobs] == blobs
 
 
+async def test_a_pack_that_cannot_be_created_fails_each_blob_of_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for a new pack: every blob of the batch fails with the disk's error, each its
+    own; once there is room again, puts succeed."""
+    store = LocalBlobStore(tmp_path)
+    real = store._new_pack
+
+    def no_room() -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_new_pack", no_room)
+    blobs = [os.urandom(1_000 + i) for i in range(3)]
+    results = await asyncio.gather(*(store.put(sha(d), d) for d in blobs), return_exceptions=True)
+    assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in results)
+    assert len({id(r) for r in results}) == len(results)  # raised in three callers at once
+    monkeypatch.setattr(store, "_new_pack", real)
+    for data in blobs:
+        await store.put(sha(data), data)
+        assert await get(store, sha(data)) == data
+
+
 async def test_a_deferred_put_raises_what_failed_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
