@@ -374,6 +374,8 @@ def _raw_profile_exif(text: bytes | None) -> bytes | None:
 
 
 def _inflate(data: bytes, *, raw: bool = False, limit: int = 2 * MAX_INLINE_EXIF) -> bytes | None:
+    if limit <= 0:
+        return None  # zlib reads a max_length of 0 as no limit at all
     inflater = zlib.decompressobj(-15 if raw else 15)
     try:
         # Bounded: a small compressed chunk must not expand into gigabytes.

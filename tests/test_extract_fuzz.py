@@ -229,6 +229,13 @@ def test_many_text_chunks_inflate_no_more_than_one_profile_could(
     assert sum(inflated) <= 2 * containers.MAX_INLINE_EXIF  # not 20 times that
 
 
+def test_no_room_left_inflates_nothing() -> None:
+    """zlib takes a max_length of 0 for no limit: an allowance spent must not become one."""
+    bomb = zlib.compress(b"0" * 50_000_000, 9)
+    assert containers._inflate(bomb, limit=0) is None
+    assert containers._inflate(bomb, limit=10) == b"0" * 10
+
+
 def test_decompression_bombs_stay_bounded(tmp_path: Path) -> None:
     # A PNG claiming 100000 x 100000 pixels, with its EXIF after the (tiny) image data.
     png = bytearray(wrap_tiff("png-late", BASE_TIFF))
