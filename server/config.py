@@ -520,6 +520,12 @@ ELSEWHERE: tuple[Variable, ...] = (
         read_by="metalake.server.observability",
     ),
     Variable(
+        "METALAKE_LOG_LEVEL",
+        "lowest level logged: `debug`, `info`, `warning` or `error`",
+        "info",
+        read_by="metalake.server.observability",
+    ),
+    Variable(
         "METALAKE_TARGET",
         "server address",
         f"`{DEFAULT_LISTEN}`",

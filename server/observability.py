@@ -229,6 +229,13 @@ async def _refuse_undecodable(context: Any, request: _Undecodable) -> None:
 
 LOG_FORMAT_ENV = "METALAKE_LOG_FORMAT"
 LOG_FORMATS = ("json", "text")
+LOG_LEVEL_ENV = "METALAKE_LOG_LEVEL"
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 # Every line the server writes has a logger name under this prefix. Other libraries' records keep
 # their own name behind it ("metalake.lib.alembic.runtime.migration"), so that a collector can
 # select the server's whole output by one prefix and still see where a line came from.
@@ -302,16 +309,34 @@ def log_format(stream: TextIO, environ: Mapping[str, str] | None = None) -> tupl
     return value, None
 
 
+def log_level(environ: Mapping[str, str] | None = None) -> tuple[int, str | None]:
+    """METALAKE_LOG_LEVEL's level (`info` if unset), and, for an unknown value, why it was
+    ignored."""
+    value = (os.environ if environ is None else environ).get(LOG_LEVEL_ENV, "").strip().lower()
+    if not value:
+        return logging.INFO, None
+    if value not in LOG_LEVELS:
+        return logging.INFO, (
+            f"{LOG_LEVEL_ENV}={value!r} is not one of {', '.join(LOG_LEVELS)}; logging at info"
+        )
+    return LOG_LEVELS[value], None
+
+
 def configure_logging(
-    level: int = logging.INFO, *, json_output: bool | None = None, stream: TextIO | None = None
+    level: int | None = None, *, json_output: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Log lines on `stream` (stderr): JSON lines or readable text (see `log_format`), each with
-    its request id; `json_output` overrides the choice (tests)."""
+    its request id, from `level` up (else METALAKE_LOG_LEVEL's); `json_output` overrides the
+    format's choice (tests)."""
     stream = stream or sys.stderr
-    problem = None
+    problems = []
+    if level is None:
+        level, problem = log_level()
+        problems.append(problem)
     if json_output is None:
         chosen, problem = log_format(stream)
         json_output = chosen == "json"
+        problems.append(problem)
     handler = logging.StreamHandler(stream)
     handler.addFilter(_RequestIdFilter())
     if json_output:
@@ -328,5 +353,6 @@ def configure_logging(
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
-    if problem:
-        logging.getLogger(__name__).warning(problem)
+    for problem in problems:
+        if problem:
+            logging.getLogger(__name__).warning(problem)

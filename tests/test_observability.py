@@ -207,6 +207,34 @@ def test_the_log_format_follows_the_terminal_unless_told(
             assert "METALAKE_LOG_FORMAT='xml' is not json or text" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("env", "shown"),
+    [
+        (None, ["info", "warning", "error"]),
+        ("debug", ["debug", "info", "warning", "error"]),
+        (" WARNING ", ["warning", "error"]),
+        ("error", ["error"]),
+        ("loud", ["info", "warning", "error"]),  # unknown: info, and a warning saying so
+    ],
+)
+def test_the_log_level_is_info_unless_told(
+    env: str | None, shown: list[str], monkeypatch: pytest.MonkeyPatch, restore_logging: None
+) -> None:
+    if env is None:
+        monkeypatch.delenv("METALAKE_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("METALAKE_LOG_LEVEL", env)
+    stream = io.StringIO()
+    configure_logging(json_output=True, stream=stream)
+    log = logging.getLogger("metalake.server.ingest.pipeline")
+    for level in ("debug", "info", "warning", "error"):
+        getattr(log, level)(level)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    if env == "loud":
+        assert "METALAKE_LOG_LEVEL='loud' is not one of debug, info" in records.pop(0)["message"]
+    assert [r["message"] for r in records] == shown
+
+
 def test_text_logs_keep_request_ids_and_every_logger_is_under_metalake(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_logging: None
 ) -> None:
