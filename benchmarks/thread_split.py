@@ -9,9 +9,10 @@ Starts one server (`python -m metalake.server` on a fresh data directory, the em
 no background image hashing), warms it up with 200 files, then sends the run's files as
 bench_small_files does and reads each thread's utime + stime and context switches from
 /proc/<pid>/task/*/ before and after. Threads are grouped by what the kernel calls them: the
-process's first thread runs the event loop; gRPC names its own (`event_engine`, ...); Python's
-threads (the I/O pool that runs the catalog's batches and the pack writes, extractor runners,
-gRPC's poller) are all `python`. CPU and switches are per stored file.
+process's first thread runs the event loop; the server names its I/O pool `metalake-io` (the
+catalog's batches, the pack writes, extractor runners); gRPC names its own (`event_engine`,
+...); Python's other threads (gRPC's poller) are `python`. CPU and switches are per stored
+file.
 """
 
 from __future__ import annotations

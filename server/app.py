@@ -32,6 +32,7 @@ from metalake.server.ingest.pipeline import Limits
 from metalake.server.observability import (
     ObservabilityInterceptor,
     configure_logging,
+    name_native_thread,
     start_metrics_server,
 )
 from metalake.server.s3blobstore import S3BlobStore
@@ -170,7 +171,12 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
     # Catalog and blob calls run in worker threads; asyncio's default pool (a handful of
     # threads on a small machine) would make concurrent uploads queue behind each other.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=64, thread_name_prefix="metalake-io")
+        ThreadPoolExecutor(
+            max_workers=64,
+            thread_name_prefix="metalake-io",
+            initializer=name_native_thread,
+            initargs=("metalake-io",),
+        )
     )
     if worker is None:
         datalake = build_datalake(settings)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -279,6 +281,18 @@ def test_json_logs_put_every_logger_under_metalake(
         records[-1].items()
     )
     assert [r["request_id"] for r in records if r["message"].startswith("stored ")] == ["req-789"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread names as the kernel shows them")
+def test_the_servers_io_threads_are_named_where_top_and_perf_see_them(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0")
+    with serving(settings) as handle, grpc.insecure_channel(handle.target) as channel:
+        pb_grpc.DatalakeServiceStub(channel).UploadData(requests(b"bytes", "a.bin"))
+        names = set()
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                names.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    assert "metalake-io" in names  # the catalog's and the blob store's threads
 
 
 @pytest.mark.parametrize(
