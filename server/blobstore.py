@@ -359,21 +359,19 @@ class LocalBlobStore:
 
         One writev per pack rather than two writes per blob: each system call also hands the
         event loop's thread the GIL and takes it back, and a batch's blobs go to one pack but
-        at a size boundary. If a write fails (a full disk), what it wrote goes and its blobs
-        are appended one at a time, so that only those that do not fit fail.
+        at a size boundary. If a write fails (a full disk), its blobs are appended one at a
+        time, so that only those that do not fit fail.
         """
         outcomes: list[_Appended | BaseException] = []
         with self._appending:
             position = 0
             while position < len(blobs):
-                if self._active is None:
-                    try:
-                        self._active = self._new_pack()
-                    except BaseException as error:  # this blob fails; the next one tries again
-                        outcomes.append(error)
-                        position += 1
-                        continue
-                pack = self._active
+                try:
+                    pack = self._active_pack()
+                except BaseException as error:  # this blob fails; the next one tries again
+                    outcomes.append(error)
+                    position += 1
+                    continue
                 group, end = [], pack.size
                 for blob in blobs[position:]:
                     group.append(blob)
@@ -382,56 +380,42 @@ class LocalBlobStore:
                         break  # the pack is full after this one
                 position += len(group)
                 try:
-                    _writev_all(pack.fd, [part for blob in group for part in _record(blob)])
+                    outcomes.extend(self._write_records(pack, group))
                 except BaseException:
-                    self._forget_writes(pack, pack.size)
                     for blob in group:
                         try:
-                            outcomes.append(self._append_locked(blob.key, blob.data))
+                            outcomes.extend(self._write_records(self._active_pack(), [blob]))
                         except BaseException as error:
                             outcomes.append(error)
-                    continue
-                now = time.time()
-                for blob in group:
-                    start = pack.size
-                    pack.size = start + _RECORD.size + len(blob.data)
-                    pack.users += 1
-                    outcomes.append(
-                        _Appended(blob.key, pack, start + _RECORD.size, len(blob.data), now)
-                    )
-                if pack.size >= self.pack_size:
-                    self._retire(pack)
         return outcomes
 
-    def _forget_writes(self, pack: _Pack, start: int) -> None:
-        """A failed write (a full disk, typically): what it wrote goes, so that the next record
-        starts where it did (under `_appending`)."""
-        try:
-            os.ftruncate(pack.fd, start)
-            os.lseek(pack.fd, start, os.SEEK_SET)
-        except OSError:
-            self._retire(pack)
-
-    def _append(self, key: str, data: bytes) -> _Appended:
-        """Append a record to this process's active pack (under a lock: quick, no sync)."""
-        with self._appending:
-            return self._append_locked(key, data)
-
-    def _append_locked(self, key: str, data: bytes) -> _Appended:
-        header = _RECORD.pack(_MAGIC, bytes.fromhex(key), len(data))
+    def _active_pack(self) -> _Pack:
+        """The pack this process appends to, made if there is none (under `_appending`)."""
         if self._active is None:
             self._active = self._new_pack()
-        pack = self._active
+        return self._active
+
+    def _write_records(self, pack: _Pack, blobs: list[_Queued]) -> list[_Appended]:
+        """Append the blobs' records to `pack` in one writev (under `_appending`: quick, no
+        sync). A failed write (a full disk, typically) is cut off the pack, so that the next
+        record starts where it did."""
         start = pack.size
         try:
-            _write_all(pack.fd, header)
-            _write_all(pack.fd, data)
+            _writev_all(pack.fd, [part for blob in blobs for part in _record(blob)])
         except BaseException:
-            self._forget_writes(pack, start)
+            try:
+                os.ftruncate(pack.fd, start)
+                os.lseek(pack.fd, start, os.SEEK_SET)
+            except OSError:
+                self._retire(pack)
             raise
-        pack.size = start + len(header) + len(data)
-        pack.users += 1
-        appended = _Appended(key, pack, start + len(header), len(data), time.time())
+        now = time.time()
+        appended = []
+        for blob in blobs:
+            offset = pack.size + _RECORD.size
+            pack.size = offset + len(blob.data)
+            pack.users += 1
+            appended.append(_Appended(blob.key, pack, offset, len(blob.data), now))
         if pack.size >= self.pack_size:
             self._retire(pack)
         return appended

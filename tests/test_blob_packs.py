@@ -52,6 +52,13 @@ def killed(store: LocalBlobStore) -> None:
         store._close(store._active)
 
 
+def append(store: LocalBlobStore, data: bytes) -> blobstore._Appended:
+    """Append a record without syncing or indexing it: what a process killed meanwhile left."""
+    [outcome] = store._append_all([blobstore._Queued(sha(data), data)])
+    assert isinstance(outcome, blobstore._Appended)
+    return outcome
+
+
 def disk_writes(monkeypatch: pytest.MonkeyPatch, write: Any) -> None:
     """Make `write` (os.write's signature) the disk's answer to every write; a writev writes its
     buffers as one."""
@@ -564,7 +571,7 @@ async def test_a_torn_record_left_by_a_crash_is_harmless(tmp_path: Path) -> None
         await crashed.put(sha(data), data)
     # Killed in the middle of appending the next one: half its bytes there, never indexed.
     torn = os.urandom(80_000)
-    appended = crashed._append(sha(torn), torn)
+    appended = append(crashed, torn)
     (pack,) = packs(tmp_path)
     os.truncate(pack, appended.offset + 1000)
     killed(crashed)
@@ -584,7 +591,7 @@ async def test_a_torn_record_left_by_a_crash_is_harmless(tmp_path: Path) -> None
 async def test_a_pack_left_with_nothing_indexed_is_removed_at_start_up(tmp_path: Path) -> None:
     crashed = LocalBlobStore(tmp_path)
     never = os.urandom(5000)
-    crashed._append(sha(never), never)
+    append(crashed, never)
     killed(crashed)  # before its sync
     (pack,) = packs(tmp_path)
     restarted = LocalBlobStore(tmp_path)
