@@ -9,6 +9,7 @@ and read with `getexif().get_ifd(...)`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping
@@ -225,7 +226,9 @@ def _read_with_image_open(
         fp.close()
         log.debug("Pillow cannot open %s: %r", source.filename or source, error)
         return {}, {}, {}
-    with fp, image:
+    # Not `with fp`: a plugin may close the handle it was given once it has read what it needs
+    # (FTEX keeps the pixel data in a buffer of its own), and entering a closed file raises.
+    with contextlib.closing(fp), image:
         if image.format == "PNG":
             # Never reached (PNG has a walker), and must not be: getexif() on a PNG whose eXIf
             # chunk follows IDAT decodes the whole image.

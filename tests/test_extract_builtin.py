@@ -682,3 +682,26 @@ def test_an_image_whose_exif_pillow_cannot_read_has_no_exif_and_no_error(
     assert found.values == {}
     assert found.errors == []
     assert "pillow" in found.timings  # it ran, and found nothing
+
+
+def _ftex(width: int, height: int) -> bytes:
+    """An uncompressed FTEX texture (Pillow's FtexImagePlugin), which has no EXIF."""
+    pixels = bytes(width * height * 3)
+    where = 4 + 4 * 7
+    header = b"FTEX" + struct.pack("<7i", 3, width, height, 1, 1, 1, where)
+    return header + struct.pack("<i", len(pixels)) + pixels
+
+
+def test_a_format_whose_reader_closes_the_file_is_no_error(tmp_path: Path) -> None:
+    # Found on Pillow's own test images: its FTEX reader closes the handle it was given once it
+    # has the pixel data, and entering that handle as a context manager then raised, so the
+    # registry logged the `pillow` extractor as failed on a good file.
+    path = tmp_path / "texture.ftu"
+    path.write_bytes(_ftex(4, 4))
+    with Image.open(path) as image:
+        assert image.format == "FTEX"  # Pillow opens it: the fallback reader's path is taken
+    registry = ExtractorRegistry(builtin_plugins())
+    for found in (registry.extract(path), registry.extract_data(path.read_bytes(), path.name)):
+        assert found.values == {}
+        assert found.errors == []
+        assert "pillow" in found.timings
