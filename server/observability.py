@@ -260,6 +260,10 @@ FOREIGN_PREFIX = "metalake.lib."
 # botocore's "Found credentials in environment variables"): only their warnings and errors show.
 # metalake logs what matters itself (the catalog's schema revision, the blob store in use).
 QUIET_LOGGERS = ("alembic", "botocore", "boto3", "s3transfer", "urllib3", "PIL")
+# Libraries that read clients' files: what they log says what is wrong with a file a client sent
+# (Pillow logs "More samples per pixel than can be decoded" at ERROR), never with the server,
+# which reports the outcome itself (no preview, fewer fields filled). Shown at debug only.
+CONTENT_LOGGERS = ("PIL",)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -368,6 +372,10 @@ def configure_logging(
     root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    for name in CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(
+            logging.WARNING if level <= logging.DEBUG else logging.CRITICAL + 1
+        )
     for problem in problems:
         if problem:
             logging.getLogger(__name__).warning(problem)

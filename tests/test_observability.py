@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,12 +22,15 @@ from typing import Any
 
 import grpc
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from metalake import metadata as md
+from metalake.server import thumbnails
 from metalake.server.auth import Role
 from metalake.server.config import Settings
 from metalake.server.observability import (
+    CONTENT_LOGGERS,
     QUIET_LOGGERS,
     configure_logging,
     start_metrics_server,
@@ -164,7 +168,7 @@ class _Terminal(io.StringIO):
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS + CONTENT_LOGGERS}
     try:
         yield
     finally:
@@ -323,3 +327,45 @@ def test_log_times_read_as_logging_formats_them(json_output: bool, restore_loggi
         record.created, record.msecs = created, (created % 1) * 1000
         for datefmt in (formatter.datefmt, None, "%H:%M:%S"):
             assert formatter.formatTime(record, datefmt) == reference.formatTime(record, datefmt)
+
+
+def _tiff_claiming_samples_per_pixel(samples: int) -> bytes:
+    """A small TIFF whose SamplesPerPixel (tag 277) says `samples`: Pillow refuses it, logging an
+    ERROR of its own as it does."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        if struct.unpack_from("<H", data, entry)[0] == 277:
+            struct.pack_into("<HHIH", data, entry, 277, 3, 1, samples)
+            return bytes(data)
+    raise AssertionError("Pillow wrote no SamplesPerPixel")
+
+
+@pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
+def test_what_pillow_logs_about_a_clients_file_shows_only_at_debug(
+    level: str,
+    shown: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
+    stream = io.StringIO()
+    configure_logging(json_output=True, stream=stream)
+    path = tmp_path / "bad.tif"
+    path.write_bytes(_tiff_claiming_samples_per_pixel(65535))
+    assert thumbnails.render(path, 64, filename="bad.tif") is None  # no preview, no failure
+    pillow = [
+        json.loads(line)
+        for line in stream.getvalue().splitlines()
+        if "samples per pixel" in line.lower()
+    ]
+    if shown:
+        assert [(r["level"], r["logger"]) for r in pillow] == [
+            ("ERROR", "metalake.lib.PIL.TiffImagePlugin")
+        ]
+    else:
+        assert pillow == []  # a client's broken file is no error of the server's
