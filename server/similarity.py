@@ -56,6 +56,7 @@ from metalake.server.faults import backend_fault
 from metalake.server.filtering import FilterError, compile_filter
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import data_table, data_tags_table, events_table, image_hashes_table
+from metalake.server.thumbnails import decoded_formats
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def dhash_pixels(image: Image.Image) -> int:
 def hash_image(source: str | Path | BinaryIO) -> ImageHash:
     """The hash of an image file and of its mirror; NotAnImageError if it is none."""
     try:
-        with Image.open(source) as opened:
+        with Image.open(source, formats=decoded_formats()) as opened:
             if opened.width * opened.height > _MAX_PIXELS:
                 raise NotAnImageError(f"{opened.width}x{opened.height} pixels is too large")
             opened.draft("RGB", _DRAFT_SIZE)

@@ -4,7 +4,8 @@
 image this server can read (a preview is a convenience: failing to make one is never an error).
 It knows nothing of gRPC, HTTP or the catalog; `DatalakeCore.thumbnail` stores what it makes.
 
-- JPEG, PNG, WebP, TIFF, GIF, BMP, ... through Pillow; HEIC/HEIF/AVIF through pillow-heif.
+- JPEG, PNG, WebP, TIFF, GIF, BMP, JPEG 2000, PSD, TGA, ICO, PPM through Pillow
+  (DECODED_FORMATS); HEIC/HEIF/AVIF through pillow-heif.
 - Camera RAW (CR2, CR3, NEF, ARW, DNG, RAF, ORF, RW2, PEF, ...): the preview JPEG the camera
   embedded, through LibRaw (rawpy), never a demosaic of the sensor data.
 - JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still covers twice the preview (Pillow's
@@ -17,6 +18,7 @@ It knows nothing of gRPC, HTTP or the catalog; `DatalakeCore.thumbnail` stores w
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -54,6 +56,24 @@ pillow_heif.register_heif_opener()
 if hasattr(pillow_heif, "register_avif_opener"):  # older pillow-heif; newer Pillow reads AVIF
     pillow_heif.register_avif_opener()
 
+# The formats whose Pillow readers decode a client's file here (previews, and the similarity
+# hasher's): photos and the common raster formats, with decoders in C. Pillow reads 40 more;
+# left out are its decoders written in Python, which a tiny crafted file keeps busy for seconds
+# (a 284-byte BLP of Pillow's tests: 1.2 s for a preview, 1.5 s to hash, from a client that
+# names it image/*), and formats no photo comes in. EPS above all: Pillow renders it by running
+# Ghostscript, on a server where that is installed.
+DECODED_FORMATS = (
+    *("JPEG", "MPO", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "HEIF", "AVIF", "JPEG2000"),
+    *("PSD", "TGA", "ICO", "PPM"),
+)
+
+
+@functools.cache
+def decoded_formats() -> tuple[str, ...]:
+    """DECODED_FORMATS that this Pillow reads (Image.open fails on a format it does not know)."""
+    Image.init()
+    return tuple(name for name in DECODED_FORMATS if name in Image.OPEN)
+
 
 @dataclass(frozen=True)
 class Preview:
@@ -90,7 +110,7 @@ def render(path: Path, size: int, *, filename: str = "") -> Preview | None:
 
 
 def _pillow_image(path: Path, size: int) -> Image.Image | None:
-    image = Image.open(path)
+    image = Image.open(path, formats=decoded_formats())
     _draft(image, size)
     image.load()
     return _upright(image)

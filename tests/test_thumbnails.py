@@ -23,6 +23,7 @@ from metalake.server.blobstore import discard_leftovers
 from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
 from metalake.server.errors import NotFound
+from metalake.server.similarity import NotAnImageError, hash_image
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
@@ -118,6 +119,9 @@ FORMATS: dict[str, Callable[[], bytes]] = {
     "photo.heic": lambda: imagesamples.encoded(imagesamples.landscape(), "HEIF"),
     "photo.avif": lambda: imagesamples.encoded(imagesamples.landscape(), "AVIF"),
     "photo.gif": lambda: imagesamples.encoded(imagesamples.landscape(), "GIF"),
+    "photo.bmp": lambda: imagesamples.encoded(imagesamples.landscape(), "BMP"),
+    "photo.jp2": lambda: imagesamples.encoded(imagesamples.landscape().convert("RGB"), "JPEG2000"),
+    "photo.ppm": lambda: imagesamples.encoded(imagesamples.landscape().convert("RGB"), "PPM"),
     # The camera stored its preview turned left, and says so: the preview comes out upright.
     "IMG_0001.DNG": lambda: imagesamples.dng(
         imagesamples.encoded(imagesamples.landscape().transpose(Image.Transpose.ROTATE_90), "JPEG"),
@@ -312,3 +316,51 @@ def test_concurrent_first_requests_make_one_preview(
     assert blob_files(running_server.data_dir) == {data.sha256, *answers}
     preview_bytes = len(thumbnail(stub, data.id, 1024).content)
     assert used_bytes(running_server) == len(content) + preview_bytes
+
+
+def _eps() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), "red").save(buffer, "EPS")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "plugin"),
+    [
+        # Blizzard's texture format, decoded in Python: one of Pillow's crafted 284-byte tests
+        # kept its decoder busy 1.2 s for a preview.
+        (
+            "texture.blp",
+            lambda: imagesamples.encoded(imagesamples.landscape().convert("P"), "BLP"),
+            "BLP",
+        ),
+        # Pillow renders EPS by running Ghostscript, where that is installed.
+        ("figure.eps", _eps, "EPS"),
+    ],
+)
+def test_formats_outside_the_decoded_ones_get_no_preview_and_no_decoder(
+    stub: Stub,
+    monkeypatch: pytest.MonkeyPatch,
+    filename: str,
+    content: Callable[[], bytes],
+    plugin: str,
+) -> None:
+    data = content()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == plugin  # Pillow reads it...
+    factory, accept = Image.OPEN[plugin]
+    opened: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(plugin)
+        return factory(*args, **kwargs)
+
+    monkeypatch.setitem(Image.OPEN, plugin, (counting, accept))
+    # ...and the client calls it an image: only the server's list of formats stands in the way.
+    item = upload(stub, data, filename=filename, content_type="image/x-" + plugin.lower())
+    with pytest.raises(grpc.RpcError) as caught:
+        thumbnail(stub, item.id)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotAnImageError):
+        hash_image(io.BytesIO(data))
+    assert opened == []  # its reader never saw the client's bytes
