@@ -1,20 +1,24 @@
-"""A call on the main thread, interrupted if it runs past a budget of wall-clock time.
+"""Calls on the main thread, interrupted once they run past a budget of wall-clock time.
 
 Python cannot stop a thread, but it can interrupt its main thread: a signal handler runs there,
 between two bytecodes, and may raise. This is the SIGALRM technique of the `signal` module's
 documentation (and of pytest-timeout's signal method), kept to the minimum: the timer is set
-only around the call, and the handler raises only while a call is running.
+only for the length of a `budget`, and the handler raises only while a call (`run`) is running.
 
 The registry uses it to run trusted extractors on a small file's bytes on the event loop's
-thread without a thread hand-off (see `ExtractorRegistry.extract_async`): a call that
-overruns its budget is interrupted and run again on a runner thread, under the time limit.
+thread without a thread hand-off (see `ExtractorRegistry.extract_async`): the file's extractors
+share one budget, one timer, and the call that overruns it is interrupted and run again on a
+runner thread, under the time limit. What the registry does between calls (merging a result)
+is never interrupted: an alarm then only marks the budget spent, and the next call does not
+start.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -24,7 +28,7 @@ _REPEAT = 0.01
 
 
 class OverBudget(BaseException):
-    """Raised inside a call that ran past its budget.
+    """Raised inside a call that ran past its budget, or by `run` once the budget is spent.
 
     A BaseException, as KeyboardInterrupt is, so that a library's `except Exception` around its
     own work does not swallow it.
@@ -32,12 +36,13 @@ class OverBudget(BaseException):
 
 
 _running = False
+_spent = False  # the budget's alarm came while no call ran
 _installed: bool | None = None
 
 
 def available() -> bool:
-    """Whether `call` can interrupt on this thread: the main thread of a process whose SIGALRM
-    is free (its default disposition) or already ours."""
+    """Whether calls can be interrupted on this thread: the main thread of a process whose
+    SIGALRM is free (its default disposition) or already ours."""
     global _installed
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -56,27 +61,51 @@ def _install() -> bool:
 
 
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    global _spent
     if _running:
         signal.setitimer(signal.ITIMER_REAL, _REPEAT)
         raise OverBudget
-    # A late alarm, after the call was over: nothing to interrupt.
+    # Between calls, or after the budget: the call to come, if any, must not start.
+    _spent = True
 
 
-def call(budget: float, function: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """`function(**kwargs)`, raising OverBudget from inside it if it runs more than `budget`
-    seconds. Only where `available()` says so."""
+@contextmanager
+def budget(seconds: float) -> Iterator[None]:
+    """`seconds` of wall-clock time for the calls (`run`) made inside, all together: one timer
+    for all of them. Only where `available()` says so."""
+    global _spent
+    _spent = False
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        # No call runs here (`run` leaves none running), so the handler raises nothing.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _spent = False
+
+
+def run(function: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """`function(**kwargs)` inside a `budget`, raising OverBudget from inside it once the budget
+    is spent, or at once if it already is."""
     global _running
     try:
         _running = True
-        signal.setitimer(signal.ITIMER_REAL, budget)
+        # After setting the flag: an alarm before it only marked the budget spent.
+        if _spent:
+            raise OverBudget
         return function(**kwargs)
     finally:
-        # An alarm handled in here would raise out of the clean-up and leave the timer set:
-        # go on until both steps are done (what was raised or returned before is kept).
+        # An alarm handled in here would raise out of the clean-up and leave the flag set: go on
+        # until it is cleared (what was raised or returned before is kept).
         while True:
             try:
                 _running = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
                 break
             except OverBudget:
                 continue
+
+
+def call(seconds: float, function: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """`function(**kwargs)` under a budget of its own of `seconds`."""
+    with budget(seconds):
+        return run(function, **kwargs)

@@ -248,12 +248,15 @@ class ExtractorRegistry:
         return extractors, wrappers
 
     def _ordered_calls(self) -> list[_Call]:
-        """One pluggy hook caller per extractor, in run order.
+        """One call per extractor, in run order, returning pluggy's list of results.
 
-        Each holds that one extractor and every wrapper (new-style `wrapper=True` and old-style
-        `hookwrapper=True`), so pluggy runs the wrappers around each extractor call as it would
-        around a whole hook call, while the registry keeps what pluggy's single call cannot: a
-        time limit and a `metadata_sources` name per extractor.
+        With wrappers, each is a pluggy hook caller holding that one extractor and every wrapper
+        (new-style `wrapper=True` and old-style `hookwrapper=True`), so pluggy runs the wrappers
+        around each extractor call as it would around a whole hook call, while the registry
+        keeps what pluggy's single call cannot: a time limit and a `metadata_sources` name per
+        extractor. Without wrappers (the usual case), the extractor's function is called as
+        pluggy's own loop calls it (`_direct`): pluggy validated it when it was registered, and
+        its per-call checks and subset filtering cost as much as a small extractor's work.
         """
         calls = self._calls
         if calls is None:
@@ -265,7 +268,9 @@ class ExtractorRegistry:
                     self._pm.subset_hook_caller(
                         HOOK,
                         remove_plugins=[p for n, p in plugins.items() if n != impl.plugin_name],
-                    ),
+                    )
+                    if wrappers
+                    else _direct(impl),
                 )
                 for impl in extractors
             ]
@@ -373,6 +378,18 @@ class ExtractorRegistry:
         return result
 
 
+def _direct(impl: pluggy.HookImpl) -> Callable[..., list[object]]:
+    """One extractor called as pluggy's hook loop calls an implementation: with the arguments
+    it names, its result (unless None) as the one item of a list."""
+    function, argnames = impl.function, impl.argnames
+
+    def call(**kwargs: object) -> list[object]:
+        result = function(*[kwargs[name] for name in argnames])
+        return [] if result is None else [result]
+
+    return call
+
+
 class _Chain:
     """One file's extractors, run in order on one thread, merging as they go.
 
@@ -458,33 +475,30 @@ class _Chain:
         `budget` seconds, the one running when they are spent interrupted: the index of the call
         to go on from elsewhere (that one, or `stop`), or the number of calls if nothing is left
         to do."""
-        deadline = time.monotonic() + budget
-        for index in range(stop):
-            name, hook = self.calls[index]
-            remaining = self._remaining(name)
-            if remaining is None:
-                continue
-            if not remaining:
-                return len(self.calls)
-            self.started_at = time.monotonic()
-            left = deadline - self.started_at
-            try:
-                if left <= 0:
-                    raise interrupt.OverBudget
-                produced = interrupt.call(left, hook, source=self.source, missing=remaining)
-                error: Exception | None = None
-            except interrupt.OverBudget:
-                log.warning(
-                    "the event loop's %g s for %s were spent with extractor %r to run: it runs "
-                    "on a worker thread",
-                    budget,
-                    self.shown,
-                    name,
-                )
-                return index
-            except Exception as caught:
-                produced, error = None, caught
-            self._take(name, produced, error, remaining)
+        with interrupt.budget(budget):  # one timer for all of them
+            for index in range(stop):
+                name, hook = self.calls[index]
+                remaining = self._remaining(name)
+                if remaining is None:
+                    continue
+                if not remaining:
+                    return len(self.calls)
+                self.started_at = time.monotonic()
+                try:
+                    produced = interrupt.run(hook, source=self.source, missing=remaining)
+                    error: Exception | None = None
+                except interrupt.OverBudget:
+                    log.warning(
+                        "the event loop's %g s for %s were spent with extractor %r to run: it "
+                        "runs on a worker thread",
+                        budget,
+                        self.shown,
+                        name,
+                    )
+                    return index
+                except Exception as caught:
+                    produced, error = None, caught
+                self._take(name, produced, error, remaining)
         return stop if self.wanted.difference(self.result.values) else len(self.calls)
 
     def _remaining(self, name: str) -> frozenset[str] | None:

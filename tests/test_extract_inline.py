@@ -242,3 +242,33 @@ def test_a_call_within_its_budget_returns_and_leaves_no_timer() -> None:
     signal.setitimer(signal.ITIMER_REAL, 0.001)
     time.sleep(0.05)
     assert no_timer_left()
+
+
+def test_calls_share_one_budget_and_a_spent_one_starts_no_call() -> None:
+    assert interrupt.available()
+    ran: list[str] = []
+
+    def first() -> None:
+        ran.append("first")
+        time.sleep(0.15)
+
+    def second() -> None:
+        ran.append("second")
+        for _ in range(200):  # 2 s unless interrupted
+            time.sleep(0.01)
+        ran.append("second finished")
+
+    # The second call gets what the first left of 0.3 s, not 0.3 s of its own.
+    with interrupt.budget(0.3):
+        interrupt.run(first)
+        with pytest.raises(interrupt.OverBudget):
+            interrupt.run(second)
+    assert ran == ["first", "second"]
+    assert no_timer_left()
+    # Spent while no call ran (the registry merging a result): the next call does not start.
+    with interrupt.budget(0.01):
+        time.sleep(0.05)
+        with pytest.raises(interrupt.OverBudget):
+            interrupt.run(lambda: ran.append("third"))
+    assert ran == ["first", "second"]
+    assert no_timer_left()
