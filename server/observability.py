@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -341,6 +342,31 @@ def log_level(environ: Mapping[str, str] | None = None) -> tuple[int, str | None
     return LOG_LEVELS[value], None
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Python's warnings as log lines, as `logging.captureWarnings` makes them, but those raised
+    in a library of CONTENT_LOGGERS under its logger: Pillow warns of each client's truncated or
+    odd file ("Truncated File Read", "Corrupt EXIF data"), which would otherwise be raw text
+    in the middle of the JSON lines on stderr."""
+    if file is not None:  # someone asked for a stream of their own
+        _show_warning(message, category, filename, lineno, file, line)
+        return
+    name = next(
+        (package for package in CONTENT_LOGGERS if f"{os.sep}{package}{os.sep}" in filename),
+        "py.warnings",
+    )
+    logging.getLogger(name).warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+
+_show_warning = warnings.showwarning
+
+
 def configure_logging(
     level: int | None = None, *, json_output: bool | None = None, stream: TextIO | None = None
 ) -> None:
@@ -376,6 +402,7 @@ def configure_logging(
         logging.getLogger(name).setLevel(
             logging.WARNING if level <= logging.DEBUG else logging.CRITICAL + 1
         )
+    warnings.showwarning = _log_warning
     for problem in problems:
         if problem:
             logging.getLogger(__name__).warning(problem)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -169,9 +170,11 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     quiet = {name: logging.getLogger(name).level for name in QUIET_LOGGERS + CONTENT_LOGGERS}
+    show_warning = warnings.showwarning
     try:
         yield
     finally:
+        warnings.showwarning = show_warning
         root.handlers[:], level = saved
         root.setLevel(level)
         for name, level in quiet.items():
@@ -369,3 +372,41 @@ def test_what_pillow_logs_about_a_clients_file_shows_only_at_debug(
         ]
     else:
         assert pillow == []  # a client's broken file is no error of the server's
+
+
+@pytest.mark.parametrize(("level", "pillows_shown"), [("info", False), ("debug", True)])
+def test_python_warnings_are_json_lines_and_pillows_show_only_at_debug(
+    level: str,
+    pillows_shown: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> None:
+    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
+    stream = io.StringIO()
+    configure_logging(json_output=True, stream=stream)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # Pillow's own warning about a client's file, from where Pillow issues it...
+        with Image.open(io.BytesIO(_truncated_exif_jpeg())) as image:
+            image.getexif()
+        # ...and anybody else's.
+        warnings.warn_explicit("the old way is going", FutureWarning, "elsewhere.py", 7)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]  # JSON, every line
+    other = [r for r in records if r["logger"] == "metalake.lib.py.warnings"]
+    assert [r["message"] for r in other] == ["FutureWarning: the old way is going (elsewhere.py:7)"]
+    pillow = [r for r in records if r["logger"] == "metalake.lib.PIL"]
+    assert bool(pillow) == pillows_shown
+    assert all("Corrupt EXIF data" in r["message"] for r in pillow)
+
+
+def _truncated_exif_jpeg() -> bytes:
+    """A JPEG whose EXIF directory claims more than its segment holds: Pillow warns "Corrupt
+    EXIF data" as it reads it."""
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = "Acme"
+    Image.new("RGB", (4, 4)).save(buffer, "JPEG", exif=exif)
+    data = bytearray(buffer.getvalue())
+    tiff = data.index(b"Exif\x00\x00") + 6
+    struct.pack_into("<H", data, tiff + 8, 40)  # IFD0's entry count, past the segment's end
+    return bytes(data)
