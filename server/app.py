@@ -81,6 +81,7 @@ class RunningServer:
         await self.server.stop(grace=1.0)
         if self.webhooks is not None:
             self.webhooks.close()
+        self.datalake.decoders.close()
         await self.datalake.catalog.close()
         if self.data_dir_lock is not None:
             self.data_dir_lock.release()
@@ -203,7 +204,12 @@ async def start(settings: Settings, *, worker: int | None = None) -> RunningServ
     datasets = Datasets(
         datalake.catalog, datalake.blobs, download_chunk_size=settings.download_chunk_size
     )
-    similarity = Similarity(datalake.catalog, datalake.blobs, spool_dir=settings.data_dir / "tmp")
+    similarity = Similarity(
+        datalake.catalog,
+        datalake.blobs,
+        spool_dir=settings.data_dir / "tmp",
+        decoders=datalake.decoders,
+    )
     webhooks = Webhooks(
         datalake.catalog,
         DeliverySettings(

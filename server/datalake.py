@@ -41,6 +41,7 @@ from metalake.server.catalog import (
     Page,
     ThumbnailRecord,
 )
+from metalake.server.decoding import DecoderCrashed, Decoders
 from metalake.server.errors import (
     InvalidRequest,
     NotFound,
@@ -123,8 +124,11 @@ class DatalakeCore:
             limits=limits or Limits(),
         )
         self._thumbnail_locks = KeyedLocks()
-        # Previews are CPU work in worker threads: one per core at most, so that a page of
-        # 100 new thumbnails does not starve uploads (nor hold 100 decoded images at once).
+        # Clients' images are decoded (previews here, hashes in similarity) in processes of
+        # their own: a decoder's crash must not end the server (see server.decoding).
+        self.decoders = Decoders()
+        # Previews are CPU work: one per core at most, so that a page of 100 new thumbnails
+        # does not starve uploads (nor hold 100 decoded images at once).
         self._render_slots = asyncio.Semaphore(os.cpu_count() or 1)
         # Reads the objects of items registered in place (ImportObjects).
         self._bucket_reader = importing.LazyReader()
@@ -338,9 +342,12 @@ class DatalakeCore:
         preview = None
         if thumbnails.can_preview(record.content_type, record.filename):
             async with self._render_slots, self._local_copy(record) as path:
-                preview = await asyncio.to_thread(
-                    thumbnails.render, path, size, filename=record.filename
-                )
+                try:
+                    preview = await self.decoders.run(
+                        thumbnails.render, path, size, filename=record.filename
+                    )
+                except DecoderCrashed:
+                    preview = None  # recorded as no preview, like any file no reader can read
         made = ThumbnailRecord(
             data_id=record.id,
             size=size,

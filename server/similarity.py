@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
@@ -51,6 +51,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from metalake.server import importing
 from metalake.server.blobstore import BlobStore, LocalBlobStore, owner_prefix
 from metalake.server.catalog import DataRecord, EventType, SqlCatalog, _row_to_record
+from metalake.server.decoding import DecoderCrashed, Decoders
 from metalake.server.errors import InvalidRequest, invalid_field
 from metalake.server.faults import backend_fault
 from metalake.server.filtering import FilterError, compile_filter
@@ -123,6 +124,14 @@ def hash_image(source: str | Path | BinaryIO) -> ImageHash:
         raise NotAnImageError(str(error) or type(error).__name__) from None
 
 
+_Image = Path | bytes
+
+
+def _hash_or_error(image: Path | bytes) -> ImageHash:
+    """hash_image of a file or of bytes in memory (NotAnImageError if it is none)."""
+    return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
+
+
 def _hash_or_none(image: Path | bytes) -> ImageHash | None:
     """The hash of an image file, or of an image's bytes in memory; None when it is none."""
     if isinstance(image, Path) and not image.is_file():
@@ -177,11 +186,21 @@ def _unsigned(value: int) -> int:
 class Similarity:
     """Hashes, the band index and the queries, over the shared catalog and blob store."""
 
-    def __init__(self, catalog: SqlCatalog, blobs: BlobStore, *, spool_dir: Path) -> None:
+    def __init__(
+        self,
+        catalog: SqlCatalog,
+        blobs: BlobStore,
+        *,
+        spool_dir: Path,
+        decoders: Decoders | None = None,
+    ) -> None:
+        """`decoders`: where images are decoded (the server's decoder processes); without,
+        in a thread of this process."""
         self._catalog = catalog
         self._engine = catalog.engine
         self._blobs = blobs
         self._spool_dir = spool_dir
+        self._decoders = decoders
         self._after_seq: int | None = None
 
     # Filling hashes.
@@ -308,12 +327,12 @@ class Similarity:
         if isinstance(self._blobs, LocalBlobStore):
             local = await asyncio.to_thread(self._blobs.local_path, blob_key)
             if local is not None:
-                return await asyncio.to_thread(_hash_or_none, local)
+                return await self._decoded(_hash_or_none, local)
             # Packed: a small blob, decoded from memory (no scratch file per image).
             content = b"".join(
                 [chunk async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024)]
             )
-            return await asyncio.to_thread(_hash_or_none, content)
+            return await self._decoded(_hash_or_none, content)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         # Named after this process, like spool files: a supervisor removes a dead worker's.
         prefix = owner_prefix(os.getpid())
@@ -322,10 +341,19 @@ class Similarity:
             with path.open("wb") as handle:
                 async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024):
                     await asyncio.to_thread(handle.write, chunk)
-            try:
-                return await asyncio.to_thread(hash_image, path)
-            except NotAnImageError:
-                return None
+            return await self._decoded(_hash_or_none, path)
+
+    async def _decoded(
+        self, hasher: Callable[[_Image], ImageHash | None], image: _Image
+    ) -> ImageHash | None:
+        """`hasher(image)` where images are decoded; None, as for any file that is no image,
+        when it crashed its decoder process."""
+        if self._decoders is None:
+            return await asyncio.to_thread(hasher, image)
+        try:
+            return await self._decoders.run(hasher, image)
+        except DecoderCrashed:
+            return None
 
     def _store(self, data_id: str, org: str, found: ImageHash | None) -> None:
         self._store_many([(data_id, org, found)])
@@ -391,11 +419,14 @@ class Similarity:
             subject = f"id:{data_id}"
         else:
             try:
-                query = await asyncio.to_thread(hash_image, io.BytesIO(image))
+                hashed = await self._decoded(_hash_or_error, image)
             except NotAnImageError as error:
                 raise invalid_field(
                     "image", f"is not an image metalake can read: {error}"
                 ) from None
+            if hashed is None:  # it crashed the decoder
+                raise invalid_field("image", "is not an image metalake can read")
+            query = hashed
             subject = "image:" + hashlib.sha256(image).hexdigest()
         scope = json.dumps([subject, distance, filter, include_mirrored])
         after = _decode_token(page_token, scope)

@@ -22,6 +22,7 @@ from metalake.server import thumbnails
 from metalake.server.blobstore import discard_leftovers
 from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
+from metalake.server.decoding import Decoders
 from metalake.server.errors import NotFound
 from metalake.server.similarity import NotAnImageError, hash_image
 from metalake.v1 import datalake_pb2 as pb
@@ -258,16 +259,20 @@ def test_a_preview_scratch_file_is_named_after_its_process(
 ) -> None:
     # From S3, the item's bytes are copied to tmp/ to be rendered. A server's worker processes
     # share tmp/: when one is replaced, only the files named after its pid are discarded.
-    render = thumbnails.render
+    run = Decoders.run
     seen: list[str] = []
 
-    def rendering(path: Path, size: int, *, filename: str = "") -> thumbnails.Preview | None:
-        seen.append(path.name)
-        assert discard_leftovers(path.parent, owner=os.getpid() + 1) == 0  # a sibling's: kept
-        assert path.exists()
-        return render(path, size, filename=filename)
+    async def running(
+        self: Decoders, function: Callable[..., Any], /, *args: Any, **kw: Any
+    ) -> Any:
+        if function is thumbnails.render:  # handed to a decoder process: the file is ready
+            path = args[0]
+            seen.append(path.name)
+            assert discard_leftovers(path.parent, owner=os.getpid() + 1) == 0  # a sibling's
+            assert path.exists()
+        return await run(self, function, *args, **kw)
 
-    monkeypatch.setattr(thumbnails, "render", rendering)
+    monkeypatch.setattr(Decoders, "run", running)
     with grpc.insecure_channel(s3_server.target) as channel:
         stub = pb_grpc.DatalakeServiceStub(channel)
         data = upload(stub, imagesamples.encoded(imagesamples.landscape(), "PNG"), "a.png")
@@ -341,6 +346,7 @@ def _eps() -> bytes:
 def test_formats_outside_the_decoded_ones_get_no_preview_and_no_decoder(
     stub: Stub,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     filename: str,
     content: Callable[[], bytes],
     plugin: str,
@@ -356,11 +362,14 @@ def test_formats_outside_the_decoded_ones_get_no_preview_and_no_decoder(
         return factory(*args, **kwargs)
 
     monkeypatch.setitem(Image.OPEN, plugin, (counting, accept))
-    # ...and the client calls it an image: only the server's list of formats stands in the way.
+    path = tmp_path / filename
+    path.write_bytes(data)
+    assert thumbnails.render(path, 256, filename=filename) is None
+    with pytest.raises(NotAnImageError):
+        hash_image(io.BytesIO(data))
+    assert opened == []  # its reader never saw the client's bytes
+    # The server, whose decoder processes use the same list, though the client calls it an image.
     item = upload(stub, data, filename=filename, content_type="image/x-" + plugin.lower())
     with pytest.raises(grpc.RpcError) as caught:
         thumbnail(stub, item.id)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(NotAnImageError):
-        hash_image(io.BytesIO(data))
-    assert opened == []  # its reader never saw the client's bytes
