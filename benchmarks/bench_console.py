@@ -7,8 +7,9 @@
    load of each, which makes the 100 previews, is reported beside it.
 2. Previews as a share of ingest: the server's CPU time per camera JPEG to store it (UploadData
    with fill_metadata) and to make its 256 and 1024 px previews (the first GetThumbnail of each),
-   from /proc for the server process only. Previews are made on request, never during the
-   upload: the ingest figure is the same with or without them.
+   from /proc for the server's processes (its decoder processes, which make the previews,
+   included). Previews are made on request, never during the upload: the ingest figure is the
+   same with or without them.
 
     python -m benchmarks console                            # 100,000 items
     METALAKE_BENCH_SCALE=0.1 python -m benchmarks console   # 10,000 items, a quick look
@@ -36,6 +37,7 @@ import httpx
 import sqlalchemy
 from PIL import Image
 
+from benchmarks.bench_small_files import cpu_seconds  # the server and its decoder processes
 from metalake.server.blobstore import LocalBlobStore
 from metalake.server.catalog import SqlCatalog
 from metalake.server.schema import data_table
@@ -51,13 +53,6 @@ RUNS = 9
 CAMERA_FILES = 24
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "jpg"
 _CONSOLE = re.compile(r"web console on (http://[\d.]+:\d+)/")
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def camera_jpeg(seed: int, size: tuple[int, int] = (2000, 1500)) -> bytes:
