@@ -35,14 +35,13 @@ import sqlalchemy
 from PIL import Image, ImageEnhance, ImageOps
 
 from metalake.server.catalog import SqlCatalog
+from metalake.server.imagehash import NotAnImageError, hash_image
 from metalake.server.schema import image_hashes_table
 from metalake.server.schema_versions import engine_url
 from metalake.server.similarity import (
     DEFAULT_MAX_DISTANCE,
-    NotAnImageError,
     Similarity,
     hamming,
-    hash_image,
 )
 
 ORG = "bench"

@@ -30,7 +30,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -41,9 +40,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from PIL import Image, ImageOps
 from sqlalchemy import ARRAY, Integer, and_, any_, bindparam, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -55,9 +53,15 @@ from metalake.server.decoding import DecoderCrashed, Decoders
 from metalake.server.errors import InvalidRequest, invalid_field
 from metalake.server.faults import backend_fault
 from metalake.server.filtering import FilterError, compile_filter
+from metalake.server.imagehash import (
+    ImageHash,
+    ImageSource,
+    NotAnImageError,
+    hash_or_error,
+    hash_or_none,
+)
 from metalake.server.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from metalake.server.schema import data_table, data_tags_table, events_table, image_hashes_table
-from metalake.server.thumbnails import decoded_formats
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +71,9 @@ DEFAULT_MAX_DISTANCE = 8
 MAX_DISTANCE = 11
 BAND_WIDTHS = (21, 21, 22)
 BANDS = len(BAND_WIDTHS)
-# The decoded size asked of JPEG's DCT scaling: enough for a 9x8 thumbnail, and cheap.
-_DRAFT_SIZE = (64, 64)
-# Pixels beyond which an image is refused rather than decoded (a decompression bomb).
-_MAX_PIXELS = 200_000_000
 _BATCH = 64
 _HASHER_LOCK = 0x6D6C6B68  # "mlkh": one server hashes at a time on PostgreSQL
 _MASK64 = (1 << 64) - 1
-
-
-class NotAnImageError(Exception):
-    """The bytes are not an image Pillow can decode."""
-
-
-@dataclass(frozen=True)
-class ImageHash:
-    value: int  # unsigned 64 bits
-    mirror: int  # the hash of the image flipped left to right
 
 
 @dataclass(frozen=True)
@@ -91,55 +81,6 @@ class Similar:
     record: DataRecord
     distance: int
     mirrored: bool  # closest through the query's mirror image
-
-
-def dhash_pixels(image: Image.Image) -> int:
-    """The 64-bit difference hash of an image: bit (row, col) is 1 when pixel (row, col + 1) of
-    its 9x8 grey reduction is brighter than pixel (row, col), rows top to bottom."""
-    small = image.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
-    pixels = small.tobytes()
-    value = 0
-    for row in range(8):
-        line = pixels[row * 9 : row * 9 + 9]
-        for col in range(8):
-            value = (value << 1) | (line[col + 1] > line[col])
-    return value
-
-
-def hash_image(source: str | Path | BinaryIO) -> ImageHash:
-    """The hash of an image file and of its mirror; NotAnImageError if it is none."""
-    try:
-        with Image.open(source, formats=decoded_formats()) as opened:
-            if opened.width * opened.height > _MAX_PIXELS:
-                raise NotAnImageError(f"{opened.width}x{opened.height} pixels is too large")
-            opened.draft("RGB", _DRAFT_SIZE)
-            shown = ImageOps.exif_transpose(opened)
-            grey = shown.convert("L")
-            return ImageHash(
-                dhash_pixels(grey), dhash_pixels(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-            )
-    except NotAnImageError:
-        raise
-    except Exception as error:  # Pillow raises many kinds on bad input: none may escape
-        raise NotAnImageError(str(error) or type(error).__name__) from None
-
-
-_Image = Path | bytes
-
-
-def _hash_or_error(image: Path | bytes) -> ImageHash:
-    """hash_image of a file or of bytes in memory (NotAnImageError if it is none)."""
-    return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
-
-
-def _hash_or_none(image: Path | bytes) -> ImageHash | None:
-    """The hash of an image file, or of an image's bytes in memory; None when it is none."""
-    if isinstance(image, Path) and not image.is_file():
-        raise FileNotFoundError(image)
-    try:
-        return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
-    except NotAnImageError:
-        return None
 
 
 def hamming(a: int, b: int) -> int:
@@ -327,12 +268,12 @@ class Similarity:
         if isinstance(self._blobs, LocalBlobStore):
             local = await asyncio.to_thread(self._blobs.local_path, blob_key)
             if local is not None:
-                return await self._decoded(_hash_or_none, local)
+                return await self._decoded(hash_or_none, local)
             # Packed: a small blob, decoded from memory (no scratch file per image).
             content = b"".join(
                 [chunk async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024)]
             )
-            return await self._decoded(_hash_or_none, content)
+            return await self._decoded(hash_or_none, content)
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         # Named after this process, like spool files: a supervisor removes a dead worker's.
         prefix = owner_prefix(os.getpid())
@@ -341,10 +282,10 @@ class Similarity:
             with path.open("wb") as handle:
                 async for chunk in self._blobs.read(blob_key, chunk_size=1024 * 1024):
                     await asyncio.to_thread(handle.write, chunk)
-            return await self._decoded(_hash_or_none, path)
+            return await self._decoded(hash_or_none, path)
 
     async def _decoded(
-        self, hasher: Callable[[_Image], ImageHash | None], image: _Image
+        self, hasher: Callable[[ImageSource], ImageHash | None], image: ImageSource
     ) -> ImageHash | None:
         """`hasher(image)` where images are decoded; None, as for any file that is no image,
         when it crashed its decoder process."""
@@ -419,7 +360,7 @@ class Similarity:
             subject = f"id:{data_id}"
         else:
             try:
-                hashed = await self._decoded(_hash_or_error, image)
+                hashed = await self._decoded(hash_or_error, image)
             except NotAnImageError as error:
                 raise invalid_field(
                     "image", f"is not an image metalake can read: {error}"

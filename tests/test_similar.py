@@ -25,6 +25,7 @@ from metalake.cli import EXIT_OK, EXIT_USAGE, main
 from metalake.server.auth import Role
 from metalake.server.catalog import DataRecord, SqlCatalog, _record_to_row
 from metalake.server.config import Settings
+from metalake.server.imagehash import hash_image
 from metalake.server.schema import data_table, image_hashes_table
 from metalake.server.similarity import (
     BANDS,
@@ -32,7 +33,6 @@ from metalake.server.similarity import (
     band_probes,
     bands,
     hamming,
-    hash_image,
 )
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc

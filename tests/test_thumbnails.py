@@ -24,7 +24,7 @@ from metalake.server.catalog import SqlCatalog, ThumbnailRecord
 from metalake.server.config import Settings
 from metalake.server.decoding import Decoders
 from metalake.server.errors import NotFound
-from metalake.server.similarity import NotAnImageError, hash_image
+from metalake.server.imagehash import NotAnImageError, hash_image
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
