@@ -347,6 +347,14 @@ def _tiff_claiming_samples_per_pixel(samples: int) -> bytes:
     raise AssertionError("Pillow wrote no SamplesPerPixel")
 
 
+def _json_logs_at(level: str, monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """The server's logging set up as METALAKE_LOG_LEVEL=`level` makes it, into a string."""
+    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
+    stream = io.StringIO()
+    configure_logging(json_output=True, stream=stream)
+    return stream
+
+
 @pytest.mark.parametrize(("level", "shown"), [("info", False), ("debug", True)])
 def test_what_pillow_logs_about_a_clients_file_shows_only_at_debug(
     level: str,
@@ -355,9 +363,7 @@ def test_what_pillow_logs_about_a_clients_file_shows_only_at_debug(
     monkeypatch: pytest.MonkeyPatch,
     restore_logging: None,
 ) -> None:
-    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
-    stream = io.StringIO()
-    configure_logging(json_output=True, stream=stream)
+    stream = _json_logs_at(level, monkeypatch)
     path = tmp_path / "bad.tif"
     path.write_bytes(_tiff_claiming_samples_per_pixel(65535))
     assert thumbnails.render(path, 64, filename="bad.tif") is None  # no preview, no failure
@@ -381,9 +387,7 @@ def test_python_warnings_are_json_lines_and_pillows_show_only_at_debug(
     monkeypatch: pytest.MonkeyPatch,
     restore_logging: None,
 ) -> None:
-    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
-    stream = io.StringIO()
-    configure_logging(json_output=True, stream=stream)
+    stream = _json_logs_at(level, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         # Pillow's own warning about a client's file, from where Pillow issues it...
