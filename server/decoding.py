@@ -102,7 +102,18 @@ class Decoders:
 
 
 def _spawned_pool(processes: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_decoder
+    )
+
+
+def _start_decoder() -> None:
+    """In a new decoder process: log as the server does (its environment and its stderr are
+    the server's), so that what Pillow logs or warns about a file is a JSON line like the
+    server's own, shown at the same levels, not raw text."""
+    from metalake.server.observability import configure_logging
+
+    configure_logging()
 
 
 def _describe(function: Callable[..., Any], args: tuple[Any, ...]) -> str:

@@ -4,6 +4,7 @@ its preview or hash, never the server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -112,3 +113,37 @@ async def test_idle_decoder_processes_stop_and_start_again_when_needed() -> None
         assert _alive(second)
     finally:
         decoders.close()
+
+
+def warn_and_log() -> None:
+    """What Pillow does on a client's odd file: a Python warning, and a line of its logger."""
+    import logging
+    import warnings
+
+    warnings.warn_explicit("Truncated File Read", UserWarning, "/x/PIL/TiffImagePlugin.py", 1)
+    logging.getLogger("PIL.TiffImagePlugin").error("More samples per pixel than can be decoded")
+    logging.getLogger("metalake.server.thumbnails").warning("a line of the server's own")
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_a_decoder_process_logs_json_lines_as_the_server_does(
+    level: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Decoder processes inherit the server's environment and stderr: they log as it does.
+    monkeypatch.setenv("METALAKE_LOG_LEVEL", level)
+    monkeypatch.setenv("METALAKE_LOG_FORMAT", "json")
+    decoders = Decoders(processes=1)
+    try:
+        await decoders.run(warn_and_log)
+    finally:
+        decoders.close()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line JSON, none raw
+    loggers = sorted(record["logger"] for record in records)
+    if level == "debug":
+        assert loggers == ["metalake.lib.PIL", "metalake.lib.PIL.TiffImagePlugin", THUMBNAILS]
+    else:
+        assert loggers == [THUMBNAILS]  # Pillow's, about a client's file: at debug only
+
+
+THUMBNAILS = "metalake.server.thumbnails"
