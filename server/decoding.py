@@ -14,10 +14,12 @@ own, so that only the file that crashes its decoder goes without.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -103,17 +105,36 @@ class Decoders:
 
 def _spawned_pool(processes: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
-        processes, mp_context=multiprocessing.get_context("spawn"), initializer=_start_decoder
+        processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_decoder,
+        initargs=(os.getpid(),),
     )
 
 
-def _start_decoder() -> None:
-    """In a new decoder process: log as the server does (its environment and its stderr are
-    the server's), so that what Pillow logs or warns about a file is a JSON line like the
-    server's own, shown at the same levels, not raw text."""
+def _start_decoder(server: int) -> None:
+    """In a new decoder process: end with the server, however it ends (a decoder process
+    left behind would hold its memory for nothing), and log as the server does (its
+    environment and its stderr are the server's), so that what Pillow logs or warns about a
+    file is a JSON line like the server's own, shown at the same levels, not raw text."""
+    die_with(server)
     from metalake.server.observability import configure_logging
 
     configure_logging()
+
+
+def die_with(parent: int) -> None:
+    """Be killed when process `parent` (this one's parent) ends, even by SIGKILL. Linux only
+    (prctl); elsewhere this process outlives a killed parent."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before prctl took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 
 
 def _describe(function: Callable[..., Any], args: tuple[Any, ...]) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -39,6 +37,7 @@ from pathlib import Path
 
 from metalake._version import __version__
 from metalake.server.config import Settings
+from metalake.server.decoding import die_with
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ START_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 # Beyond the drain grace period, seconds a stopping worker gets to exit before it is killed.
 EXIT_MARGIN = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -319,10 +317,4 @@ def _die_with(supervisor: int) -> None:
     """Be killed when the supervisor dies, even by SIGKILL: a worker without its supervisor
     would serve on unsupervised, beside the next server started on its data directory. Linux
     only (prctl); elsewhere workers outlive a killed supervisor."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != supervisor:  # it died before prctl took effect
-        os._exit(1)
+    die_with(supervisor)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
 from tests.conftest import ServerHandle
+from tests.serverprocess import ServerProcess
 from tests.test_service import upload
 
 POISON = "poison"
@@ -147,3 +149,24 @@ async def test_a_decoder_process_logs_json_lines_as_the_server_does(
 
 
 THUMBNAILS = "metalake.server.thumbnails"
+
+
+def test_decoder_processes_end_with_a_server_that_is_killed(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "data", tmp_path / "server.log") as server:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.DatalakeServiceStub(channel)
+            item = upload(stub, imagesamples.encoded(imagesamples.landscape(), "PNG"), "a.png")
+            assert stub.GetThumbnail(pb.GetThumbnailRequest(id=item.id)).width
+        decoders = [
+            pid
+            for pid in server.pids()[1:]
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert decoders  # the preview was made in one
+        server.signal(signal.SIGKILL)
+        server.wait()
+    for _ in range(200):  # a decoder process left behind would hold its memory for nothing
+        if not any(_alive(pid) for pid in decoders):
+            break
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in decoders)
