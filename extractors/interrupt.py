@@ -103,9 +103,3 @@ def run(function: Callable[..., Any], /, **kwargs: Any) -> Any:
                 break
             except OverBudget:
                 continue
-
-
-def call(seconds: float, function: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """`function(**kwargs)` under a budget of its own of `seconds`."""
-    with budget(seconds):
-        return run(function, **kwargs)

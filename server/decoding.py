@@ -84,8 +84,9 @@ class Decoders:
         try:
             return await loop.run_in_executor(alone, call)
         except BrokenProcessPool:
-            log.warning("a decoder process died on %s", _describe(function, args))
-            raise DecoderCrashed(f"a decoder process died on {_describe(function, args)}") from None
+            crashed = f"a decoder process died on {_describe(function, args)}"
+            log.warning(crashed)
+            raise DecoderCrashed(crashed) from None
         finally:
             alone.shutdown(wait=False)
 

@@ -260,7 +260,7 @@ FOREIGN_PREFIX = "metalake.lib."
 # Libraries whose INFO lines mean nothing to an operator (alembic's "Context impl SQLiteImpl",
 # botocore's "Found credentials in environment variables"): only their warnings and errors show.
 # metalake logs what matters itself (the catalog's schema revision, the blob store in use).
-QUIET_LOGGERS = ("alembic", "botocore", "boto3", "s3transfer", "urllib3", "PIL")
+QUIET_LOGGERS = ("alembic", "botocore", "boto3", "s3transfer", "urllib3")
 # Libraries that read clients' files: what they log says what is wrong with a file a client sent
 # (Pillow logs "More samples per pixel than can be decoded" at ERROR), never with the server,
 # which reports the outcome itself (no preview, fewer fields filled). Shown at debug only.

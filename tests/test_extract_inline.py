@@ -233,10 +233,11 @@ def test_a_sigalrm_handler_of_someone_else_is_left_alone(monkeypatch: pytest.Mon
 
 def test_a_call_within_its_budget_returns_and_leaves_no_timer() -> None:
     assert interrupt.available()
-    assert interrupt.call(1.0, lambda value: value * 2, value=21) == 42
+    with interrupt.budget(1.0):
+        assert interrupt.run(lambda value: value * 2, value=21) == 42
     assert no_timer_left()
-    with pytest.raises(ZeroDivisionError):
-        interrupt.call(1.0, lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError), interrupt.budget(1.0):
+        interrupt.run(lambda: 1 / 0)
     assert no_timer_left()
     # A late alarm, once no call runs, interrupts nothing.
     signal.setitimer(signal.ITIMER_REAL, 0.001)
