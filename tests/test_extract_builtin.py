@@ -24,11 +24,12 @@ from metalake.extractors.fields import (
     XRESOLUTION,
     Rational,
     dms_to_degrees,
+    first,
     gps_fields,
     parse_datetime,
     to_text,
 )
-from metalake.extractors.pillow_exif import normalize
+from metalake.extractors.pillow_exif import normalize, read_directories
 from metalake.extractors.registry import ExtractorRegistry, builtin_plugins
 from metalake.extractors.source import Source
 from metalake.extractors.testing import (
@@ -246,6 +247,59 @@ def test_text_and_dates_follow_exiftool() -> None:
     naive = parse_datetime(b"2021:01:01 00:00:00", b"+24:00")
     assert naive is not None
     assert naive.tzinfo is None
+
+
+# One value of each TIFF type Pillow decodes: (type, its bytes, little-endian).
+_ONE_OF_EACH_TYPE = [
+    (1, b"\x07"),  # BYTE
+    (2, b"Canon\x00"),  # ASCII
+    (3, struct.pack("<H", 300)),  # SHORT
+    (4, struct.pack("<I", 70_000)),  # LONG
+    (5, struct.pack("<II", 300, 1)),  # RATIONAL
+    (6, struct.pack("<b", -7)),  # SBYTE
+    (7, b"raw\x00bytes"),  # UNDEFINED
+    (8, struct.pack("<h", -300)),  # SSHORT
+    (9, struct.pack("<i", -70_000)),  # SLONG
+    (10, struct.pack("<ii", -3, 2)),  # SRATIONAL
+    (11, struct.pack("<f", 2.5)),  # FLOAT
+    (12, struct.pack("<d", 72.25)),  # DOUBLE
+]
+_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+
+
+def _tiff_with_entry(tag: int, kind: int, data: bytes) -> bytes:
+    """A little-endian TIFF whose IFD0 holds one entry, its value after the directory."""
+    count = len(data) // _TYPE_SIZES[kind]
+    value_at = 8 + 2 + 12 + 4
+    inline = data.ljust(4, b"\x00") if len(data) <= 4 else struct.pack("<I", value_at)
+    entry = struct.pack("<HHI", tag, kind, count) + inline
+    tail = b"" if len(data) <= 4 else data
+    return b"II*\x00" + struct.pack("<IH", 8, 1) + entry + struct.pack("<I", 0) + tail
+
+
+@pytest.mark.parametrize("tag", [MAKE, XRESOLUTION])
+@pytest.mark.parametrize(("kind", "one"), _ONE_OF_EACH_TYPE)
+def test_pillow_decodes_an_entry_of_any_type_as_its_own_lookup_does(
+    tag: int, kind: int, one: bytes
+) -> None:
+    # The extractor decodes entries with Pillow's loader for their type, not through Pillow's
+    # `ifd[tag]`, which also coerces by its tag registry: both must give the same value, for a
+    # tag of the type it should have and of any other (XResolution as text, Make as a number).
+    for values in (1, 2):
+        data = _tiff_with_entry(tag, kind, one * values)
+        ours = read_directories(Source(None, "entry.tif", data=data)).ifd0.get(tag)
+        exif = Image.Exif()
+        exif.load(data)
+        theirs = normalize(exif[tag])
+        if values == 1 and isinstance(theirs, tuple) and len(theirs) == 1:
+            theirs = theirs[0]  # a one-element array is its element (as tiffread gives it)
+        if values == 1:
+            assert ours == theirs
+        else:
+            # Pillow's lookup keeps the first of several values where its registry expects one
+            # (XResolution); the extractor keeps them all, and the fields read the first.
+            assert first(ours) == first(theirs)
+            assert isinstance(ours, bytes) or ours == tuple(first(ours) for _ in range(2))
 
 
 def test_pillow_values_are_normalized_by_exact_type_and_by_kind() -> None:
