@@ -13,6 +13,7 @@ is stored, whoever produced it: a client, an extractor or an update.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,22 +199,48 @@ def to_jsonable(values: Mapping[str, MetadataValue]) -> dict[str, float | str]:
     return out
 
 
+@functools.cache
+def _messages() -> tuple[type[pb.Metadata], type[Timestamp], type[Duration]]:
+    """metalake.v1's Metadata and protobuf's Timestamp and Duration, imported on first use."""
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from metalake.v1 import datalake_pb2
+
+    return datalake_pb2.Metadata, Timestamp, Duration
+
+
 def to_proto(values: Mapping[str, MetadataValue]) -> pb.Metadata:
     """Build the protobuf message; the values must already be valid."""
-    from metalake.v1 import datalake_pb2 as pb
+    Metadata, Timestamp, Duration = _messages()
+    # One constructor call, not a setattr per field, and the instant without Timestamp's
+    # FromDatetime, which is pure Python.
+    others: dict[str, Any] = dict(values)
+    moment = others.pop("acquired_at", None)
+    if not isinstance(moment, datetime):
+        return Metadata(**others)
+    seconds, nanos = epoch_seconds(moment)  # a naive wall time travels as if it were UTC
+    offset = moment.utcoffset()
+    if offset is None:
+        return Metadata(**others, acquired_at=Timestamp(seconds=seconds, nanos=nanos))
+    return Metadata(
+        **others,
+        acquired_at=Timestamp(seconds=seconds, nanos=nanos),
+        # A valid offset is whole seconds (check_value).
+        acquired_at_utc_offset=Duration(seconds=offset.days * 86400 + offset.seconds),
+    )
 
-    message = pb.Metadata()
-    for field, value in values.items():
-        if isinstance(value, datetime):
-            offset = value.utcoffset()
-            # A naive wall time travels as if it were UTC, with no offset beside it.
-            instant = value.astimezone(UTC) if offset is not None else value.replace(tzinfo=UTC)
-            message.acquired_at.FromDatetime(instant)
-            if offset is not None:
-                message.acquired_at_utc_offset.FromTimedelta(offset)
-        else:
-            setattr(message, field, value)
-    return message
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_seconds(moment: datetime) -> tuple[int, int]:
+    """The instant as google.protobuf.Timestamp holds it, (seconds, nanos) since the Unix
+    epoch; a naive time is taken as UTC, as Timestamp.FromDatetime takes it."""
+    if moment.utcoffset() is None:
+        moment = moment.replace(tzinfo=UTC)
+    since = moment - _EPOCH
+    return since.days * 86400 + since.seconds, since.microseconds * 1000
 
 
 def from_proto(message: pb.Metadata) -> tuple[MetadataDict, list[FieldViolation]]:

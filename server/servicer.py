@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -614,13 +614,8 @@ async def _writes(
 
 def _timestamp(value: datetime) -> Timestamp:
     # Timestamp.FromDatetime is pure Python and cost ~7 us, twice per answered item.
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)  # a naive time is UTC, as FromDatetime takes it
-    since = value - _EPOCH
-    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+    seconds, nanos = md.epoch_seconds(value)
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 async def _chunks(

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+from hypothesis import given
+from hypothesis import strategies as st
+
+from metalake import metadata as md
+from metalake.v1 import datalake_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "metalake/v1/datalake.proto"
@@ -202,3 +208,33 @@ def test_the_ci_script_fails_on_a_breaking_commit(buf: Path, tmp_path: Path) -> 
     assert _breaking_script(repo, buf, "HEAD").returncode == 0
     assert _breaking_script(repo, buf, "HEAD~2").returncode != 0
     assert _breaking_script(repo, buf, "no-such-ref").returncode != 0
+
+
+_OFFSETS = st.none() | st.integers(-86_399, 86_399).map(lambda s: timezone(timedelta(seconds=s)))
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    zone=_OFFSETS,
+)
+def test_a_capture_time_travels_as_protobuf_s_own_conversions_write_it(
+    moment: datetime, zone: timezone | None
+) -> None:
+    # to_proto computes the Timestamp and Duration itself (FromDatetime is pure Python and
+    # slow): the message must be the one protobuf's conversions build, and read back the same.
+    value = moment.replace(tzinfo=zone)
+    message = md.to_proto({"acquired_at": value, "weather": "fog"})
+    expected = pb.Metadata(weather="fog")
+    offset = value.utcoffset()
+    expected.acquired_at.FromDatetime(
+        value.astimezone(UTC) if offset is not None else value.replace(tzinfo=UTC)
+    )
+    if offset is not None:
+        expected.acquired_at_utc_offset.FromTimedelta(offset)
+    assert message == expected
+    values, violations = md.from_proto(message)
+    assert not violations
+    back = values["acquired_at"]
+    assert isinstance(back, datetime)
+    assert back == value
+    assert back.utcoffset() == offset
