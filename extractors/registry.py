@@ -337,8 +337,14 @@ class ExtractorRegistry:
         *,
         filename: str | None = None,
         missing: Iterable[str] = FIELDS,
+        time_limit: float | None = None,
     ) -> Extraction:
         """`extract_data` (for bytes) or `extract` (for a path), awaited on an event loop.
+
+        `time_limit`: seconds for the whole file, after which TimeoutError is raised (each
+        extractor's own limit, `timeout`, applies too). Only a runner thread's part can be
+        waited for past it: the timer is set only when there is one, the common small file
+        done inline needs none (setting and cancelling an asyncio timer cost 5 us a file).
 
         Bytes in memory (a small file) go first to the leading trusted extractors, called right
         here on the loop's thread: they do no I/O, and the hand-off to a runner thread and back
@@ -357,6 +363,8 @@ class ExtractorRegistry:
         wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
+        loop = asyncio.get_running_loop()
+        deadline = None if time_limit is None else loop.time() + time_limit
         calls = self._ordered_calls()
         result = Extraction()
         start = 0
@@ -374,7 +382,8 @@ class ExtractorRegistry:
             shown = filename or Path(content).name
         # A source of its own: an interrupted extractor may have left the first one half read.
         chain = _Chain(calls, None, wanted, result, shown, opener)
-        await self._runner.run_async(chain, self.timeout, start)
+        async with asyncio.timeout_at(deadline):  # None: no deadline
+            await self._runner.run_async(chain, self.timeout, start)
         return result
 
 

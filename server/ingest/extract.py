@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -36,8 +35,14 @@ class MetadataExtractor(Protocol):
     """The extractor registry, as the pipeline sees it (see extractors.registry)."""
 
     async def extract_async(
-        self, content: bytes | Path, *, filename: str, missing: Collection[str]
-    ) -> Extraction: ...
+        self,
+        content: bytes | Path,
+        *,
+        filename: str,
+        missing: Collection[str],
+        time_limit: float | None = None,
+    ) -> Extraction:
+        """Raises TimeoutError once `time_limit` seconds are spent."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ async def fill_metadata(
     if extractor is None or not missing:
         return Filled(metadata, sources)
     try:
-        # asyncio.timeout, not wait_for: no task of its own to create and step per file.
-        async with asyncio.timeout(time_limit):
-            found = await extractor.extract_async(content, filename=filename, missing=missing)
+        found = await extractor.extract_async(
+            content, filename=filename, missing=missing, time_limit=time_limit
+        )
     except TimeoutError:
         log.warning("metadata extraction timed out after %.1fs for %r", time_limit, filename)
         return Filled(metadata, sources)
