@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -361,6 +362,19 @@ def tune_malloc() -> None:
     mallopt(m_arena_max, 1)
 
 
+def freeze_startup_heap() -> None:
+    """Put what the server allocated to start out of the garbage collector's sight, once it
+    serves: modules, gRPC's handlers, the catalog's table metadata, live as long as the process.
+
+    Every full collection walked them all: 47-57 ms with the event loop stopped, every few
+    thousand calls (15.9-18.9 us per call over a run). `gc.freeze` is CPython's own answer for
+    objects made at start-up; what the server allocates later is collected as before.
+    """
+    gc.collect()  # the garbage of starting up, not kept forever
+    gc.freeze()
+    log.debug("%d objects made at start-up left out of garbage collection", gc.get_freeze_count())
+
+
 def serve_forever(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, then drain in-flight calls: in this process, or with
     `settings.workers` > 1 in that many worker processes under a supervisor (this one)."""
@@ -379,6 +393,7 @@ def serve_forever(settings: Settings) -> None:
 
 async def _serve(settings: Settings) -> None:
     running = await start(settings)
+    freeze_startup_heap()
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
         "metalake serving on %s:%d, data in %s, version %s",

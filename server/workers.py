@@ -297,9 +297,10 @@ def run_worker(settings: Settings, index: int, ready: Connection, supervisor: in
 
 
 async def _serve_worker(settings: Settings, index: int, ready: Connection) -> None:
-    from metalake.server.app import start
+    from metalake.server.app import freeze_startup_heap, start
 
     running = await start(settings, worker=index)
+    freeze_startup_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -481,3 +481,26 @@ def test_workers_storing_and_deleting_the_same_small_files_keep_every_blob_in_us
             stored.add(item.data.sha256)
     blobs = set(stored_blobs(two_workers.data_dir))
     assert blobs == stored
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_server_process_leaves_its_start_up_heap_out_of_garbage_collection(
+    tmp_path: Path, workers: int
+) -> None:
+    # Full collections walked the whole start-up heap with the event loop stopped (app.py,
+    # freeze_startup_heap): each process serving calls freezes it once it has started.
+    log = tmp_path / "server.log"
+    env = {"METALAKE_WORKERS": str(workers), "METALAKE_LOG_LEVEL": "debug"}
+    with ServerProcess(tmp_path / "data", log, **env):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            frozen = [int(n) for n in _FROZEN.findall(log.read_text())]
+            if len(frozen) >= workers:
+                break
+            time.sleep(0.05)
+    assert len(frozen) == workers
+    # Far more than anything a request leaves: the modules, gRPC and the catalog's metadata.
+    assert all(count > 50_000 for count in frozen)
+
+
+_FROZEN = re.compile(r"(\d+) objects made at start-up left out of garbage collection")
