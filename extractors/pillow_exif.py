@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,6 +193,8 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
     bigtiff = head[2:4] in (b"+\x00", b"\x00+")
     try:
         info = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8], group=group)
+        if not bigtiff:
+            stream = _mapped_entries_only(stream, "<" if head[:2] == b"II" else ">", offset)
         stream.seek(offset)
         info.load(stream)
     except Exception as error:  # a hostile file: keep what the other directories give
@@ -214,6 +218,40 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
 
 
 _SIGNED_RATIONAL = 10
+_ENTRY_TAG = {order: struct.Struct(order + "H10x") for order in "<>"}
+# Shortening a directory costs about as much as Pillow's reading of a few entries: not worth it
+# for IFD0 (about a dozen, most of them mapped), worth it for an Exif directory.
+_WORTH_SHORTENING = 16
+
+
+def _mapped_entries_only(stream: IO[bytes], order: str, offset: int) -> IO[bytes]:
+    """`stream`, or, where it is a block in memory whose classic TIFF directory at `offset`
+    has entries of tags metalake does not map, a copy of it whose directory lists only the
+    others, in their order (the values stay where they are).
+
+    Pillow's `load` spends about 2 us on every entry, read or not (it names each one and
+    formats a debug line for it); a camera's Exif directory lists 30 to 60 entries, of which
+    metalake maps four. A directory that runs past the block is left as it is, for Pillow to
+    read as far as it can."""
+    if not isinstance(stream, io.BytesIO):
+        return stream  # a window on a large file: read as it is
+    data = stream.getvalue()  # the bytes the BytesIO was made from, not a copy
+    if offset < 8 or offset + 2 > len(data):
+        return stream
+    count = struct.unpack_from(order + "H", data, offset)[0]
+    end = offset + 2 + 12 * count
+    if count < _WORTH_SHORTENING or end + 4 > len(data):
+        return stream
+    tags = [tag for (tag,) in _ENTRY_TAG[order].iter_unpack(data[offset + 2 : end])]
+    if MAPPED_TAGS.issuperset(tags):
+        return stream
+    start = offset + 2
+    kept = [
+        data[start + 12 * i : start + 12 * i + 12] for i, t in enumerate(tags) if t in MAPPED_TAGS
+    ]
+    # The shorter list in place of the longer one, then the next directory's offset.
+    table = struct.pack(order + "H", len(kept)) + b"".join(kept) + data[end : end + 4]
+    return io.BytesIO(data[:offset] + table + data[offset + len(table) :])
 
 
 def _decoded(info: TiffImagePlugin.ImageFileDirectory_v2, kind: int, data: bytes) -> Raw | None:
