@@ -114,17 +114,17 @@ def _read(source: Source) -> _Reading:
             for index, block in enumerate(blocks):
                 stream = open_block(fp, block)
                 head = stream.read(16)
-                first = _first_directory(stream, head)
-                exif = _sub_directory(stream, head, first, EXIF_IFD)
+                first, first_whole = _first_directory(stream, head)
+                exif, exif_whole = _sub_directory(stream, head, first, EXIF_IFD)
                 gps: dict[int, Raw] = {}
                 offset = _pointer(first, GPS_IFD)
                 if offset is not None:
                     if block.role in ("tiff", "rw2"):
                         reading.gps_pending.append((index, block, offset))
                     else:  # rare (CR3 blocks): read at once
-                        gps = _directory(stream, head, offset, GPS_IFD)
-                        complete = complete and bool(gps)
-                complete = complete and bool(first) and (bool(exif) or EXIF_IFD not in first)
+                        gps, gps_whole = _directory(stream, head, offset, GPS_IFD)
+                        complete = complete and gps_whole
+                complete = complete and first_whole and (exif_whole or EXIF_IFD not in first)
                 reading.directories.merge(block.role, first, exif, gps)
                 reading.gps.append(reading.directories.gps if block.role == "gps" else gps)
                 reading.directories.gps = {}
@@ -141,9 +141,9 @@ def _read_gps(source: Source, reading: _Reading) -> None:
     with source.open() as fp:
         for index, block, offset in pending:
             stream = open_block(fp, block)
-            gps = _directory(stream, stream.read(16), offset, GPS_IFD)
+            gps, whole = _directory(stream, stream.read(16), offset, GPS_IFD)
             reading.gps[index] = gps
-            reading.complete = reading.complete and bool(gps)
+            reading.complete = reading.complete and whole
     _merge_gps(reading)
 
 
@@ -160,13 +160,17 @@ def _is_heif(head: bytes) -> bool:
     return head[8:12] in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
 
 
-def _first_directory(stream: IO[bytes], head: bytes) -> dict[int, Raw]:
+# A directory's mapped tags, and whether the directory was there whole (see `_directory`).
+_Directory = tuple[dict[int, Raw], bool]
+
+
+def _first_directory(stream: IO[bytes], head: bytes) -> _Directory:
     bigtiff = head[2:4] in (b"+\x00", b"\x00+")
     try:
         # Rejects anything but a TIFF header, so a garbage block yields nothing.
         probe = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8])
     except Exception:  # SyntaxError, struct.error, ...: not a TIFF header
-        return {}
+        return {}, False
     return _directory(stream, head, probe.next, None)
 
 
@@ -179,27 +183,28 @@ def _pointer(ifd0: dict[int, Raw], tag: int) -> int | None:
     return pointer
 
 
-def _sub_directory(
-    stream: IO[bytes], head: bytes, ifd0: dict[int, Raw], tag: int
-) -> dict[int, Raw]:
+def _sub_directory(stream: IO[bytes], head: bytes, ifd0: dict[int, Raw], tag: int) -> _Directory:
     pointer = _pointer(ifd0, tag)
     if pointer is None:
-        return {}
+        return {}, False
     return _directory(stream, head, pointer, tag)
 
 
-def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -> dict[int, Raw]:
-    """One directory, each tag decoded on its own so that one corrupt tag loses only itself."""
+def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -> _Directory:
+    """One directory's mapped tags, each decoded on its own so that one corrupt tag loses only
+    itself, and whether the directory was there whole: its entries and the offset after them
+    within the block. Pillow reads what it can of a broken one; a whole one read without a
+    mapped tag is read completely all the same (another reader would find none either)."""
     bigtiff = head[2:4] in (b"+\x00", b"\x00+")
+    order = "<" if head[:2] == b"II" else ">"
     try:
         info = TiffImagePlugin.ImageFileDirectory_v2(head if bigtiff else head[:8], group=group)
-        if not bigtiff:
-            stream = _mapped_entries_only(stream, "<" if head[:2] == b"II" else ">", offset)
+        stream, whole = _for_pillow(stream, order, offset, bigtiff)
         stream.seek(offset)
         info.load(stream)
     except Exception as error:  # a hostile file: keep what the other directories give
         log.debug("unreadable TIFF directory at %s: %r", offset, error)
-        return {}
+        return {}, False
     out: dict[int, Raw] = {}
     # The entries Pillow's `load` kept, by the names its class documents them under: decoded
     # here by Pillow's own loader for their type, not through `info[tag]`, which also looks the
@@ -214,7 +219,7 @@ def _directory(stream: IO[bytes], head: bytes, offset: int, group: int | None) -
             continue
         if value is not None:
             out[tag] = value
-    return out
+    return out, whole
 
 
 _SIGNED_RATIONAL = 10
@@ -224,34 +229,46 @@ _ENTRY_TAG = {order: struct.Struct(order + "H10x") for order in "<>"}
 _WORTH_SHORTENING = 16
 
 
-def _mapped_entries_only(stream: IO[bytes], order: str, offset: int) -> IO[bytes]:
-    """`stream`, or, where it is a block in memory whose classic TIFF directory at `offset`
-    has entries of tags metalake does not map, a copy of it whose directory lists only the
-    others, in their order (the values stay where they are).
+def _for_pillow(
+    stream: IO[bytes], order: str, offset: int, bigtiff: bool
+) -> tuple[IO[bytes], bool]:
+    """What Pillow is to read the directory at `offset` from, and whether the directory lies
+    whole within the block: its count, its entries and the next directory's offset.
 
-    Pillow's `load` spends about 2 us on every entry, read or not (it names each one and
-    formats a debug line for it); a camera's Exif directory lists 30 to 60 entries, of which
-    metalake maps four. A directory that runs past the block is left as it is, for Pillow to
-    read as far as it can."""
-    if not isinstance(stream, io.BytesIO):
-        return stream  # a window on a large file: read as it is
+    That is `stream`, or, for a block in memory whose classic TIFF directory is whole and
+    lists entries of tags metalake does not map, a copy of it whose directory lists only the
+    others, in their order (the values stay where they are). Pillow's `load` spends about 2 us
+    on every entry, read or not (it names each one and formats a debug line for it); a camera's
+    Exif directory lists 30 to 60 entries, of which metalake maps four."""
+    if bigtiff or not isinstance(stream, io.BytesIO):
+        # A window on a large file (or BigTIFF): read as it is.
+        count_size, entry_size, next_size = (8, 20, 8) if bigtiff else (2, 12, 4)
+        end = stream.seek(0, io.SEEK_END)
+        stream.seek(offset)
+        raw = stream.read(count_size)
+        if offset < 0 or len(raw) < count_size:
+            return stream, False
+        count = struct.unpack(order + ("Q" if bigtiff else "H"), raw)[0]
+        return stream, offset + count_size + entry_size * count + next_size <= end
     data = stream.getvalue()  # the bytes the BytesIO was made from, not a copy
-    if offset < 8 or offset + 2 > len(data):
-        return stream
+    if offset < 0 or offset + 2 > len(data):
+        return stream, False
     count = struct.unpack_from(order + "H", data, offset)[0]
     end = offset + 2 + 12 * count
-    if count < _WORTH_SHORTENING or end + 4 > len(data):
-        return stream
+    if end + 4 > len(data):
+        return stream, False  # for Pillow to read as far as it can
+    if count < _WORTH_SHORTENING:
+        return stream, True
     tags = [tag for (tag,) in _ENTRY_TAG[order].iter_unpack(data[offset + 2 : end])]
     if MAPPED_TAGS.issuperset(tags):
-        return stream
+        return stream, True
     start = offset + 2
     kept = [
         data[start + 12 * i : start + 12 * i + 12] for i, t in enumerate(tags) if t in MAPPED_TAGS
     ]
     # The shorter list in place of the longer one, then the next directory's offset.
     table = struct.pack(order + "H", len(kept)) + b"".join(kept) + data[end : end + 4]
-    return io.BytesIO(data[:offset] + table + data[offset + len(table) :])
+    return io.BytesIO(data[:offset] + table + data[offset + len(table) :]), True
 
 
 def _decoded(info: TiffImagePlugin.ImageFileDirectory_v2, kind: int, data: bytes) -> Raw | None:

@@ -839,6 +839,29 @@ def test_a_directory_past_the_end_stops_alone(exifread_reads: list[int]) -> None
     assert exifread_reads[0] < 1_000
 
 
+def test_exifread_does_not_read_again_what_pillow_read_whole(
+    tmp_path: Path, exifread_reads: list[int]
+) -> None:
+    # An Exif directory without one tag metalake maps (an editor's: exposure only) is read
+    # whole by Pillow all the same: exifread, the fallback, would find nothing more in it.
+    # A reading left incomplete (a directory running past the block) still goes to exifread.
+    exif = Image.Exif()
+    exif[MAKE] = "Acme"
+    exif.get_ifd(0x8769)[0x829A] = IFDRational(1, 100)  # ExposureTime
+    whole = save_with_pillow(tmp_path / "whole.jpg", exif)
+    registry = ExtractorRegistry(builtin_plugins(), timeout=None)
+    assert registry.extract(whole).values["manufacturer"] == "Acme"
+    assert exifread_reads[0] == 0
+    data = bytearray(whole.read_bytes())
+    at = data.index(b"Exif\x00\x00") + 6  # the TIFF block Pillow wrote
+    order = "<" if data[at : at + 2] == b"II" else ">"
+    pointer = data.index(struct.pack(order + "HHI", 0x8769, 4, 1), at) + 8
+    (exif_ifd,) = struct.unpack_from(order + "I", data, pointer)
+    struct.pack_into(order + "H", data, at + exif_ifd, 0xFFFF)  # a count past the block's end
+    assert registry.extract_data(bytes(data), "cut.jpg").values["manufacturer"] == "Acme"
+    assert exifread_reads[0] > 0
+
+
 def test_pillow_runs_only_its_readers_of_formats_with_exif(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
