@@ -240,18 +240,20 @@ def _for_pillow(
     others, in their order (the values stay where they are). Pillow's `load` spends about 2 us
     on every entry, read or not (it names each one and formats a debug line for it); a camera's
     Exif directory lists 30 to 60 entries, of which metalake maps four."""
+    if offset < 0:
+        return stream, False
     if bigtiff or not isinstance(stream, io.BytesIO):
         # A window on a large file (or BigTIFF): read as it is.
         count_size, entry_size, next_size = (8, 20, 8) if bigtiff else (2, 12, 4)
         end = stream.seek(0, io.SEEK_END)
         stream.seek(offset)
         raw = stream.read(count_size)
-        if offset < 0 or len(raw) < count_size:
+        if len(raw) < count_size:
             return stream, False
         count = struct.unpack(order + ("Q" if bigtiff else "H"), raw)[0]
         return stream, offset + count_size + entry_size * count + next_size <= end
     data = stream.getvalue()  # the bytes the BytesIO was made from, not a copy
-    if offset < 0 or offset + 2 > len(data):
+    if offset + 2 > len(data):
         return stream, False
     count = struct.unpack_from(order + "H", data, offset)[0]
     end = offset + 2 + 12 * count
