@@ -106,8 +106,8 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-# A block of a file held in memory up to this size is copied out whole: one copy costs less than
-# the window's reads, each a Python call (a JPEG's EXIF block is at most 64 KiB).
+# A block up to this size is read out whole, from memory or from disk: one copy (one read) costs
+# less than the window's reads, each a Python call (a JPEG's EXIF block is at most 64 KiB).
 _COPIED_BLOCK = 256 * 1024
 
 
@@ -116,10 +116,9 @@ def open_block(fp: BinaryIO, block: TiffBlock) -> BinaryIO:
     if block.data is not None:
         return io.BytesIO(block.data)
     if (
-        isinstance(fp, io.BytesIO)
-        and block.length <= _COPIED_BLOCK
+        block.length <= _COPIED_BLOCK
         and block.offset >= 0
-        # Not getbuffer(): it would copy the whole file out of the bytes the BytesIO shares.
+        # Not getbuffer() for a BytesIO: it would copy the whole file out of the bytes it shares.
         and block.offset + block.length <= fp.seek(0, io.SEEK_END)
     ):
         # The same bytes the window would show, its length included (the block lies inside).

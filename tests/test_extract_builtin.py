@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -16,7 +17,7 @@ from PIL import Image, ImageFile
 from PIL.TiffImagePlugin import IFDRational
 
 from metalake.extractors import exifread_exif, tiffread
-from metalake.extractors.containers import SCAN_LIMIT
+from metalake.extractors.containers import _COPIED_BLOCK, SCAN_LIMIT, TiffBlock, open_block
 from metalake.extractors.fields import (
     GPS_LATITUDE,
     MAKE,
@@ -837,6 +838,28 @@ def test_a_directory_past_the_end_stops_alone(exifread_reads: list[int]) -> None
     assert found.values == {"manufacturer": "Acme"}
     assert found.errors == []
     assert exifread_reads[0] < 1_000
+
+
+def test_a_block_of_a_file_on_disk_is_read_out_whole_when_small(tmp_path: Path) -> None:
+    # An upload over 1 MiB (most camera JPEGs) is extracted from its spool file: the directory
+    # readers' many small reads and seeks go to its EXIF block read out once, as for a file in
+    # memory, not each through a window on the file (0.39-0.42 -> 0.29 ms per corpus JPEG). A
+    # large block (a TIFF's, the whole file) stays a window; so does one claiming more bytes than
+    # the file has. All show the same bytes.
+    content = os.urandom(3 * _COPIED_BLOCK)
+    path = tmp_path / "spooled.bin"
+    path.write_bytes(content)
+    cases = [
+        (TiffBlock("jpeg", 1000, 5000, header=b"II*\x00"), True),
+        (TiffBlock("tiff", 0, 2 * _COPIED_BLOCK), False),
+        (TiffBlock("jpeg", len(content) - 100, 5000), False),
+    ]
+    for block, in_memory in cases:
+        with path.open("rb") as fp, open_block(fp, block) as stream:
+            assert isinstance(stream, io.BytesIO) is in_memory
+            shown = stream.read()
+        expected = content[block.offset : block.offset + block.length]
+        assert shown == block.header + expected[len(block.header) :]
 
 
 def test_exifread_does_not_read_again_what_pillow_read_whole(
