@@ -363,8 +363,7 @@ class ExtractorRegistry:
         wanted = _FIELD_SET.intersection(missing)
         if not wanted:
             return Extraction()
-        loop = asyncio.get_running_loop()
-        deadline = None if time_limit is None else loop.time() + time_limit
+        deadline = None if time_limit is None else asyncio.get_running_loop().time() + time_limit
         calls = self._ordered_calls()
         result = Extraction()
         start = 0

@@ -66,16 +66,16 @@ def hash_image(source: str | Path | BinaryIO) -> ImageHash:
 ImageSource = Path | bytes
 
 
-def hash_or_error(image: Path | bytes) -> ImageHash:
+def hash_or_error(image: ImageSource) -> ImageHash:
     """hash_image of a file or of bytes in memory (NotAnImageError if it is none)."""
     return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
 
 
-def hash_or_none(image: Path | bytes) -> ImageHash | None:
+def hash_or_none(image: ImageSource) -> ImageHash | None:
     """The hash of an image file, or of an image's bytes in memory; None when it is none."""
     if isinstance(image, Path) and not image.is_file():
         raise FileNotFoundError(image)
     try:
-        return hash_image(io.BytesIO(image) if isinstance(image, bytes) else image)
+        return hash_or_error(image)
     except NotAnImageError:
         return None

@@ -278,7 +278,9 @@ def _serve_metrics(listen: str, directory: Path) -> None:
 
 def run_worker(settings: Settings, index: int, ready: Connection, supervisor: int) -> None:
     """A worker process's entry point: serve `settings.listen` until SIGTERM, then drain."""
-    _die_with(supervisor)
+    # Killed when the supervisor dies, even by SIGKILL: a worker without its supervisor would
+    # serve on unsupervised, beside the next server started on its data directory.
+    die_with(supervisor)
     from metalake.server.app import tune_malloc
     from metalake.server.calls import name_worker_in_answers
     from metalake.server.observability import configure_logging
@@ -312,10 +314,3 @@ async def _serve_worker(settings: Settings, index: int, ready: Connection) -> No
         log.info("worker %d (pid %d) serving HTTP on %s", index, os.getpid(), settings.http_listen)
     await stopping.wait()
     await running.stop(settings.shutdown_grace)
-
-
-def _die_with(supervisor: int) -> None:
-    """Be killed when the supervisor dies, even by SIGKILL: a worker without its supervisor
-    would serve on unsupervised, beside the next server started on its data directory. Linux
-    only (prctl); elsewhere workers outlive a killed supervisor."""
-    die_with(supervisor)
