@@ -86,6 +86,9 @@ class _Call(NamedTuple):
 
     name: str
     hook: Callable[..., Any]
+    # Without wrappers: the extractor's function called with (source, missing), its result as
+    # it returned it (see `_run_inline`).
+    direct: Callable[[Source, frozenset[str]], object] | None = None
 
 
 class ExtractorTimeoutError(TimeoutError):
@@ -268,10 +271,10 @@ class ExtractorRegistry:
                     self._pm.subset_hook_caller(
                         HOOK,
                         remove_plugins=[p for n, p in plugins.items() if n != impl.plugin_name],
-                    )
-                    if wrappers
-                    else _direct(impl),
+                    ),
                 )
+                if wrappers
+                else _Call(impl.plugin_name, _direct(impl), _positional(impl))
                 for impl in extractors
             ]
             # The leading trusted extractors, unless a wrapper (whose code is not) runs around
@@ -371,11 +374,12 @@ class ExtractorRegistry:
             opener = functools.partial(Source, None, filename, data=content)
             shown = filename or "<memory>"
             if self._inline_calls and interrupt.available():
-                chain = _Chain(calls, opener(), wanted, result, shown)
-                chain.stuck = self._runner.stuck
-                start = chain.run_inline(self._inline_calls, INLINE_BUDGET)
-                if start == len(calls):
+                left_at = _run_inline(
+                    calls[: self._inline_calls], opener(), wanted, result, shown, self._runner.stuck
+                )
+                if left_at is None or left_at == len(calls):
                     return result
+                start = left_at
         else:
             opener = functools.partial(Source, content, filename)
             shown = filename or Path(content).name
@@ -396,6 +400,70 @@ def _direct(impl: pluggy.HookImpl) -> Callable[..., list[object]]:
         return [] if result is None else [result]
 
     return call
+
+
+def _positional(impl: pluggy.HookImpl) -> Callable[[Source, frozenset[str]], object]:
+    """One extractor's function as `_run_inline` calls it: with (source, missing), whichever of
+    them it names, in its order; what it returns, unwrapped."""
+    function, argnames = impl.function, impl.argnames
+    if argnames == ("source", "missing"):  # every built-in extractor
+        return function
+
+    def call(source: Source, missing: frozenset[str]) -> object:
+        given = {"source": source, "missing": missing}
+        return function(*[given[name] for name in argnames])
+
+    return call
+
+
+def _run_inline(
+    calls: list[_Call],
+    source: Source,
+    wanted: frozenset[str],
+    result: Extraction,
+    shown: str,
+    stuck: Mapping[str, int],
+) -> int | None:
+    """`calls` (direct ones) on this thread, the main one (see `interrupt`), all of them in
+    INLINE_BUDGET seconds, the one running when they are spent interrupted: the index of the
+    call to go on from elsewhere (that one, or the first after `calls`), or None when no field
+    is left to fill.
+
+    What a `_Chain` does for one call, without its thread-safety: a small file's extractors run
+    here once per upload, on the event loop's thread, and the chain's objects and the
+    keyword-argument plumbing of pluggy-style calls cost a sizeable part of what the extractors
+    themselves do."""
+    with interrupt.budget(INLINE_BUDGET):  # one timer for all of them
+        for index, (name, _, direct) in enumerate(calls):
+            remaining = wanted.difference(result.values)
+            if not remaining:
+                return None
+            if stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR:
+                message = f"{stuck[name]} earlier calls still running past the time limit"
+                _record(result, name, shown, message, traceback=False)
+                continue
+            assert direct is not None  # calls run inline only without wrappers
+            started = time.monotonic()
+            try:
+                produced = interrupt.run(direct, source, remaining)
+            except interrupt.OverBudget:
+                log.warning(
+                    "the event loop's %g s for %s were spent with extractor %r to run: it "
+                    "runs on a worker thread",
+                    INLINE_BUDGET,
+                    shown,
+                    name,
+                )
+                return index
+            except Exception as error:
+                result.timings[name] = time.monotonic() - started
+                _record(result, name, shown, f"{type(error).__name__}: {error}", traceback=error)
+                continue
+            result.timings[name] = time.monotonic() - started
+            problem = _merge_one(name, produced, remaining, result)
+            if problem is not None:
+                _record(result, name, shown, problem, traceback=False)
+    return len(calls) if wanted.difference(result.values) else None
 
 
 class _Chain:
@@ -452,7 +520,7 @@ class _Chain:
                     self._finish()
                 return
         for index in range(start, len(self.calls)):
-            name, hook = self.calls[index]
+            name, hook, _ = self.calls[index]
             with self.condition:
                 if self.abandoned:
                     return
@@ -477,37 +545,6 @@ class _Chain:
                 self._take(name, produced, error, remaining)
         with self.condition:
             self._finish()
-
-    def run_inline(self, stop: int, budget: float) -> int:
-        """Calls before `stop`, on this thread (the main one, see `interrupt`), all of them in
-        `budget` seconds, the one running when they are spent interrupted: the index of the call
-        to go on from elsewhere (that one, or `stop`), or the number of calls if nothing is left
-        to do."""
-        with interrupt.budget(budget):  # one timer for all of them
-            for index in range(stop):
-                name, hook = self.calls[index]
-                remaining = self._remaining(name)
-                if remaining is None:
-                    continue
-                if not remaining:
-                    return len(self.calls)
-                self.started_at = time.monotonic()
-                try:
-                    produced = interrupt.run(hook, source=self.source, missing=remaining)
-                    error: Exception | None = None
-                except interrupt.OverBudget:
-                    log.warning(
-                        "the event loop's %g s for %s were spent with extractor %r to run: it "
-                        "runs on a worker thread",
-                        budget,
-                        self.shown,
-                        name,
-                    )
-                    return index
-                except Exception as caught:
-                    produced, error = None, caught
-                self._take(name, produced, error, remaining)
-        return stop if self.wanted.difference(self.result.values) else len(self.calls)
 
     def _remaining(self, name: str) -> frozenset[str] | None:
         """The fields still missing, for extractor `name` to fill; None when it is skipped."""
@@ -553,8 +590,15 @@ class _Chain:
                 self.on_done()
 
     def _record(self, name: str, message: str, *, traceback: bool | BaseException) -> None:
-        log.warning("extractor %r skipped on %s: %s", name, self.shown, message, exc_info=traceback)
-        self.result.errors.append((name, message))
+        _record(self.result, name, self.shown, message, traceback=traceback)
+
+
+def _record(
+    result: Extraction, name: str, shown: str, message: str, *, traceback: bool | BaseException
+) -> None:
+    """Why extractor `name` gave nothing for file `shown`: logged, and kept in `result`."""
+    log.warning("extractor %r skipped on %s: %s", name, shown, message, exc_info=traceback)
+    result.errors.append((name, message))
 
 
 def _merge(

@@ -234,7 +234,7 @@ def test_a_sigalrm_handler_of_someone_else_is_left_alone(monkeypatch: pytest.Mon
 def test_a_call_within_its_budget_returns_and_leaves_no_timer() -> None:
     assert interrupt.available()
     with interrupt.budget(1.0):
-        assert interrupt.run(lambda value: value * 2, value=21) == 42
+        assert interrupt.run(lambda value: value * 2, 21) == 42
     assert no_timer_left()
     with pytest.raises(ZeroDivisionError), interrupt.budget(1.0):
         interrupt.run(lambda: 1 / 0)
