@@ -438,9 +438,9 @@ def _run_inline(
             remaining = wanted.difference(result.values)
             if not remaining:
                 return None
-            if stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR:
-                message = f"{stuck[name]} earlier calls still running past the time limit"
-                _record(result, name, shown, message, traceback=False)
+            too_many = _too_many_stuck(stuck, name)
+            if too_many is not None:
+                _record(result, name, shown, too_many, traceback=False)
                 continue
             assert direct is not None  # calls run inline only without wrappers
             started = time.monotonic()
@@ -549,13 +549,11 @@ class _Chain:
     def _remaining(self, name: str) -> frozenset[str] | None:
         """The fields still missing, for extractor `name` to fill; None when it is skipped."""
         remaining = self.wanted.difference(self.result.values)
-        if (
-            remaining
-            and self.stuck is not None
-            and self.stuck.get(name, 0) >= MAX_STUCK_PER_EXTRACTOR
-        ):
-            message = f"{self.stuck[name]} earlier calls still running past the time limit"
-            self._record(name, message, traceback=False)
+        if not remaining or self.stuck is None:
+            return remaining
+        too_many = _too_many_stuck(self.stuck, name)
+        if too_many is not None:
+            self._record(name, too_many, traceback=False)
             return None
         return remaining
 
@@ -591,6 +589,14 @@ class _Chain:
 
     def _record(self, name: str, message: str, *, traceback: bool | BaseException) -> None:
         _record(self.result, name, self.shown, message, traceback=traceback)
+
+
+def _too_many_stuck(stuck: Mapping[str, int], name: str) -> str | None:
+    """Why extractor `name` is skipped for now, if too many of its calls are still running."""
+    count = stuck.get(name, 0)
+    if count < MAX_STUCK_PER_EXTRACTOR:
+        return None
+    return f"{count} earlier calls still running past the time limit"
 
 
 def _record(

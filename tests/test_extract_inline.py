@@ -61,9 +61,11 @@ class SpinningEverywhere:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self.calls = 0
 
     @hookimpl
     def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        self.calls += 1
         while not self.stop.is_set():
             time.sleep(0.001)
         return {"software": "never seen"}
@@ -183,6 +185,20 @@ async def test_an_extractor_stuck_everywhere_times_out_on_the_runner(
     found = await registry.extract_async(b"x", filename="a.bin")
     assert found.values == {}
     assert found.errors == [("spinning", "timed out after 0.2 s")]
+    assert no_timer_left()
+
+
+async def test_an_extractor_with_too_many_calls_stuck_is_not_called_on_the_loop_either(
+    spinning: SpinningEverywhere,
+) -> None:
+    registry = ExtractorRegistry([spinning], timeout=0.1, trusted=["spinning"])
+    most = registry_module.MAX_STUCK_PER_EXTRACTOR
+    for _ in range(most):  # each interrupted on the loop, then stuck on a runner
+        await registry.extract_async(b"x", filename="a.bin")
+    assert spinning.calls == 2 * most
+    found = await registry.extract_async(b"x", filename="a.bin")
+    assert found.errors == [("spinning", f"{most} earlier calls still running past the time limit")]
+    assert spinning.calls == 2 * most
     assert no_timer_left()
 
 
