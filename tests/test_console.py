@@ -7,6 +7,7 @@ leaves a screenshot under the temporary directory (printed), for a reviewer to l
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -15,7 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Dialog,
+    Page,
+    Request,
+    Response,
+    Route,
+    expect,
+    sync_playwright,
+)
 
 from metalake import Client
 from metalake.server.auth import Role
@@ -303,6 +313,56 @@ def test_a_token_protected_server_asks_for_one(browser: Browser, tmp_path: Path)
         preview = page.locator(f'.card[data-id="{data.id}"] img[src^="blob:"]')
         preview.evaluate("img => img.decode()")  # fetched with the token
         console.screenshot("logged-in")
+
+
+def _hold_if_sent_with(token: str, held: list[Route], route: Route) -> None:
+    """A route handler: keeps the requests made with `token` in `held`, lets the others go."""
+    if route.request.headers.get("authorization") == f"Bearer {token}":
+        held.append(route)
+    else:
+        route.continue_()
+
+
+def _answers(asked: Request, answer: Response) -> bool:
+    return answer.request == asked
+
+
+def test_a_refusal_arriving_after_a_new_token_does_not_log_out(
+    browser: Browser, tmp_path: Path
+) -> None:
+    # A mistyped token, then the right one at once: answers to the first one's requests may
+    # still be on their way. Their 401 must not throw the new token away.
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        auth_cache_seconds=0,
+    )
+    with serving(settings) as handle:
+        token = on_server(handle, handle.running.tokens.create("acme", Role.WRITE)).secret
+    for console in _console(browser, settings, token=token):
+        data = console.client.get_datalake().upload_data(photo(tmp_path, "late.jpg"))
+        page = console.page
+        held: list[Route] = []  # answered later, once the right token is in
+        page.route("**/v1/facets/**", functools.partial(_hold_if_sent_with, "mlk_wrong", held))
+        page.goto(console.url)
+        page.wait_for_selector("#login:not([hidden])")
+        page.fill("#token", "mlk_wrong")
+        page.press("#token", "Enter")
+        page.wait_for_selector("#login-error:not([hidden])")
+        page.fill("#token", token)
+        page.press("#token", "Enter")
+        card = page.locator(f'.card[data-id="{data.id}"]')
+        card.wait_for()
+        assert held, "the wrong token's facet requests were not held"
+        for route in held:
+            with page.expect_response(functools.partial(_answers, route.request)):
+                route.continue_()
+        page.evaluate("() => new Promise(resolve => setTimeout(resolve, 200))")
+        assert page.locator("#login").is_hidden()
+        assert page.locator("#grid-view").is_visible()
+        assert card.is_visible()
+        assert page.evaluate("sessionStorage.getItem('metalake-token')") == token
 
 
 def test_the_map_places_gps_tagged_items(console: Console, tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ async function request(path, options = {}) {
   const sent = state.token;
   const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
   if (response.status === 401) {
-    askForToken(sent ? "That token was refused." : "");
+    // Only a refusal of the token still in use asks for another: a request made with a token
+    // replaced since (mistyped, then typed again) may be refused after the new one is in.
+    if (sent === state.token) askForToken(sent ? "That token was refused." : "");
     throw new ApiError(401, { message: "a valid API token is required" });
   }
   return response;
