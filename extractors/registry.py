@@ -393,10 +393,10 @@ class ExtractorRegistry:
 def _direct(impl: pluggy.HookImpl) -> Callable[..., list[object]]:
     """One extractor called as pluggy's hook loop calls an implementation: with the arguments
     it names, its result (unless None) as the one item of a list."""
-    function, argnames = impl.function, impl.argnames
+    positional = _positional(impl)
 
-    def call(**kwargs: object) -> list[object]:
-        result = function(*[kwargs[name] for name in argnames])
+    def call(*, source: Source, missing: frozenset[str]) -> list[object]:
+        result = positional(source, missing)
         return [] if result is None else [result]
 
     return call
@@ -446,6 +446,7 @@ def _run_inline(
             started = time.monotonic()
             try:
                 produced = interrupt.run(direct, source, remaining)
+                error: Exception | None = None
             except interrupt.OverBudget:
                 log.warning(
                     "the event loop's %g s for %s were spent with extractor %r to run: it "
@@ -455,14 +456,10 @@ def _run_inline(
                     name,
                 )
                 return index
-            except Exception as error:
-                result.timings[name] = time.monotonic() - started
-                _record(result, name, shown, f"{type(error).__name__}: {error}", traceback=error)
-                continue
-            result.timings[name] = time.monotonic() - started
-            problem = _merge_one(name, produced, remaining, result)
-            if problem is not None:
-                _record(result, name, shown, problem, traceback=False)
+            except Exception as caught:
+                produced, error = None, caught
+            outcome = [] if produced is None else [produced]  # as pluggy's call returns it
+            _take(result, name, shown, time.monotonic() - started, outcome, error, remaining)
     return len(calls) if wanted.difference(result.values) else None
 
 
@@ -560,14 +557,8 @@ class _Chain:
     def _take(
         self, name: str, produced: object, error: Exception | None, remaining: frozenset[str]
     ) -> None:
-        """Merge what extractor `name` produced, or record what went wrong."""
-        self.result.timings[name] = time.monotonic() - self.started_at
-        if error is not None:
-            self._record(name, f"{type(error).__name__}: {error}", traceback=error)
-        else:
-            problem = _merge(name, produced, remaining, self.result)
-            if problem is not None:
-                self._record(name, problem, traceback=False)
+        seconds = time.monotonic() - self.started_at
+        _take(self.result, name, self.shown, seconds, produced, error, remaining)
 
     def _finish(self) -> None:
         """Under the condition: the chain is over, wake a thread waiting on it (an event loop
@@ -589,6 +580,26 @@ class _Chain:
 
     def _record(self, name: str, message: str, *, traceback: bool | BaseException) -> None:
         _record(self.result, name, self.shown, message, traceback=traceback)
+
+
+def _take(
+    result: Extraction,
+    name: str,
+    shown: str,
+    seconds: float,
+    produced: object,
+    error: Exception | None,
+    remaining: frozenset[str],
+) -> None:
+    """Merge what extractor `name` produced (a list, as pluggy's call returns it) in `seconds`,
+    or record what went wrong."""
+    result.timings[name] = seconds
+    if error is not None:
+        _record(result, name, shown, f"{type(error).__name__}: {error}", traceback=error)
+    else:
+        problem = _merge(name, produced, remaining, result)
+        if problem is not None:
+            _record(result, name, shown, problem, traceback=False)
 
 
 def _too_many_stuck(stuck: Mapping[str, int], name: str) -> str | None:

@@ -281,7 +281,8 @@ def test_untrusted_names_and_values_stay_text(console: Console, tmp_path: Path) 
     assert console.dialogs == []
 
 
-def test_a_token_protected_server_asks_for_one(browser: Browser, tmp_path: Path) -> None:
+def _token_protected(tmp_path: Path) -> tuple[Settings, str]:
+    """Settings of a server whose catalog holds one token (a writer's), and that token."""
     settings = Settings(
         data_dir=tmp_path / "data",
         listen="127.0.0.1:0",
@@ -290,6 +291,11 @@ def test_a_token_protected_server_asks_for_one(browser: Browser, tmp_path: Path)
     )
     with serving(settings) as handle:
         token = on_server(handle, handle.running.tokens.create("acme", Role.WRITE)).secret
+    return settings, token
+
+
+def test_a_token_protected_server_asks_for_one(browser: Browser, tmp_path: Path) -> None:
+    settings, token = _token_protected(tmp_path)
     # The same catalog, now with a token: serve it again and use the console against it.
     for console in _console(browser, settings, token=token):
         data = console.client.get_datalake().upload_data(photo(tmp_path, "secret.jpg"))
@@ -332,14 +338,7 @@ def test_a_refusal_arriving_after_a_new_token_does_not_log_out(
 ) -> None:
     # A mistyped token, then the right one at once: answers to the first one's requests may
     # still be on their way. Their 401 must not throw the new token away.
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        listen="127.0.0.1:0",
-        http_listen="127.0.0.1:0",
-        auth_cache_seconds=0,
-    )
-    with serving(settings) as handle:
-        token = on_server(handle, handle.running.tokens.create("acme", Role.WRITE)).secret
+    settings, token = _token_protected(tmp_path)
     for console in _console(browser, settings, token=token):
         data = console.client.get_datalake().upload_data(photo(tmp_path, "late.jpg"))
         page = console.page
