@@ -577,8 +577,9 @@ async def _stream_events(
         if kind == "header":
             yield FileStart(_upload_header(message.header))
         elif kind == "chunk":
-            BYTES_RECEIVED.inc(len(message.chunk))
-            yield FileChunk(message.chunk)
+            chunk = message.chunk  # each read of a bytes field copies it
+            BYTES_RECEIVED.inc(len(chunk))
+            yield FileChunk(chunk)
         elif kind == "finish":
             yield FileEnd()
 
