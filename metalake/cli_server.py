@@ -47,6 +47,7 @@ SERVER_IMPORTS = frozenset(
         "rawpy",
         "sqlalchemy",
         "starlette",
+        "uuid6",
         "uvicorn",
     }
 )

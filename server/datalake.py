@@ -11,7 +11,6 @@ import base64
 import hashlib
 import logging
 import os
-import uuid
 from collections.abc import (
     AsyncIterator,
     Collection,
@@ -40,6 +39,7 @@ from metalake.server.catalog import (
     LabelChange,
     Page,
     ThumbnailRecord,
+    new_item_id,
 )
 from metalake.server.decoding import DecoderCrashed, Decoders
 from metalake.server.errors import (
@@ -489,7 +489,7 @@ class DatalakeCore:
             )
         now = datetime.now(UTC)
         record = DataRecord(
-            id=existing.id if existing is not None else str(uuid.uuid4()),
+            id=existing.id if existing is not None else new_item_id(),
             org=org,
             filename=filename,
             size=obj.size,

@@ -59,7 +59,6 @@ data_table = Table(
     Index("ix_data_manufacturer", "org", "manufacturer", "created_at", "id"),
     Index("ix_data_reference", "org", "reference", "created_at", "id"),
     Index("ix_data_custom_id", "org", "custom_id", "created_at", "id"),
-    Index("ix_data_sha256", "sha256"),
     Index("ix_data_blob_key", "blob_key"),
     Index("ix_data_request_id", "org", "request_id", unique=True),
 )

@@ -49,6 +49,7 @@ from metalake.server.catalog.records import (
     _record_to_row,
     _row_to_record,
     _to_micros,
+    new_item_id,
 )
 from metalake.server.catalog.thumbnails import (
     SqlThumbnailCatalog,
@@ -97,6 +98,7 @@ __all__ = [
     "_record_to_row",
     "_row_to_record",
     "_to_micros",
+    "new_item_id",
 ]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import uuid6
 from sqlalchemy import RowMapping, and_
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -44,6 +45,17 @@ class DataRecord:
     def etag(self) -> str:
         """Opaque to clients (AIP-154); changes with every change of the item."""
         return f'"{self.revision}"'
+
+
+def new_item_id() -> str:
+    """A new item's id: a UUIDv7, whose leading bits are its creation time.
+
+    Items created together sort together, so the catalog's index of ids (and the indexes that
+    end in the id, for items without the field they order by) grows at its end: a batch of new
+    items touches a page or two of each, where random (v4) ids touched one page per item. That
+    halved the catalog's writes per stored item (52 -> 27 KiB with the next change, SQLite,
+    15,000 items; see docs/operations.md). Clients still see an opaque UUID string."""
+    return str(uuid6.uuid7())
 
 
 def _item(org: str, data_id: str) -> ColumnElement[bool]:

@@ -42,6 +42,7 @@ from metalake.server.catalog import (
     DuplicateRequestError,
     Organization,
     UploadRecord,
+    new_item_id,
 )
 from metalake.server.errors import (
     ContentMismatch,
@@ -483,7 +484,7 @@ def _given(header: UploadHeader) -> Filled:
 def _new_record(org: str, header: UploadHeader, spooled: Spooled, filled: Filled) -> DataRecord:
     now = datetime.now(UTC)
     return DataRecord(
-        id=str(uuid.uuid4()),
+        id=new_item_id(),
         org=org,
         filename=header.filename,
         size=spooled.size,
