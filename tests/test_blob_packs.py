@@ -36,6 +36,41 @@ async def get(store: LocalBlobStore, key: str, offset: int = 0, chunk_size: int 
     return b"".join([c async for c in store.read(key, offset=offset, chunk_size=chunk_size)])
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["direct", "page-cache"])
+def direct(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test runs against packs appended directly (O_DIRECT: the default where the
+    filesystem takes it) and through the page cache (where it does not)."""
+    monkeypatch.setattr(blobstore, "DIRECT_PACKS", request.param)
+    return bool(request.param)
+
+
+def pack_size(batches: list[list[bytes]], direct: bool) -> int:
+    """A pack's size once these batches of blobs (each one group commit) were appended."""
+    size = 0
+    for batch in batches:
+        size += sum(blobstore._RECORD.size + len(data) for data in batch)
+        if direct:
+            size = -(-size // blobstore.DIRECT_ALIGN) * blobstore.DIRECT_ALIGN
+    return size
+
+
+def walk(pack: Path) -> list[str]:
+    """The keys of a pack's records, in order, read from its headers alone (as a tool rebuilding
+    the index would); the padding after a directly written batch must be zeros."""
+    data, keys, at = pack.read_bytes(), [], 0
+    while at < len(data):
+        if data[at : at + 4] == bytes(4):  # padding, up to the next block
+            block_end = -(-(at + 1) // blobstore.DIRECT_ALIGN) * blobstore.DIRECT_ALIGN
+            assert data[at:block_end] == bytes(block_end - at)
+            at = block_end
+            continue
+        magic, key, length = blobstore._RECORD.unpack_from(data, at)
+        assert magic == blobstore._MAGIC
+        keys.append(key.hex())
+        at += blobstore._RECORD.size + length
+    return keys
+
+
 def packs(root: Path) -> list[Path]:
     return sorted((root / "blobs" / "packs").glob("*.pack"))
 
@@ -61,9 +96,15 @@ def append(store: LocalBlobStore, data: bytes) -> blobstore._Appended:
 
 def disk_writes(monkeypatch: pytest.MonkeyPatch, write: Any) -> None:
     """Make `write` (os.write's signature) the disk's answer to every write; a writev writes its
-    buffers as one."""
+    buffers as one, a pwrite (a pack's direct append) at its position."""
+
+    def pwrite(fd: int, data: Any, position: int) -> int:
+        os.lseek(fd, position, os.SEEK_SET)
+        return int(write(fd, data))
+
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "writev", lambda fd, buffers: write(fd, b"".join(buffers)))
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
 
 def indexed(root: Path) -> list[str]:
@@ -75,15 +116,17 @@ def indexed(root: Path) -> list[str]:
         other.close()
 
 
-async def test_packed_blobs_round_trip_in_parts_and_from_offsets(tmp_path: Path) -> None:
+async def test_packed_blobs_round_trip_in_parts_and_from_offsets(
+    tmp_path: Path, direct: bool
+) -> None:
     store = LocalBlobStore(tmp_path)
-    blobs = [os.urandom(size) for size in (160 * 1024, 1, 0, MiB, 12_345)]
+    blobs = [os.urandom(size) for size in (160 * 1024, 1, 0, MiB, 12_345, 3 * MiB + 1)]
     for data in blobs:
         await store.put(sha(data), data)
     assert blob_files(tmp_path) == []  # no file, no directory per blob
     (pack,) = packs(tmp_path)
-    header = blobstore._RECORD.size
-    assert pack.stat().st_size == sum(len(d) + header for d in blobs)
+    assert pack.stat().st_size == pack_size([[d] for d in blobs], direct)
+    assert walk(pack) == [sha(d) for d in blobs]
     for data in blobs:
         key = sha(data)
         assert await store.exists(key)
@@ -258,7 +301,7 @@ async def test_an_index_on_a_full_disk_fails_the_put_with_enospc(
 
 
 async def test_a_full_disk_while_appending_cuts_the_record_off(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     store = LocalBlobStore(tmp_path)
     first = os.urandom(10_000)
@@ -269,7 +312,8 @@ async def test_a_full_disk_while_appending_cuts_the_record_off(
 
     def short_then_full(fd: int, data: Any) -> int:
         if len(data) > 1000:
-            real(fd, memoryview(data)[:500])
+            # A direct write takes whole blocks.
+            real(fd, memoryview(data)[: blobstore.DIRECT_ALIGN if direct else 500])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
 
@@ -283,7 +327,7 @@ async def test_a_full_disk_while_appending_cuts_the_record_off(
     assert not await store.exists(sha(big))
     await store.put(sha(big), big)  # appended where the failed one began
     assert packs(tmp_path) == [pack]
-    assert pack.stat().st_size == size + blobstore._RECORD.size + len(big)
+    assert pack.stat().st_size == pack_size([[first], [big]], direct)
     assert await get(store, sha(first)) == first
     assert await get(store, sha(big)) == big
 
@@ -348,14 +392,15 @@ async def test_concurrent_puts_share_one_sync_and_one_commit(
 
 
 async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    """A group commit's blobs go to the pack in one writev per pack (not two writes per blob,
-    each a hand-off of the GIL); a full pack still ends at the record that fills it."""
+    """A group commit's blobs go to the pack in one write per pack (not two writes per blob,
+    each a hand-off of the GIL): a pwrite from the aligned buffer when direct, else a writev of
+    the records; a full pack still ends at the record that fills it."""
     store = LocalBlobStore(tmp_path)
     store.pack_size = 100_000
     writes: list[int] = []
-    real_write, real_writev = os.write, os.writev
+    real_write, real_writev, real_pwrite = os.write, os.writev, os.pwrite
 
     def write(fd: int, data: Any) -> int:
         writes.append(1)
@@ -365,17 +410,22 @@ async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
         writes.append(len(buffers))
         return real_writev(fd, buffers)
 
+    def pwrite(fd: int, data: Any, position: int) -> int:
+        writes.append(-1)
+        return real_pwrite(fd, data, position)
+
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "writev", writev)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     blobs = [os.urandom(30_000 + i) for i in range(7)]
     steps = [store.put_deferred(sha(data), data) for data in blobs]
     assert steps[0] is not None
     await asyncio.to_thread(steps[0])  # commits all seven: one batch
     monkeypatch.undo()
-    # 4 records fill the first pack past 100 kB, 3 go to the next: a writev each.
-    assert writes == [8, 6]
+    # 4 records fill the first pack past 100 kB, 3 go to the next: a write each.
+    assert writes == ([-1, -1] if direct else [8, 6])
     assert sorted(p.stat().st_size for p in packs(tmp_path)) == sorted(
-        [sum(blobstore._RECORD.size + len(d) for d in part) for part in (blobs[:4], blobs[4:])]
+        [pack_size([part], direct) for part in (blobs[:4], blobs[4:])]
     )
     assert indexed(tmp_path) == sorted(sha(d) for d in blobs)
     for data in blobs:
@@ -384,20 +434,24 @@ async def test_a_batch_is_appended_in_one_write_across_a_pack_s_end(
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here (macOS)")
 async def test_synced_blobs_leave_the_page_cache_but_the_latest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    """Packs are written once and read seldom: once synced, all but their last CACHED_TAIL
-    bytes are let go of the page cache, which every stored blob would fill otherwise."""
+    """Packs are written once and read seldom, and every stored blob would fill the page cache:
+    appended directly, they never enter it; appended through it, all but their last
+    CACHED_TAIL bytes are let go of it once synced."""
     monkeypatch.setattr(blobstore, "CACHED_TAIL", 2 * MiB)
     store = LocalBlobStore(tmp_path)
-    blobs = [os.urandom(MiB // 2) for _ in range(24)]  # 12 MiB
+    blobs = [os.urandom(MiB // 2 + i) for i in range(24)]  # 12 MiB, no blob a block multiple
     for data in blobs:
         await store.put(sha(data), data)
     (pack,) = packs(tmp_path)
     cached = cached_bytes(pack)
-    # The tail, and at most one step of pages not yet let go.
-    assert cached <= 2 * MiB + blobstore._UNCACHE_STEP + MiB // 2
-    assert cached >= 2 * MiB - MiB // 2  # the latest blobs are still cached
+    if direct:
+        assert cached == 0
+    else:
+        # The tail, and at most one step of pages not yet let go.
+        assert cached <= 2 * MiB + blobstore._UNCACHE_STEP + MiB // 2
+        assert cached >= 2 * MiB - MiB // 2  # the latest blobs are still cached
     for data in blobs:  # read back from the disk
         assert await get(store, sha(data)) == data
 
@@ -649,3 +703,65 @@ async def test_packs_can_be_turned_off(tmp_path: Path) -> None:
     await files.put(sha(other), other)
     assert [p.name for p in blob_files(tmp_path)] == [sha(other)]
     assert await get(files, sha(data)) == data  # what was packed stays readable
+
+
+async def test_a_batch_larger_than_the_direct_buffer_streams_through_it(
+    tmp_path: Path, direct: bool
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    blobs = [os.urandom(700_000 + i) for i in range(6)]  # 4.2 MB, past the 2 MiB buffer
+    steps = [store.put_deferred(sha(data), data) for data in blobs]
+    assert steps[0] is not None
+    await asyncio.to_thread(steps[0])  # commits all six: one batch
+    (pack,) = packs(tmp_path)
+    assert pack.stat().st_size == pack_size([blobs], direct)
+    assert walk(pack) == [sha(d) for d in blobs]
+    for data in blobs:
+        assert await get(store, sha(data)) == data
+
+
+async def test_a_filesystem_refusing_direct_io_gets_packs_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tmpfs before Linux 6.6, some network filesystems: O_DIRECT is refused at open."""
+    monkeypatch.setattr(blobstore, "DIRECT_PACKS", True)
+    real_open = os.open
+
+    def refusing_direct(path: Any, flags: int, *args: Any) -> int:
+        if flags & blobstore._O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_direct)
+    store = LocalBlobStore(tmp_path)
+    blobs = [os.urandom(10_000 + i) for i in range(3)]
+    with caplog.at_level("INFO", logger="metalake.server.blobstore"):
+        for data in blobs:
+            await store.put(sha(data), data)
+    assert "through the page cache" in caplog.text
+    assert not store.direct
+    (pack,) = packs(tmp_path)
+    assert pack.stat().st_size == pack_size([[d] for d in blobs], direct=False)
+    for data in blobs:
+        assert await get(store, sha(data)) == data
+
+
+async def test_a_disk_refusing_direct_writes_gets_packs_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT taken at open, its writes refused (a block size the alignment does not meet):
+    the batch is appended again through the page cache, in a new pack, and so is what follows."""
+    monkeypatch.setattr(blobstore, "DIRECT_PACKS", True)
+
+    def refused(fd: int, data: Any, position: int) -> int:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "pwrite", refused)
+    store = LocalBlobStore(tmp_path)
+    first, second = os.urandom(10_000), os.urandom(20_000)
+    await store.put(sha(first), first)
+    await store.put(sha(second), second)
+    assert not store.direct
+    assert indexed(tmp_path) == sorted([sha(first), sha(second)])
+    for data in (first, second):
+        assert await get(store, sha(data)) == data

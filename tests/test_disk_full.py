@@ -50,9 +50,9 @@ class FillsUp:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Spool files created from now on have 100 KB of room, and so has each file a small upload
-    is written to in one step (`LocalBlobStore.put`, through os.write or os.writev): a spool
-    file, or the pack it is appended to, which cannot grow past 100 KB (what a failed append cut
-    off is room again, as on a real disk)."""
+    is written to in one step (`LocalBlobStore.put`, through os.write or os.writev, or os.pwrite
+    for a pack appended directly): a spool file, or the pack it is appended to, which cannot
+    grow past 100 KB (what a failed append cut off is room again, as on a real disk)."""
     create = metalake.server.blobstore.create_spool_file
 
     async def create_on_a_full_disk(path: Path) -> Any:
@@ -83,6 +83,21 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         os, "writev", lambda fd, buffers: write_on_a_full_disk(fd, b"".join(buffers))
     )
+    pwrite = os.pwrite
+
+    def direct_write_on_a_full_disk(fd: int, data: bytes | memoryview, position: int) -> int:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".pack"):
+            return pwrite(fd, data, position)
+        room = 100_000 - position
+        fits = min(len(data), room) // metalake.server.blobstore.DIRECT_ALIGN
+        if fits <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        # A direct write stops short by whole blocks.
+        return pwrite(
+            fd, memoryview(data)[: fits * metalake.server.blobstore.DIRECT_ALIGN], position
+        )
+
+    monkeypatch.setattr(os, "pwrite", direct_write_on_a_full_disk)
 
 
 @pytest.fixture
