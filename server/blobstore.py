@@ -456,10 +456,10 @@ class LocalBlobStore:
         The bytes go from an aligned buffer of this process straight to the disk. Through the
         page cache, every append copied each blob into pages just handed back by the previous
         batch's `_uncache` (cold in the CPU's caches) and kept the kernel's writeback busy:
-        an in-process scratch run of 3,000 bench JPEGs (160 KiB, 16 uploads at once) spent
-        0.297-0.366 ms of system CPU per file in the worker threads that way, 0.073-0.096 ms
-        this way. A blob is copied once, into the buffer, which stays warm (records longer than
-        it stream through it).
+        in-process scratch runs of 3,000 bench JPEGs (160 KiB, 16 uploads at once) spent
+        0.335-0.344 ms of system CPU per file in the worker threads that way, 0.092-0.099 ms
+        this way (three runs each). A blob is copied once, into the buffer, which stays warm
+        (records longer than it stream through it).
         """
         if self._direct_buffer is None:
             self._direct_buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned, zero-filled
