@@ -458,8 +458,8 @@ class LocalBlobStore:
         batch's `_uncache` (cold in the CPU's caches) and kept the kernel's writeback busy:
         in-process scratch runs of 3,000 bench JPEGs (160 KiB, 16 uploads at once) spent
         0.335-0.344 ms of system CPU per file in the worker threads that way (the code of
-        0e535e0), 0.092-0.099 ms this way (three runs each). A blob is copied once, into the buffer, which stays warm
-        (records longer than it stream through it).
+        0e535e0), 0.092-0.099 ms this way (three runs each). A blob is copied once, into the
+        buffer, which stays warm (records longer than it stream through it).
         """
         if self._direct_buffer is None:
             self._direct_buffer = mmap.mmap(-1, _DIRECT_BUFFER)  # page-aligned, zero-filled
