@@ -437,7 +437,6 @@ class Webhooks:
             ):
                 tags[seq].append(tag)
         labels = _labels_of(connection, event_labels_table.c.seq, list(tags)) if rows else {}
-        now = _to_micros(datetime.now(UTC))
         deliveries = []
         for event_row in rows:
             event = Event(
@@ -461,7 +460,11 @@ class Webhooks:
                     "created_at": _to_micros(event.time),
                     "status": PENDING,
                     "attempts": 0,
-                    "next_attempt_at": now,
+                    # Due since its event: deliveries are leased oldest event first, so the
+                    # events fanned out together reach every webhook in turn. Due since the
+                    # fan-out, one webhook's whole batch came first, and a receiver that hangs
+                    # held every send slot for the POST timeout before another was tried.
+                    "next_attempt_at": _to_micros(event.time),
                     "lease_token": None,
                     "lease_until": None,
                 }

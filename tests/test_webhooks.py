@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -22,11 +23,14 @@ import pytest
 from metalake import Client, NotFoundError, PermissionDeniedError, WebhookDelivery
 from metalake.cli import EXIT_OK, main
 from metalake.server.auth import Role
+from metalake.server.catalog import EventType, SqlCatalog
 from metalake.server.config import Settings
+from metalake.server.webhooks import DeliverySettings, Webhooks
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import ServerHandle, serving
 from tests.test_auth import create_token
+from tests.test_catalog import ORG, record
 from tests.test_service import requests
 
 
@@ -367,3 +371,24 @@ def test_filters_event_types_and_the_commands(
     capsys.readouterr()
     assert main(["webhook", "ls", *t]) == EXIT_OK
     assert capsys.readouterr().out == ""
+
+
+async def test_events_fanned_out_together_reach_every_webhook_in_turn(catalog: SqlCatalog) -> None:
+    """A burst of events, fanned out for one webhook, then (a moment later) for another: the
+    send slots go to both in turn, oldest event first, so a receiver that hangs cannot hold
+    every slot while the other webhook's deliveries wait for its timeout."""
+    webhooks = Webhooks(catalog, DeliverySettings(concurrency=2))
+    try:
+        made = [
+            await webhooks.create(ORG, f"http://127.0.0.1:9/{name}", [EventType.CREATED], "")
+            for name in ("first", "second")
+        ]
+        for _ in range(6):
+            await catalog.add(record())
+        for new in made:
+            await catalog.run(functools.partial(webhooks._fan_out, [new.webhook.id]), write=True)
+            await asyncio.sleep(0.01)
+        leased = await catalog.run(lambda: webhooks._record_and_lease([], 2), write=True)
+    finally:
+        webhooks.close()
+    assert sorted(delivery.url for delivery in leased) == [new.webhook.url for new in made]
