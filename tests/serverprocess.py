@@ -116,6 +116,18 @@ class ServerProcess:
             self.process.wait(30)
 
 
+def command_line(pid: int) -> bytes:
+    """A process's command line, NUL-separated; empty once it has exited.
+
+    A process on its way out answers reads of /proc/PID/cmdline with ESRCH
+    (ProcessLookupError) before its directory goes (FileNotFoundError).
+    """
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
 def _children(pid: int) -> list[int]:
     # /proc/PID/task/*/children needs a kernel option that is often off: scan parents instead.
     children = []

@@ -20,7 +20,7 @@ from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests import imagesamples
 from tests.conftest import ServerHandle
-from tests.serverprocess import ServerProcess
+from tests.serverprocess import ServerProcess, command_line
 from tests.test_service import upload
 
 POISON = "poison"
@@ -94,7 +94,7 @@ def test_a_file_that_crashes_its_decoder_gets_no_preview_and_the_server_goes_on(
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return stat[stat.rindex(")") + 2] != "Z"  # a zombie has exited
 
@@ -157,11 +157,7 @@ def test_decoder_processes_end_with_a_server_that_is_killed(tmp_path: Path) -> N
             stub = pb_grpc.DatalakeServiceStub(channel)
             item = upload(stub, imagesamples.encoded(imagesamples.landscape(), "PNG"), "a.png")
             assert stub.GetThumbnail(pb.GetThumbnailRequest(id=item.id)).width
-        decoders = [
-            pid
-            for pid in server.pids()[1:]
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
+        decoders = [pid for pid in server.pids()[1:] if b"spawn_main" in command_line(pid)]
         assert decoders  # the preview was made in one
         server.signal(signal.SIGKILL)
         server.wait()

@@ -28,7 +28,7 @@ from metalake.server.ingest import SMALL_FILE
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.conftest import S3_ENV, stored_blobs
-from tests.serverprocess import ServerProcess
+from tests.serverprocess import ServerProcess, command_line
 from tests.test_faults import held_open
 from tests.test_service import requests, upload
 
@@ -62,11 +62,7 @@ def workers_of(server: ServerProcess) -> set[int]:
     """The supervisor's worker processes (not multiprocessing's resource tracker)."""
     workers = set()
     for pid in server.pids()[1:]:
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except FileNotFoundError:
-            continue
-        if b"spawn_main" in command:
+        if b"spawn_main" in command_line(pid):
             workers.add(pid)
     return workers
 
