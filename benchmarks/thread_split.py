@@ -4,15 +4,16 @@
     python -m benchmarks.thread_split                     # one stream, 3,000 files, SQLite
     python -m benchmarks.thread_split call --fill         # one call per file, with fill_metadata
     python -m benchmarks.thread_split stream --bare       # the bare discarding server
+    python -m benchmarks.thread_split --backend postgresql    # PostgreSQL + S3 (moto)
 
-Starts one server (`python -m metalake.server` on a fresh data directory, the embedded default,
-no background image hashing), warms it up with 200 files, then sends the run's files as
-bench_small_files does and reads each thread's utime + stime and context switches from
-/proc/<pid>/task/*/ before and after. Threads are grouped by what the kernel calls them: the
-process's first thread runs the event loop; the server names its I/O pool `metalake-io` (the
-catalog's batches, the pack writes, extractor runners); gRPC names its own (`event_engine`,
-...); Python's other threads (gRPC's poller) are `python`. CPU and switches are per stored
-file.
+Starts one server (`python -m metalake.server` on a fresh data directory, the embedded default
+or PostgreSQL + S3 as bench_small_files sets them up, no background image hashing), warms it up
+with 200 files, then sends the run's files as bench_small_files does and reads each thread's
+utime + stime and context switches from /proc/<pid>/task/*/ before and after. Threads are
+grouped by what the kernel calls them: the process's first thread runs the event loop; the
+server names its I/O pool `metalake-io` (the catalog's batches, the pack writes, extractor
+runners); gRPC names its own (`event_engine`, ...), obstore's runtime `tokio-rt-worker`;
+Python's other threads (gRPC's poller) are `python`. CPU and switches are per stored file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench_small_files import jpegs, per_call, streamed
+from benchmarks.bench_small_files import backend_env, jpegs, per_call, streamed
 from tests.serverprocess import ServerProcess
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -66,13 +67,26 @@ def main() -> None:
     parser.add_argument("--fill", action="store_true", help="ask for fill_metadata")
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--bare", action="store_true", help="the bare discarding server")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="the embedded default, or PostgreSQL + S3 (moto), as small_files runs them",
+    )
     options = parser.parse_args()
     run = streamed if options.mode == "stream" else per_call
-    with tempfile.TemporaryDirectory(prefix="metalake-threads-") as scratch_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="metalake-threads-") as scratch_name,
+        backend_env(options.backend, Path(scratch_name)) as backend,
+    ):
         scratch = Path(scratch_name)
         module = "benchmarks.bare_server" if options.bare else "metalake.server"
         server = ServerProcess(
-            scratch / "data", scratch / "server.log", module=module, METALAKE_HASH_IMAGES="0"
+            scratch / "data",
+            scratch / "server.log",
+            module=module,
+            METALAKE_HASH_IMAGES="0",
+            **backend,
         )
         with server:
             assert server.process is not None
@@ -93,6 +107,7 @@ def main() -> None:
     count = len(files)
     print(
         f"{'bare ' if options.bare else ''}{options.mode}"
+        f"{', PostgreSQL + S3' if options.backend == 'postgresql' else ''}"
         f"{', fill_metadata' if options.fill else ''}: {count:,} files, {rate:,.0f} files/s, "
         f"server CPU {sum(cpu.values()) * 1000 / count:.3f} ms per file"
     )
