@@ -475,3 +475,43 @@ async def test_request_lookups_the_catalog_fails_fail_each_alone(
     assert len({id(outcome) for outcome in outcomes}) == 3
     monkeypatch.undo()
     assert await catalog.find_request(ORG, "r-0") is None  # and the next lookups work
+
+
+@pytest.mark.parametrize("on_its_way", [None, 3600.0])
+async def test_an_add_long_on_its_way_holds_its_batch_open_for_a_share_of_that_time(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch, on_its_way: float | None
+) -> None:
+    """Commits quick (none took any time), the batch of an add that had been on its way for an
+    hour (an upload whose PUT to object storage took that long) waits for the next add on its
+    way; the batch of one just announced does not."""
+    await catalog.add(record())
+    monkeypatch.setattr(catalog, "_commit_seconds", 0.0)
+    monkeypatch.setattr(catalog_items, "_MAX_SLOW_LINGER", 3600.0)
+    sizes = _batch_sizes(catalog, monkeypatch)
+    early, late = record(), record()
+    since = None if on_its_way is None else time.monotonic() - on_its_way
+    with catalog.add_coming():  # the next upload, its blob still on its way
+        first = asyncio.create_task(catalog.add(early, on_its_way_since=since))
+        for _ in range(20):
+            await asyncio.sleep(0)  # the flusher has taken its batch, or is waiting
+    async with asyncio.timeout(60):  # a hang detector, not a timing
+        await catalog.add(late)
+        await first
+    assert sizes == ([1, 1] if on_its_way is None else [2])
+    assert await catalog.get(ORG, early.id) == early
+    assert await catalog.get(ORG, late.id) == late
+
+
+async def test_a_batch_held_open_for_an_add_long_on_its_way_still_ends(
+    catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The share is bounded (_MAX_SLOW_LINGER): an add on its way for an hour does not make its
+    batch wait a quarter of an hour for one that does not come."""
+    await catalog.add(record())
+    monkeypatch.setattr(catalog, "_commit_seconds", 0.0)
+    monkeypatch.setattr(catalog_items, "_MAX_SLOW_LINGER", 0.01)
+    alone = record()
+    with catalog.add_coming():  # never arrives while the add waits
+        async with asyncio.timeout(60):  # a hang detector, not a timing
+            await catalog.add(alone, on_its_way_since=time.monotonic() - 3600)
+    assert await catalog.get(ORG, alone.id) == alone

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +106,31 @@ async def test_a_large_upload_or_a_failed_one_is_not_waited_for(
     gate.set()
     async with asyncio.timeout(60):
         await large
+
+
+async def test_an_upload_tells_the_catalog_its_add_was_on_its_way_since_it_began(
+    lake: DatalakeCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog may hold a batch open for a share of the time an add was on its way: for an
+    upload, that time runs from its start, not from when its bytes were all in."""
+    announced: list[float | None] = []
+    add = lake.catalog.add
+
+    async def telling(record: Any, **options: Any) -> None:
+        announced.append(options.get("on_its_way_since"))
+        await add(record, **options)
+
+    monkeypatch.setattr(lake.catalog, "add", telling)
+    gate = asyncio.Event()
+    began = time.monotonic()
+    upload = asyncio.create_task(
+        lake.ingest.upload(ORG, UploadHeader(filename="slow.bin"), _chunks([b"sl", b"ow"], gate))
+    )
+    await asyncio.sleep(0.05)  # its first chunk is in, the rest on its way
+    released = time.monotonic()
+    gate.set()
+    async with asyncio.timeout(60):  # a hang detector, not a timing
+        await upload
+    [since] = announced
+    assert since is not None
+    assert began <= since < released

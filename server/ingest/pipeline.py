@@ -300,7 +300,8 @@ class Ingest:
                 store = functools.partial(self.blobs.put, record.blob_key, blob)
             else:
                 made_durable, store = None, blob
-            with coming or self.catalog.add_coming():  # a batch committing may wait for it
+            # A batch committing may wait for it.
+            with coming or self.catalog.add_coming() as on_its_way:
                 if made_durable is None:
                     await store()
             try:
@@ -309,6 +310,7 @@ class Ingest:
                     upload=upload,
                     default_quota=self._limits.org_storage_quota,
                     before_commit=made_durable,
+                    on_its_way_since=on_its_way.since,
                 )
             except DuplicateRequestError as duplicate:
                 # A retry of this upload finished first: its item is this upload's answer.
