@@ -17,6 +17,7 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,31 @@ def test_metrics_count_calls_codes_bytes_and_extractors(stub: pb_grpc.DatalakeSe
         == 1
     )
     assert grew("metalake_extractor_duration_seconds_count", extractor="pillow") == 1
+
+
+def test_metrics_show_how_many_items_each_catalog_commit_took(
+    stub: pb_grpc.DatalakeServiceStub,
+) -> None:
+    port = free_port()
+    start_metrics_server(f"127.0.0.1:{port}")
+    before = scrape(port)
+    with ThreadPoolExecutor(6) as pool:
+        stored = list(
+            pool.map(
+                lambda i: stub.UploadData(requests(os.urandom(1000 + i), f"{i}.bin")), range(6)
+            )
+        )
+    after = scrape(port)
+
+    def grew(name: str) -> float:
+        return after.get((name, ()), 0.0) - before.get((name, ()), 0.0)
+
+    assert len({response.data.id for response in stored}) == 6
+    assert grew("metalake_catalog_batch_items_sum") == 6  # every item, in some batch
+    batches = grew("metalake_catalog_batch_items_count")
+    assert 1 <= batches <= 6
+    assert grew("metalake_catalog_batch_duration_seconds_count") == batches
+    assert grew("metalake_catalog_batch_duration_seconds_sum") > 0
 
 
 def test_every_call_gets_a_request_id_in_trailing_metadata(

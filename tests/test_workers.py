@@ -118,6 +118,10 @@ def test_two_workers_share_one_port_and_both_take_calls(two_workers: ServerProce
     assert counted is not None, metrics
     assert float(counted.group(1)) == 40
     assert re.search(r"^metalake_uploads_in_flight 0\.0$", metrics, re.MULTILINE), metrics
+    # And every worker's group commits: all 40 items, in some batches.
+    items = re.search(r"^metalake_catalog_batch_items_sum (\S+)$", metrics, re.MULTILINE)
+    assert items is not None, metrics
+    assert float(items.group(1)) == 40
 
 
 def test_two_workers_share_one_http_port_picked_by_the_supervisor(tmp_path: Path) -> None:
