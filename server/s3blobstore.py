@@ -637,7 +637,11 @@ def _object_store(
         "virtual_hosted_style_request": endpoint is None and "." not in bucket,
         "conditional_put": "etag",  # If-None-Match: *, as S3 and the others understand it
         "skip_signature": False,
-        "unsigned_payload": False,
+        # Over TLS, the body is left out of the signature ("UNSIGNED-PAYLOAD", which SigV4
+        # allows S3 requests): TLS already guards it, and hashing it was a second SHA-256 of
+        # every blob (0.46-0.54 -> 0.35-0.41 ms of CPU per 160 KiB PUT to moto). Over plain
+        # HTTP, which the operator consented to, the signature still covers the body.
+        "unsigned_payload": endpoint is None or endpoint.startswith("https://"),
         "request_payer": False,
         "s3_express": False,
     }

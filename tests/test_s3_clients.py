@@ -84,6 +84,7 @@ def test_both_clients_are_configured_alike(tmp_path: Path) -> None:
     assert config["virtual_hosted_style_request"] == "false"  # path-style, as boto3's
     assert config["conditional_put"] == "etag"
     assert config["skip_signature"] == "false"
+    assert config["unsigned_payload"] == "false"  # plain HTTP: the signature covers the body
     options: dict[str, Any] = dict(store.objects.client_options or {})
     assert options["allow_http"] == "true"
     assert (CONNECT_TIMEOUT, READ_TIMEOUT) == (5, 60)
@@ -102,6 +103,13 @@ def test_both_clients_are_configured_alike(tmp_path: Path) -> None:
     aws = S3BlobStore.from_url("s3://acme-lake", local_dir=tmp_path, environ={**env, **NO_URL})
     assert dict(aws.objects.config).get("virtual_hosted_style_request") == "true"  # as boto3
     assert dict(aws.objects.client_options or {})["allow_http"] == "false"
+    assert dict(aws.objects.config).get("unsigned_payload") == "true"  # TLS guards it, as boto3
+    tls = S3BlobStore.from_url(
+        "s3://acme-lake",
+        local_dir=tmp_path,
+        environ={**env, "AWS_ENDPOINT_URL": "https://minio.example:9000", "AWS_ALLOW_HTTP": ""},
+    )
+    assert dict(tls.objects.config).get("unsigned_payload") == "true"
     dotted = S3BlobStore.from_url("s3://acme.lake", local_dir=tmp_path, environ={**env, **NO_URL})
     assert dict(dotted.objects.config).get("virtual_hosted_style_request") == "false"
 
@@ -154,6 +162,8 @@ class CannedS3:
     def __init__(self) -> None:
         self.answers: list[tuple[int, str]] = [(200, "")]
         self.requests: list[tuple[str, str | None]] = []
+        # Each request's x-amz-content-sha256: the body's hash, or UNSIGNED-PAYLOAD.
+        self.payload_hashes: list[str | None] = []
         canned = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -167,6 +177,7 @@ class CannedS3:
                 if length:
                     self.rfile.read(length)
                 canned.requests.append((self.command, self.headers.get("If-None-Match")))
+                canned.payload_hashes.append(self.headers.get("x-amz-content-sha256"))
                 index = min(len(canned.requests), len(canned.answers)) - 1
                 status, code = canned.answers[index]
                 body = b""
@@ -262,6 +273,8 @@ async def test_a_conditional_write_in_conflict_writes_unless_stored_meanwhile(
     canned.answers = [(409, "ConditionalRequestConflict"), (404, ""), (200, "")]
     await store.put(sha(b"x"), b"x")
     assert canned.requests == [("PUT", "*"), ("HEAD", None), ("PUT", None)]
+    # Over plain HTTP, each PUT's signature covers its body.
+    assert canned.payload_hashes[::2] == [hashlib.sha256(b"x").hexdigest()] * 2
     # The other write stored it meanwhile: nothing more to send.
     canned.requests.clear()
     canned.answers = [(409, "ConditionalRequestConflict"), (200, "")]
@@ -304,6 +317,8 @@ async def test_both_clients_trust_the_private_ca_of_aws_ca_bundle(tmp_path: Path
         await trusting.put(sha(b"x"), b"x")
         trusting.client.put_object(Bucket="canned", Key="lake/blobs/x", Body=b"x")
         assert canned.requests == [("PUT", "*"), ("PUT", None)]
+        # Over TLS, obstore's PUT leaves the body out of its signature: TLS guards it.
+        assert canned.payload_hashes[0] == "UNSIGNED-PAYLOAD"
         # Without it, neither trusts the endpoint, and nothing reaches it.
         canned.requests.clear()
         unknown = canned.store(tmp_path, 1)
