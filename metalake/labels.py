@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from metalake.metadata import FieldViolation
+from metalake.metadata import FieldViolation, has_control_characters
 
 MAX_LABELS = 64
 MAX_KEY_LENGTH = 63
@@ -38,7 +38,7 @@ def check_value(value: object) -> str | None:
         return f"a label value must be a string, got {type(value).__name__}"
     if len(value) > MAX_VALUE_LENGTH:
         return f"a label value is at most {MAX_VALUE_LENGTH} characters, got {len(value)}"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if has_control_characters(value):
         return "a label value must not contain control characters"
     return None
 

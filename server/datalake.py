@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from metalake import labels as label_rules
-from metalake.metadata import FIELDS, FieldViolation, MetadataDict
+from metalake.metadata import FIELDS, FieldViolation, MetadataDict, has_control_characters
 from metalake.server import importing, thumbnails
 from metalake.server.blobstore import (
     BlobStore,
@@ -50,6 +50,7 @@ from metalake.server.errors import (
     invalid_field,
 )
 from metalake.server.ingest import (
+    MAX_FILENAME_LENGTH,
     Filled,
     MetadataExtractor,
     detect_content_type,
@@ -475,7 +476,7 @@ class DatalakeCore:
             head = await asyncio.to_thread(reader.head, bucket, obj.key, obj.etag, limit)
             report.bytes_read += len(head)
         filename = obj.key.rsplit("/", 1)[-1] or obj.key
-        if len(filename) > 1024 or any(ord(c) < 32 or ord(c) == 127 for c in filename):
+        if len(filename) > MAX_FILENAME_LENGTH or has_control_characters(filename):
             raise invalid_field("filename", "the object's name is not a usable filename")
         filled = Filled({}, {})
         if fill:

@@ -244,7 +244,9 @@ def test_each_violation_of_a_header_is_reported_once_whichever_rpc_takes_it(stub
     assert sorted(v.field for v in answer.error.field_violations) == expected
 
 
-@pytest.mark.parametrize("filename", ["", "   ", "x" * 1025, "a\nb"])
+@pytest.mark.parametrize(
+    "filename", ["", "   ", "x" * 1025, "a\nb", "nul\x00.jpg", "\x1f.jpg", "del\x7f.jpg"]
+)
 def test_bad_filenames_are_rejected(
     stub: Stub, running_server: ServerHandle, filename: str
 ) -> None:
@@ -253,6 +255,12 @@ def test_bad_filenames_are_rejected(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "header.filename" in violations(caught.value)
     assert_nothing_stored(stub, running_server.data_dir)
+
+
+def test_any_other_text_is_a_filename(stub: Stub) -> None:
+    # Control characters are C0 and DEL only: spaces, punctuation, C1 and any script pass.
+    filename = "été \u0080 ~ 写真 (1).jpg"
+    assert upload(stub, b"data", filename).filename == filename
 
 
 def test_a_stream_must_start_with_its_only_header(stub: Stub, running_server: ServerHandle) -> None:

@@ -12,6 +12,7 @@ from metalake.metadata import (
     MetadataDict,
     check_string,
     check_value,
+    has_control_characters,
     normalize,
     to_jsonable,
 )
@@ -103,7 +104,7 @@ def check_filename(filename: str, field_path: str) -> list[FieldViolation]:
                 f"must be at most {MAX_FILENAME_LENGTH} characters, got {len(filename)}",
             )
         ]
-    if any(ord(c) < 32 or ord(c) == 127 for c in filename):
+    if has_control_characters(filename):
         return [FieldViolation(field_path, "must not contain control characters")]
     return []
 
