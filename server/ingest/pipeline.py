@@ -319,7 +319,7 @@ class Ingest:
             except BaseException:
                 await self._delete_blob_if_unused(record.blob_key)
                 raise
-        log.info("stored %s (%s, %d bytes)", record.id, record.content_type, record.size)
+        log.debug("stored %s (%s, %d bytes)", record.id, record.content_type, record.size)
         return record
 
     async def _delete_blob_if_unused(self, blob_key: str) -> None:
