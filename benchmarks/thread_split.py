@@ -13,7 +13,12 @@ utime + stime and context switches from /proc/<pid>/task/*/ before and after. Th
 grouped by what the kernel calls them: the process's first thread runs the event loop; the
 server names its I/O pool `metalake-io` (the catalog's batches, the pack writes, extractor
 runners); gRPC names its own (`event_engine`, ...), obstore's runtime `tokio-rt-worker`;
-Python's other threads (gRPC's poller) are `python`. CPU and switches are per stored file.
+Python's other threads (gRPC's poller) are `python`. CPU (split into user and system time) and
+switches are per stored file.
+
+To tell two versions of the code apart, compare the event loop's user time over alternating
+runs: the whole server's CPU moves with gRPC's threads and the kernel, and spread about four
+times as much as the loop's user time over runs of the same code (docs/operations.md, "Stop 29").
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ _LOOP = "event loop (first thread)"
 @dataclass(frozen=True)
 class _Thread:
     group: str
-    cpu_seconds: float
+    user_seconds: float
+    system_seconds: float
     switches: int
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_seconds + self.system_seconds
 
 
 def _threads(pid: int) -> dict[int, _Thread]:
@@ -57,7 +67,9 @@ def _threads(pid: int) -> dict[int, _Thread]:
             int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
         )
         group = _LOOP if int(tid) == pid else name
-        threads[int(tid)] = _Thread(group, (int(fields[11]) + int(fields[12])) / _TICKS, switches)
+        threads[int(tid)] = _Thread(
+            group, int(fields[11]) / _TICKS, int(fields[12]) / _TICKS, switches
+        )
     return threads
 
 
@@ -98,12 +110,15 @@ def main() -> None:
                 run(server.target, files, options.fill, lambda: snapshots.append(_threads(pid)))
             )
     before, after = snapshots
-    cpu: defaultdict[str, float] = defaultdict(float)
+    user: defaultdict[str, float] = defaultdict(float)
+    system: defaultdict[str, float] = defaultdict(float)
     switches: defaultdict[str, int] = defaultdict(int)
     for tid, thread in after.items():
-        earlier = before.get(tid, _Thread(thread.group, 0.0, 0))
-        cpu[thread.group] += thread.cpu_seconds - earlier.cpu_seconds
+        earlier = before.get(tid, _Thread(thread.group, 0.0, 0.0, 0))
+        user[thread.group] += thread.user_seconds - earlier.user_seconds
+        system[thread.group] += thread.system_seconds - earlier.system_seconds
         switches[thread.group] += thread.switches - earlier.switches
+    cpu = {group: user[group] + system[group] for group in user}
     count = len(files)
     print(
         f"{'bare ' if options.bare else ''}{options.mode}"
@@ -111,10 +126,16 @@ def main() -> None:
         f"{', fill_metadata' if options.fill else ''}: {count:,} files, {rate:,.0f} files/s, "
         f"server CPU {sum(cpu.values()) * 1000 / count:.3f} ms per file"
     )
-    print("| threads | CPU ms per file | context switches per file |\n|---|---:|---:|")
+    print(
+        "| threads | CPU ms per file | user | system | context switches per file |\n"
+        "|---|---:|---:|---:|---:|"
+    )
     for group in sorted(cpu, key=lambda g: -cpu[g]):
         if cpu[group] or switches[group]:
-            print(f"| {group} | {cpu[group] * 1000 / count:.3f} | {switches[group] / count:.1f} |")
+            print(
+                f"| {group} | {cpu[group] * 1000 / count:.3f} | {user[group] * 1000 / count:.3f} "
+                f"| {system[group] * 1000 / count:.3f} | {switches[group] / count:.1f} |"
+            )
 
 
 def _no_op() -> None:

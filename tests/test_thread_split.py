@@ -20,8 +20,8 @@ def test_each_thread_of_a_process_is_found_with_its_own_cpu() -> None:
 
     def spin() -> None:
         deadline = time.thread_time() + 0.2
-        while time.thread_time() < deadline:
-            pass
+        while time.thread_time() < deadline:  # each check a system call: work between them
+            sum(range(20_000))
         spun.set()
         stop.wait(30)
 
@@ -33,7 +33,12 @@ def test_each_thread_of_a_process_is_found_with_its_own_cpu() -> None:
         after = _threads(os.getpid())
         new = set(after) - set(before)
         assert spinner.native_id in new
-        assert after[spinner.native_id].cpu_seconds >= 0.15  # its own CPU, not the process's
+        spinner_after = after[spinner.native_id]
+        assert spinner_after.cpu_seconds >= 0.15  # its own CPU, not the process's
+        assert spinner_after.user_seconds >= 0.1  # mostly Python's own work: user time
+        assert spinner_after.cpu_seconds == pytest.approx(
+            spinner_after.user_seconds + spinner_after.system_seconds
+        )
         assert after[os.getpid()].group == _LOOP
         assert after[os.getpid()].switches >= before[os.getpid()].switches
     finally:
