@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -161,7 +161,9 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             raise invalid_field("header", "the first message of the stream must carry the header")
         header = _upload_header(first.header)
         record = await self._ingest.upload(_org(), header, _chunks(request_iterator))
-        return pb.UploadDataResponse(data=data_to_proto(record))
+        response = pb.UploadDataResponse()
+        fill_data(response.data, record)
+        return response
 
     @_translating_errors
     async def GetData(self, request: pb.GetDataRequest, context: Context) -> pb.GetDataResponse:
@@ -176,9 +178,9 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return pb.ListDataResponse(
-            data=[data_to_proto(r) for r in page.records], next_page_token=page.next_page_token
-        )
+        response = pb.ListDataResponse(next_page_token=page.next_page_token)
+        _fill_list(response.data, page.records)
+        return response
 
     @_translating_errors
     async def UpdateMetadata(
@@ -292,7 +294,9 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             if isinstance(outcome, Refusal):
                 yield pb.UploadDataStreamResponse(file_index=index, error=_file_error(outcome))
             else:
-                yield pb.UploadDataStreamResponse(file_index=index, data=data_to_proto(outcome))
+                response = pb.UploadDataStreamResponse(file_index=index)
+                fill_data(response.data, outcome)
+                yield response
             index += 1
 
     @_translating_stream_errors
@@ -351,11 +355,9 @@ class DatalakeServicer(pb_grpc.DatalakeServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return pb.ListDatasetItemsResponse(
-            data=[data_to_proto(r) for r in records],
-            next_page_token=token,
-            version=dataset.version,
-        )
+        response = pb.ListDatasetItemsResponse(next_page_token=token, version=dataset.version)
+        _fill_list(response.data, records)
+        return response
 
     @_translating_errors
     async def DiffDatasets(
@@ -619,6 +621,12 @@ def _timestamp(value: datetime) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=nanos)
 
 
+def _set_time(target: Timestamp, value: datetime) -> None:
+    """`_timestamp` written in place, where a message already holds the field."""
+    target.seconds, target.nanos = md.epoch_seconds(value)
+    target.SetInParent()  # present even at the epoch itself
+
+
 async def _chunks(
     request_iterator: AsyncIterator[pb.UploadDataRequest]
     | AsyncIterator[pb.ExtractMetadataRequest],
@@ -648,17 +656,40 @@ def _upload_header(message: pb.UploadDataHeader) -> UploadHeader:
 
 
 def data_to_proto(record: DataRecord) -> pb.Data:
-    return pb.Data(
-        id=record.id,
-        filename=record.filename,
-        size=record.size,
-        sha256=record.sha256,
-        content_type=record.content_type,
-        metadata=md.to_proto(record.metadata),
-        metadata_sources=record.metadata_sources,
-        tags=record.tags,
-        created_at=_timestamp(record.created_at),
-        updated_at=_timestamp(record.updated_at),
-        etag=record.etag,
-        labels=record.labels,
-    )
+    """The item as the API shows it."""
+    message = pb.Data()
+    fill_data(message, record)
+    return message
+
+
+def fill_data(message: pb.Data, record: DataRecord) -> None:
+    """Write the item into an empty pb.Data where a response holds it (`response.data`, or a
+    list's `data.add()`): a message passed to a response's constructor is copied in.
+
+    Field by field, leaving empty lists and maps alone: each one given to pb.Data's constructor,
+    even empty, cost more than all its scalar fields together. A page of 1,000 items took 33 ms
+    to build that way."""
+    message.id = record.id
+    message.filename = record.filename
+    message.size = record.size
+    message.sha256 = record.sha256
+    message.content_type = record.content_type
+    message.etag = record.etag
+    if record.metadata:
+        message.metadata.CopyFrom(md.to_proto(record.metadata))
+    else:
+        message.metadata.SetInParent()
+    if record.metadata_sources:
+        message.metadata_sources.update(record.metadata_sources)
+    if record.tags:
+        message.tags.extend(record.tags)
+    if record.labels:
+        message.labels.update(record.labels)
+    _set_time(message.created_at, record.created_at)
+    _set_time(message.updated_at, record.updated_at)
+
+
+def _fill_list(field: Any, records: Iterable[DataRecord]) -> None:
+    """A response's repeated pb.Data field, filled in place (see fill_data)."""
+    for record in records:
+        fill_data(field.add(), record)
