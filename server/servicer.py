@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2
 
@@ -689,7 +690,9 @@ def fill_data(message: pb.Data, record: DataRecord) -> None:
     _set_time(message.updated_at, record.updated_at)
 
 
-def _fill_list(field: Any, records: Iterable[DataRecord]) -> None:
+def _fill_list(
+    field: RepeatedCompositeFieldContainer[pb.Data], records: Iterable[DataRecord]
+) -> None:
     """A response's repeated pb.Data field, filled in place (see fill_data)."""
     for record in records:
         fill_data(field.add(), record)
