@@ -4,6 +4,7 @@
 - receiving.py: receiving the bytes, in memory when small, else streamed into a blob writer (which
   hashes them) or a spool file; content-type sniffing.
 - extract.py: filling metadata from the bytes with the extractor registry.
+- gate.py: small files that arrive together go on together (SmallFileGate).
 - pipeline.py: `Ingest`, which runs these steps for every RPC that brings bytes in, and commits
   (the map of which RPC takes which path is there). Import it from there: it depends on
   metalake.server.staging, which depends on this package.
