@@ -289,3 +289,69 @@ def test_calls_share_one_budget_and_a_spent_one_starts_no_call() -> None:
             interrupt.run(lambda: ran.append("third"))
     assert ran == ["first", "second"]
     assert no_timer_left()
+
+
+class Journal:
+    """Fills `software` with the file's bytes and notes each call in a shared journal."""
+
+    NAME = "journal"
+
+    def __init__(self, journal: list[str]) -> None:
+        self.journal = journal
+
+    @hookimpl
+    def metalake_extract_metadata(self, source: Source) -> Mapping[str, object]:
+        with source.open() as handle:
+            name = handle.read().decode()
+        self.journal.append(f"extract {name}")
+        return {"software": name}
+
+
+async def test_files_that_arrive_in_one_turn_of_the_loop_are_extracted_back_to_back() -> None:
+    """Their extractions run one after the other, before any of their uploads goes on."""
+    journal: list[str] = []
+    registry = ExtractorRegistry([Journal(journal)], trusted=["journal"])
+
+    async def upload(name: str) -> str:
+        found = await registry.extract_async(name.encode(), filename=name)
+        journal.append(f"on with {name}")
+        return str(found.values["software"])
+
+    assert list(await asyncio.gather(upload("a"), upload("b"), upload("c"))) == ["a", "b", "c"]
+    assert journal == [
+        "extract a",
+        "extract b",
+        "extract c",
+        "on with a",
+        "on with b",
+        "on with c",
+    ]
+
+
+async def test_a_cancelled_file_is_left_out_of_its_round() -> None:
+    journal: list[str] = []
+    registry = ExtractorRegistry([Journal(journal)], trusted=["journal"])
+    gone = asyncio.ensure_future(registry.extract_async(b"gone", filename="gone"))
+    kept = asyncio.ensure_future(registry.extract_async(b"kept", filename="kept"))
+    await asyncio.sleep(0)  # both wait for the round
+    gone.cancel()
+    assert (await kept).values == {"software": "kept"}
+    assert gone.cancelled()
+    assert journal == ["extract kept"]
+
+
+def test_a_round_left_behind_by_a_closed_loop_does_not_hold_the_next_one() -> None:
+    registry = ExtractorRegistry([Journal([])], trusted=["journal"])
+    old = asyncio.new_event_loop()
+    try:
+        stranded = old.create_task(registry.extract_async(b"stranded", filename="stranded"))
+        # One turn: the task starts and waits for its round, which would run at the next one.
+        old.call_soon(old.stop)
+        old.run_forever()
+        assert not stranded.done()
+    finally:
+        old.close()
+    found = asyncio.run(
+        asyncio.wait_for(registry.extract_async(b"next", filename="next"), timeout=5)
+    )
+    assert found.values == {"software": "next"}
