@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from metalake import metadata as md
 from metalake.server.catalog import DataRecord
-from metalake.server.servicer import data_to_proto, fill_data
+from metalake.server.servicer import _fill_list, data_to_proto
 from metalake.v1 import datalake_pb2 as pb
 
 _CREATED = datetime(2026, 12, 7, 10, 30, 1, 250_000, tzinfo=UTC)
@@ -83,9 +83,12 @@ def test_an_item_with_nothing_optional_still_has_its_metadata_and_times() -> Non
 
 
 def test_items_written_into_a_response_are_the_items_data_to_proto_makes() -> None:
-    records = [_FULL, _record(id="second", tags=("x",))]
+    """As ListData fills its page: each item written into the list's own new element, where an
+    item with nothing optional must still get its metadata message and its times."""
+    records = [_FULL, _record(id="second", tags=("x",)), _record(id="bare")]
     response = pb.ListDataResponse(next_page_token="next")
-    for record in records:
-        fill_data(response.data.add(), record)
+    _fill_list(response.data, records)
     assert list(response.data) == [data_to_proto(record) for record in records]
+    assert response.data[2].HasField("metadata")
+    assert response.data[2].HasField("created_at")
     assert response.next_page_token == "next"

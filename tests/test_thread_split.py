@@ -36,9 +36,6 @@ def test_each_thread_of_a_process_is_found_with_its_own_cpu() -> None:
         spinner_after = after[spinner.native_id]
         assert spinner_after.cpu_seconds >= 0.15  # its own CPU, not the process's
         assert spinner_after.user_seconds >= 0.1  # mostly Python's own work: user time
-        assert spinner_after.cpu_seconds == pytest.approx(
-            spinner_after.user_seconds + spinner_after.system_seconds
-        )
         assert after[os.getpid()].group == _LOOP
         assert after[os.getpid()].switches >= before[os.getpid()].switches
     finally:
