@@ -12,7 +12,8 @@ stored file: the event loop thread's CPU, the other threads' (the catalog's batc
 writes), each split into user and system time, and the whole machine's busy time from
 /proc/stat, which also counts kernel threads (writeback, I/O completion): work moved there
 would show. Without gRPC in the way, these figures move far less between runs than the
-server's, so they tell a change in the pipeline's own cost apart (docs/operations.md, stop 27).
+server's, so they tell a change in the pipeline's own cost apart (docs/performance-log.md,
+"Stop 27").
 """
 
 from __future__ import annotations

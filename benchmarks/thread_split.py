@@ -18,7 +18,8 @@ switches are per stored file.
 
 To tell two versions of the code apart, compare the event loop's user time over alternating
 runs: the whole server's CPU moves with gRPC's threads and the kernel, and spread about four
-times as much as the loop's user time over runs of the same code (docs/operations.md, "Stop 29").
+times as much as the loop's user time over runs of the same code (docs/performance-log.md,
+"Stop 29").
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ class ExtractorRegistry:
         Why not at once: the same extractors run for several files back to back cost less than
         run once per file between other work (a loaded server's extractions took 0.29-0.32 ms
         of thread CPU per bench JPEG, 0.16 on its idle loop, and 0.22-0.27 in rounds of about
-        four files: docs/operations.md, "Stop 30"). A file alone waits one turn.
+        four files: docs/performance-log.md, "Stop 30"). A file alone waits one turn.
         """
         loop = asyncio.get_running_loop()
         file.done = loop.create_future()

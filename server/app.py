@@ -357,7 +357,7 @@ def tune_malloc() -> None:
     # arena of the thread that allocated it, and with dozens of threads (gRPC's, the I/O pool)
     # the kept buffers multiplied, more the longer an upload ran. One arena keeps the peak of
     # a 4 GiB upload at that of a 1 GiB one (1.21-1.33x with the default, 0.96-0.99x with one
-    # arena, 0.95-1.12x with two; docs/operations.md). Python's own small objects do not use
+    # arena, 0.95-1.12x with two; docs/performance-log.md). Python's own small objects do not use
     # malloc's arenas, so threads contend only for large buffers, a few thousand a second.
     mallopt(m_arena_max, 1)
 

@@ -4,7 +4,7 @@ A small file's upload spends most of its CPU in a few hundred microseconds of Py
 loop's thread: its SHA-256, its extraction, its catalog row. Run once per file, between gRPC's
 receiving of the others, that code ran about twice as slow as back to back: the extractors took
 0.29-0.32 ms of thread CPU per bench JPEG inside a loaded server against 0.16 on the same
-server's loop when idle (docs/operations.md, "Stop 30"). So a small file whose bytes are all in
+server's loop when idle (docs/performance-log.md, "Stop 30"). So a small file whose bytes are all in
 waits here for others, at most `linger` seconds, and they go on together in the order they
 arrived: the loop then runs their steps one after the other, and their catalog adds
 reach the group commit together.
