@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
-import random
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -55,10 +52,9 @@ from typing import Any
 import boto3
 import grpc
 import sqlalchemy
-from PIL import Image
 
+from benchmarks.images import camera_jpegs
 from metalake.client import CHUNK_SIZE
-from metalake.extractors.testing import sample_exif
 from metalake.server.schema_versions import engine_url
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
@@ -110,35 +106,11 @@ def cpu_seconds(pid: int) -> float:
 # --- the files ---------------------------------------------------------------------------------
 
 
-def _bases() -> list[bytes]:
-    """Four JPEG photos of noise (which JPEG cannot shrink) with camera EXIF, GPS included."""
-    bases = []
-    for seed in range(4):
-        pixels = random.Random(seed).randbytes(SIDE * SIDE * 3)
-        buffer = io.BytesIO()
-        Image.frombytes("RGB", (SIDE, SIDE), pixels).save(
-            buffer, "JPEG", quality=85, exif=sample_exif()
-        )
-        bases.append(buffer.getvalue())
-    return bases
-
-
-_BASES: list[bytes] = []
-
-
 def jpegs(count: int, salt: str) -> list[bytes]:
-    """`count` distinct JPEGs: a base with a comment segment naming the file and `salt` right
-    after the start-of-image marker, so no file of any run is a duplicate (the blob store would
+    """`count` distinct JPEGs of about 160 KiB with camera EXIF; `salt` keeps one run's files
+    apart from another's, so no file of any run is a duplicate (the blob store would
     deduplicate it)."""
-    if not _BASES:
-        _BASES.extend(_bases())
-    files = []
-    for index in range(count):
-        base = _BASES[index % len(_BASES)]
-        comment = f"metalake bench {salt} file {index}".encode()
-        segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
-        files.append(base[:2] + segment + base[2:])
-    return files
+    return camera_jpegs(count, side=SIDE, salt=salt)
 
 
 # --- the clients -------------------------------------------------------------------------------

@@ -16,9 +16,7 @@ moves with the neighbours' load, where throughput does. Nothing here asserts a t
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import random
 import statistics
 import struct
 import sys
@@ -30,10 +28,9 @@ from time import perf_counter
 from typing import Any
 
 import grpc
-from PIL import Image
 
+from benchmarks.images import camera_jpegs
 from metalake.client import CHUNK_SIZE
-from metalake.extractors.testing import sample_exif
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
 from tests.serverprocess import ServerProcess
@@ -93,25 +90,8 @@ def upload_big(target: str, size: int, chunk: int) -> float:
 
 
 def small_jpegs(count: int) -> list[bytes]:
-    """Real JPEGs of about 100 KiB with EXIF (GPS included), each one distinct.
-
-    Four photos of noise (which JPEG cannot shrink), then a comment segment with the file's
-    number right after the start-of-image marker: still a valid JPEG, with its own SHA-256.
-    """
-    bases = []
-    for seed in range(4):
-        side = 364  # about 100 KiB at quality 85
-        image = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=85, exif=sample_exif())
-        bases.append(buffer.getvalue())
-    files = []
-    for index in range(count):
-        base = bases[index % len(bases)]
-        comment = f"metalake bench file {index}".encode()
-        segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
-        files.append(base[:2] + segment + base[2:])
-    return files
+    """`count` distinct JPEGs of about 100 KiB with camera EXIF (GPS included)."""
+    return camera_jpegs(count, side=364)
 
 
 def _call_requests(name: str, content: bytes, fill: bool) -> list[pb.UploadDataRequest]:
