@@ -25,18 +25,16 @@ class SqlFacetCatalog(SqlDatabase):
         A loose index scan (one index seek per value, a recursive query both engines run), so
         that it costs the number of values, not the number of items.
         """
+        params: dict[str, object] = {"org": org, "limit": limit}
         if field == "tags":
             statement = _DISTINCT_TAGS
-            params: dict[str, object] = {"org": org, "limit": limit}
         elif field == "labels":
             statement = _DISTINCT_LABEL_KEYS
-            params = {"org": org, "limit": limit}
         elif field.startswith("labels."):
             statement = _DISTINCT_LABEL_VALUES
-            params = {"org": org, "key": field.removeprefix("labels."), "limit": limit}
+            params["key"] = field.removeprefix("labels.")
         elif field in FACET_FIELDS:
-            statement = _distinct_field(field)
-            params = {"org": org, "limit": limit}
+            statement = _DISTINCT_FIELDS[field]
         else:
             raise ValueError(f"{field} has no index to read distinct values from")
 
@@ -48,15 +46,16 @@ class SqlFacetCatalog(SqlDatabase):
         return await self._run(work)
 
 
-def _distinct_field(field: str) -> TextClause:
-    """The loose index scan over (org, field): one index seek per distinct value."""
-    # `field` is one of FACET_FIELDS (checked by the caller), never user text.
+def _loose_index_scan(column: str, table: str, scope: str) -> TextClause:
+    """The distinct values of `column` among the rows of `table` that `scope` selects, in order,
+    at most :limit of them: one index seek per value, on an index led by the scope's columns
+    and then `column`. Every argument is one of this module's constants, never user text."""
     return text(
         f"""
         WITH RECURSIVE found(value, n) AS (
-            SELECT (SELECT MIN({field}) FROM data WHERE org = :org), 1
+            SELECT (SELECT MIN({column}) FROM {table} WHERE {scope}), 1
             UNION ALL
-            SELECT (SELECT MIN({field}) FROM data WHERE org = :org AND {field} > found.value),
+            SELECT (SELECT MIN({column}) FROM {table} WHERE {scope} AND {column} > found.value),
                    n + 1
             FROM found WHERE found.value IS NOT NULL AND n < :limit
         )
@@ -65,45 +64,14 @@ def _distinct_field(field: str) -> TextClause:
     )
 
 
-# Labels: the index (org, key, ...) gives the keys, (org, key, value, ...) the values of one key,
-# each by one seek per distinct key or value.
-_DISTINCT_LABEL_KEYS = text(
-    """
-    WITH RECURSIVE found(value, n) AS (
-        SELECT (SELECT MIN(key) FROM data_labels WHERE org = :org), 1
-        UNION ALL
-        SELECT (SELECT MIN(key) FROM data_labels WHERE org = :org AND key > found.value), n + 1
-        FROM found WHERE found.value IS NOT NULL AND n < :limit
-    )
-    SELECT value FROM found WHERE value IS NOT NULL
-    """
-)
-_DISTINCT_LABEL_VALUES = text(
-    """
-    WITH RECURSIVE found(value, n) AS (
-        SELECT (SELECT MIN(value) FROM data_labels WHERE org = :org AND key = :key), 1
-        UNION ALL
-        SELECT (SELECT MIN(value) FROM data_labels
-                WHERE org = :org AND key = :key AND value > found.value),
-               n + 1
-        FROM found WHERE found.value IS NOT NULL AND n < :limit
-    )
-    SELECT value FROM found WHERE value IS NOT NULL
-    """
-)
-# Tags: the same walk over data_tags' (org, tag) index.
-_DISTINCT_TAGS = text(
-    """
-    WITH RECURSIVE found(value, n) AS (
-        SELECT (SELECT MIN(tag) FROM data_tags WHERE org = :org), 1
-        UNION ALL
-        SELECT (SELECT MIN(tag) FROM data_tags WHERE org = :org AND tag > found.value), n + 1
-        FROM found WHERE found.value IS NOT NULL AND n < :limit
-    )
-    SELECT value FROM found WHERE value IS NOT NULL
-    """
-)
-
-
 # Text fields with an index led by (org, field): their distinct values are cheap to list.
 FACET_FIELDS = frozenset({"manufacturer", "reference", "custom_id"})
+
+# Each walks an index: (org, field) of data; data_tags' (org, tag); data_labels' (org, key, ...)
+# for the keys and (org, key, value, ...) for the values of one key.
+_DISTINCT_FIELDS = {
+    field: _loose_index_scan(field, "data", "org = :org") for field in sorted(FACET_FIELDS)
+}
+_DISTINCT_TAGS = _loose_index_scan("tag", "data_tags", "org = :org")
+_DISTINCT_LABEL_KEYS = _loose_index_scan("key", "data_labels", "org = :org")
+_DISTINCT_LABEL_VALUES = _loose_index_scan("value", "data_labels", "org = :org AND key = :key")
