@@ -9,9 +9,11 @@ import ctypes.util
 import gc
 import logging
 import signal
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
@@ -73,19 +75,75 @@ class RunningServer:
         for task in self.background:
             task.cancel()
         # Let them finish cancelling on this loop, not be destroyed half-way when it closes.
-        await asyncio.gather(*self.background, return_exceptions=True)
+        await _bounded(
+            "cancelling the background jobs",
+            asyncio.gather(*self.background, return_exceptions=True),
+        )
         if grace:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.datalake.idle(), grace)
         if self.http is not None:
             await self.http.stop()
-        await self.server.stop(grace=1.0)
+        await _bounded("stopping gRPC", self.server.stop(grace=1.0))
         if self.webhooks is not None:
             self.webhooks.close()
         self.datalake.decoders.close()
-        await self.datalake.catalog.close()
+        await _bounded("closing the catalog", self.datalake.catalog.close())
         if self.data_dir_lock is not None:
             self.data_dir_lock.release()
+
+
+# How long a step of stopping may take (cancelled background jobs finishing, gRPC's calls
+# ending after their grace, the catalog's connections closing) before the server stops without
+# it: a backend that stopped answering must not make SIGTERM hang.
+STOP_STEP_SECONDS = 10.0
+
+
+async def _bounded(step: str, work: Awaitable[object]) -> None:
+    """Await `work` for at most STOP_STEP_SECONDS; past that, log what the loop still runs and
+    go on (the process is stopping: what is left ends with it)."""
+    running = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({running}, timeout=STOP_STEP_SECONDS)
+    if running in done:
+        running.result()
+        return
+    log.warning(
+        "stopping: %s took over %g s; going on without it. Still running:\n%s",
+        step,
+        STOP_STEP_SECONDS,
+        _tasks_now(),
+    )
+
+
+def _tasks_now() -> str:
+    """Every other task of this loop running Python code, each with the chain of awaits it is
+    suspended in."""
+    lines = []
+    for task in asyncio.all_tasks():
+        chain = _awaiting(task.get_coro())
+        # gRPC's own tasks waiting for the next call (its Cython, .pxi) are always there.
+        if task is not asyncio.current_task() and any(".py:" in step for step in chain):
+            lines.append(f"  {task.get_name()}: {' -> '.join(chain)}")
+    return "\n".join(lines)
+
+
+def _awaiting(awaitable: object) -> list[str]:
+    """Where a suspended coroutine waits, outermost first: each coroutine or generator it awaits
+    through (a task's own stack shows only its outermost frame), then what it awaits last."""
+    chain: list[str] = []
+    while awaitable is not None and len(chain) < 20:
+        frame = _first_of(awaitable, ("cr_frame", "gi_frame", "ag_frame"))
+        if frame is None:
+            chain.append(type(awaitable).__name__)
+            break
+        where = frame.f_code.co_filename.rsplit("/", 1)[-1]
+        chain.append(f"{frame.f_code.co_name} ({where}:{frame.f_lineno})")
+        awaitable = _first_of(awaitable, ("cr_await", "gi_yieldfrom", "ag_await"))
+    return chain
+
+
+def _first_of(thing: object, names: tuple[str, ...]) -> Any:
+    return next((v for v in (getattr(thing, n, None) for n in names) if v is not None), None)
 
 
 def prepare(settings: Settings) -> DataDirectoryLock:

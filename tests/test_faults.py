@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
+from metalake.server import app
 from metalake.server.config import Settings
 from metalake.v1 import datalake_pb2 as pb
 from metalake.v1 import datalake_pb2_grpc as pb_grpc
@@ -209,3 +210,42 @@ def test_storage_quotas_hold_per_organization(tmp_path: Path) -> None:
             handle.loop,
         ).result(30)
         assert upload(stub, os.urandom(800), "c").size == 800
+
+
+async def _stubborn(gone: asyncio.Future[None]) -> None:
+    """A background job whose clean-up waits, however often it is cancelled, for a backend
+    that is `gone` (until the test sets it)."""
+    while not gone.done():
+        try:
+            await asyncio.shield(gone)
+        except asyncio.CancelledError:
+            continue
+
+
+async def test_a_stuck_step_does_not_hold_the_server_s_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(app, "STOP_STEP_SECONDS", 0.5)
+    running = await app.start(Settings(data_dir=tmp_path / "data", listen="127.0.0.1:0"))
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stuck = asyncio.create_task(_stubborn(gone), name="stubborn-job")
+    running.background.append(stuck)
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(running.stop(grace=0), 10)
+        assert time.monotonic() - started < 5
+        # The log says which step overran, and where what still runs waits; not gRPC's own
+        # tasks waiting for calls.
+        assert "cancelling the background jobs took over 0.5 s" in caplog.text
+        assert "stubborn-job: _stubborn (test_faults.py:" in caplog.text
+        assert "_request_registered_call" not in caplog.text
+
+        def list_data() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                Stub(channel).ListData(pb.ListDataRequest(), timeout=2)
+
+        with pytest.raises(grpc.RpcError):  # stopped all the same
+            await asyncio.to_thread(list_data)
+    finally:
+        gone.set_result(None)
+        await stuck
